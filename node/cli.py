@@ -1,0 +1,165 @@
+"""The ``musclenode`` command.
+
+Exit codes: 0 success; 1 the work failed (see the message); 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("musclenode")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity <= 0:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def cmd_serve(args) -> int:
+    from .service import Node
+    config = load_config(args.config)
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    print(f"musclenode {config.node.ae_title} listening on {config.node.bind_address}:{node.port}; "
+          f"data in {config.node.data_dir}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def _fmt_time(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_status(args) -> int:
+    from .db import make_engine
+    from .service import status_report
+    config = load_config(args.config)
+    db_file = Path(config.node.data_dir) / "musclenode.db"
+    if not config.database.url and not db_file.exists():
+        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
+        return 1
+    report = status_report(make_engine(config.database_url))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"instances stored: {report['n_instances']}")
+    print(f"studies ({len(report['studies'])}):")
+    for s in report["studies"]:
+        print(f"  {s['study_uid']}  {s['state']:<10} rev {s['revision']}  {s['n_instances']} instances  "
+              f"{s['study_date']}  {s['message']}")
+    print(f"jobs ({len(report['jobs'])}):")
+    for j in report["jobs"]:
+        print(f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}  study {j['study_uid']}  {j['message']}")
+    pending = [s for s in report["sends"] if s["state"] != "sent"]
+    print(f"sends: {len(report['sends']) - len(pending)} sent, {len(pending)} pending")
+    for s in pending:
+        print(f"  {s['kind']} {s['sop_uid']} -> {s['destination']}: attempts {s['attempts']}, "
+              f"next try {_fmt_time(s['next_try_at'])}, last error: {s['last_error'] or '-'}")
+    if report["quarantine"]:
+        print(f"quarantine ({len(report['quarantine'])}):")
+        for q in report["quarantine"]:
+            print(f"  {q['path']}: {q['reason']}")
+    return 0
+
+
+def cmd_process(args) -> int:
+    from quant.errors import QuantError
+    from .processing import build_outputs, encode, load_datasets, measurement_rows, measurements_csv
+    src, out = Path(args.input), Path(args.out)
+    if not src.is_dir():
+        print(f"musclenode process: {src} is not a directory", file=sys.stderr)
+        return 2
+    paths = sorted(p for p in src.rglob("*") if p.is_file())
+    datasets, rejected = load_datasets(paths)
+    for r in rejected:
+        print(f"skipped {r.path}: {r.reason}", file=sys.stderr)
+    if not datasets:
+        print(f"musclenode process: no MR images in {src}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    for study_uid, dss in _group_studies(datasets).items():
+        try:
+            result = build_outputs(dss)
+        except QuantError as exc:
+            print(f"study {study_uid}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for kind, ds in (("seg", result.seg), ("sr", result.sr)):
+            path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
+            path.write_bytes(encode(ds))
+            print(f"wrote {path}")
+        for s in result.analysis.series:
+            if not s.usable:
+                print(f"series {s.description or s.series_instance_uid} skipped: {s.reason}")
+        rows.extend(measurement_rows(result))
+    (out / "measurements.csv").write_text(measurements_csv(rows))
+    print(f"wrote {out / 'measurements.csv'} ({len(rows)} rows)")
+    return 1 if failed else 0
+
+
+def _group_studies(datasets):
+    out = {}
+    for ds in datasets:
+        out.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+    return out
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.workdir) if args.workdir else None, snr=args.snr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="musclenode", description="DICOM node for quantitative muscle MRI.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the DICOM node (receive, quantify, send)")
+    s.add_argument("--config", "-c", help="TOML configuration file (default: built-in defaults)")
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("status", help="show studies, jobs, pending sends and quarantine")
+    s.add_argument("--config", "-c", help="TOML configuration file (to find the data directory)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("process", help="run the pipeline offline on a folder of DICOM files")
+    s.add_argument("input", help="folder with the DICOM files of one or more studies (searched recursively)")
+    s.add_argument("--out", "-o", required=True, help="folder for the SEG, SR and measurements.csv")
+    s.set_defaults(func=cmd_process)
+    s = sub.add_parser("demo", help="push a synthetic two-visit exam through a node and show the results")
+    s.add_argument("--workdir", help="keep the demo's files here (default: a new temporary folder)")
+    s.add_argument("--snr", type=float, default=40.0, help="signal-to-noise ratio of the phantom (default 40)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose if args.command != "demo" else args.verbose - 1)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"musclenode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Configuration of the musclenode node, read from a TOML file.
+
+Every setting has a default, so the node runs with no file at all. A file only
+needs the keys it changes::
+
+    [node]
+    ae_title = "MUSCLENODE"
+    port = 11112
+
+    [[destinations]]
+    name = "pacs"
+    ae_title = "ORTHANC"
+    host = "127.0.0.1"
+    port = 4242
+
+Validation is strict: unknown tables and keys, values of the wrong type and
+values out of range raise :class:`ConfigError`, whose message always names the
+offending key in dotted form (``node.port``, ``destinations[1].host``).
+
+See ``deploy/CONFIG.md`` for the table of every key and ``deploy/musclenode.toml``
+for a commented example.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DatabaseSettings",
+    "Destination",
+    "JobSettings",
+    "NodeSettings",
+    "SendSettings",
+    "WebSettings",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown, of the wrong type or out of range.
+
+    ``key`` is the dotted key at fault (``"node.port"``, ``"destinations[0].host"``),
+    or ``None`` for errors about the file as a whole; ``problem`` says what is
+    wrong; ``source`` is where the configuration came from (a file path, or
+    ``None`` for a plain dict). ``str(error)`` reads
+    ``"<source>: <key>: <problem>"``, leaving out the parts that are ``None``.
+    """
+
+    def __init__(self, key: str | None, problem: str, *, source: str | None = None):
+        self.key = key
+        self.problem = problem
+        self.source = source
+        parts = [p for p in (source, key, problem) if p]
+        super().__init__(": ".join(parts))
+
+
+# --------------------------------------------------------------------------- #
+# Settings                                                                      #
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """``[node]``: the DICOM storage SCP that receives series."""
+
+    ae_title: str = "MUSCLENODE"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = Path("musclenode-data")
+    complete_after_seconds: float = 10.0
+    max_pdu_bytes: int = 0  # 0 = unlimited
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """``[database]``: where series, jobs and results are recorded."""
+
+    url: str = ""  # "" = SQLite file <data_dir>/musclenode.db
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """``[jobs]``: the quantification workers."""
+
+    workers: int = 1
+    executor: str = "process"  # "process" or "inline"
+    lease_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """``[send]``: C-STORE of results to the destinations."""
+
+    retry_initial_seconds: float = 5.0
+    retry_max_seconds: float = 600.0
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``[[destinations]]`` entry: a DICOM peer that receives every result."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """``[web]``: the read-only HTTP status page."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. ``Config()`` is the all-defaults configuration."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
+    send: SendSettings = field(default_factory=SendSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    destinations: tuple[Destination, ...] = ()
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL to use: ``database.url``, or by default an SQLite
+        file ``musclenode.db`` in ``node.data_dir`` (made absolute against the
+        current directory)."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.node.data_dir.resolve() / 'musclenode.db'}"
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``; ``KeyError`` if there is none."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- #
+# Validation                                                                    #
+# --------------------------------------------------------------------------- #
+
+# Tables that hold a single settings object, in file order.
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "database": DatabaseSettings,
+    "jobs": JobSettings,
+    "send": SendSettings,
+    "web": WebSettings,
+}
+_TOP_LEVEL = (*_SECTIONS, "destinations")
+
+EXECUTORS = ("process", "inline")
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def _check_ae_title(value: str) -> str | None:
+    if not 1 <= len(value) <= 16:
+        return f"an AE title must be 1 to 16 characters, got {len(value)} ({value!r})"
+    if any(not (0x20 <= ord(ch) <= 0x7E) for ch in value):
+        return f"an AE title must be printable ASCII, got {value!r}"
+    if "\\" in value:
+        return f"an AE title must not contain a backslash, got {value!r}"
+    if not value.strip(" "):
+        return "an AE title must not be all spaces"
+    return None
+
+
+def _check_port(value: int) -> str | None:
+    if not 1 <= value <= 65535:
+        return f"a port must be between 1 and 65535, got {value}"
+    return None
+
+
+def _check_not_empty(value: str | Path) -> str | None:
+    if not str(value).strip():
+        return "must not be empty"
+    return None
+
+
+def _positive(value: float) -> str | None:
+    if not value > 0:
+        return f"must be greater than 0, got {value!r}"
+    return None
+
+
+def _at_least(minimum: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        if value < minimum:
+            return f"must be at least {minimum}, got {value}"
+        return None
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if value not in choices:
+            hint = _did_you_mean(value, choices)
+            listed = ", ".join(repr(c) for c in choices)
+            return f"must be one of {listed}, got {value!r}{hint}"
+        return None
+
+    return check
+
+
+def _check_database_url(value: str) -> str | None:
+    if value and not _URL_SCHEME.match(value):
+        return (
+            "expected an SQLAlchemy URL such as "
+            "'postgresql+psycopg://user@127.0.0.1:5432/musclenode' "
+            f"(or \"\" for the SQLite default), got {value!r}"
+        )
+    return None
+
+
+# (table, key) -> extra check run after the type check.
+_CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("node", "ae_title"): _check_ae_title,
+    ("node", "bind_address"): _check_not_empty,
+    ("node", "port"): _check_port,
+    ("node", "complete_after_seconds"): _positive,
+    ("node", "max_pdu_bytes"): _at_least(0),
+    ("database", "url"): _check_database_url,
+    ("jobs", "workers"): _at_least(1),
+    ("jobs", "executor"): _one_of(EXECUTORS),
+    ("jobs", "lease_seconds"): _positive,
+    ("send", "retry_initial_seconds"): _positive,
+    ("send", "retry_max_seconds"): _positive,
+    ("send", "timeout_seconds"): _positive,
+    ("web", "bind_address"): _check_not_empty,
+    ("web", "port"): _check_port,
+    ("destinations", "name"): _check_not_empty,
+    ("destinations", "ae_title"): _check_ae_title,
+    ("destinations", "host"): _check_not_empty,
+    ("destinations", "port"): _check_port,
+}
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(value: Any) -> str:
+    """How a value is named in an error message: ``string '11112x'``."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"
+
+
+_EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             Path: "a path string"}
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    """``value`` converted to ``kind``, or raise ``TypeError``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"expected a finite number, got {value!r}")
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is Path:
+        if isinstance(value, (str, Path)):
+            if not str(value).strip():
+                raise ValueError("must not be empty")
+            return Path(value)
+    else:  # pragma: no cover - programming error
+        raise AssertionError(f"unsupported setting type {kind!r}")
+    raise TypeError(f"expected {_EXPECTED[kind]}, got {_describe(value)}")
+
+
+def _build(cls: type, table: str, prefix: str, data: Any, source: str | None) -> Any:
+    """Build settings class ``cls`` from the TOML table ``data`` found at ``prefix``."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a table, got {_describe(data)}", source=source)
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{prefix}.{key}", f"unknown key{_did_you_mean(key, names)}", source=source
+            )
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        dotted = f"{prefix}.{f.name}"
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(dotted, "required key missing", source=source)
+            continue
+        try:
+            value = _coerce(data[f.name], hints[f.name])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(dotted, str(exc), source=source) from None
+        check = _CHECKS.get((table, f.name))
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(dotted, problem, source=source)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
+    """Validate a parsed TOML document (or the output of :func:`config_to_dict`)
+    and return the :class:`Config`. ``source`` names where it came from in error
+    messages; the default ``"<dict>"`` is left out of them."""
+    src = None if source == "<dict>" else str(source)
+    if not isinstance(data, dict):
+        raise ConfigError(None, f"expected a table at the top level, got {_describe(data)}",
+                          source=src)
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(key, f"unknown table{_did_you_mean(key, _TOP_LEVEL)}", source=src)
+
+    sections = {
+        name: _build(cls, name, name, data.get(name, {}), src)
+        for name, cls in _SECTIONS.items()
+    }
+
+    raw_dests = data.get("destinations", [])
+    if not isinstance(raw_dests, (list, tuple)):
+        raise ConfigError(
+            "destinations",
+            f"expected an array of tables ([[destinations]]), got {_describe(raw_dests)}",
+            source=src,
+        )
+    destinations: list[Destination] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(raw_dests):
+        prefix = f"destinations[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                prefix,
+                f"expected a table ([[destinations]]), got {_describe(entry)}",
+                source=src,
+            )
+        dest = _build(Destination, "destinations", prefix, entry, src)
+        if dest.name in seen:
+            raise ConfigError(
+                f"{prefix}.name",
+                f"duplicate destination name {dest.name!r} "
+                f"(also destinations[{seen[dest.name]}].name)",
+                source=src,
+            )
+        seen[dest.name] = index
+        destinations.append(dest)
+
+    send: SendSettings = sections["send"]
+    if send.retry_max_seconds < send.retry_initial_seconds:
+        raise ConfigError(
+            "send.retry_max_seconds",
+            f"must be at least send.retry_initial_seconds ({send.retry_initial_seconds!r}), "
+            f"got {send.retry_max_seconds!r}",
+            source=src,
+        )
+
+    return Config(destinations=tuple(destinations), **sections)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate the TOML file at ``path``; ``None`` gives all defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(None, "configuration file not found", source=str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError(None, "configuration path is a directory, not a file",
+                          source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(None, f"cannot read configuration file: {exc.strerror or exc}",
+                          source=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(None, f"not UTF-8 text: {exc}", source=str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line N, column M)".
+        raise ConfigError(None, f"invalid TOML: {exc}", source=str(path)) from None
+    return config_from_dict(data, source=str(path))
+
+
+def config_to_dict(config: Config) -> dict:
+    """A plain dict of TOML-compatible values (str, int, float, bool, lists,
+    dicts) that :func:`config_from_dict` turns back into an equal ``Config``.
+    Used to hand the configuration to worker processes."""
+    out: dict[str, Any] = {}
+    for name in _SECTIONS:
+        settings = getattr(config, name)
+        out[name] = {f.name: _plain(getattr(settings, f.name)) for f in fields(settings)}
+    out["destinations"] = [
+        {f.name: _plain(getattr(dest, f.name)) for f in fields(dest)}
+        for dest in config.destinations
+    ]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value

@@ -1,0 +1,168 @@
+"""The node's database: every hand-off (instance, study, job, measurement, output,
+send) is a row, so a crash at any point resumes where it stopped.
+
+SQLAlchemy Core; SQLite (WAL) by default, PostgreSQL when configured.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint, create_engine, event, insert, select, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+metadata = MetaData()
+
+studies = Table(
+    "studies", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("subject_key", String(200), nullable=False, default=""),
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("state", String(16), nullable=False),  # receiving | complete | processing | done | failed
+    Column("revision", Integer, nullable=False, default=0),  # how many times it was completed
+    Column("n_instances", Integer, nullable=False, default=0),
+    Column("first_received_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("message", Text, nullable=False, default=""),
+)
+
+instances = Table(
+    "instances", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", String(64), nullable=False, unique=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("calling_ae", String(16), nullable=False, default=""),
+)
+
+quarantine = Table(
+    "quarantine", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("sop_uid", String(64), nullable=False, default=""),
+    Column("study_uid", String(64), nullable=False, default=""),
+    Column("received_at", Float, nullable=False),
+    Column("calling_ae", String(16), nullable=False, default=""),
+)
+
+series = Table(
+    "series", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("series_uid", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    UniqueConstraint("study_uid", "series_uid"),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("revision", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | running | done | skipped | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_until", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("message", Text, nullable=False, default=""),
+    UniqueConstraint("study_uid", "revision"),
+)
+Index("ix_jobs_state", jobs.c.state)
+
+measurements = Table(
+    "measurements", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("subject_key", String(200), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("study_date", String(8), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("metric", String(32), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("unit", String(16), nullable=False),
+    Column("algorithm_version", String(64), nullable=False),
+    Column("model", String(64), nullable=False, default=""),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+)
+
+outputs = Table(
+    "outputs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),  # seg | sr
+    Column("sop_uid", String(64), nullable=False, unique=True),
+    Column("path", Text, nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("output_id", Integer, ForeignKey("outputs.id"), nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | sent
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_try_at", Float, nullable=False),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("sent_at", Float, nullable=True),
+    UniqueConstraint("output_id", "destination"),
+)
+Index("ix_outbox_state", outbox.c.state, outbox.c.next_try_at)
+
+audit = Table(
+    "audit", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("detail", Text, nullable=False),  # UIDs and AE titles only, never patient names
+)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` with the schema created. SQLite gets WAL and a busy timeout
+    so that the SCP threads, the node and its worker processes can share the file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine
+
+
+def record_audit(conn, event_name: str, detail: str) -> None:
+    conn.execute(insert(audit).values(at=time.time(), event=event_name, detail=detail))
+
+
+def insert_ignore(conn, table: Table, values: dict[str, Any]) -> bool:
+    """Insert a row unless a unique key already holds it; True if inserted."""
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**values))
+        return True
+    except IntegrityError:
+        return False
+
+
+__all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "outputs",
+           "outbox", "audit", "make_engine", "record_audit", "insert_ignore", "select", "update", "Boolean"]

@@ -1,0 +1,127 @@
+"""One study, start to finish, without networking: read the files, run :mod:`quant`,
+build SEG and SR with :mod:`reports`. Used by the node's jobs and by
+``musclenode process``."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from pydicom.dataset import Dataset
+
+from quant.enums import SeriesKind
+from quant.pipeline import StudyAnalysis, analyse_study
+from reports.longitudinal import Comparison, PriorValue, compare
+
+from .errors import InstanceRejected
+from .instances import MR_IMAGE, ENHANCED_MR_IMAGE, read_instance, subject_key
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class StudyOutputs:
+    analysis: StudyAnalysis
+    seg: Dataset
+    sr: Dataset
+    study_uid: str
+    subject_key: str
+    study_date: str
+
+
+def load_datasets(paths: Iterable[Path]) -> tuple[list[Dataset], list[Rejected]]:
+    """Read MR images among ``paths``; unreadable files are returned as rejected."""
+    datasets, rejected = [], []
+    for p in paths:
+        try:
+            ds = read_instance(Path(p))
+        except InstanceRejected as exc:
+            rejected.append(Rejected(Path(p), str(exc)))
+            continue
+        if str(ds.SOPClassUID) in (MR_IMAGE, ENHANCED_MR_IMAGE):
+            datasets.append(ds)
+    return datasets, rejected
+
+
+def parse_date(value: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def comparisons_for(analysis: StudyAnalysis, study_date: str,
+                    priors: Mapping[tuple[str, str, str], Sequence[PriorValue]]) -> dict:
+    """Baseline/previous comparison of every measurement that has priors."""
+    current = parse_date(study_date)
+    out = {}
+    if current is None:
+        return out
+    for m in analysis.measurements:
+        key = (m.region, m.side.value, m.metric)
+        if priors.get(key):
+            out[(m.region, m.side, m.metric)] = compare(m.value, current, priors[key])
+    return out
+
+
+def build_outputs(datasets: Sequence[Dataset],
+                  priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None) -> StudyOutputs:
+    """Analyse one study's MR datasets and build its SEG and SR.
+
+    ``priors`` maps (region, side, metric) to the values of the subject's earlier visits.
+    """
+    from reports.seg import build_seg
+    from reports.sr import build_sr
+
+    analysis = analyse_study(datasets)
+    water = {str(d.SOPInstanceUID): d for d in datasets
+             if str(d.SeriesInstanceUID) == analysis.reference.series_instance_uid}
+    source = [water[uid] for uid in dict.fromkeys(analysis.reference.sop_instance_uids)]
+    ds0 = source[0]
+    key = subject_key(ds0)
+    study_date = str(ds0.get("StudyDate", "") or "")
+    comparisons = comparisons_for(analysis, study_date, priors or {})
+    seg = build_seg(analysis, source)
+    sr = build_sr(analysis, seg, source, comparisons, subject_key=key)
+    return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date)
+
+
+def measurements_csv(rows: Iterable[tuple]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
+    return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit)
+            for m in outputs.analysis.measurements]
+
+
+def encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def series_summary(analysis: StudyAnalysis) -> list[tuple[str, str, str, str]]:
+    return [(s.series_instance_uid, s.kind.value, s.reason, s.description) for s in analysis.series]
+
+
+__all__ = ["build_outputs", "load_datasets", "measurements_csv", "measurement_rows", "encode", "StudyOutputs",
+           "Rejected", "parse_date", "SeriesKind", "series_summary", "CSV_COLUMNS"]

@@ -1,0 +1,132 @@
+"""The node's DICOM SCP: C-ECHO and C-STORE.
+
+The C-STORE handler is thin, as in pynetdicom's examples: it checks the instance,
+stores it durably and records it, and only then returns Success. No processing happens
+in the association thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from .errors import InstanceRejected
+from .instances import KEPT_SOP_CLASSES, check_instance, sop_class_name, subject_key
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes accepted: the uncompressed ones and the usual lossless compressions.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
+    "1.2.840.10008.1.2",       # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired, still sent by old scanners)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.5",     # RLE Lossless
+]
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:64]
+    return status
+
+
+class Receiver:
+    """Binds the store to a pynetdicom application entity."""
+
+    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0):
+        self.store = store
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        self.server = None
+
+    def start(self, bind_address: str, port: int):
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+        self.server = self.ae.start_server((bind_address, port), block=False, evt_handlers=handlers)
+        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, port)
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def handle_echo(self, event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event) -> Dataset | int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:
+            log.error("C-STORE from %s: cannot encode the received data set: %s", calling, exc)
+            return _status(CANNOT_UNDERSTAND, "cannot read the data set")
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            check_instance(ds, str(event.context.transfer_syntax))
+            if str(ds.SOPInstanceUID) != sop_uid:
+                raise InstanceRejected("SOPInstanceUID of the data set differs from the request's "
+                                       "Affected SOP Instance UID")
+        except InstanceRejected as exc:
+            return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
+        except Exception as exc:  # pydicom raises many types on a corrupt stream
+            return self._reject(data, f"the data set cannot be decoded: {exc}", sop_uid, calling,
+                                CANNOT_UNDERSTAND)
+        sop_class = str(ds.SOPClassUID)
+        study_uid = str(ds.StudyInstanceUID)
+        if sop_class not in KEPT_SOP_CLASSES:
+            # Kept (nothing is lost) but not processed: the sender is told Success.
+            self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
+                                   "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
+            return SUCCESS
+        try:
+            self.store.store_instance(
+                data, study_uid=study_uid, series_uid=str(ds.SeriesInstanceUID), sop_uid=sop_uid,
+                sop_class_uid=sop_class, subject_key=subject_key(ds),
+                study_date=str(ds.get("StudyDate", "") or ""), calling_ae=calling)
+        except ValueError as exc:  # an invalid UID cannot name a file
+            return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
+        except OSError as exc:
+            log.error("C-STORE from %s: cannot store SOP %s: %s", calling, sop_uid, exc)
+            return _status(OUT_OF_RESOURCES, "cannot store the instance")
+        return SUCCESS
+
+    def _quarantine(self, data, reason, sop_uid, calling, study_uid="") -> bool:
+        try:
+            self.store.quarantine(data, reason, sop_uid=sop_uid, study_uid=study_uid, calling_ae=calling)
+            return True
+        except OSError as exc:
+            log.error("cannot quarantine SOP %s: %s", sop_uid, exc)
+            return False
+
+    def _reject(self, data, reason, sop_uid, calling, code) -> Dataset:
+        kept = self._quarantine(data, reason, sop_uid, calling)
+        log.warning("rejected SOP %s from %s: %s", sop_uid or "?", calling, reason)
+        return _status(code if kept else OUT_OF_RESOURCES, reason)
+
+

@@ -1,0 +1,69 @@
+"""Small DICOM clients used by the demo and tests: push datasets, and a tiny storage SCP
+that plays PACS for the demo."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from .store import durable_write
+
+
+def push(datasets: Iterable[Dataset], host: str, port: int, *, called_ae: str, calling_ae: str = "SCANNER") -> list[int]:
+    """C-STORE ``datasets`` over one association; return the status of each."""
+    datasets = list(datasets)
+    ae = AE(ae_title=calling_ae)
+    for cls in sorted({str(d.SOPClassUID) for d in datasets}):
+        ae.add_requested_context(cls, "1.2.840.10008.1.2.1")
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {called_ae}@{host}:{port}")
+    try:
+        return [int(getattr(assoc.send_c_store(ds), "Status", 0xFFFF)) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+class MiniPACS:
+    """A storage SCP that keeps what it receives in a folder (the demo's PACS)."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEMOPACS"):
+        self.folder = Path(folder)
+        self.ae = AE(ae_title=ae_title)
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.received: list[tuple[float, str, str, Path]] = []  # (time, modality, study uid, path)
+        self._lock = threading.Lock()
+        self.server = None
+
+    def start(self, port: int = 0) -> int:
+        self.server = self.ae.start_server(("127.0.0.1", port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+    def _store(self, event) -> int:
+        ds = event.dataset
+        path = self.folder / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
+        durable_write(path, event.encoded_dataset(include_meta=True), self.folder / ".tmp")
+        with self._lock:
+            self.received.append((time.time(), str(ds.Modality), str(ds.StudyInstanceUID), path))
+        return 0x0000
+
+    def wait_for(self, modality: str, study_uid: str, timeout: float) -> tuple[float, Path] | None:
+        end = time.time() + timeout
+        while time.time() < end:
+            with self._lock:
+                for t, mod, st, p in self.received:
+                    if mod == modality and st == study_uid:
+                        return t, p
+            time.sleep(0.1)
+        return None

@@ -1,0 +1,131 @@
+"""Sending results to destinations (C-STORE SCU) from the outbox, with retries.
+
+Each output x destination is a row with a state, attempts and the next try time. A
+failed send is retried with exponential backoff (``retry_initial_seconds`` doubling up
+to ``retry_max_seconds``) for as long as it takes: nothing is dropped because PACS was
+down, and the rows survive a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+import pydicom
+from pynetdicom import AE
+from sqlalchemy import and_, select, update
+from sqlalchemy.engine import Engine
+
+from . import db
+from .config import Destination, SendSettings
+
+log = logging.getLogger(__name__)
+_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings that mean "stored"
+
+
+def backoff_seconds(attempts: int, settings: SendSettings) -> float:
+    """Delay before the next try after ``attempts`` failed tries."""
+    return min(settings.retry_initial_seconds * 2 ** max(attempts - 1, 0), settings.retry_max_seconds)
+
+
+def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout: float) -> dict[str, str]:
+    """C-STORE files to one destination over one association; map path -> error ('' if stored)."""
+    datasets = {p: pydicom.dcmread(p) for p in paths}
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for cls in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
+        ae.add_requested_context(cls, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
+        return {p: f"{why}: {dest.ae_title}@{dest.host}:{dest.port}" for p in paths}
+    result = {}
+    try:
+        for p, ds in datasets.items():
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # pynetdicom raises on a lost association
+                result[p] = f"C-STORE failed: {exc}"
+                continue
+            code = getattr(status, "Status", None)
+            result[p] = "" if code in _OK else (f"C-STORE status 0x{code:04X}" if code is not None
+                                                 else "no C-STORE response (association lost)")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return result
+
+
+def send_due(engine: Engine, destinations: dict[str, Destination], settings: SendSettings, *,
+             calling_ae: str, now: float | None = None) -> tuple[int, int]:
+    """Try every outbox row that is due; return (sent, failed)."""
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        rows = conn.execute(select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.attempts,
+                                   db.outputs.c.path, db.outputs.c.sop_uid)
+                            .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)
+                            .where(and_(db.outbox.c.state == "pending", db.outbox.c.next_try_at <= now))
+                            .order_by(db.outbox.c.id)).all()
+    by_dest = defaultdict(list)
+    for r in rows:
+        by_dest[r.destination].append(r)
+    sent = failed = 0
+    for name, items in by_dest.items():
+        dest = destinations.get(name)
+        if dest is None:
+            errors = {r.path: f"destination {name!r} is not in the configuration" for r in items}
+        else:
+            try:
+                errors = store_files(dest, [r.path for r in items], calling_ae=calling_ae,
+                                     timeout=settings.timeout_seconds)
+            except Exception as exc:  # an unreadable output or a network error: retried later
+                errors = {r.path: f"{type(exc).__name__}: {exc}" for r in items}
+        with engine.begin() as conn:
+            for r in items:
+                err = errors.get(r.path, "not sent")
+                if not err:
+                    conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
+                                 .values(state="sent", sent_at=time.time(), attempts=r.attempts + 1, last_error=""))
+                    db.record_audit(conn, "sent", f"sop={r.sop_uid} to={name}")
+                    sent += 1
+                else:
+                    delay = backoff_seconds(r.attempts + 1, settings)
+                    conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
+                                 .values(attempts=r.attempts + 1, next_try_at=time.time() + delay, last_error=err))
+                    failed += 1
+        if any(errors.values()):
+            log.warning("sending to %s: %d failed, retry with backoff (first error: %s)", name,
+                        sum(1 for e in errors.values() if e), next(e for e in errors.values() if e))
+    return sent, failed
+
+
+class Sender:
+    """Background thread that empties the outbox."""
+
+    def __init__(self, engine: Engine, destinations: tuple[Destination, ...], settings: SendSettings, *,
+                 calling_ae: str, poll_seconds: float = 0.5):
+        self.engine = engine
+        self.destinations = {d.name: d for d in destinations}
+        self.settings = settings
+        self.calling_ae = calling_ae
+        self.poll = poll_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="musclenode-send", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                send_due(self.engine, self.destinations, self.settings, calling_ae=self.calling_ae)
+            except Exception:
+                log.exception("sender loop error")
+            self._stop.wait(self.poll)

@@ -1,0 +1,105 @@
+"""The running node: SCP + study completion + job runner + sender, over one database.
+
+On start it resumes what the database says is unfinished: studies still receiving
+complete once quiet (counting from their last instance), jobs left running run again,
+and sends not yet acknowledged are retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from . import db
+from .config import Config
+from .jobs import JobContext, JobRunner, requeue_running
+from .scp import Receiver
+from .send import Sender
+from .store import Store
+from .studies import complete_quiet_studies
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """One musclenode instance. ``start()`` returns once the SCP listens."""
+
+    def __init__(self, config: Config, *, poll_seconds: float = 0.5):
+        self.config = config
+        self.poll = poll_seconds
+        data_dir = Path(config.node.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = db.make_engine(config.database_url)
+        self.store = Store(data_dir, self.engine)
+        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes)
+        ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations))
+        self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
+                              lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds)
+        self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
+                             poll_seconds=poll_seconds)
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch_studies, name="musclenode-studies", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def start(self) -> "Node":
+        resumed = requeue_running(self.engine)
+        if resumed:
+            log.info("resuming %d job(s) left running", resumed)
+        self.receiver.start(self.config.node.bind_address, self.config.node.port)
+        self._monitor.start()
+        self.jobs.start()
+        self.sender.start()
+        with self.engine.begin() as conn:
+            db.record_audit(conn, "node-started", f"ae={self.config.node.ae_title} port={self.port}")
+        return self
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self._stop.set()
+        self._monitor.join(timeout=10)
+        self.jobs.stop()
+        self.sender.stop()
+        with self.engine.begin() as conn:
+            db.record_audit(conn, "node-stopped", f"ae={self.config.node.ae_title}")
+        self.engine.dispose()
+
+    def _watch_studies(self) -> None:
+        while not self._stop.is_set():
+            try:
+                complete_quiet_studies(self.engine, self.config.node.complete_after_seconds)
+            except Exception:
+                log.exception("study completion loop error")
+            self._stop.wait(self.poll)
+
+    def __enter__(self) -> "Node":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def status_report(engine) -> dict:
+    """Studies, jobs, pending sends and quarantine, as plain data (for ``musclenode status``)."""
+    with engine.begin() as conn:
+        studies = [dict(r._mapping) for r in conn.execute(
+            select(db.studies.c.study_uid, db.studies.c.state, db.studies.c.revision, db.studies.c.n_instances,
+                   db.studies.c.study_date, db.studies.c.message).order_by(db.studies.c.id)).all()]
+        jobs = [dict(r._mapping) for r in conn.execute(
+            select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.state, db.jobs.c.attempts,
+                   db.jobs.c.message).order_by(db.jobs.c.id)).all()]
+        sends = [dict(r._mapping) for r in conn.execute(
+            select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.state, db.outbox.c.attempts,
+                   db.outbox.c.next_try_at, db.outbox.c.last_error, db.outputs.c.kind, db.outputs.c.study_uid,
+                   db.outputs.c.sop_uid)
+            .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id).order_by(db.outbox.c.id)).all()]
+        quarantined = [dict(r._mapping) for r in conn.execute(
+            select(db.quarantine.c.path, db.quarantine.c.reason, db.quarantine.c.sop_uid,
+                   db.quarantine.c.calling_ae).order_by(db.quarantine.c.id)).all()]
+        n_instances = conn.execute(select(func.count()).select_from(db.instances)).scalar_one()
+    return dict(studies=studies, jobs=jobs, sends=sends, quarantine=quarantined, n_instances=n_instances)

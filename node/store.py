@@ -1,0 +1,148 @@
+"""Durable storage of received instances and of the node's outputs.
+
+Every file is written to a temporary file in the same file system, fsync'd, renamed
+into place and its directory fsync'd: after :func:`durable_write` returns, the bytes
+survive a power cut. Only then does the database learn of the file, and only then does
+the C-STORE response say Success.
+
+Layout under ``data_dir``::
+
+    store/<study>/<series>/<sop>.dcm     received instances
+    quarantine/<time>-<n>.dcm (+ .txt)   what could not be accepted, with the reason
+    results/<study>/<kind>-<sop>.dcm     SEG and SR made by the node
+    tmp/                                 temporary files (same file system)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Engine
+
+from . import db
+
+log = logging.getLogger(__name__)
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_counter = itertools.count()
+
+
+def durable_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def safe_uid(uid: str, what: str) -> str:
+    uid = str(uid).strip().rstrip("\x00")
+    if not _UID.match(uid) or len(uid) > 64:
+        raise ValueError(f"{what} {uid[:70]!r} is not a valid DICOM UID")
+    return uid
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    path: Path
+    duplicate: bool
+
+
+class Store:
+    """The file side of the node's data directory, plus the rows that go with files."""
+
+    def __init__(self, data_dir: Path, engine: Engine):
+        self.root = Path(data_dir)
+        self.engine = engine
+        self.tmp = self.root / "tmp"
+        for d in ("store", "quarantine", "results", "tmp"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return (self.root / "store" / safe_uid(study_uid, "StudyInstanceUID")
+                / safe_uid(series_uid, "SeriesInstanceUID") / f"{safe_uid(sop_uid, 'SOPInstanceUID')}.dcm")
+
+    def result_path(self, study_uid: str, kind: str, sop_uid: str) -> Path:
+        return self.root / "results" / safe_uid(study_uid, "StudyInstanceUID") / f"{kind}-{sop_uid}.dcm"
+
+    def write_result(self, path: Path, data: bytes) -> None:
+        durable_write(path, data, self.tmp)
+
+    def store_instance(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,
+                       subject_key: str, study_date: str, calling_ae: str = "") -> StoredInstance:
+        """Durably store one received instance and record it; a duplicate is stored once.
+
+        A new instance of a study already processed re-opens the study (state
+        ``receiving``), so that its results are superseded, never silently mixed.
+        """
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        now = time.time()
+        with self.engine.begin() as conn:
+            seen = conn.execute(select(db.instances.c.id).where(db.instances.c.sop_uid == sop_uid)).first()
+        if seen is not None and path.exists():
+            with self.engine.begin() as conn:
+                db.record_audit(conn, "duplicate", f"sop={sop_uid} study={study_uid} from={calling_ae}")
+            return StoredInstance(path, True)
+        durable_write(path, data, self.tmp)
+        with self.engine.begin() as conn:
+            inserted = db.insert_ignore(conn, db.instances, dict(
+                sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class_uid,
+                path=str(path), size=len(data), received_at=now, calling_ae=calling_ae))
+            if not inserted:
+                return StoredInstance(path, True)
+            row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
+            if row is None:
+                created = db.insert_ignore(conn, db.studies, dict(
+                    study_uid=study_uid, subject_key=subject_key, study_date=study_date, state="receiving",
+                    revision=0, n_instances=1, first_received_at=now, last_received_at=now, message=""))
+                if created:
+                    db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
+                    return StoredInstance(path, False)
+            values = dict(n_instances=db.studies.c.n_instances + 1, last_received_at=now)
+            if row is not None and row.state != "receiving":
+                values.update(state="receiving", message=f"re-opened by a late instance ({row.state} before)")
+                db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
+            conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
+        return StoredInstance(path, False)
+
+    def quarantine(self, data: bytes | None, reason: str, *, sop_uid: str = "", study_uid: str = "",
+                   calling_ae: str = "", source: Path | None = None) -> Path:
+        """Keep what could not be accepted, with the reason beside it; never lose it."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = self.root / "quarantine" / f"{stamp}-{os.getpid()}-{next(_counter)}.dcm"
+        if source is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, path)
+        else:
+            durable_write(path, data or b"", self.tmp)
+        durable_write(path.with_suffix(".txt"), (reason + "\n").encode(), self.tmp)
+        with self.engine.begin() as conn:
+            conn.execute(insert(db.quarantine).values(path=str(path), reason=reason, sop_uid=sop_uid,
+                                                     study_uid=study_uid, received_at=time.time(),
+                                                     calling_ae=calling_ae))
+            db.record_audit(conn, "quarantined", f"sop={sop_uid or '?'} from={calling_ae}: {reason}")
+        log.warning("quarantined %s (SOP %s): %s", path.name, sop_uid or "?", reason)
+        return path

@@ -1,0 +1,109 @@
+"""The quantification pipeline of one study: series → volumes → masks → maps → metrics.
+
+Pure: takes the decoded datasets of a study, returns a :class:`StudyAnalysis`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from . import ALGORITHM_VERSION
+from .enums import SeriesKind, Side, SideLabel, Tissue
+from .errors import QuantError, SeriesError
+from .fatfraction import fat_fraction
+from .metrics import Measurement, muscle_metrics
+from .segment import Segmentation, segment_legs
+from .series import SeriesInfo, classify_series
+from .volume import Volume, assemble_volume
+
+DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
+
+
+class NoDixonError(QuantError):
+    """The study has no usable Dixon water and fat series."""
+
+
+@dataclass(frozen=True, eq=False)
+class StudyAnalysis:
+    """Everything the pipeline found in one study."""
+
+    series: tuple[SeriesInfo, ...]
+    reference: Volume                 # the Dixon water volume: masks and maps are on its grid
+    fat_fraction: np.ndarray          # 0..1, NaN where no signal
+    segmentation: Segmentation
+    measurements: tuple[Measurement, ...]
+    csa_per_slice: dict               # (region, side) -> CSA (mm²) of each slice
+    algorithm_version: str = ALGORITHM_VERSION
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:
+        return {s.kind: s for s in self.series if s.kind in DIXON_KINDS}
+
+
+def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
+    groups: dict[str, list[Dataset]] = defaultdict(list)
+    for ds in datasets:
+        groups[str(ds.get("SeriesInstanceUID", ""))].append(ds)
+    return dict(groups)
+
+
+def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
+    """The series of one kind; with several (a repeat), the highest series number."""
+    cands = [s for s in infos if s.kind is kind]
+    if not cands:
+        return None
+    return max(cands, key=lambda s: (s.series_number or 0, s.n_instances))
+
+
+def analyse_study(datasets: Iterable[Dataset]) -> StudyAnalysis:
+    """Run the whole pipeline on the datasets of one study.
+
+    Raises
+    ------
+    NoDixonError
+        Neither a water and fat pair nor anything else quantifiable was found.
+    SeriesError
+        A Dixon series is present but cannot be assembled.
+    """
+    by_series = group_by_series(datasets)
+    infos = tuple(classify_series(dss) for dss in by_series.values())
+    notes: list[str] = []
+    water_info, fat_info = _pick(infos, SeriesKind.WATER), _pick(infos, SeriesKind.FAT)
+    if water_info is None or fat_info is None:
+        found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
+        raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
+    water = assemble_volume(by_series[water_info.series_instance_uid])
+    fat = assemble_volume(by_series[fat_info.series_instance_uid])
+    if not water.same_grid(fat):
+        raise SeriesError("Dixon water and fat series are not on the same grid "
+                          f"({water_info.series_instance_uid}, {fat_info.series_instance_uid})")
+    in_phase = None
+    ip_info = _pick(infos, SeriesKind.IN_PHASE)
+    if ip_info is not None:
+        try:
+            v = assemble_volume(by_series[ip_info.series_instance_uid])
+            in_phase = v.array if v.same_grid(water) else None
+        except SeriesError as exc:
+            notes.append(f"in-phase series not used: {exc}")
+    ff = fat_fraction(water.array, fat.array)
+    seg = segment_legs(water, fat.array, ff, in_phase=in_phase,
+                       body_part=_body_part(by_series[water_info.series_instance_uid][0]))
+    labels, groups = seg.muscle_groups()
+    measurements, per_slice = muscle_metrics(
+        labels, ff, groups, pixel_area_mm2=water.pixel_area_mm2,
+        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION)
+    csa = {groups[g]: v for g, v in per_slice.items()}
+    notes.extend(seg.notes)
+    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes))
+
+
+def _body_part(ds: Dataset) -> str:
+    return " ".join(str(ds.get(k, "")) for k in ("BodyPartExamined", "SeriesDescription",
+                                                 "StudyDescription", "ProtocolName"))

@@ -1,0 +1,217 @@
+"""Automatic segmentation of the legs in Dixon images: body, subcutaneous fat (SAT),
+bone with marrow, and the muscle of each leg; tells thigh from calf.
+
+Method, per leg and slice:
+
+1. Body: total signal above an Otsu threshold, holes filled; the legs are the large
+   3-D connected components (two touching legs are split at the patient-x valley).
+2. SAT: fat-dominant voxels (FF > ``sat_ff``) connected to the skin (the body's rim).
+3. Inside the fascia: body minus SAT; bone is the dark cortex with what it encloses
+   (fat-bright marrow); what remains is muscle, except pure-fat septa (FF >
+   ``septum_ff``), so fatty infiltration inside muscle stays muscle.
+
+Side comes from patient coordinates (+x of DICOM LPS is the patient's left), never from
+image columns. The level comes from the Body Part Examined / descriptions, else from
+anatomy: one long bone per leg in the thigh, two in the calf.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .enums import Region, Side, SideLabel, Tissue
+from .errors import SegmentationError
+from .volume import Volume
+
+_THIGH_WORDS = re.compile(r"(?<![a-z])(thigh|thighs|upper[ _]?leg|femur|oberschenkel|cuisse)", re.I)
+_CALF_WORDS = re.compile(r"(?<![a-z])(calf|calves|lower[ _]?leg|tibia|unterschenkel|wade|mollet)", re.I)
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """Tissue and side label maps on the grid of the reference volume."""
+
+    tissue: np.ndarray        # uint8, values of :class:`Tissue`
+    side: np.ndarray          # uint8, values of :class:`SideLabel`
+    region: Region
+    region_reason: str
+    notes: tuple[str, ...] = ()
+
+    def mask(self, tissue: Tissue, side: Side) -> np.ndarray:
+        code = {Side.RIGHT: SideLabel.RIGHT, Side.LEFT: SideLabel.LEFT, Side.NONE: SideLabel.NONE}[side]
+        return (self.tissue == tissue) & (self.side == code)
+
+    @property
+    def sides(self) -> tuple[Side, ...]:
+        present = set(np.unique(self.side[self.tissue == Tissue.MUSCLE]).tolist())
+        return tuple(s for s, c in ((Side.RIGHT, 1), (Side.LEFT, 2), (Side.NONE, 0)) if c in present)
+
+    def muscle_groups(self) -> tuple[np.ndarray, dict[int, tuple[str, Side]]]:
+        """Label map 1..n of the muscle of each side, and what each label is."""
+        labels = np.zeros(self.tissue.shape, np.int32)
+        groups: dict[int, tuple[str, Side]] = {}
+        for n, side in enumerate(self.sides, start=1):
+            labels[self.mask(Tissue.MUSCLE, side)] = n
+            groups[n] = (self.region.value, side)
+        return labels, groups
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample."""
+    values = values[np.isfinite(values)]
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def _largest_2d(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def _legs(body: np.ndarray, x_mm: np.ndarray) -> list[np.ndarray]:
+    """Split the body mask into legs (3-D components), largest first by patient x."""
+    lab, n = ndi.label(body)
+    if n == 0:
+        raise SegmentationError("no body found above the noise (empty or very low signal images)")
+    sizes = ndi.sum_labels(body, lab, index=np.arange(1, n + 1))
+    keep = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] >= 0.2 * sizes.max()][:2]
+    legs = [lab == k for k in keep]
+    if len(legs) == 1:
+        # Touching legs: one component spanning both sides; split at the valley of body
+        # voxels along patient x if there is one in the middle third.
+        leg = legs[0]
+        xs = x_mm[leg]
+        lo, hi = np.percentile(xs, [2, 98])
+        if hi - lo > 0:
+            hist, edges = np.histogram(xs, bins=64, range=(lo, hi))
+            mid = slice(len(hist) // 3, 2 * len(hist) // 3)
+            v = int(np.argmin(hist[mid])) + mid.start
+            if hist[v] < 0.5 * min(hist[: mid.start].max(), hist[mid.stop:].max()):
+                cut = (edges[v] + edges[v + 1]) / 2
+                legs = [leg & (x_mm < cut), leg & (x_mm >= cut)]
+    return legs
+
+
+def _bones_per_slice(bone: np.ndarray, min_area_px: int) -> list[int]:
+    counts = []
+    for k in range(bone.shape[0]):
+        lab, n = ndi.label(bone[k])
+        if n:
+            sizes = ndi.sum_labels(bone[k], lab, index=np.arange(1, n + 1))
+            counts.append(int((sizes >= min_area_px).sum()))
+    return counts
+
+
+def level_from_text(text: str) -> Region | None:
+    """Thigh or calf from Body Part Examined and series/study descriptions, if they say."""
+    thigh, calf = bool(_THIGH_WORDS.search(text)), bool(_CALF_WORDS.search(text))
+    if thigh != calf:
+        return Region.THIGH if thigh else Region.CALF
+    return None
+
+
+def segment_legs(reference: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: np.ndarray | None = None,
+                 body_part: str = "", sat_ff: float = 0.5, septum_ff: float = 0.8) -> Segmentation:
+    """Segment body, SAT, bone and muscle of each leg.
+
+    Parameters
+    ----------
+    reference : Volume
+        Dixon water volume (its geometry is used for sides and areas).
+    fat, ff : ndarray
+        Dixon fat image and fat fraction (0..1, NaN without signal) on the same grid.
+    in_phase : ndarray, optional
+        In-phase image; used for the body outline when given.
+    body_part : str
+        Body Part Examined and descriptions, to tell thigh from calf.
+    """
+    water = reference.array
+    if water.ndim != 3:
+        raise SegmentationError(f"expected a 3-D water volume, got shape {water.shape}")
+    signal = in_phase if in_phase is not None else water + fat
+    signal = np.nan_to_num(signal.astype(np.float32))
+    thr = otsu_threshold(signal.ravel()[:: max(1, signal.size // 2_000_000)])
+    # Otsu on a histogram dominated by air can sit in the noise floor: never go below a
+    # quarter of the median tissue signal.
+    thr = max(thr, 0.25 * float(np.median(signal[signal > thr])))
+    body = signal > thr
+    body = ndi.binary_opening(body, structure=np.ones((1, 3, 3), bool))
+    for k in range(body.shape[0]):
+        body[k] = ndi.binary_fill_holes(body[k])
+    kk, rr, cc = np.indices(body.shape, dtype=np.float32)
+    x_mm = reference.index_to_patient(kk, rr, cc)[..., 0]
+    legs = _legs(body, x_mm)
+
+    ffz = np.nan_to_num(ff, nan=0.0)
+    fatlike = ffz > sat_ff
+    dark = signal <= thr
+    tissue = np.zeros(water.shape, np.uint8)
+    side = np.zeros(water.shape, np.uint8)
+    min_bone_px = max(4, int(round(20.0 / reference.pixel_area_mm2)))  # 20 mm²
+    bones_per_leg: list[float] = []
+    centroid_x = [float(x_mm[leg].mean()) for leg in legs]
+    both = len(legs) == 2
+    notes: list[str] = []
+    for leg, cx in zip(legs, centroid_x):
+        if both:
+            label = SideLabel.LEFT if cx > float(np.mean(centroid_x)) else SideLabel.RIGHT
+        else:
+            label = SideLabel.LEFT if cx > 0 else SideLabel.RIGHT
+            notes.append(f"one leg found; side {label.side.value} from its patient x ({cx:.0f} mm)")
+        leg_bone = np.zeros(leg.shape, bool)
+        for k in range(leg.shape[0]):
+            m = leg[k]
+            if not m.any():
+                continue
+            rim = m & ~ndi.binary_erosion(m)
+            lab, n = ndi.label(fatlike[k] & m)
+            touching = np.unique(lab[rim & (lab > 0)])
+            sat = np.isin(lab, touching[touching > 0])
+            inner = _largest_2d(m & ~sat)
+            inner = ndi.binary_fill_holes(inner)
+            cortex = dark[k] & inner
+            bone = ndi.binary_fill_holes(cortex) & inner
+            blab, bn = ndi.label(bone)
+            if bn:
+                sizes = ndi.sum_labels(bone, blab, index=np.arange(1, bn + 1))
+                bone = np.isin(blab, 1 + np.flatnonzero(sizes >= min_bone_px))
+            septa = inner & ~bone & (ffz[k] > septum_ff)
+            muscle = inner & ~bone & ~septa
+            tissue[k][sat] = Tissue.SUBCUTANEOUS_FAT
+            tissue[k][bone] = Tissue.BONE
+            tissue[k][septa] = Tissue.INTERMUSCULAR_FAT
+            tissue[k][muscle] = Tissue.MUSCLE
+            side[k][m] = label
+            leg_bone[k] = bone
+        counts = _bones_per_slice(leg_bone, min_bone_px)
+        if counts:
+            bones_per_leg.append(float(np.median(counts)))
+    if not (tissue == Tissue.MUSCLE).any():
+        raise SegmentationError("no muscle found inside the legs")
+
+    region = level_from_text(body_part)
+    if region is not None:
+        reason = f"from Body Part Examined/description ({' '.join(body_part.split())[:60]!r})"
+    else:
+        nb = round(float(np.median(bones_per_leg))) if bones_per_leg else 0
+        if nb == 1:
+            region, reason = Region.THIGH, "from anatomy: one long bone per leg"
+        elif nb == 2:
+            region, reason = Region.CALF, "from anatomy: two long bones per leg"
+        else:
+            region, reason = Region.LEG, f"level unknown: {nb} bones per leg and no body part in the headers"
+    return Segmentation(tissue=tissue, side=side, region=region, region_reason=reason, notes=tuple(notes))

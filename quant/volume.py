@@ -1,0 +1,290 @@
+"""Volume assembly: DICOM MR slices (classic single-frame or Enhanced MR multi-frame)
+into a regular 3-D (or echo x 3-D) array that keeps its geometry.
+
+Geometry convention (DICOM patient coordinates, LPS, millimetres):
+the centre of voxel ``(k, r, c)`` of a :class:`Volume` is at
+``origin_mm + c * dx * row_cosine + r * dy * column_cosine + k * dz * normal``
+where ``spacing_mm == (dz, dy, dx)``, ``row_cosine`` is ImageOrientationPatient[0:3]
+(the direction of increasing column index), ``column_cosine`` is
+ImageOrientationPatient[3:6] and ``normal = row_cosine x column_cosine``; slices are
+sorted by increasing position along ``normal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from .errors import GeometryError, SeriesError
+
+_ORIENTATION_TOL = 1e-3
+_SPACING_REL_TOL = 0.05
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """Pixels together with their geometry.
+
+    ``array`` has shape ``(slices, rows, columns)``, or ``(echoes, slices, rows,
+    columns)`` for a multi-echo series, in which case ``echo_times_ms`` lists the echo
+    times in array order.
+    """
+
+    array: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    frame_of_reference_uid: str
+    series_instance_uid: str
+    sop_instance_uids: tuple[str, ...]
+    frame_numbers: tuple[int | None, ...] = ()
+    echo_times_ms: tuple[float, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def row_cosine(self) -> np.ndarray:
+        return np.asarray(self.orientation[:3], dtype=float)
+
+    @property
+    def column_cosine(self) -> np.ndarray:
+        return np.asarray(self.orientation[3:], dtype=float)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cosine, self.column_cosine)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing_mm))
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return float(self.spacing_mm[1] * self.spacing_mm[2])
+
+    def index_to_patient(self, k, r, c) -> np.ndarray:
+        """Patient coordinates (mm, LPS) of voxel centres; arguments broadcast."""
+        dz, dy, dx = self.spacing_mm
+        k, r, c = (np.asarray(v, dtype=float)[..., None] for v in (k, r, c))
+        return (np.asarray(self.origin_mm) + c * dx * self.row_cosine
+                + r * dy * self.column_cosine + k * dz * self.normal)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """The same geometry around another 3-D array (a map or a mask)."""
+        if array.shape[-3:] != self.array.shape[-3:]:
+            raise ValueError(f"array shape {array.shape} does not fit volume {self.array.shape}")
+        return Volume(array=array, spacing_mm=self.spacing_mm, origin_mm=self.origin_mm,
+                      orientation=self.orientation,
+                      frame_of_reference_uid=self.frame_of_reference_uid,
+                      series_instance_uid=self.series_instance_uid,
+                      sop_instance_uids=self.sop_instance_uids,
+                      frame_numbers=self.frame_numbers)
+
+    def same_grid(self, other: "Volume", tol_mm: float = 0.01) -> bool:
+        return (self.array.shape[-3:] == other.array.shape[-3:]
+                and np.allclose(self.spacing_mm, other.spacing_mm, atol=tol_mm)
+                and np.allclose(self.origin_mm, other.origin_mm, atol=tol_mm)
+                and np.allclose(self.orientation, other.orientation, atol=_ORIENTATION_TOL))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2-D image of a series: a single-frame instance or one frame of a multi-frame."""
+
+    dataset: Dataset = field(repr=False)
+    frame_index: int | None  # 0-based frame index in a multi-frame instance, None if single-frame
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    echo_time_ms: float | None
+    slope: float
+    intercept: float
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+def _require(ds: Dataset, keyword: str, where: str = ""):
+    value = ds.get(keyword)
+    if value is None or value == "":
+        uid = ds.get("SOPInstanceUID", "?")
+        raise SeriesError(f"{keyword} is missing{where} (SOP Instance UID {uid})")
+    return value
+
+
+def _floats(value, n: int, keyword: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise SeriesError(f"{keyword} is not numeric: {value!r}") from exc
+    if len(out) != n:
+        raise SeriesError(f"{keyword} has {len(out)} values, expected {n}")
+    return out
+
+
+def _first_item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
+    if seq_owner is None:
+        return None
+    seq = seq_owner.get(keyword)
+    return seq[0] if seq else None
+
+
+def frames_of(ds: Dataset) -> list[Frame]:
+    """Every 2-D frame of one instance with its geometry and echo time."""
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_frames(ds)
+    position = _floats(_require(ds, "ImagePositionPatient"), 3, "ImagePositionPatient")
+    orientation = _floats(_require(ds, "ImageOrientationPatient"), 6, "ImageOrientationPatient")
+    spacing = _floats(_require(ds, "PixelSpacing"), 2, "PixelSpacing")
+    te = ds.get("EchoTime")
+    return [Frame(ds, None, position, orientation, spacing,
+                  float(te) if te not in (None, "") else None,
+                  float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))]
+
+
+def _enhanced_frames(ds: Dataset) -> list[Frame]:
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    frames = []
+    for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        def item(keyword):
+            return _first_item(per, keyword) or _first_item(shared, keyword)
+        pos_item = item("PlanePositionSequence")
+        ori_item = item("PlaneOrientationSequence")
+        pix_item = item("PixelMeasuresSequence")
+        where = f" in frame {i + 1}"
+        if pos_item is None:
+            raise SeriesError(f"PlanePositionSequence is missing{where} "
+                              f"(SOP Instance UID {ds.get('SOPInstanceUID', '?')})")
+        if ori_item is None or pix_item is None:
+            raise SeriesError(f"PlaneOrientationSequence or PixelMeasuresSequence is missing{where} "
+                              f"(SOP Instance UID {ds.get('SOPInstanceUID', '?')})")
+        echo_item = item("MREchoSequence")
+        te = echo_item.get("EffectiveEchoTime") if echo_item is not None else None
+        pvt = item("PixelValueTransformationSequence")
+        frames.append(Frame(
+            ds, i,
+            _floats(_require(pos_item, "ImagePositionPatient", where), 3, "ImagePositionPatient"),
+            _floats(_require(ori_item, "ImageOrientationPatient", where), 6, "ImageOrientationPatient"),
+            _floats(_require(pix_item, "PixelSpacing", where), 2, "PixelSpacing"),
+            float(te) if te not in (None, "") else None,
+            float(pvt.get("RescaleSlope", 1)) if pvt is not None else 1.0,
+            float(pvt.get("RescaleIntercept", 0)) if pvt is not None else 0.0))
+    return frames
+
+
+def _pixels(frames: Sequence[Frame]) -> np.ndarray:
+    cache: dict[int, np.ndarray] = {}
+    out = []
+    for f in frames:
+        key = id(f.dataset)
+        if key not in cache:
+            try:
+                cache[key] = f.dataset.pixel_array
+            except Exception as exc:  # pydicom raises many types for bad pixel data
+                raise SeriesError(f"pixel data cannot be decoded (SOP Instance UID "
+                                  f"{f.sop_instance_uid}): {exc}") from exc
+        arr = cache[key]
+        img = arr[f.frame_index] if f.frame_index is not None and arr.ndim == 3 else arr
+        out.append(img.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept))
+    return np.stack(out)
+
+
+def _stack(frames: Sequence[Frame]) -> tuple[list[Frame], tuple[float, float, float], np.ndarray]:
+    """Sort frames of one echo along the slice normal and check they form a regular grid."""
+    ori0 = np.asarray(frames[0].orientation)
+    for f in frames:
+        if not np.allclose(f.orientation, ori0, atol=_ORIENTATION_TOL):
+            raise GeometryError("slices have different ImageOrientationPatient "
+                                f"({frames[0].orientation} and {f.orientation})")
+        if not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, rtol=1e-4):
+            raise GeometryError("slices have different PixelSpacing")
+        shape = (int(f.dataset.Rows), int(f.dataset.Columns))
+        if shape != (int(frames[0].dataset.Rows), int(frames[0].dataset.Columns)):
+            raise GeometryError("slices have different Rows/Columns")
+    normal = np.cross(ori0[:3], ori0[3:])
+    proj = np.array([np.dot(f.position, normal) for f in frames])
+    order = np.argsort(proj, kind="stable")
+    frames = [frames[i] for i in order]
+    proj = proj[order]
+    if len(frames) > 1:
+        gaps = np.diff(proj)
+        if np.any(gaps < 1e-3):
+            raise GeometryError("two slices share one position (a multi-echo or repeated series "
+                                "without distinct EchoTime?)")
+        dz = float(np.median(gaps))
+        if np.any(np.abs(gaps - dz) > _SPACING_REL_TOL * dz):
+            raise GeometryError(f"slice spacing is irregular (gaps {np.round(gaps, 2).tolist()} mm)")
+    else:
+        dz = float(frames[0].dataset.get("SpacingBetweenSlices", 0)
+                   or frames[0].dataset.get("SliceThickness", 1) or 1)
+    dy, dx = frames[0].pixel_spacing
+    return frames, (dz, float(dy), float(dx)), np.asarray(frames[0].position)
+
+
+def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
+    """Assemble one series (all its instances) into a :class:`Volume`.
+
+    Frames with several distinct echo times become a 4-D ``(echo, slice, row, column)``
+    array, whether the echoes come as separate single-frame instances, as one
+    Enhanced MR instance per echo, or as frames of one instance.
+
+    Raises
+    ------
+    SeriesError
+        An attribute needed for geometry is missing, or the slices do not form a
+        regular volume (then :class:`GeometryError`).
+    """
+    if not datasets:
+        raise SeriesError("series has no instances")
+    frames = [f for ds in datasets for f in frames_of(ds)]
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) != 1:
+        raise SeriesError(f"instances of {len(series_uids)} series were given as one")
+    echo_times = sorted({round(f.echo_time_ms, 3) for f in frames if f.echo_time_ms is not None})
+    if len(echo_times) > 1:
+        missing = [f for f in frames if f.echo_time_ms is None]
+        if missing:
+            raise SeriesError(f"EchoTime is missing from {len(missing)} of {len(frames)} frames of a "
+                              f"multi-echo series (SOP Instance UID {missing[0].sop_instance_uid})")
+        groups = [[f for f in frames if round(f.echo_time_ms, 3) == te] for te in echo_times]
+        if len({len(g) for g in groups}) != 1:
+            raise GeometryError("echoes have different numbers of slices: "
+                                + ", ".join(f"TE {te} ms: {len(g)}" for te, g in zip(echo_times, groups)))
+        stacked = [_stack(g) for g in groups]
+        first, spacing, origin = stacked[0]
+        positions = np.array([f.position for f in first])
+        for te, (other, _, _) in zip(echo_times[1:], stacked[1:]):
+            if not (np.allclose([f.position for f in other], positions, atol=0.01)
+                    and np.allclose(other[0].orientation, first[0].orientation, atol=_ORIENTATION_TOL)
+                    and np.allclose(other[0].pixel_spacing, first[0].pixel_spacing, rtol=1e-4)
+                    and (other[0].dataset.Rows, other[0].dataset.Columns)
+                    == (first[0].dataset.Rows, first[0].dataset.Columns)):
+                raise GeometryError(f"echoes do not cover the same slices (TE {te} ms differs from "
+                                    f"TE {echo_times[0]} ms in ImagePositionPatient, "
+                                    "ImageOrientationPatient, PixelSpacing or Rows/Columns)")
+        array = np.stack([_pixels(fr) for fr, _, _ in stacked])
+    else:
+        first, spacing, origin = _stack(frames)
+        array = _pixels(first)
+        echo_times = []
+    ds0 = first[0].dataset
+    for_uid = str(ds0.get("FrameOfReferenceUID", ""))
+    if not for_uid:
+        raise SeriesError(f"FrameOfReferenceUID is missing (SOP Instance UID {ds0.get('SOPInstanceUID', '?')})")
+    return Volume(
+        array=array,
+        spacing_mm=spacing,
+        origin_mm=tuple(float(v) for v in origin),
+        orientation=tuple(float(v) for v in first[0].orientation),
+        frame_of_reference_uid=for_uid,
+        series_instance_uid=series_uids.pop(),
+        sop_instance_uids=tuple(f.sop_instance_uid for f in first),
+        frame_numbers=tuple(None if f.frame_index is None else f.frame_index + 1 for f in first),
+        echo_times_ms=tuple(float(t) for t in echo_times),
+    )

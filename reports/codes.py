@@ -1,0 +1,223 @@
+"""Every coded concept musclenode writes into DICOM SEG and SR objects, in one place.
+
+Sources (each constant says which):
+
+- ``pydicom.sr.codedict`` (DICOM PS3.16 content, SNOMED CT "SCT", DICOM "DCM", LOINC
+  "LN", UCUM) wherever the concept is there;
+- SNOMED CT codes not in pydicom's dictionary, with where they were checked;
+- the private coding scheme ``99MUSCLENODE`` (:data:`PRIVATE_SCHEME`) for concepts that
+  no standard scheme has (fRMA, and the longitudinal comparison values). SR documents
+  that use it declare it in the Coding Scheme Identification Sequence
+  (:data:`PRIVATE_SCHEME_IDENTIFICATION`).
+
+Units are UCUM (``UCUM`` designator, code value = the UCUM expression).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+
+
+def _cc(code) -> CodedConcept:
+    """A pydicom ``Code`` as a highdicom ``CodedConcept``."""
+    return CodedConcept(value=code.value, scheme_designator=code.scheme_designator, meaning=code.meaning)
+
+
+# --- private coding scheme -------------------------------------------------------------
+
+#: Coding Scheme Designator of musclenode's private concepts ("99" prefix: private, PS3.3
+#: 8.2.2 / PS3.16 8).
+PRIVATE_SCHEME = "99MUSCLENODE"
+
+#: Declaration of the private scheme for the SR's Coding Scheme Identification Sequence.
+PRIVATE_SCHEME_IDENTIFICATION = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="musclenode private codes for quantitative muscle MRI",
+    version="1",
+    responsible_organization="musclenode",
+)
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+# --- SEG: segmented property categories and types (CID 7150 / CID 7151) ----------------
+
+TISSUE = _cc(codes.SCT.Tissue)                              # SCT 85756007, codedict (CID 7150)
+ANATOMICAL_STRUCTURE = _cc(codes.SCT.AnatomicalStructure)   # SCT 91723000, codedict (CID 7150)
+SKELETAL_MUSCLE = _cc(codes.SCT.SkeletalMuscle)             # SCT 127954009, codedict
+BONE = _cc(codes.SCT.Bone)                                  # SCT 272673000, codedict (CID 7166)
+# SCT 67769002 is not in pydicom's codedict. It is SNOMED CT's subcutaneous fatty (adipose)
+# tissue body structure, as used for "adipose subcutaneous" by the dicom3tools/IDC
+# conversion scripts; pydicom has only the broader 71966008 "Subcutaneous tissue".
+SUBCUTANEOUS_FAT = CodedConcept(value="67769002", scheme_designator="SCT",
+                                meaning="Subcutaneous fatty tissue")
+
+#: Algorithm family of the segmentation (CID 7162): thresholds on the signal histogram
+#: (Otsu) and on the fat fraction, plus morphology. DCM 123105, codedict.
+ALGORITHM_FAMILY = _cc(codes.cid7162.HistogramAnalysis)
+
+# --- anatomy and laterality ------------------------------------------------------------
+
+THIGH = _cc(codes.SCT.Thigh)                  # SCT 68367000, codedict (CID 4031)
+LOWER_LEG = _cc(codes.SCT.LowerLeg)           # SCT 30021000, codedict (CID 4031)
+LOWER_LIMB = _cc(codes.SCT.LowerLimb)         # SCT 61685007, codedict (CID 4031): the leg, level unknown
+RIGHT = _cc(codes.SCT.Right)                  # SCT 24028007, codedict (CID 244)
+LEFT = _cc(codes.SCT.Left)                    # SCT 7771000, codedict (CID 244)
+
+# --- SR: document, procedure, measurement names ----------------------------------------
+
+IMAGING_MEASUREMENT_REPORT = _cc(codes.DCM.ImagingMeasurementReport)  # DCM 126000, codedict (CID 7021)
+#: Procedure reported (TID 1500 row 4): LOINC 25056-3, codedict (CID 100).
+MRI_PROCEDURE = _cc(codes.cid100.MRIUnspecifiedBodyRegion)
+AREA = _cc(codes.SCT.Area)                    # SCT 42798000, codedict (CID 7469)
+VOLUME = _cc(codes.SCT.Volume)                # SCT 118565006, codedict (CID 7469)
+FAT_FRACTION = _cc(codes.DCM.FatFraction)     # DCM 129100, codedict (CID 7180, CID 7469)
+MEAN = _cc(codes.SCT.Mean)                    # SCT 373098007, codedict (CID 7464): derivation
+#: Functional remaining muscle area: sum over the muscle of pixel area x (1 - fat fraction),
+#: averaged over the slices. No standard code exists.
+FRMA = _private("FRMA", "Functional remaining muscle area")
+
+# --- UCUM units ------------------------------------------------------------------------
+
+UNIT_MM2 = _cc(codes.UCUM.SquareMillimeter)   # UCUM mm2, codedict
+# UCUM "mL" (case-sensitive UCUM); not in codedict, which has only cm3
+UNIT_ML = CodedConcept(value="mL", scheme_designator="UCUM", meaning="milliliter")
+UNIT_PERCENT = _cc(codes.UCUM.Percent)        # UCUM %, codedict
+UNIT_DAY = _cc(codes.UCUM.Day)                # UCUM d, codedict
+
+#: metric name (``Measurement.metric``) -> (concept name, UCUM unit) of the SR NUM item.
+#: ``csa_mm2`` is the *mean* cross-sectional area over the slices (hence Area with the
+#: derivation :data:`MEAN`, see :data:`METRIC_DERIVATIONS`).
+METRIC_CONCEPTS: Mapping[str, tuple[CodedConcept, CodedConcept]] = MappingProxyType({
+    "csa_mm2": (AREA, UNIT_MM2),
+    "vol_ml": (VOLUME, UNIT_ML),
+    "ff_percent": (FAT_FRACTION, UNIT_PERCENT),
+    "frma_mm2": (FRMA, UNIT_MM2),
+})
+
+#: metric name -> Derivation (TID 300 "Derivation", CID 7464) of the metric's NUM item,
+#: for metrics that are means (of slice areas, or of voxel fat fractions).
+METRIC_DERIVATIONS: Mapping[str, CodedConcept] = MappingProxyType({
+    "csa_mm2": MEAN,
+    "ff_percent": MEAN,
+    "frma_mm2": MEAN,
+})
+
+#: Words naming each metric inside the meanings of the comparison concepts.
+METRIC_WORDS: Mapping[str, str] = MappingProxyType({
+    "csa_mm2": "area",
+    "vol_ml": "volume",
+    "ff_percent": "fat fraction",
+    "frma_mm2": "fRMA",
+})
+_METRIC_CODE_PREFIX = {"csa_mm2": "CSA", "vol_ml": "VOL", "ff_percent": "FF", "frma_mm2": "FRMA"}
+
+# --- longitudinal comparison concepts --------------------------------------------------
+#
+# Generic concepts (used as the Derivation of each comparison NUM item, so a reader can
+# find e.g. every "change since baseline" whatever the metric) ...
+
+VALUE_AT_BASELINE = _private("BL-VALUE", "Value at baseline")
+VALUE_AT_PREVIOUS = _private("PV-VALUE", "Value at previous visit")
+CHANGE_SINCE_BASELINE = _private("BL-CHANGE", "Change since baseline")
+RELATIVE_CHANGE_SINCE_BASELINE = _private("BL-RELCHANGE", "Relative change since baseline")
+CHANGE_SINCE_PREVIOUS = _private("PV-CHANGE", "Change since previous visit")
+RELATIVE_CHANGE_SINCE_PREVIOUS = _private("PV-RELCHANGE", "Relative change since previous visit")
+INTERVAL_SINCE_BASELINE = _private("BL-INTERVAL", "Interval since baseline")
+INTERVAL_SINCE_PREVIOUS = _private("PV-INTERVAL", "Interval since previous visit")
+
+#: comparison kind -> (generic concept, code suffix, meaning template, unit or None for
+#: "the metric's own unit"). Kinds are the names used by :func:`comparison_concept`.
+COMPARISON_KINDS: Mapping[str, tuple[CodedConcept, str, str, CodedConcept | None]] = MappingProxyType({
+    "baseline_value": (VALUE_AT_BASELINE, "BL", "{M} at baseline", None),
+    "previous_value": (VALUE_AT_PREVIOUS, "PV", "{M} at previous visit", None),
+    "change_since_baseline": (CHANGE_SINCE_BASELINE, "BL-CHG", "Change in {m} since baseline", None),
+    "relative_change_since_baseline": (RELATIVE_CHANGE_SINCE_BASELINE, "BL-REL",
+                                       "Relative change in {m} since baseline", UNIT_PERCENT),
+    "days_since_baseline": (INTERVAL_SINCE_BASELINE, "BL-DAYS",
+                            "Interval since baseline ({m})", UNIT_DAY),
+    "change_since_previous": (CHANGE_SINCE_PREVIOUS, "PV-CHG", "Change in {m} since previous visit", None),
+    "relative_change_since_previous": (RELATIVE_CHANGE_SINCE_PREVIOUS, "PV-REL",
+                                       "Relative change in {m} since previous visit", UNIT_PERCENT),
+    "days_since_previous": (INTERVAL_SINCE_PREVIOUS, "PV-DAYS",
+                            "Interval since previous visit ({m})", UNIT_DAY),
+})
+
+
+def comparison_concept(metric: str, kind: str) -> tuple[CodedConcept, CodedConcept]:
+    """The private concept name and UCUM unit of one comparison value of one metric.
+
+    Each (metric, kind) has its own code, e.g. ``(CSA-BL-CHG, 99MUSCLENODE, "Change in
+    area since baseline")``, so that a reader pairs the value with its metric from the
+    concept name alone and never mistakes it for the current value of the metric.
+
+    Parameters
+    ----------
+    metric : str
+        A key of :data:`METRIC_CONCEPTS`.
+    kind : str
+        A key of :data:`COMPARISON_KINDS`.
+
+    Returns
+    -------
+    (CodedConcept, CodedConcept)
+        Concept name and unit.
+
+    Raises
+    ------
+    ValueError
+        Unknown metric or kind.
+    """
+    if metric not in METRIC_CONCEPTS:
+        raise ValueError(f"unknown metric {metric!r} (known: {', '.join(METRIC_CONCEPTS)})")
+    if kind not in COMPARISON_KINDS:
+        raise ValueError(f"unknown comparison kind {kind!r} (known: {', '.join(COMPARISON_KINDS)})")
+    _, suffix, template, unit = COMPARISON_KINDS[kind]
+    words = METRIC_WORDS[metric]
+    capital = words[0].upper() + words[1:] if words.islower() else words  # "fRMA" stays
+    meaning = template.format(m=words, M=capital)
+    concept = _private(f"{_METRIC_CODE_PREFIX[metric]}-{suffix}", meaning)
+    return concept, (unit if unit is not None else METRIC_CONCEPTS[metric][1])
+
+
+def laterality(side) -> CodedConcept:
+    """Right or Left (SCT) for a :class:`quant.enums.Side` (or its value).
+
+    Raises
+    ------
+    ValueError
+        The side is neither right nor left.
+    """
+    value = getattr(side, "value", side)
+    if value == "right":
+        return RIGHT
+    if value == "left":
+        return LEFT
+    raise ValueError(f"side must be right or left, got {side!r}")
+
+
+def region_concept(region) -> CodedConcept:
+    """Anatomic region of a :class:`quant.enums.Region` (or its value): thigh -> Thigh,
+    calf -> Lower leg, leg (level unknown) -> Lower limb.
+
+    Raises
+    ------
+    ValueError
+        A region that is not part of the leg.
+    """
+    value = getattr(region, "value", region)
+    try:
+        return {"thigh": THIGH, "calf": LOWER_LEG, "leg": LOWER_LIMB}[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"region must be thigh, calf or leg, got {region!r}") from None
+
+
+#: Words naming a region in labels and tracking identifiers.
+REGION_WORDS: Mapping[str, str] = MappingProxyType({"thigh": "thigh", "calf": "lower leg", "leg": "leg"})

@@ -1,0 +1,236 @@
+"""DICOM Segmentation (SEG) of a :class:`quant.pipeline.StudyAnalysis`.
+
+One binary SEG instance on the grid of the Dixon water series (the analysis' reference
+volume), in the same study, with one segment per (tissue, side) present among muscle,
+subcutaneous fat and bone (cortex and marrow) of the right and left leg.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from quant.enums import Side, Tissue
+
+from . import codes
+from .uids import derive_uid
+
+#: Tissues written as segments, in segment-number order (within a tissue: right, left).
+SEGMENT_TISSUES: tuple[Tissue, ...] = (Tissue.MUSCLE, Tissue.SUBCUTANEOUS_FAT, Tissue.BONE)
+SEGMENT_SIDES: tuple[Side, ...] = (Side.RIGHT, Side.LEFT)
+
+_TISSUE_WORDS = {Tissue.MUSCLE: "muscle", Tissue.SUBCUTANEOUS_FAT: "subcutaneous fat", Tissue.BONE: "bone"}
+_TISSUE_TYPES = {Tissue.MUSCLE: codes.SKELETAL_MUSCLE, Tissue.SUBCUTANEOUS_FAT: codes.SUBCUTANEOUS_FAT,
+                 Tissue.BONE: codes.BONE}
+_TISSUE_RGB = {  # recommended display colours
+    (Tissue.MUSCLE, Side.RIGHT): (200, 60, 60), (Tissue.MUSCLE, Side.LEFT): (220, 110, 80),
+    (Tissue.SUBCUTANEOUS_FAT, Side.RIGHT): (230, 200, 90), (Tissue.SUBCUTANEOUS_FAT, Side.LEFT): (240, 220, 140),
+    (Tissue.BONE, Side.RIGHT): (230, 230, 230), (Tissue.BONE, Side.LEFT): (200, 200, 210),
+}
+
+DEFAULT_SOFTWARE_VERSION = "musclenode 0.1.0"
+
+
+def _check_analysis(analysis) -> None:
+    for attr in ("segmentation", "reference", "algorithm_version"):
+        if not hasattr(analysis, attr):
+            raise ValueError(f"analysis has no {attr!r}: expected a quant.pipeline.StudyAnalysis, "
+                             f"got {type(analysis).__name__}")
+    seg, ref = analysis.segmentation, analysis.reference
+    if seg.tissue.shape != ref.array.shape[-3:] or seg.side.shape != seg.tissue.shape:
+        raise ValueError(f"analysis segmentation {seg.tissue.shape} does not fit its reference volume "
+                         f"{ref.array.shape[-3:]}")
+    if not ref.sop_instance_uids:
+        raise ValueError("analysis.reference has no SOP Instance UIDs")
+
+
+def segment_label(analysis, tissue: Tissue, side: Side) -> str:
+    """The label of one segment, e.g. ``"right thigh muscle"``."""
+    return f"{Side(side).value} {codes.REGION_WORDS[analysis.segmentation.region.value]} {_TISSUE_WORDS[tissue]}"
+
+
+def segment_numbers(analysis) -> dict[tuple[Tissue, Side], int]:
+    """Segment number of each (tissue, side) that :func:`build_seg` writes.
+
+    Numbers are 1, 2, ... over :data:`SEGMENT_TISSUES` x :data:`SEGMENT_SIDES` in that
+    order, skipping combinations without any voxel, so muscle comes first.
+
+    Parameters
+    ----------
+    analysis : quant.pipeline.StudyAnalysis
+
+    Returns
+    -------
+    dict
+        ``{(Tissue, Side): segment number}``.
+    """
+    _check_analysis(analysis)
+    out: dict[tuple[Tissue, Side], int] = {}
+    for tissue in SEGMENT_TISSUES:
+        for side in SEGMENT_SIDES:
+            if analysis.segmentation.mask(tissue, side).any():
+                out[(tissue, side)] = len(out) + 1
+    return out
+
+
+def sorted_source_images(analysis, source_images: Sequence[Dataset]) -> list[Dataset]:
+    """The datasets of the analysis' reference series in the reference's slice order.
+
+    Parameters
+    ----------
+    analysis : quant.pipeline.StudyAnalysis
+    source_images : sequence of pydicom.Dataset
+        Exactly the instances of the reference (water) series, in any order.
+
+    Raises
+    ------
+    ValueError
+        Instances are missing, extra, repeated, or from another series.
+    """
+    ref = analysis.reference
+    if isinstance(source_images, Dataset) or not source_images:
+        raise ValueError("source_images must be a non-empty sequence of the reference series' datasets")
+    by_uid: dict[str, Dataset] = {}
+    for i, ds in enumerate(source_images):
+        if not isinstance(ds, Dataset):
+            raise ValueError(f"source_images[{i}] is not a pydicom Dataset ({type(ds).__name__})")
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not uid:
+            raise ValueError(f"source_images[{i}] has no SOPInstanceUID")
+        if uid in by_uid:
+            raise ValueError(f"source_images has SOP Instance UID {uid} twice")
+        series = str(ds.get("SeriesInstanceUID", ""))
+        if series != ref.series_instance_uid:
+            raise ValueError(f"source_images[{i}] ({uid}) is from series {series or '?'}, not the "
+                             f"reference series {ref.series_instance_uid}")
+        by_uid[uid] = ds
+    wanted = list(dict.fromkeys(ref.sop_instance_uids))  # a multi-frame instance appears once
+    missing = [u for u in wanted if u not in by_uid]
+    extra = [u for u in by_uid if u not in set(wanted)]
+    if missing or extra:
+        raise ValueError("source_images do not match the analysis' reference series: "
+                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]})")
+    return [by_uid[u] for u in wanted]
+
+
+def _affine(ref) -> np.ndarray:
+    """4x4 affine from (slice, row, column) indices to patient coordinates (LPS, mm)."""
+    dz, dy, dx = ref.spacing_mm
+    aff = np.eye(4)
+    aff[:3, 0] = ref.normal * dz
+    aff[:3, 1] = ref.column_cosine * dy
+    aff[:3, 2] = ref.row_cosine * dx
+    aff[:3, 3] = ref.origin_mm
+    return aff
+
+
+def build_seg(analysis, source_images: Sequence[Dataset], *, series_instance_uid: str | None = None,
+              sop_instance_uid: str | None = None, series_number: int = 901, instance_number: int = 1,
+              manufacturer: str = "musclenode", software_version: str = DEFAULT_SOFTWARE_VERSION,
+              manufacturer_model_name: str = "musclenode", device_serial_number: str = "0",
+              series_description: str = "Muscle segmentation (musclenode)") -> hd.seg.Segmentation:
+    """Build the binary DICOM SEG of an analysis.
+
+    Parameters
+    ----------
+    analysis : quant.pipeline.StudyAnalysis
+        The pipeline output; its masks are on the grid of ``analysis.reference``.
+    source_images : sequence of pydicom.Dataset
+        The datasets of the reference (Dixon water) series, in any order; sorted here to
+        ``analysis.reference.sop_instance_uids``. Pixel data need not be loaded.
+    series_instance_uid, sop_instance_uid : str, optional
+        Default: derived with :func:`reports.uids.derive_uid` from the Study Instance UID,
+        ``"seg"``, the algorithm version and the sorted source SOP Instance UIDs, so the
+        same inputs always give the same UIDs.
+    series_number, instance_number : int
+        Positive integers.
+    manufacturer, software_version, manufacturer_model_name, device_serial_number : str
+        General Equipment of the SEG.
+    series_description : str
+        Series Description of the SEG.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        In the study of the source images; segments numbered as :func:`segment_numbers`,
+        labelled like ``"right thigh muscle"``, with anatomic region Thigh / Lower leg /
+        Lower limb and laterality, algorithm AUTOMATIC "musclenode"
+        ``analysis.algorithm_version``.
+
+    Raises
+    ------
+    ValueError
+        Malformed analysis or source images, no segment at all, or bad numbers.
+    """
+    _check_analysis(analysis)
+    for name, v in (("series_number", series_number), ("instance_number", instance_number)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    sources = sorted_source_images(analysis, source_images)
+    ref, segm = analysis.reference, analysis.segmentation
+    numbers = segment_numbers(analysis)
+    if not numbers:
+        raise ValueError("analysis has no muscle, subcutaneous fat or bone voxel of either leg: nothing to segment")
+
+    study_uid = str(sources[0].get("StudyInstanceUID", ""))
+    if not study_uid:
+        raise ValueError("source images have no StudyInstanceUID")
+    uid_parts = (study_uid, "seg", str(analysis.algorithm_version), *sorted(ref.sop_instance_uids))
+    sop_instance_uid = sop_instance_uid or derive_uid(*uid_parts, "instance")
+    series_instance_uid = series_instance_uid or derive_uid(*uid_parts, "series")
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="musclenode", version=str(analysis.algorithm_version), family=codes.ALGORITHM_FAMILY)
+    region = codes.region_concept(segm.region)
+    descriptions = []
+    stack = np.zeros(segm.tissue.shape + (len(numbers),), dtype=np.uint8)
+    for (tissue, side), number in numbers.items():
+        stack[..., number - 1] = segm.mask(tissue, side)
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment_label(analysis, tissue, side),
+            segmented_property_category=codes.TISSUE,
+            segmented_property_type=_TISSUE_TYPES[tissue],
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=[region],
+            display_color=hd.color.CIELabColor.from_rgb(*_TISSUE_RGB[(tissue, side)]),
+        )
+        # Laterality as a modifier of the anatomic region (General Anatomy macro).
+        desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [codes.laterality(side)]
+        descriptions.append(desc)
+
+    multi_frame = any(f is not None for f in ref.frame_numbers)
+    if multi_frame:
+        # One enhanced multi-frame instance: let highdicom match frames by geometry.
+        pixel_array = hd.Volume(stack, _affine(ref), coordinate_system="PATIENT",
+                                frame_of_reference_uid=ref.frame_of_reference_uid,
+                                channels={"SegmentNumber": list(range(1, len(numbers) + 1))})
+    else:
+        rows, cols = stack.shape[1:3]
+        for ds in sources:
+            if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+                raise ValueError(f"source image {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, "
+                                 f"the masks are {rows}x{cols}")
+        pixel_array = stack
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=int(series_number),
+        sop_instance_uid=sop_instance_uid,
+        instance_number=int(instance_number),
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_version,
+        device_serial_number=device_serial_number,
+        content_label="MUSCLENODE",
+        content_description="Automatic segmentation of leg muscle, subcutaneous fat and bone",
+        series_description=series_description,
+    )
+
