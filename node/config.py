@@ -39,7 +39,6 @@ __all__ = [
     "JobSettings",
     "NodeSettings",
     "SendSettings",
-    "WebSettings",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -117,15 +116,6 @@ class Destination:
 
 
 @dataclass(frozen=True)
-class WebSettings:
-    """``[web]``: the read-only HTTP status page."""
-
-    enabled: bool = False
-    bind_address: str = "127.0.0.1"
-    port: int = 8080
-
-
-@dataclass(frozen=True)
 class Config:
     """The whole configuration. ``Config()`` is the all-defaults configuration."""
 
@@ -133,7 +123,6 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
     send: SendSettings = field(default_factory=SendSettings)
-    web: WebSettings = field(default_factory=WebSettings)
     destinations: tuple[Destination, ...] = ()
 
     @property
@@ -163,7 +152,6 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "jobs": JobSettings,
     "send": SendSettings,
-    "web": WebSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "destinations")
 
@@ -246,8 +234,6 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("send", "retry_initial_seconds"): _positive,
     ("send", "retry_max_seconds"): _positive,
     ("send", "timeout_seconds"): _positive,
-    ("web", "bind_address"): _check_not_empty,
-    ("web", "port"): _check_port,
     ("destinations", "name"): _check_not_empty,
     ("destinations", "ae_title"): _check_ae_title,
     ("destinations", "host"): _check_not_empty,
@@ -277,16 +263,12 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-_EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-             Path: "a path string"}
+_EXPECTED = {str: "a string", int: "an integer", float: "a number", Path: "a path string"}
 
 
 def _coerce(value: Any, kind: type) -> Any:
     """``value`` converted to ``kind``, or raise ``TypeError``."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
+    if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:

@@ -177,11 +177,14 @@ def phantom_datasets(phantom: LegPhantom, *, patient_id: str = "MN-0001", patien
     the same call gives the same instances. ``body_part`` None writes the region's
     Body Part Examined; "" leaves it out (the node then tells the level from anatomy).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    import uuid
 
-    def uid(*parts) -> str:
-        return generate_uid(prefix=None, entropy_srcs=[uid_seed, patient_id, study_date, *map(str, parts)])
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    def uid(*parts) -> str:  # 2.25.<UUID from a name>: the same inputs give the same UID
+        name = "\x1f".join([uid_seed, patient_id, study_date, *map(str, parts)])
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
     study_uid = study_uid or uid("study")
     for_uid = uid("frame-of-reference")

@@ -1,0 +1,11 @@
+"""DICOM results of musclenode: SEG of the masks and TID 1500 SR of the measurements.
+
+- :mod:`reports.seg` -- :func:`~reports.seg.build_seg`, :func:`~reports.seg.segment_numbers`
+- :mod:`reports.sr` -- :func:`~reports.sr.build_sr` (Comprehensive 3D SR, TID 1500)
+- :mod:`reports.longitudinal` -- :class:`~reports.longitudinal.PriorValue`,
+  :class:`~reports.longitudinal.Comparison`, :func:`~reports.longitudinal.compare`
+- :mod:`reports.codes` -- every coded concept written (standard and ``99MUSCLENODE``)
+- :mod:`reports.uids` -- :func:`~reports.uids.derive_uid` (deterministic UIDs)
+
+The submodules are not imported here, so ``import reports.uids`` stays light (no highdicom).
+"""

@@ -11,6 +11,10 @@ Sources (each constant says which):
   (:data:`PRIVATE_SCHEME_IDENTIFICATION`).
 
 Units are UCUM (``UCUM`` designator, code value = the UCUM expression).
+
+The constants are shared ``CodedConcept`` datasets and highdicom embeds them as they are
+(no copy) in the objects it builds: never modify one in place; ``copy.deepcopy`` it first
+(as :func:`reports.seg.build_seg` does before adding a laterality modifier).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ subcutaneous fat and bone (cortex and marrow) of the right and left leg.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import highdicom as hd
@@ -48,7 +49,19 @@ def _check_analysis(analysis) -> None:
 
 
 def segment_label(analysis, tissue: Tissue, side: Side) -> str:
-    """The label of one segment, e.g. ``"right thigh muscle"``."""
+    """The label of one segment.
+
+    Parameters
+    ----------
+    analysis : quant.pipeline.StudyAnalysis
+    tissue : quant.enums.Tissue
+    side : quant.enums.Side
+
+    Returns
+    -------
+    str
+        E.g. ``"right thigh muscle"``, ``"left lower leg subcutaneous fat"``.
+    """
     return f"{Side(side).value} {codes.REGION_WORDS[analysis.segmentation.region.value]} {_TISSUE_WORDS[tissue]}"
 
 
@@ -196,11 +209,11 @@ def build_seg(analysis, source_images: Sequence[Dataset], *, series_instance_uid
             segmented_property_type=_TISSUE_TYPES[tissue],
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            anatomic_regions=[region],
+            anatomic_regions=[copy.deepcopy(region)],  # own copy: it gets a modifier below
             display_color=hd.color.CIELabColor.from_rgb(*_TISSUE_RGB[(tissue, side)]),
         )
         # Laterality as a modifier of the anatomic region (General Anatomy macro).
-        desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [codes.laterality(side)]
+        desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [copy.deepcopy(codes.laterality(side))]
         descriptions.append(desc)
 
     multi_frame = any(f is not None for f in ref.frame_numbers)

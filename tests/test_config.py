@@ -20,7 +20,6 @@ from node.config import (
     JobSettings,
     NodeSettings,
     SendSettings,
-    WebSettings,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -61,7 +60,6 @@ def test_defaults_with_no_file():
     assert config.database == DatabaseSettings(url="")
     assert config.jobs == JobSettings(workers=1, executor="process", lease_seconds=600.0)
     assert config.send == SendSettings(5.0, 600.0, 30.0)
-    assert config.web == WebSettings(enabled=False, bind_address="127.0.0.1", port=8080)
     assert config.destinations == ()
 
 
@@ -126,7 +124,6 @@ def test_deploy_example_loads_with_expected_values():
     assert config.send == SendSettings(
         retry_initial_seconds=5.0, retry_max_seconds=600.0, timeout_seconds=30.0
     )
-    assert config.web == WebSettings(enabled=True, bind_address="127.0.0.1", port=8080)
     assert config.destinations == (Destination(**PACS),)
     assert config.destination("pacs").port == 4242
     with pytest.raises(KeyError):
@@ -177,8 +174,21 @@ def test_unknown_key_suggests_the_right_one():
 
 
 def test_unknown_key_without_close_match():
-    err = _raises({"web": {"zzzzzz": 1}}, "web.zzzzzz")
+    err = _raises({"send": {"zzzzzz": 1}}, "send.zzzzzz")
     assert "did you mean" not in str(err)
+
+
+@pytest.mark.parametrize("body", [{}, {"enabled": True, "port": 8080}])
+def test_web_table_is_unknown(body, tmp_path):
+    """There is no web server: a [web] table is an error, not a silent no-op."""
+    err = _raises({"web": body}, "web")
+    assert str(err).startswith("web: unknown table")
+    path = tmp_path / "web.toml"
+    path.write_text("[web]\nenabled = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "web"
+    assert str(info.value).startswith(f"{path}: web: unknown table")
 
 
 def test_unknown_table_suggests_the_right_one():
@@ -216,9 +226,6 @@ def test_section_must_be_a_table():
         ({"jobs": {"executor": 1}}, "jobs.executor", "expected a string"),
         ({"jobs": {"lease_seconds": "600"}}, "jobs.lease_seconds", "expected a number"),
         ({"send": {"timeout_seconds": None}}, "send.timeout_seconds", "expected a number"),
-        ({"web": {"enabled": 1}}, "web.enabled", "expected a boolean, got integer 1"),
-        ({"web": {"enabled": "yes"}}, "web.enabled", "expected a boolean"),
-        ({"web": {"port": "8080"}}, "web.port", "expected an integer"),
         ({"destinations": [dict(PACS, port="4242")]}, "destinations[0].port",
          "expected an integer"),
         ({"destinations": [dict(PACS, host=127)]}, "destinations[0].host",
@@ -272,16 +279,16 @@ def test_good_ae_titles(title):
 
 @pytest.mark.parametrize("port", [0, -1, 65536, 100000])
 def test_bad_ports(port):
-    for table in ("node", "web"):
-        err = _raises({table: {"port": port}}, f"{table}.port")
-        assert "between 1 and 65535" in str(err)
+    err = _raises({"node": {"port": port}}, "node.port")
+    assert "between 1 and 65535" in str(err)
     _raises({"destinations": [dict(PACS, port=port)]}, "destinations[0].port")
 
 
 @pytest.mark.parametrize("port", [1, 104, 65535])
 def test_good_ports(port):
-    config = config_from_dict({"node": {"port": port}, "web": {"port": port}})
-    assert config.node.port == config.web.port == port
+    config = config_from_dict({"node": {"port": port},
+                               "destinations": [dict(PACS, port=port)]})
+    assert config.node.port == config.destinations[0].port == port
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -1.5])
@@ -300,7 +307,7 @@ def test_complete_after_seconds_must_be_positive(value):
         ({"node": {"max_pdu_bytes": -1}}, "node.max_pdu_bytes"),
         ({"node": {"bind_address": ""}}, "node.bind_address"),
         ({"node": {"data_dir": ""}}, "node.data_dir"),
-        ({"web": {"bind_address": " "}}, "web.bind_address"),
+        ({"node": {"bind_address": " "}}, "node.bind_address"),
         ({"database": {"url": "not a url"}}, "database.url"),
         ({"destinations": [dict(PACS, host="")]}, "destinations[0].host"),
         ({"destinations": [dict(PACS, name="")]}, "destinations[0].name"),
@@ -415,7 +422,6 @@ def _full_config() -> Config:
         database=DatabaseSettings("postgresql+psycopg://u@127.0.0.1:5432/db"),
         jobs=JobSettings(workers=4, executor="inline", lease_seconds=30.0),
         send=SendSettings(1.0, 60.0, 5.0),
-        web=WebSettings(True, "0.0.0.0", 8081),
         destinations=(
             Destination(**PACS),
             Destination("archive", "ARCHIVE", "pacs.example.org", 104),
@@ -501,7 +507,6 @@ def test_compose_embedded_config_is_valid():
     assert [(d.host, d.port, d.ae_title) for d in config.destinations] == [
         ("orthanc", 4242, "ORTHANC")
     ]
-    assert config.web.enabled and config.web.bind_address == "0.0.0.0"
     assert config.node.data_dir == Path("/var/lib/musclenode")
 
 
@@ -511,6 +516,6 @@ def test_dockerfile_embedded_config_is_valid():
     toml_lines = re.findall(r"^\s*'(.*)' \\$", block, flags=re.M)
     config = config_from_dict(tomllib.loads("\n".join(toml_lines)),
                               source="Dockerfile")
-    assert config.node.port == 11112 and config.web.port == 8080
+    assert config.node.port == 11112
     assert config.node.data_dir == Path("/var/lib/musclenode")
-    assert "EXPOSE 11112 8080" in text
+    assert re.search(r"^EXPOSE 11112$", text, flags=re.M)

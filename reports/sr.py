@@ -1,0 +1,302 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of a :class:`quant.pipeline.StudyAnalysis`.
+
+Content tree::
+
+    Imaging Measurement Report (126000, DCM)                    [TID 1500]
+      Language, Observation Context (device observer "musclenode")
+      Procedure reported: MRI unspecified body region (25056-3, LN)
+      Imaging Measurements
+        Measurement Group (one per leg)                         [TID 1411]
+          Tracking Identifier "right thigh muscle" + Tracking UID (stable per subject)
+          Referenced Segment -> the SEG's muscle segment of that side (whole segment)
+          Finding Type: Skeletal muscle; Finding Site: Thigh, laterality Right
+          Algorithm: musclenode <version>
+          NUM Area (mm2, derivation Mean)        = mean muscle CSA
+          NUM Volume (mL)                         = muscle volume
+          NUM Fat fraction (%, derivation Mean)   = mean muscle fat fraction
+          NUM Functional remaining muscle area (mm2, derivation Mean)
+          [with a comparison for the metric, private 99MUSCLENODE concepts, e.g.]
+          NUM "Area at baseline" (mm2), "Change in area since baseline" (mm2),
+              "Relative change in area since baseline" (%), "Interval since
+              baseline (area)" (d), the same for the previous visit
+
+Each comparison item also carries the generic kind (e.g. "Change since baseline") as its
+Derivation, so a reader can select by kind as well as by metric.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
+
+from quant.enums import Region, Side, Tissue
+
+from . import codes
+from .longitudinal import Comparison
+from .seg import DEFAULT_SOFTWARE_VERSION, segment_label, segment_numbers, sorted_source_images
+from .uids import derive_uid
+
+#: Metric order in each measurement group.
+METRIC_ORDER: tuple[str, ...] = tuple(codes.METRIC_CONCEPTS)
+#: ``Measurement.unit`` strings accepted for each metric.
+_UNIT_ALIASES = {"csa_mm2": {"mm2"}, "vol_ml": {"ml", "mL"}, "ff_percent": {"%"}, "frma_mm2": {"mm2"}}
+#: Comparison values written, in order (names of :class:`Comparison` properties, with the
+#: prior values themselves first).
+_COMPARISON_ORDER = (
+    "baseline_value", "change_since_baseline", "relative_change_since_baseline", "days_since_baseline",
+    "previous_value", "change_since_previous", "relative_change_since_previous", "days_since_previous",
+)
+
+
+def tracking_uid(subject_key: str, region, side) -> str:
+    """Tracking Unique Identifier of a leg's muscle: the same for every visit of a subject.
+
+    Parameters
+    ----------
+    subject_key : str
+        A stable key of the subject (e.g. issuer + patient ID, or a pseudonym).
+    region : quant.enums.Region or str
+    side : quant.enums.Side or str
+    """
+    if not isinstance(subject_key, str) or not subject_key:
+        raise ValueError(f"subject_key must be a non-empty str, got {subject_key!r}")
+    return derive_uid("musclenode-tracking", subject_key, Region(region).value, Side(side).value, "muscle")
+
+
+def _default_subject_key(ds: Dataset) -> str:
+    pid = str(ds.get("PatientID", "") or "")
+    if not pid:
+        raise ValueError("subject_key not given and the source images have no PatientID to derive it from")
+    return f"{ds.get('IssuerOfPatientID', '') or ''}/{pid}"
+
+
+def _normalise_comparisons(comparisons) -> dict[tuple[str, Side, str], Comparison]:
+    if comparisons is None:
+        return {}
+    if not isinstance(comparisons, Mapping):
+        raise ValueError(f"comparisons must be a mapping (region, side, metric) -> Comparison, "
+                         f"got {type(comparisons).__name__}")
+    out = {}
+    for key, comp in comparisons.items():
+        if not (isinstance(key, tuple) and len(key) == 3):
+            raise ValueError(f"comparisons key must be (region, side, metric), got {key!r}")
+        region, side, metric = key
+        try:
+            norm = (Region(region).value, Side(side), str(metric))
+        except ValueError:
+            raise ValueError(f"comparisons key {key!r}: unknown region or side") from None
+        if metric not in codes.METRIC_CONCEPTS:
+            raise ValueError(f"comparisons key {key!r}: unknown metric {metric!r} "
+                             f"(known: {', '.join(codes.METRIC_CONCEPTS)})")
+        if not isinstance(comp, Comparison):
+            raise ValueError(f"comparisons[{key!r}] must be a Comparison, got {type(comp).__name__}")
+        if norm in out:
+            raise ValueError(f"comparisons has two entries for {norm}")
+        out[norm] = comp
+    return out
+
+
+def _digest(comparisons: dict) -> str:
+    """Text that changes whenever the comparisons written into the SR change."""
+    def prior(p):
+        return None if p is None else (p.study_instance_uid, p.study_date.isoformat(), repr(p.value))
+    items = sorted((k[0], k[1].value, k[2], prior(c.baseline), prior(c.previous), c.current_date.isoformat())
+                   for k, c in comparisons.items())
+    return repr(items)
+
+
+def _check_seg(seg_dataset, analysis, sources: list[Dataset]) -> dict[tuple[Tissue, Side], int]:
+    if not isinstance(seg_dataset, Dataset):
+        raise ValueError(f"seg_dataset must be a pydicom Dataset (or highdicom Segmentation), "
+                         f"got {type(seg_dataset).__name__}")
+    if str(seg_dataset.get("SOPClassUID", "")) != SegmentationStorage:
+        raise ValueError(f"seg_dataset is not a Segmentation Storage instance "
+                         f"(SOP Class UID {seg_dataset.get('SOPClassUID', 'missing')})")
+    study = str(sources[0].StudyInstanceUID)
+    if str(seg_dataset.get("StudyInstanceUID", "")) != study:
+        raise ValueError(f"seg_dataset is in study {seg_dataset.get('StudyInstanceUID')}, "
+                         f"the source images in {study}")
+    ref_series = {str(item.get("SeriesInstanceUID", "")) for item in seg_dataset.get("ReferencedSeriesSequence", [])}
+    if analysis.reference.series_instance_uid not in ref_series:
+        raise ValueError(f"seg_dataset does not reference the analysis' reference series "
+                         f"{analysis.reference.series_instance_uid} (it references {sorted(ref_series)})")
+    numbers = segment_numbers(analysis)
+    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg_dataset.get("SegmentSequence", [])}
+    for (tissue, side), n in numbers.items():
+        if tissue is Tissue.MUSCLE and labels.get(n) != segment_label(analysis, tissue, side):
+            raise ValueError(f"seg_dataset segment {n} is {labels.get(n)!r}, expected "
+                             f"{segment_label(analysis, tissue, side)!r}: was it built from this analysis?")
+    return numbers
+
+
+def _num(name, value, unit, *, derivation=None, algorithm_id=None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation, algorithm_id=algorithm_id)
+
+
+def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
+    values = {
+        "baseline_value": None if comp.baseline is None else comp.baseline.value,
+        "previous_value": None if comp.previous is None else comp.previous.value,
+    }
+    out = []
+    for kind in _COMPARISON_ORDER:
+        value = values[kind] if kind in values else getattr(comp, kind)
+        if value is None:
+            continue
+        name, unit = codes.comparison_concept(metric, kind)
+        generic = codes.COMPARISON_KINDS[kind][0]
+        out.append(_num(name, float(value), unit, derivation=generic))
+    return out
+
+
+def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
+             comparisons: Mapping[tuple[str, Side, str], Comparison] | None = None, *,
+             subject_key: str | None = None, series_instance_uid: str | None = None,
+             sop_instance_uid: str | None = None, series_number: int = 902, instance_number: int = 1,
+             manufacturer: str = "musclenode", software_version: str = DEFAULT_SOFTWARE_VERSION,
+             manufacturer_model_name: str = "musclenode", institution_name: str | None = None,
+             series_description: str = "Muscle measurements (musclenode)") -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 Measurement Report of an analysis.
+
+    Parameters
+    ----------
+    analysis : quant.pipeline.StudyAnalysis
+    seg_dataset : pydicom.Dataset
+        The SEG built by :func:`reports.seg.build_seg` from the same analysis (a
+        ``highdicom.seg.Segmentation`` or the dataset read back from file).
+    source_images : sequence of pydicom.Dataset
+        The reference (Dixon water) series' datasets, in any order.
+    comparisons : mapping, optional
+        ``(region, side, metric) -> Comparison`` (see :mod:`reports.longitudinal`) for
+        metrics to compare with earlier visits. ``current_value`` of a comparison may be
+        None (it is taken from the analysis); if given it must equal the analysis' value.
+    subject_key : str, optional
+        Stable key of the subject; the tracking UIDs are derived from it, region and
+        side, so they are equal across visits. Default: ``"<IssuerOfPatientID>/<PatientID>"``
+        of the source images.
+    series_instance_uid, sop_instance_uid : str, optional
+        Default: derived from the study, ``"sr"``, the algorithm version, the subject key,
+        the SEG, the source images and the comparisons (same inputs, same UIDs).
+    series_number, instance_number : int
+    manufacturer, software_version, manufacturer_model_name, institution_name : str
+        General Equipment of the SR.
+    series_description : str
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        One volumetric measurement group per leg (muscle) of the analysis' region.
+
+    Raises
+    ------
+    ValueError
+        Inconsistent inputs: source images not of the reference series, a SEG from
+        another study or analysis, a comparison for a metric the analysis does not have
+        or whose current value differs, a non-finite value, a unit that does not fit.
+    """
+    for name, v in (("series_number", series_number), ("instance_number", instance_number)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    sources = sorted_source_images(analysis, source_images)
+    numbers = _check_seg(seg_dataset, analysis, sources)
+    comps = _normalise_comparisons(comparisons)
+    if subject_key is None:
+        subject_key = _default_subject_key(sources[0])
+    elif not isinstance(subject_key, str) or not subject_key:
+        raise ValueError(f"subject_key must be a non-empty str, got {subject_key!r}")
+
+    region = analysis.segmentation.region
+    by_key = {}
+    for m in analysis.measurements:
+        if m.region == region.value and m.metric in codes.METRIC_CONCEPTS:
+            by_key[(m.region, Side(m.side), m.metric)] = m
+    for key in comps:
+        if key not in by_key:
+            raise ValueError(f"comparison for {key[0]} {key[1].value} {key[2]} has no measurement in the analysis")
+
+    version = str(analysis.algorithm_version)
+    algorithm = hd.sr.AlgorithmIdentification(name="musclenode", version=version)
+    site = codes.region_concept(region)
+    groups = []
+    for side in (Side.RIGHT, Side.LEFT):
+        metrics = [k for k in METRIC_ORDER if (region.value, side, k) in by_key]
+        if not metrics:
+            continue
+        number = numbers.get((Tissue.MUSCLE, side))
+        if number is None:
+            raise ValueError(f"the analysis has {side.value} measurements but no {side.value} muscle segment")
+        items: list[hd.sr.Measurement] = []
+        for metric in metrics:
+            m = by_key[(region.value, side, metric)]
+            if m.unit not in _UNIT_ALIASES[metric]:
+                raise ValueError(f"{region.value} {side.value} {metric}: unit {m.unit!r}, expected "
+                                 f"{sorted(_UNIT_ALIASES[metric])}")
+            value = float(m.value)
+            if not math.isfinite(value):
+                raise ValueError(f"{region.value} {side.value} {metric} is not finite ({m.value})")
+            name, unit = codes.METRIC_CONCEPTS[metric]
+            algo = algorithm if m.algorithm_version == version else \
+                hd.sr.AlgorithmIdentification(name="musclenode", version=str(m.algorithm_version))
+            items.append(_num(name, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
+                              algorithm_id=algo))
+            comp = comps.get((region.value, side, metric))
+            if comp is not None:
+                if comp.current_value is None:
+                    comp = comp.with_current(value)
+                elif not math.isclose(comp.current_value, value, rel_tol=1e-9, abs_tol=1e-9):
+                    raise ValueError(f"comparison for {region.value} {side.value} {metric} has current value "
+                                     f"{comp.current_value}, the analysis {value}")
+                items.extend(_comparison_items(metric, comp))
+        words = f"{side.value} {codes.REGION_WORDS[region.value]} muscle"
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject_key, region, side),
+                                                         identifier=words),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg_dataset.SOPClassUID),
+                sop_instance_uid=str(seg_dataset.SOPInstanceUID),
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(analysis.reference.series_instance_uid)),
+            finding_type=codes.SKELETAL_MUSCLE,
+            finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
+            algorithm_id=algorithm,
+            measurements=items,
+        ))
+    if not groups:
+        raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
+
+    observer = hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("musclenode-device", manufacturer, manufacturer_model_name),
+            name="musclenode", manufacturer_name=manufacturer, model_name=manufacturer_model_name))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.MRI_PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.IMAGING_MEASUREMENT_REPORT,
+    )
+
+    study_uid = str(sources[0].StudyInstanceUID)
+    parts = (study_uid, "sr", version, subject_key, str(seg_dataset.SOPInstanceUID),
+             *sorted(analysis.reference.sop_instance_uids), _digest(comps))
+    sop_instance_uid = sop_instance_uid or derive_uid(*parts, "instance")
+    series_instance_uid = series_instance_uid or derive_uid(*parts, "series")
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*sources, seg_dataset],
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        institution_name=institution_name,
+        coding_schemes=[codes.PRIVATE_SCHEME_IDENTIFICATION],
+        series_description=series_description,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_version,
+    )

@@ -1,0 +1,98 @@
+"""End to end: DCMTK storescu plays the scanner, a real Orthanc is the PACS; two visits of
+one subject go through the node (process pool workers); Orthanc must hold a valid SEG and
+SR for each visit with the right values, and the second SR the change since the first."""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.config import Destination
+from quant.enums import Side
+
+from conftest import wait_until, write_datasets
+from validators import dcmqi_seg_readback, dciodvfy_errors, tid1500_readback
+
+pytestmark = pytest.mark.skipif(not Path("/usr/bin/storescu").exists() or not Path("/usr/sbin/Orthanc").exists(),
+                                reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)")
+
+
+def sr_numbers(ds) -> list[tuple[str, str, float, str]]:
+    """(group tracking identifier, concept meaning, value, unit) of every NUM item."""
+    out = []
+
+    def walk(items, group):
+        for it in items:
+            name = it.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in it else ""
+            if it.ValueType == "TEXT" and name == "Tracking Identifier":
+                group = it.TextValue
+            if it.ValueType == "NUM" and "MeasuredValueSequence" in it and it.MeasuredValueSequence:
+                mv = it.MeasuredValueSequence[0]
+                out.append((group, name, float(mv.NumericValue),
+                            mv.MeasurementUnitsCodeSequence[0].CodeValue))
+            if "ContentSequence" in it:
+                sub_group = group
+                if it.ValueType == "CONTAINER":
+                    sub_group = next((c.TextValue for c in it.ContentSequence if c.ValueType == "TEXT"
+                                      and c.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"), group)
+                walk(it.ContentSequence, sub_group)
+    walk(ds.ContentSequence, "")
+    return out
+
+
+def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tmp_path):
+    dest = Destination("pacs", orthanc.aet, "127.0.0.1", orthanc.dicom_port)
+    node = make_node(destinations=[dest], executor="process", complete_after=1.0)
+    results = []
+    for n, (phantom, datasets) in enumerate(thigh_visits, start=1):
+        files = write_datasets(datasets, tmp_path / f"visit{n}")
+        r = subprocess.run(["/usr/bin/storescu", "-aec", "MUSCLENODE", "-aet", "SCANNER", "127.0.0.1",
+                            str(node.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        t_last = time.time()
+        study_uid = str(datasets[0].StudyInstanceUID)
+
+        def arrived():
+            found = {}
+            for inst in orthanc.instances_of_study(study_uid):
+                tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags")
+                found[tags["Modality"]] = inst["ID"]
+            return found if {"SEG", "SR"} <= set(found) else None
+        found = wait_until(arrived, timeout=240, interval=0.3, what=f"SEG and SR of visit {n} in Orthanc")
+        latency = time.time() - t_last
+        paths = {}
+        for mod, iid in found.items():
+            paths[mod] = tmp_path / f"visit{n}-{mod}.dcm"
+            paths[mod].write_bytes(orthanc.file(iid))
+        results.append((phantom, paths, latency))
+
+    for n, (phantom, paths, latency) in enumerate(results, start=1):
+        for mod in ("SEG", "SR"):
+            assert dciodvfy_errors(paths[mod]) == [], f"visit {n} {mod}"
+        assert dcmqi_seg_readback(paths["SEG"], tmp_path / f"dcmqi-seg-{n}")
+        meta = tid1500_readback(paths["SR"], tmp_path / f"sr-{n}.json")
+        assert len(meta["Measurements"]) == 2
+        sr = pydicom.dcmread(paths["SR"])
+        assert (sr.ConceptNameCodeSequence[0].CodeValue, sr.ConceptNameCodeSequence[0].CodingSchemeDesignator) \
+            == ("126000", "DCM")
+        nums = sr_numbers(sr)
+        for side in (Side.RIGHT, Side.LEFT):
+            group = f"{side.value} thigh muscle"
+            got = {name: v for g, name, v, _ in nums if g == group}
+            csa = next(v for k, v in got.items() if k.lower() in ("area", "cross-sectional area"))
+            ff = next(v for k, v in got.items() if k.lower() == "fat fraction")
+            assert csa == pytest.approx(phantom.truth[(side, "csa_mm2")], rel=0.03)
+            assert abs(ff - phantom.truth[(side, "ff_percent")]) < 1.0
+            changes = {k: v for k, v in got.items() if "since baseline" in k.lower()}
+            if n == 1:
+                assert not changes
+            else:
+                truth_change = phantom.truth[(side, "csa_mm2")] - results[0][0].truth[(side, "csa_mm2")]
+                area_change = next(v for k, v in changes.items() if "area" in k.lower() and "relative" not in k.lower()
+                                   and "functional" not in k.lower() and "interval" not in k.lower())
+                assert area_change == pytest.approx(truth_change, rel=0.1, abs=30)
+                interval = next(v for k, v in changes.items() if "interval" in k.lower())
+                assert interval == 182
+        print(f"visit {n}: last instance -> SR in Orthanc {latency:.1f} s")
