@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
@@ -93,8 +94,11 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
         return "skipped"
     with engine.begin() as conn:
         priors = _priors(conn, study.subject_key, job.study_uid, study.study_date)
+        earlier = conn.execute(select(db.outputs.c.path).where(and_(db.outputs.c.study_uid == job.study_uid,
+                                                                    db.outputs.c.kind == "sr"))).scalars().all()
+    previous_srs = [pydicom.dcmread(p) for p in earlier if Path(p).exists()]
     try:
-        out = build_outputs(datasets, priors)
+        out = build_outputs(datasets, priors, previous_srs)
     except NoDixonError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, "skipped", str(exc))
         log.warning("job %d: %s", job_id, exc)

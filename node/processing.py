@@ -78,10 +78,13 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
 
 
 def build_outputs(datasets: Sequence[Dataset],
-                  priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None) -> StudyOutputs:
+                  priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None,
+                  previous_srs: Sequence[Dataset] = ()) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR.
 
-    ``priors`` maps (region, side, metric) to the values of the subject's earlier visits.
+    ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
+    ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
+    (listed in its Predecessor Documents Sequence).
     """
     from reports.seg import build_seg
     from reports.sr import build_sr
@@ -96,6 +99,9 @@ def build_outputs(datasets: Sequence[Dataset],
     comparisons = comparisons_for(analysis, study_date, priors or {})
     seg = build_seg(analysis, source)
     sr = build_sr(analysis, seg, source, comparisons, subject_key=key)
+    replaced = [p for p in previous_srs if str(p.SOPInstanceUID) != str(sr.SOPInstanceUID)]
+    if replaced:  # same UID: same inputs, same report; else the new one names what it replaces
+        sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced)
     return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date)
 
 

@@ -159,7 +159,8 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
              sop_instance_uid: str | None = None, series_number: int = 902, instance_number: int = 1,
              manufacturer: str = "musclenode", software_version: str = DEFAULT_SOFTWARE_VERSION,
              manufacturer_model_name: str = "musclenode", institution_name: str | None = None,
-             series_description: str = "Muscle measurements (musclenode)") -> hd.sr.Comprehensive3DSR:
+             series_description: str = "Muscle measurements (musclenode)",
+             previous_versions: Sequence[Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of an analysis.
 
     Parameters
@@ -299,4 +300,5 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
         series_description=series_description,
         manufacturer_model_name=manufacturer_model_name,
         software_versions=software_version,
+        previous_versions=list(previous_versions) if previous_versions else None,
     )

@@ -1,0 +1,91 @@
+"""The ``musclenode`` command as a user runs it (subprocesses)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
+    (phantom, datasets), _ = thigh_visits
+    src = tmp_path / "in"
+    write_datasets(datasets, src)
+    (src / "notes.txt").write_text("not DICOM")                     # skipped with a reason
+    r = run("process", str(src), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "notes.txt: not a readable DICOM file" in r.stderr
+    out = tmp_path / "out"
+    assert len(list(out.glob("seg-*.dcm"))) == 1 and len(list(out.glob("sr-*.dcm"))) == 1
+    with open(out / "measurements.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit"]
+    assert len(rows) == 8
+    for row in rows:
+        assert row["study_uid"] == datasets[0].StudyInstanceUID and row["region"] == "thigh"
+        truth = {(s.value, m): v for (s, m), v in phantom.truth.items()}[(row["side"], row["metric"])]
+        tol = 1.0 if row["metric"] == "ff_percent" else 0.03 * truth
+        assert abs(float(row["value"]) - truth) < tol
+    assert {r["unit"] for r in rows} == {"mm2", "ml", "%"}
+
+
+def test_config_typo_stops_with_the_key_named(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[node]\nae_title = "MUSCLENODE"\nprot = 11112\n')
+    r = run("serve", "--config", str(cfg), timeout=60)
+    assert r.returncode == 2
+    assert "node.prot: unknown key (did you mean 'port'?)" in r.stderr
+    cfg.write_text('[node]\nport = "11112"\n')
+    r = run("serve", "--config", str(cfg), timeout=60)
+    assert r.returncode == 2 and "node.port" in r.stderr
+
+
+def test_status_shows_nothing_received_yet(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')
+    r = run("status", "--config", str(cfg), timeout=60)
+    assert r.returncode == 1 and "nothing received yet" in r.stderr
+
+
+def test_serve_receives_and_status_reports(thigh_visits, tmp_path):
+    """A real `musclenode serve` process: push a study, then `musclenode status` shows it."""
+    import socket
+    import time
+    from node.scu import push
+    (_, datasets), _ = thigh_visits
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\nbind_address = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n'
+                   'complete_after_seconds = 1.0\n[jobs]\nexecutor = "inline"\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "listening on 127.0.0.1" in proc.stdout.readline()
+        assert set(push(datasets, "127.0.0.1", port, called_ae="MUSCLENODE")) == {0}
+        end = time.time() + 120
+        while time.time() < end:
+            r = run("status", "--config", str(cfg), timeout=60)
+            if "done" in r.stdout:
+                break
+            time.sleep(0.5)
+        assert r.returncode == 0
+        assert f"instances stored: {len(datasets)}" in r.stdout
+        assert "done" in r.stdout and "8 measurements, region thigh" in r.stdout
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
