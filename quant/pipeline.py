@@ -21,6 +21,9 @@ from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .volume import Volume, assemble_volume
 
+if False:  # typing only
+    from .t2stage import T2Options, T2Result
+
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
 
 
@@ -40,6 +43,7 @@ class StudyAnalysis:
     csa_per_slice: dict               # (region, side) -> CSA (mm²) of each slice
     algorithm_version: str = ALGORITHM_VERSION
     notes: tuple[str, ...] = ()
+    t2: "T2Result | None" = None      # water T2 of the multi-echo spin-echo series, if any
 
     @property
     def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:
@@ -61,8 +65,14 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
     return max(cands, key=lambda s: (s.series_number or 0, s.n_instances))
 
 
-def analyse_study(datasets: Iterable[Dataset]) -> StudyAnalysis:
+def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None" = None,
+                  dictionary_provider=None) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
+
+    With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
+    found on the Dixon images (``t2_options``; ``dictionary_provider(params, fat_t2_ms)``
+    may return a cached EPG dictionary). A T2 stage that cannot run leaves a note, not
+    an error: the Dixon results stand.
 
     Raises
     ------
@@ -100,8 +110,22 @@ def analyse_study(datasets: Iterable[Dataset]) -> StudyAnalysis:
         slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION)
     csa = {groups[g]: v for g, v in per_slice.items()}
     notes.extend(seg.notes)
+    t2 = None
+    mese_info = _pick(infos, SeriesKind.MESE)
+    if mese_info is not None:
+        from .t2stage import T2Options, measure_t2
+        mese_ds = by_series[mese_info.series_instance_uid]
+        try:
+            mese = assemble_volume(mese_ds)
+            t2 = measure_t2(mese_ds, mese, water, seg, t2_options or T2Options(),
+                            dictionary_provider=dictionary_provider, algorithm_version=ALGORITHM_VERSION)
+            measurements = list(measurements) + list(t2.measurements)
+            notes.append(f"water T2 ({t2.fit.model}) from series {mese_info.description or mese_info.series_instance_uid}"
+                         f", fat T2 {t2.fat_t2_ms:.0f} ms ({t2.fat_t2_source})")
+        except QuantError as exc:
+            notes.append(f"water T2 not measured: {exc}")
     return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
-                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes))
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2)
 
 
 def _body_part(ds: Dataset) -> str:

@@ -1,0 +1,148 @@
+"""The water-T2 stage of the study pipeline: a multi-echo spin-echo series, the Dixon
+segmentation carried onto its grid, fat T2 calibrated on subcutaneous fat, a
+dictionary fit per muscle voxel, and ``t2w_ms``, ``t2w_mean_ms``, ``t2w_iqr_ms``, ``b1``
+and ``ff_t2_percent`` per region and side."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+from scipy import ndimage as ndi
+
+from .dixon import estimate_noise_sd
+from .enums import Side, SideLabel, Tissue
+from .epg import MeseParameters
+from .errors import QuantError, SeriesError
+from .metrics import Measurement
+from .resample import resample_labels
+from .segment import Segmentation
+from .t2 import (DEFAULT_FAT_T2_MS, MODEL_BIEXP, MODEL_EPG, T2Dictionary, T2Fit, build_dictionary,
+                 calibrate_fat_t2, fit_biexponential_fixed_fat, fit_water_t2, summarise)
+from .volume import Volume
+
+T2_UNITS = {"t2w_ms": "ms", "t2w_mean_ms": "ms", "t2w_iqr_ms": "ms", "b1": "1", "ff_t2_percent": "%"}
+MIN_ROI_VOXELS = 20
+
+
+@dataclass(frozen=True)
+class T2Options:
+    """How water T2 is measured (``[t2]`` of the node's configuration)."""
+
+    model: str = MODEL_EPG                   # "epg-bicomponent" or "biexp-fixed-fat"
+    profile: str = "auto"                    # "auto" (2D: sinc, 3D: none), "sinc", "none"
+    time_bandwidth: float = 2.0
+    refocusing_to_excitation_slab_ratio: float | None = None   # None: quant.epg's default
+    refocusing_angle_deg: float | None = None                  # None: from the header, else 180
+    fat_t2_ms: float | None = None           # None: calibrate on subcutaneous fat, default if too few voxels
+
+
+@dataclass(frozen=True, eq=False)
+class T2Result:
+    volume: Volume            # the MESE volume (echo, slice, row, column)
+    params: MeseParameters
+    fit: T2Fit                # maps on the MESE grid (NaN outside muscle)
+    labels: np.ndarray        # tissue*4 + side on the MESE grid
+    fat_t2_ms: float
+    fat_t2_source: str
+    measurements: tuple[Measurement, ...]
+
+
+def mese_parameters(ds: Dataset, volume: Volume, options: T2Options) -> MeseParameters:
+    """Sequence parameters from the headers of a MESE series and the options."""
+    te = np.asarray(volume.echo_times_ms, dtype=float)
+    if te.size < 3:
+        raise SeriesError(f"a multi-echo spin echo needs 3 or more echo times, got {te.tolist()}")
+    esp = float(np.median(np.diff(te)))
+    if not np.allclose(np.diff(te), esp, rtol=0.02) or abs(te[0] - esp) > 0.02 * esp + 0.05:
+        raise SeriesError(f"echo times {te.tolist()} ms are not a CPMG train (TE_n = n x echo spacing)")
+    acq = str(ds.get("MRAcquisitionType", "2D") or "2D").upper()
+    profile = options.profile if options.profile != "auto" else ("none" if acq == "3D" else "sinc")
+    refocusing = options.refocusing_angle_deg
+    if refocusing is None:
+        flip = ds.get("FlipAngle")
+        refocusing = float(flip) if flip not in (None, "") and 90 < float(flip) <= 180 else 180.0
+    kw = dict(n_echoes=int(te.size), echo_spacing_ms=esp, refocusing_angle_deg=refocusing, profile=profile,
+              time_bandwidth=options.time_bandwidth)
+    if options.refocusing_to_excitation_slab_ratio is not None:
+        kw["refocusing_to_excitation_slab_ratio"] = options.refocusing_to_excitation_slab_ratio
+    tr = ds.get("RepetitionTime")
+    if tr not in (None, "") and float(tr) > te[-1]:
+        kw["repetition_time_ms"] = float(tr)
+    return MeseParameters(**kw)
+
+
+def _fit(signals, params, options, fat_t2, noise_sd, dictionary_provider):
+    if options.model == MODEL_BIEXP:
+        return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2)
+    if options.model != MODEL_EPG:
+        raise QuantError(f"unknown T2 model {options.model!r} (expected {MODEL_EPG!r} or {MODEL_BIEXP!r})")
+    provider = dictionary_provider or (lambda p, t2f: build_dictionary(p, t2f_ms=t2f))
+    dictionary: T2Dictionary = provider(params, fat_t2)
+    return fit_water_t2(signals, dictionary, noise_sd=noise_sd)
+
+
+def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg: Segmentation,
+               options: T2Options = T2Options(), *,
+               dictionary_provider: Callable[[MeseParameters, float], T2Dictionary] | None = None,
+               algorithm_version: str = "") -> T2Result:
+    """Water T2 per region and side of one MESE series (see the module docstring)."""
+    if mese.array.ndim != 4:
+        raise SeriesError("the multi-echo series did not assemble into echoes x slices")
+    params = mese_parameters(datasets[0], mese, options)
+    grid = mese.with_array(mese.array[0])
+    combined = (seg.tissue.astype(np.uint8) * 4 + seg.side.astype(np.uint8)).astype(np.uint8)
+    labels = resample_labels(combined, reference, grid)
+    tissue, side = labels // 4, labels % 4
+    images = mese.array.astype(np.float32)
+    body = (tissue > 0)
+    try:
+        noise_sd = estimate_noise_sd(images[0], ndi.binary_dilation(body, iterations=1))
+    except QuantError:
+        noise_sd = None
+    signals_of = np.moveaxis(images, 0, -1)
+    fat_t2, source = DEFAULT_FAT_T2_MS, "default"
+    if options.fat_t2_ms is not None:
+        fat_t2, source = float(options.fat_t2_ms), "configured"
+    else:
+        sat = tissue == Tissue.SUBCUTANEOUS_FAT
+        sat = ndi.binary_erosion(sat, structure=np.ones((1, 3, 3), bool))   # away from partial volume
+        if sat.sum() >= 30:
+            pick = np.flatnonzero(sat.ravel())
+            pick = pick[:: max(1, pick.size // 2000)]
+            try:
+                fat_t2 = calibrate_fat_t2(signals_of.reshape(-1, images.shape[0])[pick], params, noise_sd=noise_sd)
+                source = f"calibrated on {pick.size} subcutaneous fat voxels"
+            except QuantError:
+                source = "default (calibration failed)"
+    muscle = tissue == Tissue.MUSCLE
+    fit_all = _fit(signals_of[muscle], params, options, fat_t2, noise_sd, dictionary_provider)
+    maps = {}
+    for name in ("t2w_ms", "b1", "ff", "m_water", "m_fat", "residual"):
+        full = np.full(muscle.shape, np.nan, np.float32)
+        full[muscle] = getattr(fit_all, name)
+        maps[name] = full
+    for name in ("success", "fitted"):
+        full = np.zeros(muscle.shape, bool)
+        full[muscle] = getattr(fit_all, name)
+        maps[name] = full
+    fit = T2Fit(**maps, model=fit_all.model, t2f_ms=fit_all.t2f_ms, dictionary_key=fit_all.dictionary_key)
+    out = []
+    for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT), (Side.NONE, SideLabel.NONE)):
+        roi = muscle & (side == code)
+        if roi.sum() < MIN_ROI_VOXELS:
+            continue
+        summary = summarise(fit, roi)
+        values = {"t2w_ms": summary["t2w_ms"], "t2w_mean_ms": summary["t2w_ms_mean"],
+                  "t2w_iqr_ms": summary["t2w_ms_iqr"], "b1": summary["b1"],
+                  "ff_t2_percent": summary["ff_t2_percent"]}
+        for metric, value in values.items():
+            if value is None or not math.isfinite(value):
+                continue
+            n = summary["n_fitted"] if metric == "ff_t2_percent" else summary["n_voxels"]
+            out.append(Measurement(seg.region.value, s, metric, float(value), T2_UNITS[metric],
+                                   algorithm_version, int(n), fit.model))
+    return T2Result(mese, params, fit, labels, fat_t2, source, tuple(out))
