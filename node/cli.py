@@ -79,7 +79,8 @@ def cmd_status(args) -> int:
 
 def cmd_process(args) -> int:
     from quant.errors import QuantError
-    from .processing import build_outputs, encode, load_datasets, measurement_rows, measurements_csv
+    from .processing import (build_outputs, cached_dictionary_provider, encode, load_datasets, measurement_rows,
+                             measurements_csv)
     src, out = Path(args.input), Path(args.out)
     if not src.is_dir():
         print(f"musclenode process: {src} is not a directory", file=sys.stderr)
@@ -92,10 +93,12 @@ def cmd_process(args) -> int:
         print(f"musclenode process: no MR images in {src}", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
+    config = load_config(args.config)
+    provider = cached_dictionary_provider(Path(config.node.data_dir) / "cache")
     rows, failed = [], 0
     for study_uid, dss in _group_studies(datasets).items():
         try:
-            result = build_outputs(dss)
+            result = build_outputs(dss, t2_options=config.t2.options(), dictionary_provider=provider)
         except QuantError as exc:
             print(f"study {study_uid}: {exc}", file=sys.stderr)
             failed += 1
@@ -104,6 +107,8 @@ def cmd_process(args) -> int:
             path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
             path.write_bytes(encode(ds))
             print(f"wrote {path}")
+        for note in result.analysis.notes:
+            print(f"study {study_uid}: {note}")
         for s in result.analysis.series:
             if not s.usable:
                 print(f"series {s.description or s.series_instance_uid} skipped: {s.reason}")
@@ -140,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("process", help="run the pipeline offline on a folder of DICOM files")
     s.add_argument("input", help="folder with the DICOM files of one or more studies (searched recursively)")
     s.add_argument("--out", "-o", required=True, help="folder for the SEG, SR and measurements.csv")
+    s.add_argument("--config", "-c", help="TOML configuration ([t2] settings; the EPG dictionary cache "
+                                          "is kept under node.data_dir)")
     s.set_defaults(func=cmd_process)
     s = sub.add_parser("demo", help="push a synthetic two-visit exam through a node and show the results")
     s.add_argument("--workdir", help="keep the demo's files here (default: a new temporary folder)")

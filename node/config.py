@@ -39,6 +39,7 @@ __all__ = [
     "JobSettings",
     "NodeSettings",
     "SendSettings",
+    "T2Settings",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -106,6 +107,26 @@ class SendSettings:
 
 
 @dataclass(frozen=True)
+class T2Settings:
+    """``[t2]``: water T2 from multi-echo spin-echo series."""
+
+    model: str = "epg-bicomponent"            # or "biexp-fixed-fat" (the UCL fallback)
+    profile: str = "auto"                     # "auto": sinc for 2D, none for 3D; "sinc"; "none"
+    time_bandwidth: float = 2.0               # of the excitation and refocusing pulses (sinc profile)
+    refocusing_to_excitation_slab_ratio: float = 0.0   # 0: quant.epg's default for product sequences
+    refocusing_angle_deg: float = 0.0         # 0: from the header (Flip Angle > 90), else 180
+    fat_t2_ms: float = 0.0                    # 0: calibrate per exam on subcutaneous fat
+
+    def options(self):
+        """The :class:`quant.t2stage.T2Options` these settings describe."""
+        from quant.t2stage import T2Options
+        return T2Options(model=self.model, profile=self.profile, time_bandwidth=self.time_bandwidth,
+                         refocusing_to_excitation_slab_ratio=self.refocusing_to_excitation_slab_ratio or None,
+                         refocusing_angle_deg=self.refocusing_angle_deg or None,
+                         fat_t2_ms=self.fat_t2_ms or None)
+
+
+@dataclass(frozen=True)
 class Destination:
     """One ``[[destinations]]`` entry: a DICOM peer that receives every result."""
 
@@ -123,6 +144,7 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
     send: SendSettings = field(default_factory=SendSettings)
+    t2: T2Settings = field(default_factory=T2Settings)
     destinations: tuple[Destination, ...] = ()
 
     @property
@@ -152,6 +174,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "jobs": JobSettings,
     "send": SendSettings,
+    "t2": T2Settings,
 }
 _TOP_LEVEL = (*_SECTIONS, "destinations")
 
@@ -234,6 +257,12 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("send", "retry_initial_seconds"): _positive,
     ("send", "retry_max_seconds"): _positive,
     ("send", "timeout_seconds"): _positive,
+    ("t2", "model"): _one_of(("epg-bicomponent", "biexp-fixed-fat")),
+    ("t2", "profile"): _one_of(("auto", "sinc", "none")),
+    ("t2", "time_bandwidth"): _positive,
+    ("t2", "refocusing_to_excitation_slab_ratio"): _at_least(0),
+    ("t2", "refocusing_angle_deg"): _at_least(0),
+    ("t2", "fat_t2_ms"): _at_least(0),
     ("destinations", "name"): _check_not_empty,
     ("destinations", "ae_title"): _check_ae_title,
     ("destinations", "host"): _check_not_empty,

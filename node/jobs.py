@@ -27,7 +27,7 @@ from quant.pipeline import NoDixonError
 from reports.longitudinal import PriorValue
 
 from . import db
-from .processing import build_outputs, encode, load_datasets, parse_date, series_summary
+from .processing import build_outputs, cached_dictionary_provider, encode, load_datasets, parse_date, series_summary
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class JobContext:
     database_url: str
     data_dir: str
     destinations: tuple[str, ...] = ()
+    t2_options: object = None     # quant.t2stage.T2Options
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,7 +99,8 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
                                                                     db.outputs.c.kind == "sr"))).scalars().all()
     previous_srs = [pydicom.dcmread(p) for p in earlier if Path(p).exists()]
     try:
-        out = build_outputs(datasets, priors, previous_srs)
+        out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
+                            dictionary_provider=cached_dictionary_provider(Path(ctx.data_dir) / "cache"))
     except NoDixonError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, "skipped", str(exc))
         log.warning("job %d: %s", job_id, exc)

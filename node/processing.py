@@ -8,6 +8,8 @@ import csv
 import datetime as dt
 import io
 import logging
+
+import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -23,7 +25,7 @@ from .instances import MR_IMAGE, ENHANCED_MR_IMAGE, read_instance, subject_key
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit")
+CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit", "model")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
 
 def build_outputs(datasets: Sequence[Dataset],
                   priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None,
-                  previous_srs: Sequence[Dataset] = ()) -> StudyOutputs:
+                  previous_srs: Sequence[Dataset] = (), *, t2_options=None,
+                  dictionary_provider=None) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR.
 
     ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
@@ -89,7 +92,7 @@ def build_outputs(datasets: Sequence[Dataset],
     from reports.seg import build_seg
     from reports.sr import build_sr
 
-    analysis = analyse_study(datasets)
+    analysis = analyse_study(datasets, t2_options=t2_options, dictionary_provider=dictionary_provider)
     water = {str(d.SOPInstanceUID): d for d in datasets
              if str(d.SeriesInstanceUID) == analysis.reference.series_instance_uid}
     source = [water[uid] for uid in dict.fromkeys(analysis.reference.sop_instance_uids)]
@@ -115,8 +118,33 @@ def measurements_csv(rows: Iterable[tuple]) -> str:
 
 
 def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
-    return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit)
+    return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model)
             for m in outputs.analysis.measurements]
+
+
+def cached_dictionary_provider(cache_dir: Path):
+    """A ``dictionary_provider`` for :func:`quant.pipeline.analyse_study` that keeps EPG
+    dictionaries in ``cache_dir`` (keyed by a hash of the sequence and model), so they
+    are built once and reused across exams and worker processes."""
+    from quant.t2 import T2Dictionary, build_dictionary
+
+    from .cache import ArrayCache
+    cache = ArrayCache(cache_dir)
+
+    def provide(params, fat_t2_ms: float):
+        key = f"t2dict-{params.key()}-fat{fat_t2_ms:.1f}"
+
+        def build():
+            d = build_dictionary(params, t2f_ms=round(fat_t2_ms, 1))
+            return dict(t2w_grid_ms=d.t2w_grid_ms, b1_grid=d.b1_grid, water_atoms=d.water_atoms,
+                        fat_atoms=d.fat_atoms, relax=np.array([d.t1w_ms, d.t1f_ms, d.t2f_ms]),
+                        key=np.array(d.key))
+        a = cache.get_or_build(key, build)
+        t1w, t1f, t2f = (float(v) for v in a["relax"])
+        return T2Dictionary(params=params, t2w_grid_ms=a["t2w_grid_ms"], b1_grid=a["b1_grid"],
+                            water_atoms=a["water_atoms"], fat_atoms=a["fat_atoms"], t1w_ms=t1w, t1f_ms=t1f,
+                            t2f_ms=t2f, key=str(a["key"]))
+    return provide
 
 
 def encode(ds: Dataset) -> bytes:

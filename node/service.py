@@ -35,7 +35,8 @@ class Node:
         self.engine = db.make_engine(config.database_url)
         self.store = Store(data_dir, self.engine)
         self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes)
-        ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations))
+        ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
+                         config.t2.options())
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds)
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,

@@ -87,6 +87,20 @@ MEAN = _cc(codes.SCT.Mean)                    # SCT 373098007, codedict (CID 746
 #: Functional remaining muscle area: sum over the muscle of pixel area x (1 - fat fraction),
 #: averaged over the slices. No standard code exists.
 FRMA = _private("FRMA", "Functional remaining muscle area")
+T2 = _cc(codes.DCM.T2)                        # DCM 113065 "T2", codedict (CID 7180): water T2 of muscle
+MEDIAN = _cc(codes.DCM.Median)                # DCM 130290, codedict: derivation
+INTERQUARTILE_RANGE = _cc(codes.DCM.InterquartileRangeOfPopulation)  # DCM 130614, codedict: derivation
+#: Relative transmit field (actual / nominal flip angle) fitted with water T2. No standard code.
+B1_RELATIVE = _private("B1REL", "Relative transmit field (B1)")
+
+#: Measurement method of each quantification model (``Measurement.model``), so that two
+#: values of one concept (the Dixon and the T2-derived fat fraction) stay distinguishable.
+MODEL_METHODS = MappingProxyType({
+    "dixon-magnitude": _private("DIXON-MAG", "Magnitude Dixon fat fraction"),
+    "dixon-rician-ml": _private("DIXON-ML", "Magnitude Dixon fat fraction, Rician maximum likelihood"),
+    "epg-bicomponent": _private("EPG-BICOMP", "Bi-component extended phase graph fit of multi-echo spin echo"),
+    "biexp-fixed-fat": _private("BIEXP-FIXFAT", "Bi-exponential fit with fixed fat T2, first echo discarded"),
+})
 
 # --- UCUM units ------------------------------------------------------------------------
 
@@ -95,6 +109,8 @@ UNIT_MM2 = _cc(codes.UCUM.SquareMillimeter)   # UCUM mm2, codedict
 UNIT_ML = CodedConcept(value="mL", scheme_designator="UCUM", meaning="milliliter")
 UNIT_PERCENT = _cc(codes.UCUM.Percent)        # UCUM %, codedict
 UNIT_DAY = _cc(codes.UCUM.Day)                # UCUM d, codedict
+UNIT_MS = CodedConcept(value="ms", scheme_designator="UCUM", meaning="millisecond")
+UNIT_ONE = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 
 #: metric name (``Measurement.metric``) -> (concept name, UCUM unit) of the SR NUM item.
 #: ``csa_mm2`` is the *mean* cross-sectional area over the slices (hence Area with the
@@ -104,6 +120,11 @@ METRIC_CONCEPTS: Mapping[str, tuple[CodedConcept, CodedConcept]] = MappingProxyT
     "vol_ml": (VOLUME, UNIT_ML),
     "ff_percent": (FAT_FRACTION, UNIT_PERCENT),
     "frma_mm2": (FRMA, UNIT_MM2),
+    "t2w_ms": (T2, UNIT_MS),
+    "t2w_mean_ms": (T2, UNIT_MS),
+    "t2w_iqr_ms": (T2, UNIT_MS),
+    "b1": (B1_RELATIVE, UNIT_ONE),
+    "ff_t2_percent": (FAT_FRACTION, UNIT_PERCENT),
 })
 
 #: metric name -> Derivation (TID 300 "Derivation", CID 7464) of the metric's NUM item,
@@ -112,6 +133,11 @@ METRIC_DERIVATIONS: Mapping[str, CodedConcept] = MappingProxyType({
     "csa_mm2": MEAN,
     "ff_percent": MEAN,
     "frma_mm2": MEAN,
+    "t2w_ms": MEDIAN,
+    "t2w_mean_ms": MEAN,
+    "t2w_iqr_ms": INTERQUARTILE_RANGE,
+    "b1": MEDIAN,
+    "ff_t2_percent": MEAN,
 })
 
 #: Words naming each metric inside the meanings of the comparison concepts.
@@ -120,8 +146,15 @@ METRIC_WORDS: Mapping[str, str] = MappingProxyType({
     "vol_ml": "volume",
     "ff_percent": "fat fraction",
     "frma_mm2": "fRMA",
+    "t2w_ms": "water T2",
+    "t2w_mean_ms": "mean water T2",
+    "t2w_iqr_ms": "water T2 IQR",
+    "b1": "B1",
+    "ff_t2_percent": "T2 fat fraction",
 })
-_METRIC_CODE_PREFIX = {"csa_mm2": "CSA", "vol_ml": "VOL", "ff_percent": "FF", "frma_mm2": "FRMA"}
+_METRIC_CODE_PREFIX = {"csa_mm2": "CSA", "vol_ml": "VOL", "ff_percent": "FF", "frma_mm2": "FRMA",
+                       "t2w_ms": "T2W", "t2w_mean_ms": "T2WMEAN", "t2w_iqr_ms": "T2WIQR", "b1": "B1",
+                       "ff_t2_percent": "FFT2"}
 
 # --- longitudinal comparison concepts --------------------------------------------------
 #

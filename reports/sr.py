@@ -43,7 +43,9 @@ from .uids import derive_uid
 #: Metric order in each measurement group.
 METRIC_ORDER: tuple[str, ...] = tuple(codes.METRIC_CONCEPTS)
 #: ``Measurement.unit`` strings accepted for each metric.
-_UNIT_ALIASES = {"csa_mm2": {"mm2"}, "vol_ml": {"ml", "mL"}, "ff_percent": {"%"}, "frma_mm2": {"mm2"}}
+_UNIT_ALIASES = {"csa_mm2": {"mm2"}, "vol_ml": {"ml", "mL"}, "ff_percent": {"%"}, "frma_mm2": {"mm2"},
+                 "t2w_ms": {"ms"}, "t2w_mean_ms": {"ms"}, "t2w_iqr_ms": {"ms"}, "b1": {"1"},
+                 "ff_t2_percent": {"%"}}
 #: Comparison values written, in order (names of :class:`Comparison` properties, with the
 #: prior values themselves first).
 _COMPARISON_ORDER = (
@@ -133,8 +135,9 @@ def _check_seg(seg_dataset, analysis, sources: list[Dataset]) -> dict[tuple[Tiss
     return numbers
 
 
-def _num(name, value, unit, *, derivation=None, algorithm_id=None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation, algorithm_id=algorithm_id)
+def _num(name, value, unit, *, derivation=None, algorithm_id=None, method=None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation, algorithm_id=algorithm_id,
+                             method=method)
 
 
 def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
@@ -243,7 +246,7 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
             algo = algorithm if m.algorithm_version == version else \
                 hd.sr.AlgorithmIdentification(name="musclenode", version=str(m.algorithm_version))
             items.append(_num(name, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
-                              algorithm_id=algo))
+                              algorithm_id=algo, method=codes.MODEL_METHODS.get(m.model)))
             comp = comps.get((region.value, side, metric))
             if comp is not None:
                 if comp.current_value is None:

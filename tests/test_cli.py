@@ -31,7 +31,7 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
     assert len(list(out.glob("seg-*.dcm"))) == 1 and len(list(out.glob("sr-*.dcm"))) == 1
     with open(out / "measurements.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit"]
+    assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit", "model"]
     assert len(rows) == 8
     for row in rows:
         assert row["study_uid"] == datasets[0].StudyInstanceUID and row["region"] == "thigh"

@@ -156,7 +156,7 @@ def test_deploy_example_sets_every_key():
 
 def test_config_md_documents_every_key():
     text = CONFIG_MD.read_text()
-    documented = set(re.findall(r"^\|\s*`([a-z_\[\]]+\.[a-z_]+)`", text, flags=re.M))
+    documented = set(re.findall(r"^\|\s*`([a-z0-9_\[\]]+\.[a-z0-9_]+)`", text, flags=re.M))
     documented = {k.replace("[]", "") for k in documented}
     assert documented == _all_dotted_keys()
 
