@@ -70,6 +70,10 @@ def mese_parameters(ds: Dataset, volume: Volume, options: T2Options) -> MesePara
     if options.refocusing_to_excitation_slab_ratio is not None:
         kw["refocusing_to_excitation_slab_ratio"] = options.refocusing_to_excitation_slab_ratio
     tr = ds.get("RepetitionTime")
+    if tr in (None, ""):  # Enhanced MR: in the MR Timing and Related Parameters functional group
+        shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+        timing = shared.get("MRTimingAndRelatedParametersSequence")
+        tr = timing[0].get("RepetitionTime") if timing else None
     if tr not in (None, "") and float(tr) > te[-1]:
         kw["repetition_time_ms"] = float(tr)
     return MeseParameters(**kw)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from quant.enums import Region
+from quant.exam import exam_datasets
 from quant.phantom import make_leg_phantom, phantom_datasets
 
 os.environ.setdefault("TCP_NODELAY", "1")  # Debian's DCMTK and Orthanc stall ~40 ms per instance without it
@@ -39,7 +40,7 @@ def write_datasets(datasets, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for ds in datasets:
-        p = folder / f"{ds.SeriesNumber:03d}-{ds.InstanceNumber:04d}.dcm"
+        p = folder / f"{ds.SeriesNumber:03d}-{ds.InstanceNumber:05d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
@@ -50,9 +51,14 @@ def thigh_visits():
     """Two visits of one subject: (phantom, datasets) each; FF rises and CSA falls."""
     v1 = small_phantom(muscle_ff=0.06, muscle_scale=1.0, snr=40, seed=11)
     v2 = small_phantom(muscle_ff=0.11, muscle_scale=0.92, snr=40, seed=12)
-    d1 = phantom_datasets(v1, patient_id="T-0001", study_date="20260110", uid_seed="tests")
-    d2 = phantom_datasets(v2, patient_id="T-0001", study_date="20260711", uid_seed="tests")
+    # visit 1: MESE as classic single-frame MR; visit 2: as Enhanced MR, one instance per echo
+    d1 = exam_datasets(v1, t2w_muscle_ms=VISIT_T2[0], patient_id="T-0001", study_date="20260110", uid_seed="tests")
+    d2 = exam_datasets(v2, t2w_muscle_ms=VISIT_T2[1], enhanced_mese=True, patient_id="T-0001",
+                       study_date="20260711", uid_seed="tests")
     return (v1, d1), (v2, d2)
+
+
+VISIT_T2 = (32.0, 36.0)   # muscle water T2 (ms) of the two visits: denervation raises it
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_datasets
+from conftest import VISIT_T2, write_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,13 +32,20 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
     with open(out / "measurements.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit", "model"]
-    assert len(rows) == 8
+    assert len(rows) == 18    # 4 Dixon and 5 water-T2 metrics per leg
+    truth = {(s.value, m): v for (s, m), v in phantom.truth.items()}
     for row in rows:
         assert row["study_uid"] == datasets[0].StudyInstanceUID and row["region"] == "thigh"
-        truth = {(s.value, m): v for (s, m), v in phantom.truth.items()}[(row["side"], row["metric"])]
-        tol = 1.0 if row["metric"] == "ff_percent" else 0.03 * truth
-        assert abs(float(row["value"]) - truth) < tol
-    assert {r["unit"] for r in rows} == {"mm2", "ml", "%"}
+        metric, value = row["metric"], float(row["value"])
+        if metric in ("csa_mm2", "vol_ml", "frma_mm2"):
+            assert abs(value - truth[(row["side"], metric)]) < 0.03 * truth[(row["side"], metric)]
+        elif metric in ("ff_percent", "ff_t2_percent"):
+            assert abs(value - truth[(row["side"], "ff_percent")]) < 1.0
+        elif metric == "t2w_ms":
+            assert abs(value - VISIT_T2[0]) < 0.6
+        assert row["model"] == ("dixon-magnitude" if metric in ("csa_mm2", "vol_ml", "ff_percent", "frma_mm2")
+                                else "epg-bicomponent")
+    assert {r["unit"] for r in rows} == {"mm2", "ml", "%", "ms", "1"}
 
 
 def test_config_typo_stops_with_the_key_named(tmp_path):
@@ -85,7 +92,7 @@ def test_serve_receives_and_status_reports(thigh_visits, tmp_path):
             time.sleep(0.5)
         assert r.returncode == 0
         assert f"instances stored: {len(datasets)}" in r.stdout
-        assert "done" in r.stdout and "8 measurements, region thigh" in r.stdout
+        assert "done" in r.stdout and "18 measurements, region thigh" in r.stdout
     finally:
         proc.terminate()
         assert proc.wait(30) == 0

@@ -12,26 +12,31 @@ import pytest
 from node.config import Destination
 from quant.enums import Side
 
-from conftest import wait_until, write_datasets
+from conftest import VISIT_T2, wait_until, write_datasets
 from validators import dcmqi_seg_readback, dciodvfy_errors, tid1500_readback
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/storescu").exists() or not Path("/usr/sbin/Orthanc").exists(),
                                 reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)")
 
 
-def sr_numbers(ds) -> list[tuple[str, str, float, str]]:
-    """(group tracking identifier, concept meaning, value, unit) of every NUM item."""
+def sr_numbers(ds) -> list[tuple[str, str, float, str, str, str]]:
+    """(group tracking identifier, concept meaning, value, unit, derivation, method) of
+    every NUM item."""
     out = []
+
+    def modifier(item, meaning):
+        for c in item.get("ContentSequence", []):
+            if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeMeaning == meaning:
+                return c.ConceptCodeSequence[0].CodeMeaning
+        return ""
 
     def walk(items, group):
         for it in items:
             name = it.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in it else ""
-            if it.ValueType == "TEXT" and name == "Tracking Identifier":
-                group = it.TextValue
             if it.ValueType == "NUM" and "MeasuredValueSequence" in it and it.MeasuredValueSequence:
                 mv = it.MeasuredValueSequence[0]
-                out.append((group, name, float(mv.NumericValue),
-                            mv.MeasurementUnitsCodeSequence[0].CodeValue))
+                out.append((group, name, float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue,
+                            modifier(it, "Derivation"), modifier(it, "Measurement Method")))
             if "ContentSequence" in it:
                 sub_group = group
                 if it.ValueType == "CONTAINER":
@@ -40,6 +45,13 @@ def sr_numbers(ds) -> list[tuple[str, str, float, str]]:
                 walk(it.ContentSequence, sub_group)
     walk(ds.ContentSequence, "")
     return out
+
+
+def value(nums, group, name, derivation=None, method_word=None):
+    found = [v for g, n, v, _, d, m in nums if g == group and n == name
+             and (derivation is None or d == derivation) and (method_word is None or method_word in m)]
+    assert len(found) == 1, (group, name, derivation, method_word, found)
+    return found[0]
 
 
 def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tmp_path):
@@ -80,19 +92,23 @@ def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tm
         nums = sr_numbers(sr)
         for side in (Side.RIGHT, Side.LEFT):
             group = f"{side.value} thigh muscle"
-            got = {name: v for g, name, v, _ in nums if g == group}
-            csa = next(v for k, v in got.items() if k.lower() in ("area", "cross-sectional area"))
-            ff = next(v for k, v in got.items() if k.lower() == "fat fraction")
+            csa = value(nums, group, "Area")
+            ff = value(nums, group, "Fat fraction", method_word="Dixon")
             assert csa == pytest.approx(phantom.truth[(side, "csa_mm2")], rel=0.03)
             assert abs(ff - phantom.truth[(side, "ff_percent")]) < 1.0
-            changes = {k: v for k, v in got.items() if "since baseline" in k.lower()}
+            # water T2 from the MESE series (visit 2's came as Enhanced MR, one instance per echo)
+            t2 = value(nums, group, "T2", derivation="Median")
+            assert abs(t2 - VISIT_T2[n - 1]) < 0.6
+            ff_t2 = value(nums, group, "Fat fraction", method_word="extended phase graph")
+            assert abs(ff_t2 - phantom.truth[(side, "ff_percent")]) < 1.0
+            changes = [(name, v) for g, name, v, *_ in nums if g == group and "since baseline" in name.lower()]
             if n == 1:
                 assert not changes
             else:
                 truth_change = phantom.truth[(side, "csa_mm2")] - results[0][0].truth[(side, "csa_mm2")]
-                area_change = next(v for k, v in changes.items() if "area" in k.lower() and "relative" not in k.lower()
-                                   and "functional" not in k.lower() and "interval" not in k.lower())
+                area_change = value(nums, group, "Change in area since baseline")
                 assert area_change == pytest.approx(truth_change, rel=0.1, abs=30)
-                interval = next(v for k, v in changes.items() if "interval" in k.lower())
-                assert interval == 182
+                t2_change = value(nums, group, "Change in water T2 since baseline")
+                assert t2_change == pytest.approx(VISIT_T2[1] - VISIT_T2[0], abs=0.8)
+                assert value(nums, group, "Interval since baseline (area)") == 182
         print(f"visit {n}: last instance -> SR in Orthanc {latency:.1f} s")

@@ -1,0 +1,195 @@
+"""A synthetic exam as a scanner sends it: the Dixon series of :mod:`quant.phantom` plus a
+multi-echo spin-echo (MESE) series simulated with the EPG model on the same anatomy, as
+classic single-frame MR or as Enhanced MR the way Siemens XA writes it (one instance
+per echo, one frame per slice). In-memory datasets only."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from .enums import SideLabel, Tissue
+from .epg import MeseParameters
+from .mese_phantom import simulate_mese
+from .phantom import CORTEX_PD, PD, LegPhantom, phantom_datasets
+
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+DEFAULT_MESE = MeseParameters(n_echoes=17, echo_spacing_ms=10.0, repetition_time_ms=3000.0)
+
+
+def _uid(*parts) -> str:
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(31).join(map(str, parts))).int}"
+
+
+def mese_truth_maps(phantom: LegPhantom, *, t2w_muscle_ms: float, right_t2_offset_ms: float = 0.0,
+                    b1_range: tuple[float, float] = (0.85, 1.05)):
+    """Water T2 (ms), PD fat fraction, B1 and proton density maps of the phantom."""
+    t2w = np.full(phantom.tissue.shape, 30.0, np.float32)     # water in fat tissue, marrow
+    muscle = phantom.tissue == Tissue.MUSCLE
+    t2w[muscle] = t2w_muscle_ms
+    t2w[muscle & (phantom.side == SideLabel.RIGHT)] += right_t2_offset_ms
+    pd = np.where(phantom.tissue > 0, 1.0, 0.0).astype(np.float32)
+    cortex = (phantom.tissue == Tissue.BONE) & (phantom.ff < 0.5)
+    pd[cortex] = CORTEX_PD / PD
+    nx = phantom.tissue.shape[2]
+    b1 = np.linspace(b1_range[0], b1_range[1], nx, dtype=np.float32)[None, None, :] * np.ones_like(t2w)
+    return t2w, phantom.ff.astype(np.float32), b1, pd
+
+
+def mese_datasets(phantom: LegPhantom, template: Dataset, *, params: MeseParameters = DEFAULT_MESE,
+                  t2w_muscle_ms: float = 32.0, right_t2_offset_ms: float = 0.0, snr: float = 100.0,
+                  slice_step: int = 2, enhanced: bool = False, seed: int = 0,
+                  series_number: int = 30, signal_scale: float = 1000.0) -> list[Dataset]:
+    """A MESE series of the phantom, in the study and frame of reference of ``template``
+    (a Dixon dataset of the same exam); every ``slice_step``-th slice, slices
+    ``slice_step`` times thicker (another grid than the Dixon series)."""
+    t2w, ff, b1, pd = mese_truth_maps(phantom, t2w_muscle_ms=t2w_muscle_ms, right_t2_offset_ms=right_t2_offset_ms)
+    ks = np.arange(0, phantom.tissue.shape[0], slice_step)
+    sim = simulate_mese(t2w[ks], ff[ks], b1[ks], params, pd=pd[ks], snr=snr, seed=seed)
+    images = np.clip(np.rint(sim.images * signal_scale), 0, 65535).astype(np.uint16)  # (echo, slice, r, c)
+    dz, dy, dx = phantom.spacing_mm
+    series_uid = _uid(template.StudyInstanceUID, "mese", enhanced)
+    positions = [(phantom.origin_mm[0], phantom.origin_mm[1], phantom.origin_mm[2] + k * dz) for k in ks]
+    base = _base(template, series_uid, series_number, params, dz * slice_step)
+    if enhanced:
+        return [_enhanced(base, images[e], positions, phantom, params.echo_spacing_ms * (e + 1), e, dz * slice_step)
+                for e in range(params.n_echoes)]
+    out = []
+    for e in range(params.n_echoes):
+        for i, pos in enumerate(positions):
+            ds = copy.deepcopy(base)
+            ds.SOPClassUID = MR_IMAGE
+            ds.SOPInstanceUID = _uid(series_uid, e, i)
+            ds.file_meta = _meta(MR_IMAGE, ds.SOPInstanceUID)
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+            ds.InstanceNumber = e * len(positions) + i + 1
+            ds.EchoTime = f"{params.echo_spacing_ms * (e + 1):g}"
+            ds.EchoNumbers = e + 1
+            ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+            ds.ImageOrientationPatient = [f"{v:g}" for v in phantom.orientation]
+            ds.SliceLocation = f"{pos[2]:.4f}"
+            ds.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
+            _pixels(ds, images[e, i])
+            out.append(ds)
+    return out
+
+
+def exam_datasets(phantom: LegPhantom, *, mese: bool = True, enhanced_mese: bool = False,
+                  t2w_muscle_ms: float = 32.0, mese_snr: float = 100.0, **dixon_kwargs) -> list[Dataset]:
+    """Dixon series (:func:`quant.phantom.phantom_datasets`) plus, optionally, a MESE series."""
+    dixon = phantom_datasets(phantom, **dixon_kwargs)
+    if not mese:
+        return dixon
+    return dixon + mese_datasets(phantom, dixon[0], t2w_muscle_ms=t2w_muscle_ms, snr=mese_snr,
+                                 enhanced=enhanced_mese)
+
+
+def _meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
+def _pixels(ds: Dataset, img: np.ndarray) -> None:
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = img.shape[-2:]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(img, dtype=np.uint16).tobytes()
+
+
+def _base(template: Dataset, series_uid: str, series_number: int, params: MeseParameters,
+          thickness: float) -> Dataset:
+    ds = Dataset()
+    for kw in ("SpecificCharacterSet", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
+               "StudyDescription", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+               "PatientSex", "StudyInstanceUID", "StudyID", "FrameOfReferenceUID", "PositionReferenceIndicator",
+               "BodyPartExamined", "Laterality", "InstitutionName", "Manufacturer", "PatientPosition",
+               "ClinicalTrialSubjectID", "ClinicalTrialSponsorName"):
+        if kw in template:
+            setattr(ds, kw, copy.deepcopy(template[kw].value))
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = "se_mc_tra_T2map"
+    ds.SeriesDate = ds.ContentDate = ds.get("StudyDate", "")
+    ds.SeriesTime = ds.ContentTime = "093000"
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = "SK"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.SliceThickness = f"{thickness:g}"
+    ds.SpacingBetweenSlices = f"{thickness:g}"
+    ds.RepetitionTime = f"{params.repetition_time_ms or 3000:g}"
+    ds.FlipAngle = f"{params.refocusing_angle_deg:g}"
+    ds.EchoTrainLength = params.n_echoes
+    ds.MagneticFieldStrength = "3"
+    return ds
+
+
+def _enhanced(base: Dataset, frames: np.ndarray, positions, phantom: LegPhantom, te_ms: float, echo: int,
+              thickness: float) -> Dataset:
+    """One Enhanced MR instance (one echo, one frame per slice), as Siemens XA writes MESE."""
+    ds = copy.deepcopy(base)
+    for kw in ("ScanningSequence", "SequenceVariant", "ScanOptions", "SliceThickness", "SpacingBetweenSlices",
+               "RepetitionTime", "FlipAngle", "EchoTrainLength", "MagneticFieldStrength"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.SOPClassUID = ENHANCED_MR_IMAGE
+    ds.SOPInstanceUID = _uid(ds.SeriesInstanceUID, "enhanced", echo)
+    ds.file_meta = _meta(ENHANCED_MR_IMAGE, ds.SOPInstanceUID)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "T2", "NONE"]
+    ds.InstanceNumber = echo + 1
+    ds.AcquisitionContrast = "T2"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.PulseSequenceName = "*se2d17"
+    ds.EchoPulseSequence = "SPIN"
+    ds.MultipleSpinEcho = "YES"
+    ds.MRAcquisitionType = "2D"
+    ds.MagneticFieldStrength = 3.0
+    ds.NumberOfFrames = len(positions)
+    shared = Dataset()
+    ori = Dataset()
+    ori.ImageOrientationPatient = [float(v) for v in phantom.orientation]
+    shared.PlaneOrientationSequence = DicomSequence([ori])
+    meas = Dataset()
+    meas.PixelSpacing = [float(phantom.spacing_mm[1]), float(phantom.spacing_mm[2])]
+    meas.SliceThickness = float(thickness)
+    shared.PixelMeasuresSequence = DicomSequence([meas])
+    timing = Dataset()
+    timing.RepetitionTime = float(base.RepetitionTime)
+    timing.FlipAngle = float(base.FlipAngle)
+    timing.EchoTrainLength = int(base.EchoTrainLength)
+    shared.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame = []
+    for k, pos in enumerate(positions):
+        item = Dataset()
+        content = Dataset()
+        content.InStackPositionNumber = k + 1
+        content.StackID = "1"
+        item.FrameContentSequence = DicomSequence([content])
+        plane = Dataset()
+        plane.ImagePositionPatient = [float(v) for v in pos]
+        item.PlanePositionSequence = DicomSequence([plane])
+        echo_item = Dataset()
+        echo_item.EffectiveEchoTime = float(te_ms)
+        item.MREchoSequence = DicomSequence([echo_item])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    _pixels(ds, frames)
+    return ds
