@@ -18,16 +18,17 @@ from typing import Callable
 from sqlalchemy import select
 
 from quant.enums import Region, Side
-from quant.phantom import make_leg_phantom, phantom_datasets
+from quant.exam import exam_datasets
+from quant.phantom import make_leg_phantom
 
 from . import db
 from .config import Config, Destination, JobSettings, NodeSettings, SendSettings
 from .scu import MiniPACS, push
 from .service import Node
 
-VISITS = (  # (study date, muscle FF, muscle area scale): ALS-like progression over 6 months
-    ("20260112", 0.06, 1.00),
-    ("20260713", 0.11, 0.92),
+VISITS = (  # (study date, muscle FF, muscle area scale, muscle water T2 ms): ALS-like progression over 6 months
+    ("20260112", 0.06, 1.00, 32.0),
+    ("20260713", 0.11, 0.92, 36.0),
 )
 
 
@@ -53,13 +54,14 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     truths, study_uids, latencies, outputs = [], [], [], {}
     try:
         with Node(config) as node:
-            for n, (date, ff, scale) in enumerate(VISITS, start=1):
+            for n, (date, ff, scale, t2w) in enumerate(VISITS, start=1):
                 ph = make_leg_phantom(Region.THIGH, muscle_ff=ff, muscle_scale=scale, snr=snr, seed=n)
-                dss = phantom_datasets(ph, patient_id="ALS-0001", patient_name="Demo^Subject",
-                                       study_date=date, uid_seed="musclenode-demo")
+                dss = exam_datasets(ph, t2w_muscle_ms=t2w, enhanced_mese=(n == 2), patient_id="ALS-0001",
+                                    patient_name="Demo^Subject", study_date=date, uid_seed="musclenode-demo")
                 study_uid = str(dss[0].StudyInstanceUID)
-                echo(f"visit {n} ({date}): pushing {len(dss)} instances "
-                     f"(Dixon water/fat/in/opp, {ph.water.shape[0]} slices of {ph.water.shape[1]}x{ph.water.shape[2]})")
+                echo(f"visit {n} ({date}): pushing {len(dss)} instances (Dixon water/fat/in/opp, "
+                     f"{ph.water.shape[0]} slices of {ph.water.shape[1]}x{ph.water.shape[2]}; 17-echo spin echo "
+                     f"for water T2{', as Enhanced MR' if n == 2 else ''})")
                 t0 = time.time()
                 statuses = push(dss, "127.0.0.1", node.port, called_ae="MUSCLENODE")
                 t_last = time.time()
@@ -75,7 +77,11 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                     return 1
                 latencies.append(got["SR"][0] - t_last)
                 outputs[n] = {m: v[1] for m, v in got.items()}
-                truths.append(ph.truth)
+                truth = dict(ph.truth)
+                for side in (Side.RIGHT, Side.LEFT):
+                    truth[(side, "t2w_ms")] = t2w
+                    truth[(side, "ff_t2_percent")] = ph.truth[(side, "ff_percent")]
+                truths.append(truth)
                 study_uids.append(study_uid)
                 echo(f"  SEG and SR stored in PACS {latencies[-1]:.1f} s after the last instance")
             with node.engine.begin() as conn:
@@ -86,15 +92,18 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     region = rows[0].region if rows else "?"
     echo("")
     echo(f"Measurements ({region}, per leg): measured [truth]")
-    echo(f"{'metric':<11}{'side':<7}{'visit 1':>22}{'visit 2':>22}{'change':>22}")
-    for metric in ("csa_mm2", "vol_ml", "ff_percent", "frma_mm2"):
+    echo(f"{'metric':<14}{'side':<7}{'visit 1':>22}{'visit 2':>22}{'change':>22}")
+    for metric in ("csa_mm2", "vol_ml", "ff_percent", "frma_mm2", "t2w_ms", "ff_t2_percent", "b1"):
         for side in (Side.RIGHT, Side.LEFT):
             v1 = values.get((study_uids[0], side.value, metric))
             v2 = values.get((study_uids[1], side.value, metric))
-            t1, t2 = truths[0][(side, metric)], truths[1][(side, metric)]
             if v1 is None or v2 is None:
                 continue
-            echo(f"{metric:<11}{side.value:<7}{v1:>12.1f} [{t1:>7.1f}]{v2:>12.1f} [{t2:>7.1f}]"
+            if (side, metric) not in truths[0]:   # B1 varies across the field of view: no single truth
+                echo(f"{metric:<14}{side.value:<7}{v1:>12.2f} {'':>9}{v2:>12.2f} {'':>9}{v2 - v1:>12.2f}")
+                continue
+            t1, t2 = truths[0][(side, metric)], truths[1][(side, metric)]
+            echo(f"{metric:<14}{side.value:<7}{v1:>12.1f} [{t1:>7.1f}]{v2:>12.1f} [{t2:>7.1f}]"
                  f"{v2 - v1:>12.1f} [{t2 - t1:>7.1f}]")
     echo("")
     for n, files in outputs.items():

@@ -141,6 +141,25 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
     return "done"
 
 
+def warm_up() -> float:
+    """Import the pipeline and run its numba kernels once on tiny inputs, so that a fresh
+    worker process loads the compiled kernels before the first exam arrives; returns the
+    seconds it took."""
+    t0 = time.time()
+    import numpy as np
+
+    from quant.epg import MeseParameters
+    from quant.fatfraction import fat_fraction
+    from quant.metrics import slice_sums
+    from quant.t2 import build_dictionary, fit_water_t2
+    fat_fraction(np.ones((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32))
+    slice_sums(np.ones((1, 2, 2), np.int32), np.zeros((1, 2, 2), np.float32), 2)
+    params = MeseParameters(n_echoes=4, echo_spacing_ms=10.0, profile="none")
+    d = build_dictionary(params, np.arange(20.0, 25.0), np.array([0.9, 1.0, 1.1]))
+    fit_water_t2(np.ones((2, 4), np.float32), d)
+    return time.time() - t0
+
+
 def claim_job(engine: Engine, lease_seconds: float, now: float | None = None) -> tuple[int, str] | None:
     """Atomically claim the oldest pending job (or one whose lease ran out)."""
     now = time.time() if now is None else now
@@ -191,6 +210,8 @@ class JobRunner:
     def start(self) -> None:
         if self.kind == "process":
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self.workers):  # load the kernels before the first exam, not during it
+                self._pool.submit(warm_up)
         self._thread.start()
 
     def stop(self) -> None:
