@@ -46,11 +46,15 @@ def fat_fraction(water: np.ndarray, fat: np.ndarray, *, min_signal: float = 0.0)
 
 
 def fat_fraction_reference(water: np.ndarray, fat: np.ndarray, *, min_signal: float = 0.0) -> np.ndarray:
-    """Plain numpy reference of :func:`fat_fraction` (used by tests)."""
-    w = np.clip(np.asarray(water, dtype=np.float64), 0, None)
-    f = np.clip(np.asarray(fat, dtype=np.float64), 0, None)
+    """Plain numpy reference of :func:`fat_fraction` (used by tests).
+
+    The threshold is applied, as in the kernel, to the float32 sum against a float32
+    ``min_signal`` (a float64 comparison disagrees where ``W + F`` equals it in float32).
+    """
+    w = np.clip(np.asarray(water, dtype=np.float32), 0, None)
+    f = np.clip(np.asarray(fat, dtype=np.float32), 0, None)
     s = w + f
     with np.errstate(invalid="ignore", divide="ignore"):
-        ff = f / s
-    ff[(s < min_signal) | (s <= 0)] = np.nan
+        ff = f.astype(np.float64) / s.astype(np.float64)
+    ff[(s < np.float32(min_signal)) | (s <= 0)] = np.nan
     return ff.astype(np.float32)

@@ -6,7 +6,7 @@ Pure: takes the decoded datasets of a study, returns a :class:`StudyAnalysis`.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from . import ALGORITHM_VERSION
 from .enums import SeriesKind, Side, SideLabel, Tissue
 from .errors import QuantError, SeriesError
-from .fatfraction import fat_fraction
+from .dixon import correct_swaps, detect_swaps, fat_fraction_dixon, roi_fat_fraction
 from .metrics import Measurement, muscle_metrics
 from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
@@ -24,6 +24,7 @@ from .volume import Volume, assemble_volume
 if False:  # typing only
     from .t2stage import T2Options, T2Result
 
+DIXON_MODEL = "dixon-rician-ml"   # per-voxel and region fat fraction by Rician maximum likelihood
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
 
 
@@ -44,6 +45,7 @@ class StudyAnalysis:
     algorithm_version: str = ALGORITHM_VERSION
     notes: tuple[str, ...] = ()
     t2: "T2Result | None" = None      # water T2 of the multi-echo spin-echo series, if any
+    flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
 
     @property
     def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:
@@ -93,21 +95,48 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     if not water.same_grid(fat):
         raise SeriesError("Dixon water and fat series are not on the same grid "
                           f"({water_info.series_instance_uid}, {fat_info.series_instance_uid})")
-    in_phase = None
-    ip_info = _pick(infos, SeriesKind.IN_PHASE)
-    if ip_info is not None:
+    extra = {}
+    for kind in (SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE):
+        info = _pick(infos, kind)
+        if info is None:
+            continue
         try:
-            v = assemble_volume(by_series[ip_info.series_instance_uid])
-            in_phase = v.array if v.same_grid(water) else None
+            v = assemble_volume(by_series[info.series_instance_uid])
         except SeriesError as exc:
-            notes.append(f"in-phase series not used: {exc}")
-    ff = fat_fraction(water.array, fat.array)
-    seg = segment_legs(water, fat.array, ff, in_phase=in_phase,
+            notes.append(f"{kind.value} series not used: {exc}")
+            continue
+        if v.same_grid(water):
+            extra[kind] = v.array
+        else:
+            notes.append(f"{kind.value} series not used: not on the grid of the water series")
+    in_phase, opposed = extra.get(SeriesKind.IN_PHASE), extra.get(SeriesKind.OPPOSED_PHASE)
+    w_arr, f_arr = water.array, fat.array
+    flags: list[str] = []
+    swaps = detect_swaps(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed)
+    if swaps.ambiguous:
+        flags.append("fat-water-swap-ambiguous")
+        notes.append(f"fat-water swap check: {swaps.message}")
+    elif swaps.any:
+        w_arr, f_arr = correct_swaps(w_arr, f_arr, swaps)
+        flags.append("fat-water-swap-corrected-whole-series" if swaps.whole_series_swapped
+                     else "fat-water-swap-corrected-regional")
+        notes.append(f"fat-water swap corrected: {swaps.message}")
+        water = water.with_array(w_arr)
+    dixon = fat_fraction_dixon(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed)
+    ff = dixon.ff
+    seg = segment_legs(water, f_arr, ff, in_phase=in_phase,
                        body_part=_body_part(by_series[water_info.series_instance_uid][0]))
     labels, groups = seg.muscle_groups()
     measurements, per_slice = muscle_metrics(
         labels, ff, groups, pixel_area_mm2=water.pixel_area_mm2,
-        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION)
+        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=DIXON_MODEL)
+    # The region's FF: a maximum-likelihood estimate over the region's voxels, free of the
+    # noise-floor bias that a mean of voxel values keeps at low fat fraction.
+    roi_ff = {g: roi_fat_fraction(w_arr, f_arr, labels == g, dixon.noise_sd, in_phase=in_phase,
+                                  opposed_phase=opposed) for g in groups}
+    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)])
+                    if m.metric == "ff_percent" and np.isfinite(roi_ff[_group_of(groups, m)]) else m
+                    for m in measurements]
     csa = {groups[g]: v for g, v in per_slice.items()}
     notes.extend(seg.notes)
     t2 = None
@@ -125,7 +154,12 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
         except QuantError as exc:
             notes.append(f"water T2 not measured: {exc}")
     return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
-                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2)
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
+                         flags=tuple(flags))
+
+
+def _group_of(groups: dict, m: Measurement) -> int:
+    return next(g for g, (region, side) in groups.items() if region == m.region and side == m.side)
 
 
 def _body_part(ds: Dataset) -> str:

@@ -9,16 +9,20 @@ that is fixed per exam (default :data:`DEFAULT_FAT_T2_MS`, or calibrated on
 subcutaneous fat with :func:`calibrate_fat_t2`). T2w and B1 come from a dictionary of
 EPG atoms on a (T2w x B1) grid: for every atom the two non-negative amplitudes are
 solved in closed form (variable projection: the 2x2 non-negative least squares), the
-atom with the smallest residual wins, then a Newton step on the quadratic through the
-3x3 residuals around it, evaluated with cubic (Catmull-Rom) interpolated atoms, refines
-T2w and B1 between grid points. The PD fat fraction is ``M_f / (M_w + M_f)``.
+atom with the smallest residual wins; T2w and B1 are then refined between grid points
+by a Newton step on the quadratic through the 3x3 residuals around it, followed by two
+Newton steps on 3x3 stencils of 0.5 and 0.25 grid steps whose atoms are cubic
+(Catmull-Rom) interpolated (noise free: 99 % of voxels within 0.05 ms of the true T2w
+on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
+the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
 
 Noise floor. Magnitude images are Rician: echoes near the noise level are biased
-upwards (by up to 1.25 sigma), which the slowly decaying fat component would absorb
-(a positive FF and T2w bias of about 1 percentage point at SNR 100). With ``noise_sd``
-given, the fit is repeated with the data corrected by the Rician bias of the current
-model, ``y - (E[|m + noise|] - m)`` (a few fixed-point iterations: the model's Rician
-expectation then matches the data in the least-squares sense).
+upwards (by up to 1.25 sigma), which the slowly decaying fat component absorbs (for
+FF < 5 %: FF +0.5 pp at SNR 100, +1.3 pp at SNR 50). With ``noise_sd`` given, the fit is
+repeated with the data corrected by the Rician bias of the current model,
+``y - (E[|m + noise|] - m)`` (fixed-point iterations: the model's Rician expectation
+then matches the data in the least-squares sense); the result then behaves like a fit
+of Gaussian-noise data.
 
 Near FF = 0 the non-negative fat amplitude biases FF upwards (voxels that would
 fit a negative fat amplitude are clipped to 0) and, with it, T2w downwards: +0.4 pp and
@@ -703,7 +707,8 @@ def fit_water_t2(signals: np.ndarray, dictionary: T2Dictionary, *, min_signal: f
     res = np.empty(n)
     status = np.empty(n, dtype=np.int8)
     if n:
-        _fit_epg_kernel(y, tabs, float(min_signal), sd, int(n_floor_iterations), bool(free_fat), x, yb, a, b, res, status)
+        _fit_epg_kernel(y, tabs, float(min_signal), sd, int(n_floor_iterations), bool(free_fat),
+                        x, yb, a, b, res, status)
     return _result(dictionary, shape, x, yb, a, b, res, status)
 
 
@@ -786,7 +791,8 @@ def _fit_one_reference(y, dictionary, centre=None, free_fat=False):
     if centre is not None:  # the noise-floor iterations search a window around the last fit
         ic, jc = int(round(centre[0])), int(round(centre[1]))
         inside = np.zeros_like(proj, dtype=bool)
-        inside[max(ic - _FLOOR_WINDOW, 0):ic + _FLOOR_WINDOW + 1, max(jc - _FLOOR_WINDOW, 0):jc + _FLOOR_WINDOW + 1] = True
+        w = _FLOOR_WINDOW
+        inside[max(ic - w, 0):ic + w + 1, max(jc - w, 0):jc + w + 1] = True
         search[~inside] = -np.inf
     bi, bj = np.unravel_index(np.argmax(search), proj.shape)
     best = proj[bi, bj]

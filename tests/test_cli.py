@@ -43,7 +43,7 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
             assert abs(value - truth[(row["side"], "ff_percent")]) < 1.0
         elif metric == "t2w_ms":
             assert abs(value - VISIT_T2[0]) < 0.6
-        assert row["model"] == ("dixon-magnitude" if metric in ("csa_mm2", "vol_ml", "ff_percent", "frma_mm2")
+        assert row["model"] == ("dixon-rician-ml" if metric in ("csa_mm2", "vol_ml", "ff_percent", "frma_mm2")
                                 else "epg-bicomponent")
     assert {r["unit"] for r in rows} == {"mm2", "ml", "%", "ms", "1"}
 
