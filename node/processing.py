@@ -25,7 +25,7 @@ from .instances import MR_IMAGE, ENHANCED_MR_IMAGE, read_instance, subject_key
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit", "model")
+CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit", "model", "flags")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,9 @@ def measurements_csv(rows: Iterable[tuple]) -> str:
 
 
 def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
-    return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model)
+    flags = ";".join(outputs.analysis.flags)   # Dixon-series flags (fat-water swaps) apply to Dixon values
+    return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model,
+             flags if m.model.startswith("dixon") else "")
             for m in outputs.analysis.measurements]
 
 

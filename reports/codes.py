@@ -93,6 +93,15 @@ INTERQUARTILE_RANGE = _cc(codes.DCM.InterquartileRangeOfPopulation)  # DCM 13061
 #: Relative transmit field (actual / nominal flip angle) fitted with water T2. No standard code.
 B1_RELATIVE = _private("B1REL", "Relative transmit field (B1)")
 
+#: Fat-water swap check of the Dixon series (a qualitative evaluation in every group).
+FAT_WATER_SWAP = _private("FWSWAP", "Fat-water swap")
+SWAP_FINDINGS = MappingProxyType({
+    "": _private("FWSWAP-NONE", "No fat-water swap detected"),
+    "fat-water-swap-corrected-whole-series": _private("FWSWAP-WHOLE", "Whole-series fat-water swap corrected"),
+    "fat-water-swap-corrected-regional": _private("FWSWAP-REGION", "Regional fat-water swap corrected"),
+    "fat-water-swap-ambiguous": _private("FWSWAP-AMBIG", "Fat-water swap check ambiguous, not corrected"),
+})
+
 #: Measurement method of each quantification model (``Measurement.model``), so that two
 #: values of one concept (the Dixon and the T2-derived fat fraction) stay distinguishable.
 MODEL_METHODS = MappingProxyType({

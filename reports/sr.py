@@ -225,6 +225,8 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
     version = str(analysis.algorithm_version)
     algorithm = hd.sr.AlgorithmIdentification(name="musclenode", version=version)
     site = codes.region_concept(region)
+    swap_flags = [f for f in getattr(analysis, "flags", ()) if f in codes.SWAP_FINDINGS]
+    swap_finding = codes.SWAP_FINDINGS[swap_flags[0] if swap_flags else ""]
     groups = []
     for side in (Side.RIGHT, Side.LEFT):
         metrics = [k for k in METRIC_ORDER if (region.value, side, k) in by_key]
@@ -268,6 +270,7 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
             finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
             algorithm_id=algorithm,
             measurements=items,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)],
         ))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")

@@ -31,7 +31,8 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
     assert len(list(out.glob("seg-*.dcm"))) == 1 and len(list(out.glob("sr-*.dcm"))) == 1
     with open(out / "measurements.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit", "model"]
+    assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit", "model",
+                                 "flags"]
     assert len(rows) == 18    # 4 Dixon and 5 water-T2 metrics per leg
     truth = {(s.value, m): v for (s, m), v in phantom.truth.items()}
     for row in rows:
@@ -46,6 +47,33 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
         assert row["model"] == ("dixon-rician-ml" if metric in ("csa_mm2", "vol_ml", "ff_percent", "frma_mm2")
                                 else "epg-bicomponent")
     assert {r["unit"] for r in rows} == {"mm2", "ml", "%", "ms", "1"}
+    assert {r["flags"] for r in rows} == {""}
+
+
+def test_swapped_dixon_is_corrected_and_flagged(tmp_path):
+    """A scanner that labelled fat as water: corrected, the values right, the CSV and SR say so."""
+    import pydicom
+    from quant.phantom import phantom_datasets
+    from conftest import small_phantom
+    ph = small_phantom(seed=31)
+    datasets = phantom_datasets(ph, patient_id="SWAP", uid_seed="swap")
+    for ds in datasets:
+        if ds.SeriesDescription.endswith("_W"):
+            ds.ImageType, ds.SeriesDescription = ["DERIVED", "PRIMARY", "DIXON", "FAT"], "t1_vibe_dixon_tra_F"
+        elif ds.SeriesDescription.endswith("_F"):
+            ds.ImageType, ds.SeriesDescription = ["DERIVED", "PRIMARY", "DIXON", "WATER"], "t1_vibe_dixon_tra_W"
+    write_datasets(datasets, tmp_path / "in")
+    r = run("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "fat-water swap corrected" in r.stdout
+    with open(tmp_path / "out" / "measurements.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    ff = {row["side"]: float(row["value"]) for row in rows if row["metric"] == "ff_percent"}
+    for side, code in (("right", "right"), ("left", "left")):
+        assert abs(ff[side] - {(s.value, m): v for (s, m), v in ph.truth.items()}[(code, "ff_percent")]) < 1.0
+    assert {row["flags"] for row in rows} == {"fat-water-swap-corrected-whole-series"}
+    sr = pydicom.dcmread(next((tmp_path / "out").glob("sr-*.dcm")))
+    assert "Whole-series fat-water swap corrected" in str(sr.ContentSequence)
 
 
 def test_config_typo_stops_with_the_key_named(tmp_path):
