@@ -40,6 +40,13 @@ class MeseSimulation:
     noise_sd: float
 
 
+def _unique_signals(t2, t1, b1, params):
+    """:func:`epg_signals` of each distinct (T2, T1, B1) once (maps repeat values a lot)."""
+    keys = np.stack([t2, t1, b1], axis=-1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    return epg_signals(uniq[:, 0], uniq[:, 1], uniq[:, 2], params)[inverse.reshape(-1)]
+
+
 def simulate_mese(t2w_ms, ff, b1, params: MeseParameters, *, pd=1.0, t2f_ms=DEFAULT_FAT_T2_MS,
                   t1w_ms=DEFAULT_WATER_T1_MS, t1f_ms=DEFAULT_FAT_T1_MS, snr: float | None = None,
                   noise_sd: float | None = None, seed: int | np.random.Generator = 0) -> MeseSimulation:
@@ -82,8 +89,8 @@ def simulate_mese(t2w_ms, ff, b1, params: MeseParameters, *, pd=1.0, t2f_ms=DEFA
     water = np.zeros(shape + (params.n_echoes,))
     fat = np.zeros_like(water)
     if tissue.any():
-        water[tissue] = epg_signals(t2w[tissue], t1w[tissue], b1m[tissue], params)
-        fat[tissue] = epg_signals(t2f[tissue], t1f[tissue], b1m[tissue], params)
+        water[tissue] = _unique_signals(t2w[tissue], t1w[tissue], b1m[tissue], params)
+        fat[tissue] = _unique_signals(t2f[tissue], t1f[tissue], b1m[tissue], params)
     clean = (pdm * (1 - ffm))[..., None] * water + (pdm * ffm)[..., None] * fat
     clean = np.moveaxis(clean, -1, 0)
     if snr is not None:
