@@ -55,7 +55,8 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     try:
         with Node(config) as node:
             for n, (date, ff, scale, t2w) in enumerate(VISITS, start=1):
-                ph = make_leg_phantom(Region.THIGH, muscle_ff=ff, muscle_scale=scale, snr=snr, seed=n)
+                ph = make_leg_phantom(Region.THIGH, muscle_ff=ff, muscle_scale=scale, snr=snr, seed=n,
+                                      supersample=3, bias_field=0.3, fascia_mm=1.0)
                 dss = exam_datasets(ph, t2w_muscle_ms=t2w, enhanced_mese=(n == 2), patient_id="ALS-0001",
                                     patient_name="Demo^Subject", study_date=date, uid_seed="musclenode-demo")
                 study_uid = str(dss[0].StudyInstanceUID)

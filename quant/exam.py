@@ -34,9 +34,12 @@ def mese_truth_maps(phantom: LegPhantom, *, t2w_muscle_ms: float, right_t2_offse
     muscle = phantom.tissue == Tissue.MUSCLE
     t2w[muscle] = t2w_muscle_ms
     t2w[muscle & (phantom.side == SideLabel.RIGHT)] += right_t2_offset_ms
-    pd = np.where(phantom.tissue > 0, 1.0, 0.0).astype(np.float32)
-    cortex = (phantom.tissue == Tissue.BONE) & (phantom.ff < 0.5)
-    pd[cortex] = CORTEX_PD / PD
+    if phantom.pd is not None:
+        pd = phantom.pd.astype(np.float32)
+    else:
+        pd = np.where(phantom.tissue > 0, 1.0, 0.0).astype(np.float32)
+        cortex = (phantom.tissue == Tissue.BONE) & (phantom.ff < 0.5)
+        pd[cortex] = CORTEX_PD / PD
     nx = phantom.tissue.shape[2]
     b1 = np.linspace(b1_range[0], b1_range[1], nx, dtype=np.float32)[None, None, :] * np.ones_like(t2w)
     return t2w, phantom.ff.astype(np.float32), b1, pd

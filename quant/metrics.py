@@ -35,10 +35,11 @@ class Measurement:
 
 
 @njit(cache=True)
-def _slice_sums(mask_labels, ff, n_labels, n_slices):
-    """Per label and slice: voxel count, count of voxels with finite FF, sum of FF,
-    and sum of (1 - FF) (voxels without FF count as fat-free)."""
-    count = np.zeros((n_labels, n_slices), np.int64)
+def _slice_sums(mask_labels, ff, weights, n_labels, n_slices):
+    """Per label and slice: muscle content (sum of voxel weights), count of voxels with
+    finite FF, sum of FF over them, and the fat-free content sum of weight x (1 - FF)
+    (voxels without FF count as fat-free)."""
+    count = np.zeros((n_labels, n_slices), np.float64)
     nff = np.zeros((n_labels, n_slices), np.int64)
     sff = np.zeros((n_labels, n_slices), np.float64)
     sfree = np.zeros((n_labels, n_slices), np.float64)
@@ -49,31 +50,35 @@ def _slice_sums(mask_labels, ff, n_labels, n_slices):
                 lab = mask_labels[k, j, i]
                 if lab <= 0:
                     continue
-                count[lab, k] += 1
+                w = weights[k, j, i]
+                count[lab, k] += w
                 v = ff[k, j, i]
                 if v == v:  # not NaN
                     v = min(max(v, 0.0), 1.0)
                     nff[lab, k] += 1
                     sff[lab, k] += v
-                    sfree[lab, k] += 1.0 - v
+                    sfree[lab, k] += w * (1.0 - v)
                 else:
-                    sfree[lab, k] += 1.0
+                    sfree[lab, k] += w
     return count, nff, sff, sfree
 
 
-def slice_sums(labels: np.ndarray, ff: np.ndarray, n_labels: int):
-    """Per-label, per-slice sums (see :func:`_slice_sums`); labels are 1..n_labels-1."""
+def slice_sums(labels: np.ndarray, ff: np.ndarray, n_labels: int, weights: np.ndarray | None = None):
+    """Per-label, per-slice sums (see :func:`_slice_sums`); labels are 1..n_labels-1;
+    ``weights`` is the muscle content of each voxel (1 everywhere when not given)."""
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     ff = np.ascontiguousarray(ff, dtype=np.float32)
     if labels.shape != ff.shape:
         raise ValueError(f"labels {labels.shape} and FF {ff.shape} differ in shape")
-    return _slice_sums(labels, ff, n_labels, labels.shape[0])
+    w = np.ones(labels.shape, np.float32) if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+    return _slice_sums(labels, ff, w, n_labels, labels.shape[0])
 
 
-def slice_sums_reference(labels, ff, n_labels):
+def slice_sums_reference(labels, ff, n_labels, weights=None):
     """Plain numpy reference of :func:`slice_sums`."""
     nz = labels.shape[0]
-    count = np.zeros((n_labels, nz), np.int64)
+    w_all = np.ones(labels.shape) if weights is None else np.asarray(weights, float)
+    count = np.zeros((n_labels, nz))
     nff = np.zeros((n_labels, nz), np.int64)
     sff = np.zeros((n_labels, nz))
     sfree = np.zeros((n_labels, nz))
@@ -81,18 +86,69 @@ def slice_sums_reference(labels, ff, n_labels):
         for k in range(nz):
             m = labels[k] == lab
             v = ff[k][m].astype(float)
+            w = w_all[k][m]
             fin = np.isfinite(v)
-            count[lab, k] = m.sum()
+            count[lab, k] = w.sum()
             nff[lab, k] = fin.sum()
             vc = np.clip(v[fin], 0, 1)
             sff[lab, k] = vc.sum()
-            sfree[lab, k] = (1 - vc).sum() + (~fin).sum()
+            sfree[lab, k] = (w[fin] * (1 - vc)).sum() + w[~fin].sum()
     return count, nff, sff, sfree
+
+
+def partial_volume_weights(labels: np.ndarray, ff: np.ndarray, signal: np.ndarray, *, fat_ff: float,
+                           window: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Muscle content of the voxels at the edge of each muscle label (partial volume).
+
+    Inside the muscle (the mask eroded by one voxel in-plane) a voxel is all muscle. In
+    the band of one voxel on either side of the mask's edge, a voxel mixes muscle with
+    fat (subcutaneous fat, septa: fat fraction ``fat_ff``) or with dark tissue (fascia,
+    cortex): its muscle content is estimated from its fat fraction between the local
+    muscle's and ``fat_ff``, times its signal relative to the local muscle's. Both local
+    references are means over the core muscle in a ``window`` x ``window`` neighbourhood
+    (so a smooth bias field cancels). Weights are left unclipped within [-0.25, 1.25], so
+    that noise averages out instead of biasing the area.
+
+    Returns
+    -------
+    labels_ext, weights, muscle_ff
+        Labels extended over the outer band, the muscle content of every labelled voxel,
+        and the fat fraction of the muscle in it (the local core FF in the band).
+    """
+    from scipy import ndimage as ndi
+
+    st = np.zeros((3, 3, 3), bool)
+    st[1] = ndi.generate_binary_structure(2, 1)
+    mask = labels > 0
+    core = ndi.binary_erosion(mask, structure=st) & mask
+    outer = ndi.binary_dilation(mask, structure=st) & ~mask
+    ffz = np.nan_to_num(ff, nan=0.0).astype(np.float64)
+    size = (1, window, window)
+    n_core = ndi.uniform_filter(core.astype(np.float64), size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ff_loc = ndi.uniform_filter(ffz * core, size) / n_core
+        s_loc = ndi.uniform_filter(np.asarray(signal, np.float64) * core, size) / n_core
+    band = (mask & ~core) | outer
+    ok = band & (n_core > 0) & np.isfinite(ff_loc) & (s_loc > 0)
+    w = np.zeros(labels.shape, np.float64)
+    w[core] = 1.0
+    denom = np.maximum(fat_ff - ff_loc, 0.05)
+    w_ff = (fat_ff - ffz) / denom
+    w_s = np.asarray(signal, np.float64) / np.where(s_loc > 0, s_loc, 1.0)
+    w[ok] = np.clip(np.clip(w_ff[ok], -0.25, 1.25) * np.clip(w_s[ok], 0.0, 1.25), -0.25, 1.25)
+    # labels of the outer band: the label of the nearest mask voxel in-plane
+    idx = ndi.distance_transform_edt(~mask, sampling=(1e6, 1, 1), return_distances=False, return_indices=True)
+    labels_ext = np.where(outer, labels[tuple(idx)], labels)
+    labels_ext = np.where(ok | mask, labels_ext, 0)
+    w[~(ok | core)] = np.where(mask[~(ok | core)], 1.0, 0.0)   # band voxels without a reference stay binary
+    muscle_ff = np.where(core, ffz, np.where(ok, ff_loc, ffz)).astype(np.float32)
+    return labels_ext.astype(np.int32), w.astype(np.float32), muscle_ff
 
 
 def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[str, Side]], *,
                    pixel_area_mm2: float, slice_thickness_mm: float, algorithm_version: str,
-                   model: str = "dixon-magnitude") -> tuple[list[Measurement], dict[int, np.ndarray]]:
+                   model: str = "dixon-magnitude", weights: np.ndarray | None = None
+                   ) -> tuple[list[Measurement], dict[int, np.ndarray]]:
     """CSA, VOL, FF and fRMA for each labelled muscle group.
 
     Parameters
@@ -100,10 +156,13 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
     labels : ndarray of int, (slices, rows, columns)
         0 outside muscle, a group number inside.
     ff : ndarray of float, same shape
-        Fat fraction 0..1 (NaN where unknown).
+        Fat fraction 0..1 of the muscle in each voxel (NaN where unknown).
     groups : mapping group number -> (region, side)
     pixel_area_mm2, slice_thickness_mm : float
         In-plane pixel area and slice spacing.
+    weights : ndarray of float, optional
+        Muscle content of each labelled voxel (partial volume, see
+        :func:`partial_volume_weights`); 1 when not given.
 
     Returns
     -------
@@ -111,12 +170,12 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
         The measurements, and the CSA (mm²) of every slice per group.
     """
     n_labels = max(groups) + 1 if groups else 1
-    count, nff, sff, sfree = slice_sums(labels, ff, n_labels)
+    count, nff, sff, sfree = slice_sums(labels, ff, n_labels, weights)
     out: list[Measurement] = []
     per_slice: dict[int, np.ndarray] = {}
     for g, (region, side) in sorted(groups.items()):
-        n = int(count[g].sum())
-        if n == 0:
+        n = int(round(count[g].sum()))
+        if n <= 0:
             continue
         present = count[g] > 0
         csa = count[g] * pixel_area_mm2
@@ -125,7 +184,7 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
         ff_mean = float(sff[g].sum() / max(nff[g].sum(), 1)) * 100.0
         values = {
             "csa_mm2": float(csa[present].mean()),
-            "vol_ml": n * pixel_area_mm2 * slice_thickness_mm / 1000.0,
+            "vol_ml": float(count[g].sum()) * pixel_area_mm2 * slice_thickness_mm / 1000.0,
             "ff_percent": ff_mean,
             "frma_mm2": float(frma[present].mean()),
         }

@@ -43,6 +43,8 @@ class LegPhantom:
     orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     truth: dict = field(default_factory=dict)  # (side, metric) -> value
     snr: float = 0.0
+    pd: np.ndarray | None = None               # proton density relative to muscle (0..1)
+    muscle_fraction: np.ndarray | None = None  # muscle fraction of each voxel (partial volume)
 
 
 def _ellipse(x, y, cx, cy, ax, ay, angle=0.0):
@@ -52,28 +54,45 @@ def _ellipse(x, y, cx, cy, ax, ay, angle=0.0):
     return (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
 
 
-def truth_metrics(tissue, side, ff, spacing_mm) -> dict:
+def truth_metrics(tissue, side, ff, spacing_mm, muscle_fraction=None, muscle_ff=None) -> dict:
+    """Truth per leg with the definitions of :mod:`quant.metrics`. With partial volume,
+    ``muscle_fraction`` is the muscle fraction of every voxel (CSA = its sum x pixel
+    area), ``muscle_ff`` the FF of the muscle tissue in each voxel, and the FF truth is
+    the muscle-fraction-weighted mean of it."""
     dz, dy, dx = spacing_mm
     area = dy * dx
     out = {}
     for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT)):
-        m = (tissue == Tissue.MUSCLE) & (side == code)
-        if not m.any():
+        if muscle_fraction is None:
+            frac = ((tissue == Tissue.MUSCLE) & (side == code)).astype(np.float64)
+            mff = ff
+        else:
+            frac = np.where(side == code, muscle_fraction, 0.0)
+            mff = muscle_ff
+        if not frac.any():
             continue
-        per = m.sum(axis=(1, 2))
+        per = frac.sum(axis=(1, 2))
         present = per > 0
-        frma = ((1 - ff) * m).sum(axis=(1, 2)) * area
+        frma = (frac * (1 - mff)).sum(axis=(1, 2)) * area
         out[(s, "csa_mm2")] = float(per[present].mean() * area)
-        out[(s, "vol_ml")] = float(m.sum() * area * dz / 1000.0)
-        out[(s, "ff_percent")] = float(ff[m].mean() * 100)
+        out[(s, "vol_ml")] = float(frac.sum() * area * dz / 1000.0)
+        out[(s, "ff_percent")] = float((frac * mff).sum() / frac.sum() * 100)
         out[(s, "frma_mm2")] = float(frma[present].mean())
     return out
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return a.astype(np.float64)
+    ny, nx = a.shape[0] // f, a.shape[1] // f
+    return a.reshape(ny, f, nx, f).mean(axis=(1, 3))
 
 
 def make_leg_phantom(region: Region | str = Region.THIGH, *, shape=(20, 160, 256), pixel_mm: float = 1.5,
                      slice_mm: float = 5.0, muscle_ff: float = 0.06, muscle_scale: float = 1.0,
                      right_ff_offset: float = 0.0, snr: float = 40.0, seed: int = 0,
-                     leg_gap_mm: float = 30.0) -> LegPhantom:
+                     leg_gap_mm: float = 30.0, supersample: int = 1, bias_field: float = 0.0,
+                     infiltration: float = 0.0, fascia_mm: float = 0.0) -> LegPhantom:
     """Make a two-leg Dixon phantom.
 
     Parameters
@@ -84,17 +103,31 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape=(20, 160, 256
     right_ff_offset : added to the right leg's muscle FF (asymmetry)
     snr : muscle proton density over the noise SD of each channel
     leg_gap_mm : skin-to-skin distance between the legs (0 or less: the legs touch)
+    supersample : render each voxel from ``supersample`` x ``supersample`` sub-voxels
+        (partial volume at every boundary; the truth is then fractional)
+    bias_field : amplitude of a smooth multiplicative receive-coil sensitivity across the
+        field of view (0.3: from 0.7 to 1.3), the same on every image
+    infiltration : extra fat fraction, up to this value, in patches of one muscle group
+        of each leg (fatty infiltration: up to ``muscle_ff + infiltration``)
+    fascia_mm : thickness of a dark fascia line between subcutaneous fat and muscle
     """
     region = Region(region)
     rng = np.random.default_rng(seed)
     nz, ny, nx = shape
+    f = int(supersample)
+    hp = pixel_mm / f
     origin = (-(nx - 1) * pixel_mm / 2, -(ny - 1) * pixel_mm / 2, -(nz - 1) * slice_mm / 2)
-    y = origin[1] + np.arange(ny)[:, None] * pixel_mm
-    x = origin[0] + np.arange(nx)[None, :] * pixel_mm
+    # sub-voxel centres of the hi-res grid (block averages give the voxel grid)
+    y = origin[1] - pixel_mm / 2 + hp / 2 + np.arange(ny * f)[:, None] * hp
+    x = origin[0] - pixel_mm / 2 + hp / 2 + np.arange(nx * f)[None, :] * hp
     tissue = np.zeros(shape, np.uint8)
     side = np.zeros(shape, np.uint8)
     ff = np.zeros(shape, np.float32)
     pd = np.zeros(shape, np.float32)
+    mfrac = np.zeros(shape, np.float32)
+    mff = np.zeros(shape, np.float32)
+    w_true = np.zeros(shape, np.float64)
+    f_true = np.zeros(shape, np.float64)
     if region is Region.THIGH:
         fascia = (62.0, 56.0)
         bones = [((6.0, 8.0), 14.0, 8.0)]          # (offset from leg centre), outer radius, marrow radius
@@ -102,58 +135,94 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape=(20, 160, 256
         fascia = (46.0, 42.0)
         bones = [((-10.0, -14.0), 12.0, 6.5), ((16.0, 8.0), 6.5, 3.0)]
     s = np.sqrt(muscle_scale)
-    # smooth FF texture in muscle (zero mean over the field of view)
-    yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    # smooth FF texture in muscle (zero mean over the field of view), in voxel units
+    yy, xx = (y - origin[1]) / pixel_mm, (x - origin[0]) / pixel_mm
     texture = 0.02 * np.sin(xx / 7.0) * np.cos(yy / 9.0)
+    patches = 0.5 + 0.5 * np.sin(xx / 5.0 + 1.0) * np.sin(yy / 4.0)      # 0..1, patchy infiltration
     for k in range(nz):
         t = k / max(nz - 1, 1)
         taper = 1.0 - 0.12 * t
         fx, fy = fascia[0] * taper * s, fascia[1] * taper * s
         sat_t = 11.0 + 3.0 * t
         outer_x = fx + sat_t
+        h_tissue = np.zeros((ny * f, nx * f), np.uint8)
+        h_side = np.zeros_like(h_tissue)
+        h_ff = np.zeros((ny * f, nx * f), np.float64)
+        h_pd = np.zeros_like(h_ff)
         for sgn, code in ((-1, SideLabel.RIGHT), (+1, SideLabel.LEFT)):
             # the legs' skin is leg_gap_mm apart at x = 0 when outer_x is the nominal size
             cx = sgn * (fascia[0] * taper + 14.0 + leg_gap_mm / 2)
             cy = 0.0
             skin = _ellipse(x, y, cx, cy, outer_x, fy + sat_t, 0.0)
             inner = _ellipse(x, y, cx, cy, fx, fy, 0.0)
-            leg = skin & ~(side[k] > 0)
-            side[k][leg] = code
-            tissue[k][leg & ~inner] = Tissue.SUBCUTANEOUS_FAT
-            ff[k][leg & ~inner] = SAT_FF
-            pd[k][leg & ~inner] = PD
+            leg = skin & ~(h_side > 0)
+            h_side[leg] = code
+            h_tissue[leg & ~inner] = Tissue.SUBCUTANEOUS_FAT
+            h_ff[leg & ~inner] = SAT_FF
+            h_pd[leg & ~inner] = PD
             mus = leg & inner
-            tissue[k][mus] = Tissue.MUSCLE
+            h_tissue[mus] = Tissue.MUSCLE
             ffm = muscle_ff + (right_ff_offset if code == SideLabel.RIGHT else 0.0) + texture
-            ff[k][mus] = np.clip(ffm, 0, 1)[mus]
-            pd[k][mus] = PD
+            if infiltration > 0:  # one muscle group (a sector between two septa) infiltrated in patches
+                ang = np.mod(np.arctan2(y - cy, (x - cx) * sgn), 2 * np.pi)
+                group = (ang > 0.6) & (ang < 2.3)
+                ffm = ffm + np.where(group, infiltration * patches, 0.0)
+            h_ff[mus] = np.clip(ffm, 0, 1)[mus]
+            h_pd[mus] = PD
+            if fascia_mm > 0:  # dark connective tissue between SAT and muscle
+                band = leg & ~inner & _ellipse(x, y, cx, cy, fx + fascia_mm, fy + fascia_mm, 0.0)
+                h_tissue[band] = Tissue.SUBCUTANEOUS_FAT
+                h_ff[band] = 0.1
+                h_pd[band] = CORTEX_PD
             # septa: thin pure-fat lines from the fascia towards the centre
             for ang in (0.6, 2.3, 4.1):
                 px, py = cx + np.cos(ang) * fx * 0.55, cy + np.sin(ang) * fy * 0.55
                 sep = _ellipse(x, y, px, py, fx * 0.42, pixel_mm * 0.6, ang) & mus
-                tissue[k][sep] = Tissue.INTERMUSCULAR_FAT
-                ff[k][sep] = SEPTUM_FF
+                h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
+                h_ff[sep] = SEPTUM_FF
             for (ox, oy), r_out, r_marrow in bones:
                 bx, by = cx + sgn * ox, cy + oy
                 cortex = _ellipse(x, y, bx, by, r_out, r_out) & leg
                 marrow = _ellipse(x, y, bx, by, r_marrow, r_marrow) & leg
-                tissue[k][cortex] = Tissue.BONE
-                ff[k][cortex] = 0.3
-                pd[k][cortex] = CORTEX_PD
-                ff[k][marrow] = MARROW_FF
-                pd[k][marrow] = PD
+                h_tissue[cortex] = Tissue.BONE
+                h_ff[cortex] = 0.3
+                h_pd[cortex] = CORTEX_PD
+                h_ff[marrow] = MARROW_FF
+                h_pd[marrow] = PD
+        # to the voxel grid: signals and tissue fractions are block means
+        w_true[k] = _block_mean(h_pd * (1 - h_ff), f)
+        f_true[k] = _block_mean(h_pd * h_ff, f)
+        pd[k] = _block_mean(h_pd, f)
+        is_m = (h_tissue == Tissue.MUSCLE).astype(np.float64)
+        mfrac[k] = _block_mean(is_m, f)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mff[k] = np.nan_to_num(_block_mean(is_m * h_ff, f) / mfrac[k])
+            ff[k] = np.nan_to_num(f_true[k] / (w_true[k] + f_true[k]))
+        fractions = np.stack([_block_mean((h_tissue == c).astype(np.float64), f) for c in range(5)])
+        tissue[k] = np.argmax(fractions, axis=0)
+        side_frac = np.stack([_block_mean((h_side == c).astype(np.float64), f) for c in range(3)])
+        side_frac[0] *= 0.0  # a voxel touched by a leg belongs to it
+        side[k] = np.where(side_frac.max(axis=0) > 0, np.argmax(side_frac, axis=0), 0)
+    if bias_field:
+        yn = np.linspace(-1, 1, ny)[:, None]
+        xn = np.linspace(-1, 1, nx)[None, :]
+        b = 1.0 + bias_field * (0.7 * xn + 0.3 * (2 * yn ** 2 - 1)) / 1.0
+        w_true = w_true * b[None]
+        f_true = f_true * b[None]
     sigma = PD / snr
-    w_true = pd * (1 - ff)
-    f_true = pd * ff
 
     def mag(a):
         return np.abs(a + rng.normal(0, sigma, shape) + 1j * rng.normal(0, sigma, shape)).astype(np.float32)
 
     spacing = (slice_mm, pixel_mm, pixel_mm)
+    if f == 1:
+        truth = truth_metrics(tissue, side, ff, spacing)
+    else:
+        truth = truth_metrics(tissue, side, ff, spacing, muscle_fraction=mfrac, muscle_ff=mff)
     return LegPhantom(water=mag(w_true), fat=mag(f_true), in_phase=mag(w_true + f_true),
                       opposed_phase=mag(w_true - f_true), tissue=tissue, side=side, ff=ff, region=region,
-                      spacing_mm=spacing, origin_mm=origin,
-                      truth=truth_metrics(tissue, side, ff, spacing), snr=snr)
+                      spacing_mm=spacing, origin_mm=origin, truth=truth, snr=snr,
+                      pd=pd / PD, muscle_fraction=mfrac)
 
 
 # --- the phantom as a scanner would send it ------------------------------------------

@@ -11,12 +11,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
 from .enums import SeriesKind, Side, SideLabel, Tissue
-from .errors import QuantError, SeriesError
 from .dixon import correct_swaps, detect_swaps, fat_fraction_dixon, roi_fat_fraction
-from .metrics import Measurement, muscle_metrics
+from .errors import QuantError, SeriesError
+from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .volume import Volume, assemble_volume
@@ -24,6 +25,8 @@ from .volume import Volume, assemble_volume
 if False:  # typing only
     from .t2stage import T2Options, T2Result
 
+_INPLANE = np.zeros((3, 3, 3), bool)
+_INPLANE[1] = ndi.generate_binary_structure(2, 1)
 DIXON_MODEL = "dixon-rician-ml"   # per-voxel and region fat fraction by Rician maximum likelihood
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
 
@@ -127,13 +130,23 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     seg = segment_legs(water, f_arr, ff, in_phase=in_phase,
                        body_part=_body_part(by_series[water_info.series_instance_uid][0]))
     labels, groups = seg.muscle_groups()
+    # Partial volume at the muscle's edges: area and fRMA count the muscle content of the
+    # edge voxels, estimated from their FF and signal against the neighbouring muscle.
+    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=_INPLANE)
+    fat_ff = float(np.nanmedian(ff[sat])) if sat.sum() > 50 else 0.92
+    signal = in_phase if in_phase is not None else w_arr + f_arr
+    labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff, signal, fat_ff=fat_ff)
     measurements, per_slice = muscle_metrics(
-        labels, ff, groups, pixel_area_mm2=water.pixel_area_mm2,
-        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=DIXON_MODEL)
-    # The region's FF: a maximum-likelihood estimate over the region's voxels, free of the
-    # noise-floor bias that a mean of voxel values keeps at low fat fraction.
-    roi_ff = {g: roi_fat_fraction(w_arr, f_arr, labels == g, dixon.noise_sd, in_phase=in_phase,
-                                  opposed_phase=opposed) for g in groups}
+        labels_ext, muscle_ff, groups, pixel_area_mm2=water.pixel_area_mm2,
+        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=DIXON_MODEL,
+        weights=weights)
+    # The region's FF: a maximum-likelihood estimate over the region's voxels away from
+    # its edges (no partial volume), free of the noise-floor bias that a mean of voxel
+    # values keeps at low fat fraction.
+    core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
+    roi_ff = {g: roi_fat_fraction(w_arr, f_arr, core & (labels == g) if (core & (labels == g)).sum() >= 50
+                                  else labels == g, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
+              for g in groups}
     measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)])
                     if m.metric == "ff_percent" and np.isfinite(roi_ff[_group_of(groups, m)]) else m
                     for m in measurements]

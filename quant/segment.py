@@ -125,7 +125,7 @@ def level_from_text(text: str) -> Region | None:
 
 
 def segment_legs(reference: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: np.ndarray | None = None,
-                 body_part: str = "", sat_ff: float = 0.5, septum_ff: float = 0.8) -> Segmentation:
+                 body_part: str = "", sat_ff: float = 0.8, septum_ff: float = 0.8) -> Segmentation:
     """Segment body, SAT, bone and muscle of each leg.
 
     Parameters

@@ -123,6 +123,12 @@ def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg
             except QuantError:
                 source = "default (calibration failed)"
     muscle = tissue == Tissue.MUSCLE
+    # away from the muscle's edges (partial volume with fat or fascia), where enough is left
+    core = ndi.binary_erosion(muscle, structure=np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
+                                                          [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+                                                          [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool))
+    if core.sum() >= 0.3 * muscle.sum():
+        muscle = core
     fit_all = _fit(signals_of[muscle], params, options, fat_t2, noise_sd, dictionary_provider)
     maps = {}
     for name in ("t2w_ms", "b1", "ff", "m_water", "m_fat", "residual"):

@@ -22,6 +22,8 @@ from quant.phantom import make_leg_phantom, phantom_datasets
 os.environ.setdefault("TCP_NODELAY", "1")  # Debian's DCMTK and Orthanc stall ~40 ms per instance without it
 
 SMALL = dict(shape=(8, 96, 160), pixel_mm=2.5, slice_mm=6.0)
+#: partial volume (3x3 sub-voxels), a +-30 % receive bias field, a 1 mm dark fascia
+REALISTIC = dict(supersample=3, bias_field=0.3, fascia_mm=1.0)
 
 
 def free_port() -> int:
@@ -49,8 +51,8 @@ def write_datasets(datasets, folder: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def thigh_visits():
     """Two visits of one subject: (phantom, datasets) each; FF rises and CSA falls."""
-    v1 = small_phantom(muscle_ff=0.06, muscle_scale=1.0, snr=40, seed=11)
-    v2 = small_phantom(muscle_ff=0.11, muscle_scale=0.92, snr=40, seed=12)
+    v1 = small_phantom(muscle_ff=0.06, muscle_scale=1.0, snr=40, seed=11, **REALISTIC)
+    v2 = small_phantom(muscle_ff=0.11, muscle_scale=0.92, snr=40, seed=12, **REALISTIC)
     # visit 1: MESE as classic single-frame MR; visit 2: as Enhanced MR, one instance per echo
     d1 = exam_datasets(v1, t2w_muscle_ms=VISIT_T2[0], patient_id="T-0001", study_date="20260110", uid_seed="tests")
     d2 = exam_datasets(v2, t2w_muscle_ms=VISIT_T2[1], enhanced_mese=True, patient_id="T-0001",
