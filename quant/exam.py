@@ -196,3 +196,62 @@ def _enhanced(base: Dataset, frames: np.ndarray, positions, phantom: LegPhantom,
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     _pixels(ds, frames)
     return ds
+
+
+def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6, te1_ms: float = 1.2,
+                   dte_ms: float = 1.0, field_strength_t: float = 3.0, snr: float = 50.0,
+                   fieldmap_hz: float = 120.0, r2star_s: float = 40.0, seed: int = 0,
+                   series_number: int = 40, signal_scale: float = 1000.0) -> list[Dataset]:
+    """A multi-echo gradient echo (magnitude and phase series, as Siemens writes them:
+    phase stored 0..4095 with Rescale Slope 2 and Intercept -4096, i.e. -pi..pi) of the
+    phantom, simulated with the 6-peak fat spectrum, a smooth field map and R2*."""
+    from .dixon import multiecho_signal
+    pd = phantom.pd if phantom.pd is not None else (phantom.tissue > 0).astype(np.float32)
+    w = pd * (1 - phantom.ff) * signal_scale
+    f = pd * phantom.ff * signal_scale
+    nz, ny, nx = phantom.tissue.shape
+    yn = np.linspace(-1, 1, ny)[None, :, None]
+    xn = np.linspace(-1, 1, nx)[None, None, :]
+    psi = fieldmap_hz * (0.6 * xn + 0.4 * (xn ** 2 + yn ** 2) - 0.3) * np.ones((nz, 1, 1))
+    te = te1_ms + dte_ms * np.arange(n_echoes)
+    s = multiecho_signal(w, f, r2star_s, psi, te, field_strength_t=field_strength_t, phase0_rad=0.4)
+    rng = np.random.default_rng(seed)
+    sigma = signal_scale / snr
+    s = s + rng.normal(0, sigma, s.shape) + 1j * rng.normal(0, sigma, s.shape)
+    mag = np.clip(np.rint(np.abs(s)), 0, 65535).astype(np.uint16)
+    stored_phase = np.clip(np.rint((np.angle(s) * 4096 / np.pi + 4096) / 2), 0, 4095).astype(np.uint16)
+    dz, dy, dx = phantom.spacing_mm
+    out = []
+    for part, images, image_type in (("M", mag, ["ORIGINAL", "PRIMARY", "M", "ND"]),
+                                     ("P", stored_phase, ["ORIGINAL", "PRIMARY", "P", "ND"])):
+        series_uid = _uid(template.StudyInstanceUID, "megre", part)
+        base = _base(template, series_uid, series_number + (part == "P"), DEFAULT_MESE, dz)
+        base.SeriesDescription = f"gre_6echo_tra_{'mag' if part == 'M' else 'pha'}"
+        base.ScanningSequence = "GR"
+        base.SequenceVariant = "SP"
+        base.MRAcquisitionType = "3D"
+        base.FlipAngle = "5"
+        base.RepetitionTime = "12"
+        base.EchoTrainLength = n_echoes
+        base.MagneticFieldStrength = f"{field_strength_t:g}"
+        for e in range(n_echoes):
+            for k in range(nz):
+                ds = copy.deepcopy(base)
+                ds.SOPClassUID = MR_IMAGE
+                ds.SOPInstanceUID = _uid(series_uid, e, k)
+                ds.file_meta = _meta(MR_IMAGE, ds.SOPInstanceUID)
+                ds.ImageType = image_type
+                ds.InstanceNumber = e * nz + k + 1
+                ds.EchoTime = f"{te[e]:g}"
+                ds.EchoNumbers = e + 1
+                pos = (phantom.origin_mm[0], phantom.origin_mm[1], phantom.origin_mm[2] + k * dz)
+                ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+                ds.ImageOrientationPatient = [f"{v:g}" for v in phantom.orientation]
+                ds.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
+                if part == "P":
+                    ds.RescaleSlope = "2"
+                    ds.RescaleIntercept = "-4096"
+                    ds.RescaleType = "US"
+                _pixels(ds, images[e, k])
+                out.append(ds)
+    return out

@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
 from .enums import SeriesKind, Side, SideLabel, Tissue
-from .dixon import correct_swaps, detect_swaps, fat_fraction_dixon, roi_fat_fraction
+from .dixon import correct_swaps, detect_swaps, fat_fraction_dixon, pdff_multiecho, roi_fat_fraction
 from .errors import QuantError, SeriesError
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .segment import Segmentation, segment_legs
@@ -27,7 +27,8 @@ if False:  # typing only
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndi.generate_binary_structure(2, 1)
-DIXON_MODEL = "dixon-rician-ml"   # per-voxel and region fat fraction by Rician maximum likelihood
+DIXON_MODEL = "dixon-rician-ml"
+PDFF_MODEL = "megre-pdff-6peak"   # multi-echo complex Dixon: 6-peak fat, R2*, smooth field map   # per-voxel and region fat fraction by Rician maximum likelihood
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
 
 
@@ -90,9 +91,12 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     infos = tuple(classify_series(dss) for dss in by_series.values())
     notes: list[str] = []
     water_info, fat_info = _pick(infos, SeriesKind.WATER), _pick(infos, SeriesKind.FAT)
+    megre = _complex_dixon(by_series, infos, notes)
     if water_info is None or fat_info is None:
-        found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
-        raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
+        if megre is None:
+            found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
+            raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
+        return _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, dictionary_provider)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -144,14 +148,101 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     # its edges (no partial volume), free of the noise-floor bias that a mean of voxel
     # values keeps at low fat fraction.
     core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
-    roi_ff = {g: roi_fat_fraction(w_arr, f_arr, core & (labels == g) if (core & (labels == g)).sum() >= 50
-                                  else labels == g, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
-              for g in groups}
-    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)])
+
+    def roi(g):
+        return core & (labels == g) if (core & (labels == g)).sum() >= 50 else labels == g
+    if megre is not None and megre[0].same_grid(water):
+        # multi-echo complex data of the same grid: the PDFF (multi-peak fat, R2*, field
+        # map) is the better fat fraction; its region mean is unbiased (not clipped)
+        pdff = megre[1].pdff
+        roi_ff = {g: float(np.nanmean(pdff[roi(g)])) for g in groups}
+        model = PDFF_MODEL
+        notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat)")
+    else:
+        roi_ff = {g: roi_fat_fraction(w_arr, f_arr, roi(g), dixon.noise_sd, in_phase=in_phase,
+                                      opposed_phase=opposed) for g in groups}
+        model = DIXON_MODEL
+    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)], model=model)
                     if m.metric == "ff_percent" and np.isfinite(roi_ff[_group_of(groups, m)]) else m
                     for m in measurements]
     csa = {groups[g]: v for g, v in per_slice.items()}
     notes.extend(seg.notes)
+    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dictionary_provider)
+    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
+                         flags=tuple(flags))
+
+
+def _complex_dixon(by_series, infos, notes):
+    """(magnitude volume, PDFFResult) of a multi-echo gradient echo with magnitude and
+    phase series on one grid, or None."""
+    mag_info, ph_info = _pick(infos, SeriesKind.MEGRE_MAGNITUDE), _pick(infos, SeriesKind.MEGRE_PHASE)
+    if mag_info is None:
+        return None
+    if ph_info is None:
+        notes.append("multi-echo gradient echo without its phase series: no complex-Dixon PDFF")
+        return None
+    try:
+        mag = assemble_volume(by_series[mag_info.series_instance_uid])
+        ph = assemble_volume(by_series[ph_info.series_instance_uid])
+    except SeriesError as exc:
+        notes.append(f"multi-echo gradient echo not used: {exc}")
+        return None
+    if not (mag.same_grid(ph) and mag.echo_times_ms == ph.echo_times_ms and mag.array.ndim == 4):
+        notes.append("multi-echo gradient echo not used: magnitude and phase differ in grid or echo times")
+        return None
+    ds0 = by_series[mag_info.series_instance_uid][0]
+    field = float(ds0.get("MagneticFieldStrength", 3.0) or 3.0)
+    result = pdff_multiecho(mag.array, phase_to_radians(ph.array), list(mag.echo_times_ms),
+                            field_strength_t=field, mask=mag.array[0] > 0.1 * np.percentile(mag.array[0], 99))
+    return mag.with_array(mag.array[0]), result
+
+
+def phase_to_radians(phase: np.ndarray) -> np.ndarray:
+    """Phase images in radians: values already within ±pi are radians; vendors' integer
+    phase (Siemens -4096..4095 after rescale, others 0..4095) maps its range onto 2 pi."""
+    a = np.asarray(phase, dtype=np.float64)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    if lo >= -np.pi * 1.001 and hi <= np.pi * 1.001:
+        return a
+    if lo >= 0:
+        return (a / 4096.0) * 2 * np.pi - np.pi
+    return a * (np.pi / 4096.0)
+
+
+def _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, dictionary_provider) -> "StudyAnalysis":
+    """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
+    reference, res = megre
+    w_arr = np.abs(np.nan_to_num(res.water)).astype(np.float32)
+    f_arr = np.abs(np.nan_to_num(res.fat)).astype(np.float32)
+    water = reference.with_array(w_arr)
+    pdff = res.pdff
+    ff_seg = np.clip(np.nan_to_num(pdff, nan=np.nan), 0, 1).astype(np.float32)
+    mag_info = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
+    seg = segment_legs(water, f_arr, ff_seg, body_part=_body_part(by_series[mag_info.series_instance_uid][0]))
+    labels, groups = seg.muscle_groups()
+    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=_INPLANE)
+    fat_ff = float(np.nanmedian(ff_seg[sat])) if sat.sum() > 50 else 0.92
+    labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff_seg, w_arr + f_arr, fat_ff=fat_ff)
+    measurements, per_slice = muscle_metrics(
+        labels_ext, muscle_ff, groups, pixel_area_mm2=water.pixel_area_mm2,
+        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=PDFF_MODEL,
+        weights=weights)
+    core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
+    roi_ff = {g: float(np.nanmean(pdff[core & (labels == g)] if (core & (labels == g)).sum() >= 50
+                                  else pdff[labels == g])) for g in groups}
+    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)])
+                    if m.metric == "ff_percent" and np.isfinite(roi_ff[_group_of(groups, m)]) else m
+                    for m in measurements]
+    notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat, R2*, field map)")
+    notes.extend(seg.notes)
+    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dictionary_provider)
+    csa = {groups[g]: v for g, v in per_slice.items()}
+    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff_seg, segmentation=seg,
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2)
+
+
+def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dictionary_provider):
     t2 = None
     mese_info = _pick(infos, SeriesKind.MESE)
     if mese_info is not None:
@@ -166,9 +257,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
                          f", fat T2 {t2.fat_t2_ms:.0f} ms ({t2.fat_t2_source})")
         except QuantError as exc:
             notes.append(f"water T2 not measured: {exc}")
-    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
-                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
-                         flags=tuple(flags))
+    return t2, measurements
 
 
 def _group_of(groups: dict, m: Measurement) -> int:

@@ -105,6 +105,24 @@ def _echo_times(datasets: Iterable[Dataset]) -> tuple[float, ...]:
     return tuple(sorted(tes))
 
 
+_PHASE_TYPES = {"P", "PHASE", "P_FFE", "PHASE MAP"}     # Siemens P, GE PHASE, Philips P_FFE
+_MAGNITUDE_TYPES = {"M", "MAGNITUDE", "M_FFE", "MAG"}    # Siemens M, GE MAGNITUDE, Philips M_FFE
+
+
+def _complex_component(ds: Dataset) -> str | None:
+    """``"MAGNITUDE"`` or ``"PHASE"`` from Complex Image Component (Enhanced MR) or Image
+    Type values; None when neither says."""
+    component = str(ds.get("ComplexImageComponent", "") or "").upper()
+    if component in ("MAGNITUDE", "PHASE"):
+        return component
+    types = set(_image_type(ds))
+    if types & _PHASE_TYPES:
+        return "PHASE"
+    if types & _MAGNITUDE_TYPES:
+        return "MAGNITUDE"
+    return None
+
+
 def _is_spin_echo(ds: Dataset) -> bool | None:
     """True for spin echo, False for gradient echo / EPI, None when the header does not say
     (no Scanning Sequence nor Echo Pulse Sequence, research mode "RM", GRASE "BOTH")."""
@@ -148,8 +166,14 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesInfo:
             return SeriesInfo(kind=SeriesKind.MESE, reason=f"{len(tes)} echo times, {how}", **base)
         value = ds0.get("ScanningSequence") or ds0.get("EchoPulseSequence") or "absent"
         seq = value if isinstance(value, str) else "\\".join(str(v) for v in value)
+        component = _complex_component(ds0)
+        if component is not None:
+            kind = SeriesKind.MEGRE_PHASE if component == "PHASE" else SeriesKind.MEGRE_MAGNITUDE
+            return SeriesInfo(kind=kind, reason=f"{len(tes)} echo times, gradient echo (sequence {seq}), "
+                              f"{component.lower()} images: multi-echo complex Dixon", **base)
         return SeriesInfo(kind=SeriesKind.UNKNOWN, reason=f"{len(tes)} echo times but not spin echo "
-                          f"(sequence {seq}; multi-echo gradient echo is not quantified yet)", **base)
+                          f"(sequence {seq}; a multi-echo gradient echo whose images are neither "
+                          "magnitude nor phase by Image Type)", **base)
     image_type = set(_image_type(ds0))
     for conv in DIXON_CONVENTIONS:
         if image_type & conv.image_type:

@@ -107,6 +107,7 @@ SWAP_FINDINGS = MappingProxyType({
 MODEL_METHODS = MappingProxyType({
     "dixon-magnitude": _private("DIXON-MAG", "Magnitude Dixon fat fraction"),
     "dixon-rician-ml": _private("DIXON-ML", "Magnitude Dixon fat fraction, Rician maximum likelihood"),
+    "megre-pdff-6peak": _private("PDFF-6PEAK", "Proton-density fat fraction, multi-echo, 6-peak fat model"),
     "epg-bicomponent": _private("EPG-BICOMP", "Bi-component extended phase graph fit of multi-echo spin echo"),
     "biexp-fixed-fat": _private("BIEXP-FIXFAT", "Bi-exponential fit with fixed fat T2, first echo discarded"),
 })

@@ -215,15 +215,21 @@ def test_mese_enhanced_all_echoes_in_one_instance():
     assert info.echo_times_ms == (10.0, 20.0, 30.0)
 
 
-def test_multi_echo_gradient_echo_is_unknown():
-    datasets = mr_series(4, echo_times=[2.4, 4.8, 7.2, 9.6, 12.0, 14.4], scanning_sequence="GR",
-                         series_description="gre_multiecho_tra", image_type=SIEMENS_PLAIN)
-    info = classify_series(datasets)
-    assert info.kind is UNKNOWN
+def test_multi_echo_gradient_echo_magnitude_and_phase():
+    mag = mr_series(4, echo_times=[2.4, 4.8, 7.2, 9.6, 12.0, 14.4], scanning_sequence="GR",
+                    series_description="gre_multiecho_tra", image_type=SIEMENS_PLAIN)
+    info = classify_series(mag)
+    assert info.kind is SeriesKind.MEGRE_MAGNITUDE
     assert info.echo_times_ms == (2.4, 4.8, 7.2, 9.6, 12.0, 14.4)
-    assert "6 echo times but not spin echo" in info.reason
-    assert "GR" in info.reason
-    assert "gradient echo" in info.reason
+    assert "gradient echo (sequence GR), magnitude images" in info.reason
+    phase = mr_series(4, echo_times=[2.4, 4.8, 7.2], scanning_sequence="GR",
+                      series_description="gre_multiecho_tra", image_type=("ORIGINAL", "PRIMARY", "P", "ND"))
+    assert classify_series(phase).kind is SeriesKind.MEGRE_PHASE
+    plain = mr_series(4, echo_times=[2.4, 4.8, 7.2], scanning_sequence="GR",
+                      series_description="gre_multiecho_tra", image_type=("ORIGINAL", "PRIMARY", "OTHER"))
+    info = classify_series(plain)
+    assert info.kind is UNKNOWN
+    assert "3 echo times but not spin echo" in info.reason and "GR" in info.reason
 
 
 @pytest.mark.parametrize("description", [
@@ -235,17 +241,16 @@ def test_gradient_echo_header_beats_a_mese_looking_description(description):
     datasets = mr_series(3, echo_times=[3.0, 6.0, 9.0, 12.0], scanning_sequence="GR",
                          series_description=description, image_type=PHILIPS_PLAIN)
     info = classify_series(datasets)
-    assert info.kind is UNKNOWN, info.reason
-    assert "not spin echo" in info.reason
+    assert info.kind is SeriesKind.MEGRE_MAGNITUDE, info.reason
+    assert "gradient echo" in info.reason
 
 
-def test_enhanced_multi_echo_gradient_echo_is_unknown():
+def test_enhanced_multi_echo_gradient_echo_is_complex_dixon():
     datasets = enhanced_mr_series(3, echo_times=[2.0, 4.0, 6.0], echo_pulse_sequence="GRADIENT",
                                   series_description="me_gre")
     info = classify_series(datasets)
-    assert info.kind is UNKNOWN
-    assert "3 echo times but not spin echo" in info.reason
-    assert "GRADIENT" in info.reason
+    assert info.kind is SeriesKind.MEGRE_MAGNITUDE    # Complex Image Component MAGNITUDE
+    assert "3 echo times, gradient echo (sequence GRADIENT)" in info.reason
 
 
 # --- not MR ------------------------------------------------------------------------------
