@@ -79,14 +79,18 @@ def mese_parameters(ds: Dataset, volume: Volume, options: T2Options) -> MesePara
     return MeseParameters(**kw)
 
 
+MIN_SNR = 5.0   # a voxel is fitted when its largest echo is above this many noise SDs
+
+
 def _fit(signals, params, options, fat_t2, noise_sd, dictionary_provider):
+    min_signal = MIN_SNR * noise_sd if noise_sd else 0.0
     if options.model == MODEL_BIEXP:
-        return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2)
+        return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2, min_signal=min_signal)
     if options.model != MODEL_EPG:
         raise QuantError(f"unknown T2 model {options.model!r} (expected {MODEL_EPG!r} or {MODEL_BIEXP!r})")
     provider = dictionary_provider or (lambda p, t2f: build_dictionary(p, t2f_ms=t2f))
     dictionary: T2Dictionary = provider(params, fat_t2)
-    return fit_water_t2(signals, dictionary, noise_sd=noise_sd)
+    return fit_water_t2(signals, dictionary, noise_sd=noise_sd, min_signal=min_signal)
 
 
 def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg: Segmentation,
