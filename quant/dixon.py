@@ -56,6 +56,7 @@ from numba import njit, prange
 from scipy import ndimage as ndi
 
 from .errors import QuantError, SeriesError
+from .segment import otsu_threshold
 from .fatfraction import fat_fraction
 
 CHANNELS = ("water", "fat", "in_phase", "opposed_phase")
@@ -370,19 +371,7 @@ _RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))   # median of Rayleigh(1)
 
 
 def _otsu(values: np.ndarray) -> float:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return 0.0
-    hi = np.percentile(v, 99.5)
-    hist, edges = np.histogram(v, bins=256, range=(float(v.min()), float(hi) + 1e-9))
-    centers = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[np.argmax(between)])
+    return otsu_threshold(values, upper_percentile=99.5)
 
 
 def _inplane(ndim: int, r: int = 1) -> np.ndarray:

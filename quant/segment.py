@@ -60,10 +60,16 @@ class Segmentation:
         return labels, groups
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample."""
+def otsu_threshold(values: np.ndarray, bins: int = 256, upper_percentile: float = 100.0) -> float:
+    """Otsu's threshold of a sample (non-finite values ignored; 0 for an empty sample).
+    With ``upper_percentile`` < 100 the histogram ends there, so that a few very bright
+    voxels do not squeeze the rest into a few bins."""
+    values = np.asarray(values, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
-    hist, edges = np.histogram(values, bins=bins)
+    if values.size == 0:
+        return 0.0
+    hi = float(np.percentile(values, upper_percentile)) if upper_percentile < 100 else float(values.max())
+    hist, edges = np.histogram(values, bins=bins, range=(float(values.min()), hi + 1e-9))
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
