@@ -22,8 +22,9 @@ log = logging.getLogger("musclenode")
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbosity <= 0:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if verbosity <= 0:  # the libraries' INFO is per-association / per-module chatter
+        for name in ("pynetdicom", "highdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def cmd_serve(args) -> int:
@@ -79,7 +80,7 @@ def cmd_status(args) -> int:
 
 def cmd_process(args) -> int:
     from quant.errors import QuantError
-    from .processing import (build_outputs, cached_dictionary_provider, encode, load_datasets, measurement_rows,
+    from .processing import (build_outputs, cached_atoms, encode, load_datasets, measurement_rows,
                              measurements_csv)
     src, out = Path(args.input), Path(args.out)
     if not src.is_dir():
@@ -94,11 +95,11 @@ def cmd_process(args) -> int:
         return 1
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(args.config)
-    provider = cached_dictionary_provider(Path(config.node.data_dir) / "cache")
+    provider = cached_atoms(Path(config.node.data_dir) / "cache")
     rows, failed = [], 0
     for study_uid, dss in _group_studies(datasets).items():
         try:
-            result = build_outputs(dss, t2_options=config.t2.options(), dictionary_provider=provider)
+            result = build_outputs(dss, t2_options=config.t2.options(), atoms=provider)
         except QuantError as exc:
             print(f"study {study_uid}: {exc}", file=sys.stderr)
             failed += 1

@@ -27,7 +27,7 @@ from quant.pipeline import NoDixonError
 from reports.longitudinal import PriorValue
 
 from . import db
-from .processing import build_outputs, cached_dictionary_provider, encode, load_datasets, parse_date, series_summary
+from .processing import build_outputs, cached_atoms, encode, load_datasets, parse_date, series_summary
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: s
 
 def execute_job(ctx: JobContext, job_id: int) -> str:
     """Process the study of one job and record everything it made; returns the final state."""
+    t_start = time.time()
     engine = _engine(ctx.database_url)
     store = Store(Path(ctx.data_dir), engine)
     with engine.begin() as conn:
@@ -98,9 +99,10 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
         earlier = conn.execute(select(db.outputs.c.path).where(and_(db.outputs.c.study_uid == job.study_uid,
                                                                     db.outputs.c.kind == "sr"))).scalars().all()
     previous_srs = [pydicom.dcmread(p) for p in earlier if Path(p).exists()]
+    t_loaded = time.time()
     try:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
-                            dictionary_provider=cached_dictionary_provider(Path(ctx.data_dir) / "cache"))
+                            atoms=cached_atoms(Path(ctx.data_dir) / "cache"))
     except NoDixonError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, "skipped", str(exc))
         log.warning("job %d: %s", job_id, exc)
@@ -109,7 +111,7 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
         _finish(engine, job_id, job.study_uid, job.revision, "failed", f"{type(exc).__name__}: {exc}")
         log.error("job %d failed: %s", job_id, exc)
         return "failed"
-    now = time.time()
+    now = t_built = time.time()
     paths = {}
     for kind, ds in (("seg", out.seg), ("sr", out.sr)):
         path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
@@ -137,8 +139,23 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
     _finish(engine, job_id, job.study_uid, job.revision, "done",
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
-    log.info("job %d done: study %s", job_id, job.study_uid)
+    log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",
+             job_id, job.study_uid, time.time() - t_start, t_loaded - t_start, t_built - t_loaded,
+             time.time() - t_built)
     return "done"
+
+
+def _init_worker(level: int) -> None:
+    """Spawned workers start with no logging set up: give them the parent's level and
+    format, so that what a job logs reaches the node's log (stderr, journald)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    for name in ("pynetdicom", "highdicom"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_init_worker, initargs=(logging.getLogger().getEffectiveLevel(),))
 
 
 def warm_up() -> float:
@@ -209,7 +226,7 @@ class JobRunner:
 
     def start(self) -> None:
         if self.kind == "process":
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = _new_pool(self.workers)
             for _ in range(self.workers):  # load the kernels before the first exam, not during it
                 self._pool.submit(warm_up)
         self._thread.start()
@@ -255,7 +272,7 @@ class JobRunner:
     def _crashed(self, job_id: int, exc: BaseException) -> None:
         log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, exc)
         if isinstance(exc, cf.process.BrokenProcessPool) and self._pool is not None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = _new_pool(self.workers)
         with self.engine.begin() as conn:
             job = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).one()
         if job.attempts < MAX_ATTEMPTS:

@@ -82,7 +82,7 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
 def build_outputs(datasets: Sequence[Dataset],
                   priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None,
                   previous_srs: Sequence[Dataset] = (), *, t2_options=None,
-                  dictionary_provider=None) -> StudyOutputs:
+                  atoms=None) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR.
 
     ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
@@ -92,7 +92,7 @@ def build_outputs(datasets: Sequence[Dataset],
     from reports.seg import build_seg
     from reports.sr import build_sr
 
-    analysis = analyse_study(datasets, t2_options=t2_options, dictionary_provider=dictionary_provider)
+    analysis = analyse_study(datasets, t2_options=t2_options, atoms=atoms)
     water = {str(d.SOPInstanceUID): d for d in datasets
              if str(d.SeriesInstanceUID) == analysis.reference.series_instance_uid}
     source = [water[uid] for uid in dict.fromkeys(analysis.reference.sop_instance_uids)]
@@ -124,29 +124,25 @@ def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
             for m in outputs.analysis.measurements]
 
 
-def cached_dictionary_provider(cache_dir: Path):
-    """A ``dictionary_provider`` for :func:`quant.pipeline.analyse_study` that keeps EPG
-    dictionaries in ``cache_dir`` (keyed by a hash of the sequence and model), so they
-    are built once and reused across exams and worker processes."""
-    from quant.t2 import T2Dictionary, build_dictionary
+def cached_atoms(cache_dir: Path):
+    """An ``atoms`` source for :func:`quant.pipeline.analyse_study` that keeps the EPG
+    tables (one component over a T2 x B1 grid) in ``cache_dir``, keyed by a hash of the
+    sequence, the grids and T1: built once per protocol, reused across exams and worker
+    processes. Only the exam's own fat column (one fat T2) is simulated per exam."""
+    import hashlib
+
+    from quant.t2 import epg_atoms
 
     from .cache import ArrayCache
     cache = ArrayCache(cache_dir)
 
-    def provide(params, fat_t2_ms: float):
-        key = f"t2dict-{params.key()}-fat{fat_t2_ms:.1f}"
-
-        def build():
-            d = build_dictionary(params, t2f_ms=round(fat_t2_ms, 1))
-            return dict(t2w_grid_ms=d.t2w_grid_ms, b1_grid=d.b1_grid, water_atoms=d.water_atoms,
-                        fat_atoms=d.fat_atoms, relax=np.array([d.t1w_ms, d.t1f_ms, d.t2f_ms]),
-                        key=np.array(d.key))
-        a = cache.get_or_build(key, build)
-        t1w, t1f, t2f = (float(v) for v in a["relax"])
-        return T2Dictionary(params=params, t2w_grid_ms=a["t2w_grid_ms"], b1_grid=a["b1_grid"],
-                            water_atoms=a["water_atoms"], fat_atoms=a["fat_atoms"], t1w_ms=t1w, t1f_ms=t1f,
-                            t2f_ms=t2f, key=str(a["key"]))
-    return provide
+    def atoms(params, t2_grid_ms, b1_grid, t1_ms: float) -> np.ndarray:
+        h = hashlib.sha256(params.key().encode())
+        for arr in (t2_grid_ms, b1_grid, [t1_ms]):
+            h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
+        key = "epg-atoms-" + h.hexdigest()[:32]
+        return cache.get_or_build(key, lambda: {"atoms": epg_atoms(params, t2_grid_ms, b1_grid, t1_ms)})["atoms"]
+    return atoms
 
 
 def encode(ds: Dataset) -> bytes:

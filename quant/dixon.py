@@ -654,47 +654,94 @@ def _profile_s(mi, kinds, s2, phi, s0):
     return s, ll
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _roi_profile(m, kinds, s2, s, phi):
     """Profile log-likelihood of one FF ``phi`` (per-voxel totals ``s`` maximised out,
-    in place: each evaluation starts from the previous one's totals)."""
+    in place: each evaluation starts from the previous one's totals; voxels in parallel,
+    summed afterwards so the result does not depend on the thread count)."""
     n = m.shape[0]
     acc = np.zeros(n)
-    for i in range(n):
+    for i in prange(n):
         s[i], acc[i] = _profile_s(m[i], kinds, s2, phi, s[i])
     return acc.sum()
 
 
 @njit(cache=True)
-def _golden_roi(m, kinds, s2, s0, lo, hi, tol):
-    g = 0.6180339887498949
+def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
+    """Maximum of the profile likelihood of FF over [lo, hi]: Brent's method (parabolic
+    steps through the three best points, golden-section steps where a parabola would
+    not shrink the bracket), then the ends of the interval as candidates too (FF exactly
+    0 or 1). About 10 profile evaluations instead of golden section's 45."""
+    cg = 0.3819660112501051
     a, b = lo, hi
-    x1 = b - g * (b - a)
-    x2 = a + g * (b - a)
-    f1 = _roi_profile(m, kinds, s2, s0, x1)
-    f2 = _roi_profile(m, kinds, s2, s0, x2)
-    while b - a > tol:
-        if f1 < f2:
-            a, x1, f1 = x1, x2, f2
-            x2 = a + g * (b - a)
-            f2 = _roi_profile(m, kinds, s2, s0, x2)
+    x = a + cg * (b - a)
+    w = x
+    v = x
+    fx = -_roi_profile(m, kinds, s2, s0, x)
+    fw = fx
+    fv = fx
+    d = 0.0
+    e = 0.0
+    for _ in range(200):
+        xm = 0.5 * (a + b)
+        tol1 = 1e-10 * abs(x) + tol / 3.0
+        tol2 = 2.0 * tol1
+        if abs(x - xm) <= tol2 - 0.5 * (b - a):
+            break
+        parabolic = False
+        if abs(e) > tol1:
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            e_old = e
+            e = d
+            if abs(p) < abs(0.5 * q * e_old) and p > q * (a - x) and p < q * (b - x):
+                d = p / q
+                u = x + d
+                if u - a < tol2 or b - u < tol2:
+                    d = tol1 if xm >= x else -tol1
+                parabolic = True
+        if not parabolic:
+            e = (a - x) if x >= xm else (b - x)
+            d = cg * e
+        if abs(d) >= tol1:
+            u = x + d
         else:
-            b, x2, f2 = x2, x1, f1
-            x1 = b - g * (b - a)
-            f1 = _roi_profile(m, kinds, s2, s0, x1)
-    x = 0.5 * (a + b)
-    # the ends of the interval are candidates too (FF exactly 0 or 1)
-    best_x, best_f = x, _roi_profile(m, kinds, s2, s0, x)
-    for e in (lo, hi):
-        fe = _roi_profile(m, kinds, s2, s0, e)
+            u = x + (tol1 if d > 0 else -tol1)
+        fu = -_roi_profile(m, kinds, s2, s0, u)
+        if fu <= fx:
+            if u >= x:
+                a = x
+            else:
+                b = x
+            v, fv = w, fw
+            w, fw = x, fx
+            x, fx = u, fu
+        else:
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv = w, fw
+                w, fw = u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
+    best_x, best_f = x, -fx
+    for end in (lo, hi):
+        fe = _roi_profile(m, kinds, s2, s0, end)
         if fe > best_f:
-            best_x, best_f = e, fe
+            best_x, best_f = end, fe
     return best_x, best_f
 
 
 @njit(cache=True)
 def _roi_ml_kernel(m, kinds, s2, s0, tol):
-    """Joint ML of one FF and per-voxel totals (started at ``s0``): golden section on the
+    """Joint ML of one FF and per-voxel totals (started at ``s0``): Brent's method on the
     profile likelihood of FF, over [0, 0.5] and [0.5, 1] separately when the
     opposed-phase channel (|1 - 2 FF|, kinked at 0.5) is present. Returns the FF."""
     has_op = False
@@ -702,10 +749,10 @@ def _roi_ml_kernel(m, kinds, s2, s0, tol):
         if kinds[c] == _OP:
             has_op = True
     if has_op:
-        pa, fa = _golden_roi(m, kinds, s2, s0, 0.0, 0.5, tol)
-        pb, fb = _golden_roi(m, kinds, s2, s0, 0.5, 1.0, tol)
+        pa, fa = _maximise_roi(m, kinds, s2, s0, 0.0, 0.5, tol)
+        pb, fb = _maximise_roi(m, kinds, s2, s0, 0.5, 1.0, tol)
         return pa if fa >= fb else pb
-    phi, _ = _golden_roi(m, kinds, s2, s0, 0.0, 1.0, tol)
+    phi, _ = _maximise_roi(m, kinds, s2, s0, 0.0, 1.0, tol)
     return phi
 
 
@@ -821,7 +868,7 @@ def roi_fat_fraction(water: np.ndarray, fat: np.ndarray, mask: np.ndarray,
     total = 0.0
     for k in np.unique(strata):
         sel = strata == k
-        phi = _roi_ml_kernel(np.ascontiguousarray(m[sel]), kinds, s2, np.ascontiguousarray(s_init[sel]), 1e-6)
+        phi = _roi_ml_kernel(np.ascontiguousarray(m[sel]), kinds, s2, np.ascontiguousarray(s_init[sel]), 1e-5)
         total += phi * int(sel.sum())
     return float(total / n)
 

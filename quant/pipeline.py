@@ -72,12 +72,12 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 
 
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None" = None,
-                  dictionary_provider=None) -> StudyAnalysis:
+                  atoms=None) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
-    found on the Dixon images (``t2_options``; ``dictionary_provider(params, fat_t2_ms)``
-    may return a cached EPG dictionary). A T2 stage that cannot run leaves a note, not
+    found on the Dixon images (``t2_options``; ``atoms(params, t2_grid_ms, b1_grid, t1_ms)``
+    may return the EPG tables from a cache, see :func:`quant.t2.build_dictionary`). A T2 stage that cannot run leaves a note, not
     an error: the Dixon results stand.
 
     Raises
@@ -96,7 +96,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
         if megre is None:
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
-        return _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, dictionary_provider)
+        return _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, atoms)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -167,7 +167,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
                     for m in measurements]
     csa = {groups[g]: v for g, v in per_slice.items()}
     notes.extend(seg.notes)
-    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dictionary_provider)
+    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms)
     return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
                          flags=tuple(flags))
@@ -210,7 +210,7 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
     return a * (np.pi / 4096.0)
 
 
-def _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, dictionary_provider) -> "StudyAnalysis":
+def _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, atoms) -> "StudyAnalysis":
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     reference, res = megre
     w_arr = np.abs(np.nan_to_num(res.water)).astype(np.float32)
@@ -236,13 +236,13 @@ def _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, dictionar
                     for m in measurements]
     notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat, R2*, field map)")
     notes.extend(seg.notes)
-    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dictionary_provider)
+    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms)
     csa = {groups[g]: v for g, v in per_slice.items()}
     return StudyAnalysis(series=infos, reference=water, fat_fraction=ff_seg, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2)
 
 
-def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dictionary_provider):
+def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms):
     t2 = None
     mese_info = _pick(infos, SeriesKind.MESE)
     if mese_info is not None:
@@ -251,7 +251,7 @@ def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, dic
         try:
             mese = assemble_volume(mese_ds)
             t2 = measure_t2(mese_ds, mese, water, seg, t2_options or T2Options(),
-                            dictionary_provider=dictionary_provider, algorithm_version=ALGORITHM_VERSION)
+                            atoms=atoms, algorithm_version=ALGORITHM_VERSION)
             measurements = list(measurements) + list(t2.measurements)
             notes.append(f"water T2 ({t2.fit.model}) from series {mese_info.description or mese_info.series_instance_uid}"
                          f", fat T2 {t2.fat_t2_ms:.0f} ms ({t2.fat_t2_source})")

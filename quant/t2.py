@@ -129,9 +129,19 @@ def _dictionary_key(params, t2_grid, b1_grid, t1w, t1f, t2f):
     return "t2dict-" + h.hexdigest()[:24]
 
 
+def epg_atoms(params: MeseParameters, t2_grid_ms: np.ndarray, b1_grid: np.ndarray, t1_ms: float) -> np.ndarray:
+    """EPG echo trains of one component over a (T2, B1) grid, shape (n_T2, n_B1, n_echoes).
+
+    This table depends only on the sequence, the grids and T1, not on the exam: it is
+    what a cache keeps (see ``atoms`` of :func:`build_dictionary`)."""
+    t2 = np.asarray(t2_grid_ms, dtype=np.float64)
+    b1 = np.asarray(b1_grid, dtype=np.float64)
+    return epg_signals(t2[:, None], float(t1_ms), b1[None, :], params)
+
+
 def build_dictionary(params: MeseParameters, t2w_grid_ms=DEFAULT_T2W_GRID_MS, b1_grid=DEFAULT_B1_GRID, *,
                      t1w_ms: float = DEFAULT_WATER_T1_MS, t1f_ms: float = DEFAULT_FAT_T1_MS,
-                     t2f_ms: float | None = DEFAULT_FAT_T2_MS) -> T2Dictionary:
+                     t2f_ms: float | None = DEFAULT_FAT_T2_MS, atoms=None) -> T2Dictionary:
     """EPG dictionary of the bi-component water/fat model (numba, parallel over atoms).
 
     Parameters
@@ -147,6 +157,11 @@ def build_dictionary(params: MeseParameters, t2w_grid_ms=DEFAULT_T2W_GRID_MS, b1
         Water and fat T1 (ms).
     t2f_ms : float or None
         Fat T2 (ms); ``None`` builds a one-component dictionary (fat atoms zero).
+    atoms : callable, optional
+        ``atoms(params, t2_grid_ms, b1_grid, t1_ms)`` returning the water table as
+        :func:`epg_atoms` does (the default), e.g. from a cache shared across exams and
+        workers. The fat column (one fat T2, all B1: a few dozen EPG trains) is always
+        simulated here, since fat T2 is calibrated per exam.
 
     Returns
     -------
@@ -159,7 +174,10 @@ def build_dictionary(params: MeseParameters, t2w_grid_ms=DEFAULT_T2W_GRID_MS, b1
     for name, v in (("t1w_ms", t1w_ms), ("t1f_ms", t1f_ms)) + ((("t2f_ms", t2f_ms),) if t2f_ms is not None else ()):
         if not (np.isscalar(v) and math.isfinite(v) and v > 0):
             raise QuantError(f"{name} must be a finite number > 0, got {v!r}")
-    water = epg_signals(t2g[:, None], float(t1w_ms), b1g[None, :], params)
+    water = np.asarray((atoms or epg_atoms)(params, t2g, b1g, float(t1w_ms)), dtype=np.float64)
+    if water.shape != (t2g.size, b1g.size, params.n_echoes):
+        raise QuantError(f"atoms gave a table of shape {water.shape}, expected "
+                         f"{(t2g.size, b1g.size, params.n_echoes)}")
     if t2f_ms is None:
         fat = np.zeros((b1g.size, params.n_echoes))
         t2f = 0.0
@@ -1087,7 +1105,7 @@ def calibrate_fat_t2(signals_in_fat_voxels: np.ndarray, params: MeseParameters, 
                      t2_grid_ms=DEFAULT_FAT_T2_GRID_MS, b1_grid=DEFAULT_B1_GRID,
                      t1f_ms: float = DEFAULT_FAT_T1_MS, water_t2_ms: float | None = 30.0,
                      t1w_ms: float = DEFAULT_WATER_T1_MS, noise_sd: float | None = None,
-                     min_voxels: int = 10) -> float:
+                     min_voxels: int = 10, atoms=None) -> float:
     """Fat T2 (ms) of this exam from voxels of (nearly) pure fat, e.g. subcutaneous fat.
 
     Each voxel is fitted with the EPG dictionary machinery, fat T2 and B1 free (fat T1
@@ -1114,6 +1132,8 @@ def calibrate_fat_t2(signals_in_fat_voxels: np.ndarray, params: MeseParameters, 
         Noise SD for the noise-floor correction (see :func:`fit_water_t2`).
     min_voxels : int
         Fewer successful voxels than this raise :class:`~quant.errors.QuantError`.
+    atoms : callable, optional
+        Source of the EPG tables, as for :func:`build_dictionary`.
 
     Returns
     -------
@@ -1122,7 +1142,7 @@ def calibrate_fat_t2(signals_in_fat_voxels: np.ndarray, params: MeseParameters, 
     """
     arr = _check_signals(signals_in_fat_voxels, params.n_echoes).reshape(-1, params.n_echoes)
     # the "water" dimension of this dictionary is fat; the second component is the water admixture
-    d = build_dictionary(params, t2_grid_ms, b1_grid, t1w_ms=t1f_ms, t1f_ms=t1w_ms, t2f_ms=water_t2_ms)
+    d = build_dictionary(params, t2_grid_ms, b1_grid, t1w_ms=t1f_ms, t1f_ms=t1w_ms, t2f_ms=water_t2_ms, atoms=atoms)
     fit = fit_water_t2(arr, d, noise_sd=noise_sd)
     ok = fit.success
     if int(ok.sum()) < min_voxels:

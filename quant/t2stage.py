@@ -82,20 +82,19 @@ def mese_parameters(ds: Dataset, volume: Volume, options: T2Options) -> MesePara
 MIN_SNR = 5.0   # a voxel is fitted when its largest echo is above this many noise SDs
 
 
-def _fit(signals, params, options, fat_t2, noise_sd, dictionary_provider):
+def _fit(signals, params, options, fat_t2, noise_sd, atoms):
     min_signal = MIN_SNR * noise_sd if noise_sd else 0.0
     if options.model == MODEL_BIEXP:
         return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2, min_signal=min_signal)
     if options.model != MODEL_EPG:
         raise QuantError(f"unknown T2 model {options.model!r} (expected {MODEL_EPG!r} or {MODEL_BIEXP!r})")
-    provider = dictionary_provider or (lambda p, t2f: build_dictionary(p, t2f_ms=t2f))
-    dictionary: T2Dictionary = provider(params, fat_t2)
+    dictionary: T2Dictionary = build_dictionary(params, t2f_ms=fat_t2, atoms=atoms)
     return fit_water_t2(signals, dictionary, noise_sd=noise_sd, min_signal=min_signal)
 
 
 def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg: Segmentation,
                options: T2Options = T2Options(), *,
-               dictionary_provider: Callable[[MeseParameters, float], T2Dictionary] | None = None,
+               atoms: Callable[[MeseParameters, np.ndarray, np.ndarray, float], np.ndarray] | None = None,
                algorithm_version: str = "") -> T2Result:
     """Water T2 per region and side of one MESE series (see the module docstring)."""
     if mese.array.ndim != 4:
@@ -122,7 +121,8 @@ def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg
             pick = np.flatnonzero(sat.ravel())
             pick = pick[:: max(1, pick.size // 2000)]
             try:
-                fat_t2 = calibrate_fat_t2(signals_of.reshape(-1, images.shape[0])[pick], params, noise_sd=noise_sd)
+                fat_t2 = calibrate_fat_t2(signals_of.reshape(-1, images.shape[0])[pick], params, noise_sd=noise_sd,
+                                          atoms=atoms)
                 source = f"calibrated on {pick.size} subcutaneous fat voxels"
             except QuantError:
                 source = "default (calibration failed)"
@@ -133,7 +133,7 @@ def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg
                                                           [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool))
     if core.sum() >= 0.3 * muscle.sum():
         muscle = core
-    fit_all = _fit(signals_of[muscle], params, options, fat_t2, noise_sd, dictionary_provider)
+    fit_all = _fit(signals_of[muscle], params, options, fat_t2, noise_sd, atoms)
     maps = {}
     for name in ("t2w_ms", "b1", "ff", "m_water", "m_fat", "residual"):
         full = np.full(muscle.shape, np.nan, np.float32)
