@@ -557,6 +557,20 @@ def _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m_out):
 _FLOOR_WINDOW = 3  # grid points either side searched again by the noise-floor iterations
 
 
+@njit(cache=True, inline="always")
+def _load_voxel(signals, v, y, min_signal):
+    """Copy voxel ``v``'s echoes into ``y``; False where it is not to be fitted (a
+    non-finite echo, or no echo above ``min_signal``)."""
+    ok = True
+    smax = 0.0
+    for e in range(y.size):
+        y[e] = signals[v, e]
+        if not math.isfinite(y[e]):
+            ok = False
+        smax = max(smax, y[e])
+    return ok and smax > min_signal and smax > 0.0
+
+
 @njit(cache=True, parallel=True)
 def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                     out_x, out_y, out_a, out_b, out_res, out_status):
@@ -582,14 +596,7 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
         f_buf = np.empty(n_e)
         res3 = np.empty((3, 3))
         for v in range(c, n_vox, n_chunks):
-            ok = True
-            smax = 0.0
-            for e in range(n_e):
-                y[e] = signals[v, e]
-                if not math.isfinite(y[e]):
-                    ok = False
-                smax = max(smax, y[e])
-            if not ok or smax <= min_signal or smax <= 0.0:
+            if not _load_voxel(signals, v, y, min_signal):
                 out_x[v] = np.nan
                 out_y[v] = np.nan
                 out_a[v] = np.nan
@@ -934,14 +941,7 @@ def _fit_biexp_kernel(signals, te, t2f, t2_grid, min_signal, out_t2, out_a, out_
         y = np.empty(n_e)
         ew = np.empty(n_e)
         for v in range(c, n_vox, n_chunks):
-            ok = True
-            smax = 0.0
-            for e in range(n_e):
-                y[e] = signals[v, e]
-                if not math.isfinite(y[e]):
-                    ok = False
-                smax = max(smax, y[e])
-            if not ok or smax <= min_signal or smax <= 0.0:
+            if not _load_voxel(signals, v, y, min_signal):
                 out_t2[v] = np.nan
                 out_a[v] = np.nan
                 out_b[v] = np.nan
