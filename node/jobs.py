@@ -118,6 +118,8 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
         store.write_result(path, encode(ds))
         paths[kind] = (str(ds.SOPInstanceUID), path)
     with engine.begin() as conn:
+        before = {(r.region, r.side, r.metric): r.value for r in conn.execute(
+            select(db.measurements).where(db.measurements.c.study_uid == job.study_uid))}
         conn.execute(delete(db.measurements).where(db.measurements.c.study_uid == job.study_uid))
         for m in out.analysis.measurements:
             conn.execute(insert(db.measurements).values(
@@ -139,10 +141,53 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
     _finish(engine, job_id, job.study_uid, job.revision, "done",
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
+    after = {(m.region, m.side.value, m.metric): m.value for m in out.analysis.measurements}
+    if after != before:  # new or changed values: later visits compare against them
+        requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date)
     log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",
              job_id, job.study_uid, time.time() - t_start, t_loaded - t_start, t_built - t_loaded,
              time.time() - t_built)
     return "done"
+
+
+def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study_date: str) -> list[int]:
+    """Queue a new revision of every processed later visit of the subject, because a
+    visit before them (``study_date``) has new or changed values: an earlier visit
+    that arrives late, or is reprocessed, must show up as the baseline or previous visit
+    in the later visits' SRs. Their new SRs supersede the old ones. Returns the job ids.
+
+    Only a job whose values changed calls this, so re-comparing does not cascade: a later
+    visit's own values do not change when only its comparisons do."""
+    if not subject_key or not study_date:
+        return []
+    now = time.time()
+    created = []
+    with engine.begin() as conn:
+        measured = select(db.measurements.c.study_uid).distinct()
+        later = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.state)
+                             .where(and_(db.studies.c.subject_key == subject_key,
+                                         db.studies.c.study_uid != study_uid,
+                                         db.studies.c.study_date > study_date,
+                                         db.studies.c.state.in_(("done", "processing")),
+                                         db.studies.c.study_uid.in_(measured)))).all()
+        for row in later:
+            res = conn.execute(update(db.studies)
+                               .where(and_(db.studies.c.study_uid == row.study_uid,
+                                           db.studies.c.revision == row.revision,
+                                           db.studies.c.state == row.state))
+                               .values(state="complete", revision=row.revision + 1,
+                                       message=f"re-compare: an earlier visit ({study_date}) has new values"))
+            if res.rowcount != 1:
+                continue
+            job_id = conn.execute(insert(db.jobs).values(
+                study_uid=row.study_uid, revision=row.revision + 1, state="pending", attempts=0, created_at=now,
+                message="")).inserted_primary_key[0]
+            db.record_audit(conn, "study-recompare", f"study={row.study_uid} revision={row.revision + 1} "
+                                                     f"job={job_id} earlier={study_uid}")
+            created.append(job_id)
+    for job_id in created:
+        log.info("job %d queued: a later visit re-compared with the earlier visit %s", job_id, study_uid)
+    return created
 
 
 def _init_worker(level: int) -> None:

@@ -4,6 +4,7 @@ late instances, restarts, and Orthanc as the sender."""
 import copy
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -155,3 +156,42 @@ def test_orthanc_sends_a_study_to_the_node_and_gets_results(make_node, orthanc, 
     for (side, metric), truth in phantom.truth.items():
         if metric == "ff_percent":
             assert abs(got[(side.value, metric)] - truth) < 1.0
+
+
+def test_earlier_visit_arriving_late_updates_the_later_visits_comparison(make_node, thigh_visits):
+    """Visit 2 arrives (and is reported) before visit 1: when visit 1 is processed, visit 2
+    is re-compared, and its new SR carries the change since visit 1 and supersedes the SR
+    without it. Visit 1 itself has no earlier visit, so nothing cascades."""
+    from test_node_e2e import sr_numbers, value
+
+    (_, d1), (_, d2) = thigh_visits
+    node = make_node(destinations=[], complete_after=0.5)
+    uid1, uid2 = str(d1[0].StudyInstanceUID), str(d2[0].StudyInstanceUID)
+    assert set(push(d2, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}
+    wait_until(lambda: [j for j in rows(node, db.jobs) if j.state == "done"], timeout=120, what="visit 2 job")
+    first_sr = {r.sop_uid for r in rows(node, db.outputs) if r.kind == "sr" and r.study_uid == uid2}
+    nums = sr_numbers(pydicom.dcmread(next(r.path for r in rows(node, db.outputs) if r.sop_uid in first_sr)))
+    assert not [n for n in nums if "since baseline" in n[1].lower()]
+
+    assert set(push(d1, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}
+    jobs = wait_until(lambda: (lambda js: js if len(js) == 3 and all(j.state == "done" for j in js) else None)(
+        rows(node, db.jobs)), timeout=180, what="visit 1 and the re-compare of visit 2")
+    assert [j.study_uid for j in jobs] == [uid2, uid1, uid2] and jobs[2].revision == 2
+    study2 = next(s for s in rows(node, db.studies) if s.study_uid == uid2)
+    assert study2.state == "done" and study2.revision == 2
+    new_sr = {r.sop_uid for r in rows(node, db.outputs) if r.kind == "sr" and r.study_uid == uid2} - first_sr
+    assert len(new_sr) == 1
+    sr = pydicom.dcmread(next(r.path for r in rows(node, db.outputs) if r.sop_uid in new_sr))
+    nums = sr_numbers(sr)
+    assert value(nums, "right thigh muscle", "Interval since baseline (area)") == 182
+    v1 = measured(node, uid1)
+    v2 = measured(node, uid2)
+    assert value(nums, "right thigh muscle", "Change in area since baseline") == pytest.approx(
+        v2[("right", "csa_mm2")] - v1[("right", "csa_mm2")], abs=0.05)
+    replaced = [i.ReferencedSOPInstanceUID for s in sr.PredecessorDocumentsSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert replaced == list(first_sr)
+    audit = [r.event for r in rows(node, db.audit)]
+    assert audit.count("study-recompare") == 1
+    time.sleep(1.5)                                   # and nothing more is queued
+    assert len(rows(node, db.jobs)) == 3
