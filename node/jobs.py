@@ -260,11 +260,13 @@ class JobRunner:
     """Claims jobs and runs them, ``workers`` at a time, in processes or inline."""
 
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
-                 lease_seconds: float = 600.0, poll_seconds: float = 0.5):
+                 lease_seconds: float = 600.0, poll_seconds: float = 0.5, on_done=None):
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
         self.lease, self.poll = lease_seconds, poll_seconds
+        self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="musclenode-jobs", daemon=True)
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
@@ -276,8 +278,17 @@ class JobRunner:
                 self._pool.submit(warm_up)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Look for jobs now (a study has just completed), not at the next poll."""
+        self._wake.set()
+
+    def _job_ended(self, _future=None) -> None:
+        self._wake.set()     # a worker is free
+        self.on_done()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -288,7 +299,8 @@ class JobRunner:
                 self._tick()
             except Exception:  # the loop must survive a database hiccup; it is logged
                 log.exception("job runner loop error")
-            self._stop.wait(self.poll)
+            self._wake.wait(self.poll)
+            self._wake.clear()
 
     def _tick(self) -> None:
         for fut in [f for f in self._running if f.done()]:
@@ -307,12 +319,15 @@ class JobRunner:
                     execute_job(self.ctx, job_id)
                 except Exception as exc:
                     self._crashed(job_id, exc)
+                self.on_done()
             else:
                 try:
-                    self._running[self._pool.submit(execute_job, self.ctx, job_id)] = job_id
+                    fut = self._pool.submit(execute_job, self.ctx, job_id)
                 except RuntimeError as exc:  # a broken pool: make a new one, retry later
                     self._crashed(job_id, exc)
                     return
+                self._running[fut] = job_id
+                fut.add_done_callback(self._job_ended)
 
     def _crashed(self, job_id: int, exc: BaseException) -> None:
         log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, exc)

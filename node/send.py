@@ -113,13 +113,19 @@ class Sender:
         self.calling_ae = calling_ae
         self.poll = poll_seconds
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="musclenode-send", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self) -> None:
+        """Look at the outbox now (a job has just added results), not at the next poll."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=60)
 
     def _run(self) -> None:
@@ -128,4 +134,5 @@ class Sender:
                 send_due(self.engine, self.destinations, self.settings, calling_ae=self.calling_ae)
             except Exception:
                 log.exception("sender loop error")
-            self._stop.wait(self.poll)
+            self._wake.wait(self.poll)
+            self._wake.clear()

@@ -37,10 +37,11 @@ class Node:
         self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes)
         ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
                          config.t2.options())
-        self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
-                              lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds)
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
                              poll_seconds=poll_seconds)
+        self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
+                              lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
+                              on_done=self.sender.wake)
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch_studies, name="musclenode-studies", daemon=True)
 
@@ -73,7 +74,8 @@ class Node:
     def _watch_studies(self) -> None:
         while not self._stop.is_set():
             try:
-                complete_quiet_studies(self.engine, self.config.node.complete_after_seconds)
+                if complete_quiet_studies(self.engine, self.config.node.complete_after_seconds):
+                    self.jobs.wake()
             except Exception:
                 log.exception("study completion loop error")
             self._stop.wait(self.poll)
