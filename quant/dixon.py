@@ -671,7 +671,8 @@ def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
     """Maximum of the profile likelihood of FF over [lo, hi]: Brent's method (parabolic
     steps through the three best points, golden-section steps where a parabola would
     not shrink the bracket), then the ends of the interval as candidates too (FF exactly
-    0 or 1). About 10 profile evaluations instead of golden section's 45."""
+    0 or 1). 11-13 profile evaluations per interval, ends included, where golden section
+    to the old tolerance took 32."""
     cg = 0.3819660112501051
     a, b = lo, hi
     x = a + cg * (b - a)
