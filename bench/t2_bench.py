@@ -2,11 +2,12 @@
 bi-exponential baseline and against myoqmri (the Basel group's open toolbox, run in its
 own virtual environment), in one run on the same synthetic data.
 
-    python bench/t2_bench.py [--voxels 20000] [--snr 100] [--myoqmri-voxels 300]
+    python bench/t2_bench.py [--voxels 20000] [--snr 100] [--myoqmri-voxels 2100]
 
 Data: EPG-simulated 17-echo CPMG (ESP 10 ms, TR 3000 ms, sinc slice profile), T2w
 25-45 ms, FF 0-40 %, B1 0.8-1.1, fat T2 151 ms, Rician noise. Prints voxels/s, the
-ratios against ours, and bias / SD of water T2 (where FF < 20 %) and of FF.
+ratios against ours, and bias / SD of water T2 (where FF < 20 %) and of FF. Ours and
+myoqmri are timed as the fastest of 3 runs (scipy's, slower by far, once).
 myoqmri is skipped (with the command that sets it up) when its venv is missing:
     bash bench/peers/setup.sh
 """
@@ -35,6 +36,7 @@ from quant.t2 import build_dictionary, fit_water_t2  # noqa: E402
 PARAMS = MeseParameters(n_echoes=17, echo_spacing_ms=10.0, repetition_time_ms=3000.0)
 FAT_T2_MS = 151.0
 MYOQMRI_PY = ROOT / ".bench-venvs" / "myoqmri" / "bin" / "python"
+REPEATS = 3   # ours and myoqmri: the fastest of this many runs (the machine is shared)
 
 
 def make_data(n: int, snr: float, seed: int = 0):
@@ -60,10 +62,12 @@ def ours(signals, noise_sd):
     d = build_dictionary(PARAMS, t2f_ms=FAT_T2_MS)
     t_dict = time.perf_counter() - t0
     fit_water_t2(signals[:100], d, noise_sd=noise_sd)   # compile / load kernels outside the timing
-    t0 = time.perf_counter()
-    fit = fit_water_t2(signals, d, noise_sd=noise_sd)
-    dt = time.perf_counter() - t0
-    return fit.t2w_ms, fit.ff, dt, t_dict
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fit = fit_water_t2(signals, d, noise_sd=noise_sd)
+        times.append(time.perf_counter() - t0)
+    return fit.t2w_ms, fit.ff, min(times), t_dict
 
 
 def curve_fit_baseline(signals):
@@ -96,7 +100,7 @@ def myoqmri(signals):
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(src, signals=signals, echo_spacing_ms=PARAMS.echo_spacing_ms, n_echoes=PARAMS.n_echoes,
-                 refocusing_angle_deg=PARAMS.refocusing_angle_deg, fat_t2_ms=FAT_T2_MS)
+                 refocusing_angle_deg=PARAMS.refocusing_angle_deg, fat_t2_ms=FAT_T2_MS, repeats=REPEATS)
         r = subprocess.run([str(MYOQMRI_PY), str(ROOT / "bench" / "peers" / "myoqmri_fit.py"), str(src), str(dst)],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
         if r.returncode != 0:
@@ -111,7 +115,8 @@ def main() -> int:
     ap.add_argument("--voxels", type=int, default=20000)
     ap.add_argument("--snr", type=float, default=100.0)
     ap.add_argument("--curve-fit-voxels", type=int, default=1000)
-    ap.add_argument("--myoqmri-voxels", type=int, default=300)
+    ap.add_argument("--myoqmri-voxels", type=int, default=2100,
+                    help="myoqmri fits 14 rows of 50 voxels per matrix product: use multiples of 700")
     args = ap.parse_args()
     signals, t2w, ff, b1, noise_sd = make_data(args.voxels, args.snr)
     rows = []

@@ -4,7 +4,7 @@ dictionary over T2 x B1 x FF matched by the correlation of squared, normalised
 signals), on signals from an .npz; write t2w_ms, b1, ff and the fit's wall time.
 
     python myoqmri_fit.py IN.npz OUT.npz
-IN.npz: signals (N, n_echoes), echo_spacing_ms, n_echoes, fat_t2_ms.
+IN.npz: signals (N, n_echoes), echo_spacing_ms, n_echoes, fat_t2_ms, repeats (optional).
 """
 
 import sys
@@ -38,12 +38,15 @@ def main(src, dst):
     w.ROWSTEP = 14
     w.DOPLOT = 0
     w.dicomStack = stack.reshape(rows, cols, 1, etl)
-    t2 = np.zeros((rows, cols, 1))
-    b1 = np.zeros((rows, cols, 1))
-    ff = np.zeros((rows, cols, 1))
-    t0 = time.perf_counter()
-    w.fitSlcFast(0, False, t2, b1, ff)
-    dt = time.perf_counter() - t0
+    times = []
+    for _ in range(int(d["repeats"]) if "repeats" in d else 1):   # the fastest of these runs
+        t2 = np.zeros((rows, cols, 1))
+        b1 = np.zeros((rows, cols, 1))
+        ff = np.zeros((rows, cols, 1))
+        t0 = time.perf_counter()
+        w.fitSlcFast(0, False, t2, b1, ff)
+        times.append(time.perf_counter() - t0)
+    dt = min(times)
     np.savez(dst, t2w_ms=t2.ravel()[:n], b1=b1.ravel()[:n], ff=ff.ravel()[:n], seconds=dt,
              dictionary_seconds=t_dict, atoms=len(params))
 
