@@ -1,1 +1,5 @@
 """The musclenode DICOM node: configuration, storage SCP, job queue, sending and web status."""
+
+#: Libraries whose INFO is per-association / per-module chatter: WARNING and up only,
+#: in the CLI unless verbose, in the worker processes always.
+CHATTY_LOGGERS = ("pynetdicom", "highdicom")

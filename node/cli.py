@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import CHATTY_LOGGERS
 from .config import ConfigError, load_config
 
 log = logging.getLogger("musclenode")
@@ -22,8 +23,8 @@ log = logging.getLogger("musclenode")
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbosity <= 0:  # the libraries' INFO is per-association / per-module chatter
-        for name in ("pynetdicom", "highdicom"):
+    if verbosity <= 0:
+        for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

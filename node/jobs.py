@@ -26,9 +26,10 @@ from quant.errors import QuantError
 from quant.pipeline import NoDixonError
 from reports.longitudinal import PriorValue
 
-from . import db
+from . import CHATTY_LOGGERS, db
 from .processing import build_outputs, cached_atoms, encode, load_datasets, parse_date, series_summary
 from .store import Store
+from .studies import requeue_later_visits
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -150,51 +151,11 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
     return "done"
 
 
-def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study_date: str) -> list[int]:
-    """Queue a new revision of every processed later visit of the subject, because a
-    visit before them (``study_date``) has new or changed values: an earlier visit
-    that arrives late, or is reprocessed, must show up as the baseline or previous visit
-    in the later visits' SRs. Their new SRs supersede the old ones. Returns the job ids.
-
-    Only a job whose values changed calls this, so re-comparing does not cascade: a later
-    visit's own values do not change when only its comparisons do."""
-    if not subject_key or not study_date:
-        return []
-    now = time.time()
-    created = []
-    with engine.begin() as conn:
-        measured = select(db.measurements.c.study_uid).distinct()
-        later = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.state)
-                             .where(and_(db.studies.c.subject_key == subject_key,
-                                         db.studies.c.study_uid != study_uid,
-                                         db.studies.c.study_date > study_date,
-                                         db.studies.c.state.in_(("done", "processing")),
-                                         db.studies.c.study_uid.in_(measured)))).all()
-        for row in later:
-            res = conn.execute(update(db.studies)
-                               .where(and_(db.studies.c.study_uid == row.study_uid,
-                                           db.studies.c.revision == row.revision,
-                                           db.studies.c.state == row.state))
-                               .values(state="complete", revision=row.revision + 1,
-                                       message=f"re-compare: an earlier visit ({study_date}) has new values"))
-            if res.rowcount != 1:
-                continue
-            job_id = conn.execute(insert(db.jobs).values(
-                study_uid=row.study_uid, revision=row.revision + 1, state="pending", attempts=0, created_at=now,
-                message="")).inserted_primary_key[0]
-            db.record_audit(conn, "study-recompare", f"study={row.study_uid} revision={row.revision + 1} "
-                                                     f"job={job_id} earlier={study_uid}")
-            created.append(job_id)
-    for job_id in created:
-        log.info("job %d queued: a later visit re-compared with the earlier visit %s", job_id, study_uid)
-    return created
-
-
 def _init_worker(level: int) -> None:
     """Spawned workers start with no logging set up: give them the parent's level and
     format, so that what a job logs reaches the node's log (stderr, journald)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    for name in ("pynetdicom", "highdicom"):
+    for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 

@@ -129,18 +129,13 @@ def cached_atoms(cache_dir: Path):
     tables (one component over a T2 x B1 grid) in ``cache_dir``, keyed by a hash of the
     sequence, the grids and T1: built once per protocol, reused across exams and worker
     processes. Only the exam's own fat column (one fat T2) is simulated per exam."""
-    import hashlib
-
-    from quant.t2 import epg_atoms
+    from quant.t2 import epg_atoms, table_key
 
     from .cache import ArrayCache
     cache = ArrayCache(cache_dir)
 
     def atoms(params, t2_grid_ms, b1_grid, t1_ms: float) -> np.ndarray:
-        h = hashlib.sha256(params.key().encode())
-        for arr in (t2_grid_ms, b1_grid, [t1_ms]):
-            h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
-        key = "epg-atoms-" + h.hexdigest()[:32]
+        key = table_key("epg-atoms-", params, t2_grid_ms, b1_grid, [t1_ms], digits=32)
         return cache.get_or_build(key, lambda: {"atoms": epg_atoms(params, t2_grid_ms, b1_grid, t1_ms)})["atoms"]
     return atoms
 

@@ -1,7 +1,8 @@
 """Study completion: a study is complete when no instance arrived for
 ``complete_after_seconds``. Completion is a row update plus a job row in one
 transaction, so a restart resumes: the quiet time counts from the last instance
-received (a stored time), not from the restart."""
+received (a stored time), not from the restart. A visit with new values also re-queues
+the subject's later visits, so that their SRs compare against it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from sqlalchemy.engine import Engine
 from . import db
 
 log = logging.getLogger(__name__)
+
+
+def queue_job(conn, study_uid: str, revision: int, now: float) -> int:
+    """Insert the pending job of a study's new revision; returns its id."""
+    return conn.execute(insert(db.jobs).values(study_uid=study_uid, revision=revision, state="pending", attempts=0,
+                                               created_at=now, message="")).inserted_primary_key[0]
 
 
 def complete_quiet_studies(engine: Engine, quiet_seconds: float, now: float | None = None) -> list[int]:
@@ -34,10 +41,46 @@ def complete_quiet_studies(engine: Engine, quiet_seconds: float, now: float | No
                                .values(state="complete", revision=row.revision + 1))
             if res.rowcount != 1:
                 continue
-            job_id = conn.execute(insert(db.jobs).values(
-                study_uid=row.study_uid, revision=row.revision + 1, state="pending", attempts=0,
-                created_at=now, message="")).inserted_primary_key[0]
+            job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
             db.record_audit(conn, "study-complete", f"study={row.study_uid} revision={row.revision + 1} job={job_id}")
         log.info("study %s complete (revision %d): job %d queued", row.study_uid, row.revision + 1, job_id)
         created.append(job_id)
+    return created
+
+
+def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study_date: str) -> list[int]:
+    """Queue a new revision of every processed later visit of the subject, because a
+    visit before them (``study_date``) has new or changed values: an earlier visit
+    that arrives late, or is reprocessed, must show up as the baseline or previous visit
+    in the later visits' SRs. Their new SRs supersede the old ones. Returns the job ids.
+
+    Only a job whose values changed calls this, so re-comparing does not cascade: a later
+    visit's own values do not change when only its comparisons do."""
+    if not subject_key or not study_date:
+        return []
+    now = time.time()
+    created = []
+    with engine.begin() as conn:
+        measured = select(db.measurements.c.study_uid).distinct()
+        later = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.state)
+                             .where(and_(db.studies.c.subject_key == subject_key,
+                                         db.studies.c.study_uid != study_uid,
+                                         db.studies.c.study_date > study_date,
+                                         db.studies.c.state.in_(("done", "processing")),
+                                         db.studies.c.study_uid.in_(measured)))).all()
+        for row in later:
+            res = conn.execute(update(db.studies)
+                               .where(and_(db.studies.c.study_uid == row.study_uid,
+                                           db.studies.c.revision == row.revision,
+                                           db.studies.c.state == row.state))
+                               .values(state="complete", revision=row.revision + 1,
+                                       message=f"re-compare: an earlier visit ({study_date}) has new values"))
+            if res.rowcount != 1:
+                continue
+            job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
+            db.record_audit(conn, "study-recompare", f"study={row.study_uid} revision={row.revision + 1} "
+                                                     f"job={job_id} earlier={study_uid}")
+            created.append(job_id)
+    for job_id in created:
+        log.info("job %d queued: a later visit re-compared with the earlier visit %s", job_id, study_uid)
     return created

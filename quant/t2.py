@@ -122,12 +122,17 @@ def _grid(name, values, low, high):
     return g
 
 
-def _dictionary_key(params, t2_grid, b1_grid, t1w, t1f, t2f):
-    h = hashlib.sha256()
-    h.update(params.key().encode())
-    for arr in (t2_grid, b1_grid, np.array([t1w, t1f, t2f], dtype=np.float64)):
+def table_key(prefix: str, params: MeseParameters, *arrays, digits: int = 24) -> str:
+    """``prefix`` + a hash of the sequence and of ``arrays`` (as little-endian float64):
+    the name of an EPG table or dictionary, for caches and provenance."""
+    h = hashlib.sha256(params.key().encode())
+    for arr in arrays:
         h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
-    return "t2dict-" + h.hexdigest()[:24]
+    return prefix + h.hexdigest()[:digits]
+
+
+def _dictionary_key(params, t2_grid, b1_grid, t1w, t1f, t2f):
+    return table_key("t2dict-", params, t2_grid, b1_grid, [t1w, t1f, t2f])
 
 
 def epg_atoms(params: MeseParameters, t2_grid_ms: np.ndarray, b1_grid: np.ndarray, t1_ms: float) -> np.ndarray:
@@ -516,9 +521,9 @@ _POLISH_STEPS = (0.5, 0.25)  # stencil spacings (grid steps) of the refinement a
 @njit(cache=True)
 def _fit_one(y, tabs, i0, i1, j0, j1, free_fat, yw_buf, wt, wb, w_buf, f_buf, res3, coarse=False, polish=True):
     """Search of the grid window ``[i0, i1) x [j0, j1)`` (``coarse``: of the whole grid,
-    coarse to fine: the subgrid of every ``st``-th T2 and ``sb``-th B1 atom, then the
-    full grid within one coarse step of its best atom), then refinement between grid
-    points for one voxel: a Newton step on the 3x3 grid residuals around the best atom,
+    coarse to fine where the tables have a subgrid: every ``st``-th T2 and ``sb``-th B1
+    atom, then the full grid within one coarse step of its best atom), then refinement
+    between grid points for one voxel: a Newton step on the 3x3 grid residuals around the best atom,
     then Newton steps on 3x3 stencils of spacing 0.5 and 0.25 grid steps evaluated with
     interpolated atoms (a step is kept only if it lowers the residual; a stencil point
     that is lower than the centre is taken otherwise; ``polish=False``: not these finer
@@ -527,8 +532,8 @@ def _fit_one(y, tabs, i0, i1, j0, j1, free_fat, yw_buf, wt, wb, w_buf, f_buf, re
     water_t, fat, water_pad, fat_pad, gww, gwf, gff, c_a, c_b, c_c, inv_ww, inv_ff = tabs[:12]
     n_b1 = water_t.shape[0]
     n_t2 = water_t.shape[2]
-    if coarse:   # every _COARSE_STEP-th atom first, then the full grid around the best of those
-        water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, st, sb = tabs[12:]
+    water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, st, sb = tabs[12:]
+    if coarse and (st > 1 or sb > 1):   # the subgrid first, then the full grid around its best atom
         ci, cj, _ = _grid_search(y, water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, 0, water_c.shape[2], 0,
                                  water_c.shape[0], free_fat, yw_buf)
         i0 = max(ci * st - st, 0)
@@ -657,7 +662,7 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                 continue
             refit = noise_sd > 0.0 and n_floor_iter > 0   # the last fit is the one polished
             x, yb, a, b, p = _fit_one(y, tabs, 0, n_t2, 0, n_b1, free_fat, yw_buf, wt, wb, w_buf, f_buf, res3,
-                                      tabs[19] > 1 or tabs[20] > 1, not refit)
+                                      True, not refit)
             if noise_sd > 0.0:
                 for it in range(n_floor_iter):
                     _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
