@@ -9,11 +9,13 @@ that is fixed per exam (default :data:`DEFAULT_FAT_T2_MS`, or calibrated on
 subcutaneous fat with :func:`calibrate_fat_t2`). T2w and B1 come from a dictionary of
 EPG atoms on a (T2w x B1) grid: for every atom the two non-negative amplitudes are
 solved in closed form (variable projection: the 2x2 non-negative least squares), the
-atom with the smallest residual wins; T2w and B1 are then refined between grid points
-by a Newton step on the quadratic through the 3x3 residuals around it, followed by two
-Newton steps on 3x3 stencils of 0.5 and 0.25 grid steps whose atoms are cubic
-(Catmull-Rom) interpolated (noise free: 99 % of voxels within 0.05 ms of the true T2w
-on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
+atom with the smallest residual wins. The search is coarse to fine: every 2nd T2 and
+B1 atom, then the grid within one coarse step of the best. T2w and B1 are then refined
+between grid points by hill climbing on a grid four times finer (its atoms cubic,
+Catmull-Rom, interpolated from the dictionary and tabulated once per dictionary) with
+stencil spacings of 1, 1/2 and 1/4 grid steps, and a last Newton step on the quadratic
+through the 3x3 residuals around the best fine atom (noise free: 99 % of voxels within
+0.05 ms of the true T2w on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
 the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
 
 Noise floor. Magnitude images are Rician: echoes near the noise level are biased
@@ -454,17 +456,6 @@ def _interp_atoms(water_pad, fat_pad, x, yb, wt, wb, w_out, f_out):
 
 
 @njit(cache=True)
-def _proj_at_grid(y, water_t, fat, gww, gwf, gff, i, j, free_fat):
-    n_e = y.size
-    yw = 0.0
-    yf = 0.0
-    for e in range(n_e):
-        yw += y[e] * water_t[j, e, i]
-        yf += y[e] * fat[j, e]
-    return _proj2(yw, yf, gww[j, i], gwf[j, i], gff[j], free_fat)
-
-
-@njit(cache=True)
 def _proj_at(y, water_pad, fat_pad, x, yb, free_fat, wt, wb, w_buf, f_buf):
     _interp_atoms(water_pad, fat_pad, x, yb, wt, wb, w_buf, f_buf)
     yw = 0.0
@@ -515,89 +506,103 @@ def _newton_step(r, has_x, has_y):
     return min(max(dx, -1.0), 1.0), min(max(dy, -1.0), 1.0)
 
 
-_POLISH_STEPS = (0.5, 0.25)  # stencil spacings (grid steps) of the refinement after the grid
+_FINE = 4          # the refinement's fine grid: _FINE points per grid step (interpolated atoms, tabulated)
+_MAX_MOVES = 6     # hill-climbing moves per stencil spacing before the refinement gives up moving
+_COARSE_STEP = (2, 2)  # T2 and B1 strides of the coarse first search (grids of 5 strides or more);
+# a T2 stride of 3 lost the global minimum for some noise-free voxels at FF < 1 % (kinked surface)
 
 
 @njit(cache=True)
-def _fit_one(y, tabs, i0, i1, j0, j1, free_fat, yw_buf, wt, wb, w_buf, f_buf, res3, coarse=False, polish=True):
-    """Search of the grid window ``[i0, i1) x [j0, j1)`` (``coarse``: of the whole grid,
-    coarse to fine where the tables have a subgrid: every ``st``-th T2 and ``sb``-th B1
-    atom, then the full grid within one coarse step of its best atom), then refinement
-    between grid points for one voxel: a Newton step on the 3x3 grid residuals around the best atom,
-    then Newton steps on 3x3 stencils of spacing 0.5 and 0.25 grid steps evaluated with
-    interpolated atoms (a step is kept only if it lowers the residual; a stencil point
-    that is lower than the centre is taken otherwise; ``polish=False``: not these finer
-    steps, for a fit that a noise-floor iteration refines again). Returns
-    (x, yb, a, b, proj) with fractional grid indices."""
-    water_t, fat, water_pad, fat_pad, gww, gwf, gff, c_a, c_b, c_c, inv_ww, inv_ff = tabs[:12]
-    n_b1 = water_t.shape[0]
-    n_t2 = water_t.shape[2]
-    water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, st, sb = tabs[12:]
-    if coarse and (st > 1 or sb > 1):   # the subgrid first, then the full grid around its best atom
-        ci, cj, _ = _grid_search(y, water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, 0, water_c.shape[2], 0,
-                                 water_c.shape[0], free_fat, yw_buf)
-        i0 = max(ci * st - st, 0)
-        i1 = min(ci * st + st + 1, n_t2)
-        j0 = max(cj * sb - sb, 0)
-        j1 = min(cj * sb + sb + 1, n_b1)
-    bi, bj, best = _grid_search(y, water_t, fat, c_a, c_b, c_c, inv_ww, inv_ff, i0, i1, j0, j1, free_fat, yw_buf)
-    best, a, b = _proj_at_grid(y, water_t, fat, gww, gwf, gff, bi, bj, free_fat)
-    # residual = |y|^2 - proj: work with -proj
-    for di in range(3):
-        for dj in range(3):
-            ii = bi + di - 1
-            jj = bj + dj - 1
-            if 0 <= ii < n_t2 and 0 <= jj < n_b1:
-                p, _, _ = _proj_at_grid(y, water_t, fat, gww, gwf, gff, ii, jj, free_fat)
-                res3[di, dj] = -p
-            else:
-                res3[di, dj] = np.nan
-    x = float(bi)
-    yb = float(bj)
-    dx, dy = _newton_step(res3, 0 < bi < n_t2 - 1, 0 < bj < n_b1 - 1)
-    if dx != 0.0 or dy != 0.0:
-        p, a1, b1 = _proj_at(y, water_pad, fat_pad, x + dx, yb + dy, free_fat, wt, wb, w_buf, f_buf)
-        if p >= best:
-            x, yb, best, a, b = x + dx, yb + dy, p, a1, b1
-        else:
-            p, a1, b1 = _proj_at(y, water_pad, fat_pad, x + 0.5 * dx, yb + 0.5 * dy, free_fat, wt, wb, w_buf, f_buf)
-            if p >= best:
-                x, yb, best, a, b = x + 0.5 * dx, yb + 0.5 * dy, p, a1, b1
-    for h in _POLISH_STEPS:
-        if not polish:
-            break
-        has_x = x - h >= 0.0 and x + h <= n_t2 - 1
-        has_y = yb - h >= 0.0 and yb + h <= n_b1 - 1
-        if not (has_x or has_y):
-            continue
-        sx = -1.0
-        sy = -1.0
-        sp = best
-        sa = a
-        sb = b
+def _proj_fine(y, fine, fine_fat, fww, fwf, fff, i, j, free_fat):
+    """Projection and amplitudes of fine-grid atom (T2 index ``i``, B1 index ``j``)."""
+    yw = 0.0
+    yf = 0.0
+    for e in range(y.size):
+        yw += y[e] * fine[j, i, e]
+        yf += y[e] * fine_fat[j, e]
+    return _proj2(yw, yf, fww[j, i], fwf[j, i], fff[j], free_fat)
+
+
+@njit(cache=True)
+def _climb(y, tabs, i, j, h, best, a, b, free_fat, res3):
+    """Hill climbing on the fine grid with stencil spacing ``h`` (fine steps) from atom
+    (i, j) of projection ``best``: move to the best of the 8 neighbours while one is
+    better, at most ``_MAX_MOVES`` times. Returns the new atom and whether it settled
+    (then ``res3`` holds minus the projections of its 3x3 stencil, NaN off the grid)."""
+    fine, fine_fat, fww, fwf, fff = tabs[9:14]
+    n_i = fine.shape[1]
+    n_j = fine.shape[0]
+    for _ in range(_MAX_MOVES + 1):
+        bi, bj, bp, ba, bb = i, j, best, a, b
         for di in range(3):
             for dj in range(3):
+                ii = i + (di - 1) * h
+                jj = j + (dj - 1) * h
                 if di == 1 and dj == 1:
                     res3[1, 1] = -best
-                    continue
-                if (di != 1 and not has_x) or (dj != 1 and not has_y):
+                elif 0 <= ii < n_i and 0 <= jj < n_j:
+                    p, a1, b1 = _proj_fine(y, fine, fine_fat, fww, fwf, fff, ii, jj, free_fat)
+                    res3[di, dj] = -p
+                    if p > bp:
+                        bi, bj, bp, ba, bb = ii, jj, p, a1, b1
+                else:
                     res3[di, dj] = np.nan
-                    continue
-                xx = x + (di - 1) * h
-                yy = yb + (dj - 1) * h
-                p, a1, b1 = _proj_at(y, water_pad, fat_pad, xx, yy, free_fat, wt, wb, w_buf, f_buf)
-                res3[di, dj] = -p
-                if p > sp:
-                    sx, sy, sp, sa, sb = xx, yy, p, a1, b1
-        dx, dy = _newton_step(res3, has_x, has_y)
-        moved = False
+        if bi == i and bj == j:
+            return i, j, best, a, b, True
+        i, j, best, a, b = bi, bj, bp, ba, bb
+    return i, j, best, a, b, False
+
+
+@njit(cache=True)
+def _search(y, tabs, free_fat, yw_buf):
+    """Best grid atom of the whole dictionary, coarse to fine: every ``st``-th T2 and
+    ``sb``-th B1 atom, then the grid within one coarse step of the best. Returns its
+    fine-grid indices, projection and amplitudes."""
+    water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, st, sb = tabs[:9]
+    fine, fine_fat, fww, fwf, fff = tabs[9:14]
+    ci, cj, _ = _grid_search(y, water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, 0, water_c.shape[2], 0,
+                             water_c.shape[0], free_fat, yw_buf)
+    n_i = fine.shape[1]
+    n_j = fine.shape[0]
+    bi = ci * st * _FINE
+    bj = cj * sb * _FINE
+    best, a, b = _proj_fine(y, fine, fine_fat, fww, fwf, fff, bi, bj, free_fat)
+    if st > 1 or sb > 1:
+        i0, j0 = bi, bj
+        for di in range(-st, st + 1):
+            for dj in range(-sb, sb + 1):
+                ii = i0 + di * _FINE
+                jj = j0 + dj * _FINE
+                if (di != 0 or dj != 0) and 0 <= ii < n_i and 0 <= jj < n_j:
+                    p, a1, b1 = _proj_fine(y, fine, fine_fat, fww, fwf, fff, ii, jj, free_fat)
+                    if p > best:
+                        bi, bj, best, a, b = ii, jj, p, a1, b1
+    return bi, bj, best, a, b
+
+
+@njit(cache=True)
+def _refine(y, tabs, i, j, best, a, b, free_fat, wt, wb, w_buf, f_buf, res3):
+    """Refinement from fine-grid atom (i, j): hill climbing with stencil spacings of 1,
+    1/2 and 1/4 grid steps, then a Newton step on the last 3x3 stencil evaluated with
+    interpolated atoms (kept if it raises the projection). Returns (x, yb, a, b, proj)
+    with fractional grid indices."""
+    water_pad, fat_pad = tabs[14], tabs[15]
+    n_i = tabs[9].shape[1]
+    n_j = tabs[9].shape[0]
+    h = _FINE
+    settled = False
+    while h >= 1:
+        i, j, best, a, b, settled = _climb(y, tabs, i, j, h, best, a, b, free_fat, res3)
+        h //= 2
+    x = i / _FINE
+    yb = j / _FINE
+    if settled:
+        dx, dy = _newton_step(res3, 0 < i < n_i - 1, 0 < j < n_j - 1)
         if dx != 0.0 or dy != 0.0:
-            p, a1, b1 = _proj_at(y, water_pad, fat_pad, x + dx * h, yb + dy * h, free_fat, wt, wb, w_buf, f_buf)
-            if p >= best and p >= sp:
-                x, yb, best, a, b = x + dx * h, yb + dy * h, p, a1, b1
-                moved = True
-        if not moved and sp > best:
-            x, yb, best, a, b = sx, sy, sp, sa, sb
+            p, a1, b1 = _proj_at(y, water_pad, fat_pad, (i + dx) / _FINE, (j + dy) / _FINE, free_fat, wt, wb,
+                                 w_buf, f_buf)
+            if p >= best:
+                x, yb, best, a, b = (i + dx) / _FINE, (j + dy) / _FINE, p, a1, b1
     return x, yb, a, b, best
 
 
@@ -606,11 +611,6 @@ def _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m_out):
     _interp_atoms(water_pad, fat_pad, x, yb, wt, wb, w_buf, f_buf)
     for e in range(m_out.size):
         m_out[e] = a * w_buf[e] + b * f_buf[e]
-
-
-_FLOOR_WINDOW = 3  # grid points either side searched again by the noise-floor iterations
-_COARSE_STEP = (2, 2)  # T2 and B1 strides of the coarse first search (grids of 5 strides or more);
-# a T2 stride of 3 lost the global minimum for some noise-free voxels at FF < 1 % (kinked surface)
 
 
 @njit(cache=True, inline="always")
@@ -634,10 +634,10 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
 
     ``tabs`` holds the dictionary tables of :func:`_tables`. Outputs fractional grid
     indices, amplitudes, RMS residual and a status code per voxel."""
-    water_pad = tabs[2]
-    fat_pad = tabs[3]
-    n_b1 = tabs[0].shape[0]
-    n_t2 = tabs[0].shape[2]
+    fine, fine_fat = tabs[9], tabs[10]
+    water_pad, fat_pad = tabs[14], tabs[15]
+    n_t2 = tabs[16]
+    n_i = fine.shape[1]
     n_vox = signals.shape[0]
     n_e = signals.shape[1]
     n_chunks = min(n_vox, 1024)
@@ -645,7 +645,7 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
         y = np.empty(n_e)
         y_eff = np.empty(n_e)
         m = np.empty(n_e)
-        yw_buf = np.empty(n_t2)
+        yw_buf = np.empty(n_i)
         wt = np.empty(4)
         wb = np.empty(4)
         w_buf = np.empty(n_e)
@@ -660,22 +660,24 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                 out_res[v] = np.nan
                 out_status[v] = _NOT_FITTED
                 continue
-            refit = noise_sd > 0.0 and n_floor_iter > 0   # the last fit is the one polished
-            x, yb, a, b, p = _fit_one(y, tabs, 0, n_t2, 0, n_b1, free_fat, yw_buf, wt, wb, w_buf, f_buf, res3,
-                                      True, not refit)
-            if noise_sd > 0.0:
+            i, j, p, a, b = _search(y, tabs, free_fat, yw_buf)
+            if noise_sd > 0.0 and n_floor_iter > 0:
+                # the noise-floor iterations: refit the data less the Rician bias of the
+                # current model (the first from the best grid atom, unrefined)
+                for e in range(n_e):
+                    m[e] = a * fine[j, i, e] + b * fine_fat[j, e]
                 for it in range(n_floor_iter):
-                    _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
                     for e in range(n_e):
                         y_eff[e] = y[e] - (_rician_mean_fast(m[e], noise_sd, rice) - m[e])
-                    ic = int(round(x))
-                    jc = int(round(yb))
-                    x, yb, a, b, p = _fit_one(y_eff, tabs, max(ic - _FLOOR_WINDOW, 0),
-                                              min(ic + _FLOOR_WINDOW + 1, n_t2), max(jc - _FLOOR_WINDOW, 0),
-                                              min(jc + _FLOOR_WINDOW + 1, n_b1), free_fat, yw_buf, wt, wb, w_buf,
-                                              f_buf, res3)
+                    p, a, b = _proj_fine(y_eff, fine, fine_fat, tabs[11], tabs[12], tabs[13], i, j, free_fat)
+                    x, yb, a, b, p = _refine(y_eff, tabs, i, j, p, a, b, free_fat, wt, wb, w_buf, f_buf, res3)
+                    _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
+                    i = min(max(int(round(x * _FINE)), 0), n_i - 1)
+                    j = min(max(int(round(yb * _FINE)), 0), fine.shape[0] - 1)
+            else:
+                x, yb, a, b, p = _refine(y, tabs, i, j, p, a, b, free_fat, wt, wb, w_buf, f_buf, res3)
+                _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
             # RMS residual of the model (its Rician mean with noise_sd) against the data
-            _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
             ss = 0.0
             for e in range(n_e):
                 if noise_sd > 0.0:
@@ -696,33 +698,56 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                 out_status[v] = _OK
 
 
+def _cr_matrix(n: int, factor: int) -> np.ndarray:
+    """Catmull-Rom interpolation matrix from ``n + 2`` padded grid values to the
+    ``factor * (n - 1) + 1`` points of a grid ``factor`` times finer (as
+    :func:`_interp_atoms` interpolates)."""
+    x = np.arange(factor * (n - 1) + 1) / factor
+    ix = np.clip(np.floor(x).astype(int), 0, n - 2)
+    t = x - ix
+    w = np.stack([-0.5 * t ** 3 + t ** 2 - 0.5 * t, 1.5 * t ** 3 - 2.5 * t ** 2 + 1.0,
+                  -1.5 * t ** 3 + 2.0 * t ** 2 + 0.5 * t, 0.5 * t ** 3 - 0.5 * t ** 2], axis=1)
+    m = np.zeros((x.size, n + 2))
+    for q in range(4):
+        m[np.arange(x.size), ix + q] = w[:, q]
+    return m
+
+
+@functools.lru_cache(maxsize=8)
 def _tables(dictionary: T2Dictionary):
-    """Arrays the fit kernel reads: atoms in search layout, padded atoms, Gram terms."""
+    """Arrays the fit kernel reads (cached per dictionary object): the coarse subgrid
+    in search layout with its Gram terms, the fine grid of interpolated atoms with its
+    Gram terms, and the padded atoms for interpolation anywhere."""
     water = np.transpose(dictionary.water_atoms, (1, 0, 2))  # (n_b1, n_t2, E)
-    water_t = np.ascontiguousarray(np.transpose(dictionary.water_atoms, (1, 2, 0)))  # (n_b1, E, n_t2)
     fat = np.ascontiguousarray(dictionary.fat_atoms, dtype=np.float64)
-    gww = np.einsum("jie,jie->ji", water, water)
-    gwf = np.einsum("jie,je->ji", water, fat)
-    gff = np.einsum("je,je->j", fat, fat)
-    det = gww * gff[:, None] - gwf ** 2
-    ok = det > 1e-12 * gww * gff[:, None]
-    safe = np.where(ok, det, 1.0)
-    c_a = np.where(ok, gff[:, None] / safe, 0.0)
-    c_b = np.where(ok, gwf / safe, 0.0)
-    c_c = np.where(ok, gww / safe, 0.0)
-    inv_ww = 1.0 / gww
-    inv_ff = np.where(gff > 0, 1.0 / np.where(gff > 0, gff, 1.0), 0.0)
+    n_b1, n_t2 = water.shape[:2]
     water_pad = np.concatenate([2 * water[:1] - water[1:2], water, 2 * water[-1:] - water[-2:-1]], axis=0)
     water_pad = np.concatenate([2 * water_pad[:, :1] - water_pad[:, 1:2], water_pad,
                                 2 * water_pad[:, -1:] - water_pad[:, -2:-1]], axis=1)
     fat_pad = np.concatenate([2 * fat[:1] - fat[1:2], fat, 2 * fat[-1:] - fat[-2:-1]], axis=0)
+    # fine grid: atoms interpolated _FINE times finer than the dictionary grid
+    mb = _cr_matrix(n_b1, _FINE)
+    fine = np.einsum("ia,jab->jib", _cr_matrix(n_t2, _FINE), np.einsum("ja,aie->jie", mb, water_pad), optimize=True)
+    fine_fat = mb @ fat_pad
+    fww = np.einsum("jie,jie->ji", fine, fine)
+    fwf = np.einsum("jie,je->ji", fine, fine_fat)
+    fff = np.einsum("je,je->j", fine_fat, fine_fat)
+    # coarse subgrid of the first search stage: every st-th T2 and sb-th B1 atom
+    st = _COARSE_STEP[0] if n_t2 >= 5 * _COARSE_STEP[0] else 1
+    sb = _COARSE_STEP[1] if n_b1 >= 5 * _COARSE_STEP[1] else 1
+    wc = water[::sb, ::st]
+    fc = fat[::sb]
+    gww = np.einsum("jie,jie->ji", wc, wc)
+    gwf = np.einsum("jie,je->ji", wc, fc)
+    gff = np.einsum("je,je->j", fc, fc)
+    det = gww * gff[:, None] - gwf ** 2
+    ok = det > 1e-12 * gww * gff[:, None]
+    safe = np.where(ok, det, 1.0)
     c = np.ascontiguousarray
-    # the coarse subgrid of the first search stage: every st-th T2 and sb-th B1 atom
-    st = _COARSE_STEP[0] if water_t.shape[2] >= 5 * _COARSE_STEP[0] else 1
-    sb = _COARSE_STEP[1] if water_t.shape[0] >= 5 * _COARSE_STEP[1] else 1
-    return (water_t, fat, c(water_pad), c(fat_pad), c(gww), c(gwf), c(gff), c(c_a), c(c_b), c(c_c), c(inv_ww),
-            c(inv_ff), c(water_t[::sb, :, ::st]), c(fat[::sb]), c(c_a[::sb, ::st]), c(c_b[::sb, ::st]),
-            c(c_c[::sb, ::st]), c(inv_ww[::sb, ::st]), c(inv_ff[::sb]), st, sb)
+    return (c(np.transpose(wc, (0, 2, 1))), c(fc), c(np.where(ok, gff[:, None] / safe, 0.0)),
+            c(np.where(ok, gwf / safe, 0.0)), c(np.where(ok, gww / safe, 0.0)), c(1.0 / gww),
+            c(np.where(gff > 0, 1.0 / np.where(gff > 0, gff, 1.0), 0.0)), st, sb,
+            c(fine), c(fine_fat), c(fww), c(fwf), c(fff), c(water_pad), c(fat_pad), n_t2)
 
 
 def _check_signals(signals, n_echoes):
@@ -766,8 +791,8 @@ def fit_water_t2(signals: np.ndarray, dictionary: T2Dictionary, *, min_signal: f
         Noise SD per channel of the magnitude images (Rician); when given, the fit
         corrects the noise-floor bias (see the module notes). ``None``: no correction.
     n_floor_iterations : int
-        Fixed-point iterations of the noise-floor correction (each re-searches a window
-        of +/-3 grid points around the previous fit; one is enough in practice).
+        Fixed-point iterations of the noise-floor correction (each refines again from
+        the previous fit by hill climbing; one is enough in practice).
     free_fat : bool
         Let the fat amplitude take either sign (unbiased ROI means near FF = 0, see the
         module notes); default: non-negative.
@@ -869,64 +894,57 @@ def _newton_reference(r, has_x, has_y):
     return np.clip(d, -1, 1)
 
 
-def _fit_one_reference(y, dictionary, centre=None, free_fat=False, polish=True):
-    W = dictionary.water_atoms
-    F = dictionary.fat_atoms
-    n_t2, n_b1 = W.shape[:2]
-    proj = np.array([[_nnls2_reference(y, W[i, j], F[j], free_fat)[0] for j in range(n_b1)] for i in range(n_t2)])
-    search = proj.copy()
-    if centre is not None:  # the noise-floor iterations search a window around the last fit
-        ic, jc = int(round(centre[0])), int(round(centre[1]))
-        inside = np.zeros_like(proj, dtype=bool)
-        w = _FLOOR_WINDOW
-        inside[max(ic - w, 0):ic + w + 1, max(jc - w, 0):jc + w + 1] = True
-        search[~inside] = -np.inf
-    bi, bj = np.unravel_index(np.argmax(search), proj.shape)
-    best = proj[bi, bj]
-    _, a, b = _nnls2_reference(y, W[bi, bj], F[bj], free_fat)
-    padded = np.pad(-proj, 1, constant_values=np.nan)
-    r = padded[bi:bi + 3, bj:bj + 3]
+def _refine_reference(y, dictionary, i, j, free_fat=False):
+    """Hill climbing on the fine grid from fine atom (i, j), then the Newton step (as
+    :func:`_refine`); atoms interpolated on the fly. Returns (x, yb, a, b)."""
+    n_i = _FINE * (dictionary.t2w_grid_ms.size - 1) + 1
+    n_j = _FINE * (dictionary.b1_grid.size - 1) + 1
 
     def at(x, yb):
         w, f = _interp_reference(dictionary, x, yb)
         return _nnls2_reference(y, w, f, free_fat)
 
-    x, yb = float(bi), float(bj)
-    d = _newton_reference(r, 0 < bi < n_t2 - 1, 0 < bj < n_b1 - 1)
-    if np.any(d):
-        for scale in (1.0, 0.5):
-            p, a1, b1 = at(x + scale * d[0], yb + scale * d[1])
-            if p >= best:
-                x, yb, best, a, b = x + scale * d[0], yb + scale * d[1], p, a1, b1
+    best, a, b = at(i / _FINE, j / _FINE)
+    h = _FINE
+    settled = False
+    r = np.full((3, 3), np.nan)
+    while h >= 1:
+        for _ in range(_MAX_MOVES + 1):
+            r = np.full((3, 3), np.nan)
+            r[1, 1] = -best
+            move = (best, i, j, a, b)
+            for di in range(3):
+                for dj in range(3):
+                    ii, jj = i + (di - 1) * h, j + (dj - 1) * h
+                    if (di, dj) == (1, 1) or not (0 <= ii < n_i and 0 <= jj < n_j):
+                        continue
+                    p, a1, b1 = at(ii / _FINE, jj / _FINE)
+                    r[di, dj] = -p
+                    if p > move[0]:
+                        move = (p, ii, jj, a1, b1)
+            settled = move[1:3] == (i, j)
+            if settled:
                 break
-    for h in (_POLISH_STEPS if polish else ()):
-        has_x = x - h >= 0 and x + h <= n_t2 - 1
-        has_y = yb - h >= 0 and yb + h <= n_b1 - 1
-        if not (has_x or has_y):
-            continue
-        r = np.full((3, 3), np.nan)
-        r[1, 1] = -best
-        stencil_best = (best, None)
-        for di in range(3):
-            for dj in range(3):
-                if (di, dj) == (1, 1) or (di != 1 and not has_x) or (dj != 1 and not has_y):
-                    continue
-                xx, yy = x + (di - 1) * h, yb + (dj - 1) * h
-                p, a1, b1 = at(xx, yy)
-                r[di, dj] = -p
-                if p > stencil_best[0]:
-                    stencil_best = (p, (xx, yy, a1, b1))
-        d = _newton_reference(r, has_x, has_y)
-        moved = False
+            best, i, j, a, b = move
+        h //= 2
+    x, yb = i / _FINE, j / _FINE
+    if settled:
+        d = _newton_reference(r, 0 < i < n_i - 1, 0 < j < n_j - 1)
         if np.any(d):
-            p, a1, b1 = at(x + d[0] * h, yb + d[1] * h)
-            if p >= best and p >= stencil_best[0]:
-                x, yb, best, a, b = x + d[0] * h, yb + d[1] * h, p, a1, b1
-                moved = True
-        if not moved and stencil_best[1] is not None:
-            best = stencil_best[0]
-            x, yb, a, b = stencil_best[1]
+            p, a1, b1 = at((i + d[0]) / _FINE, (j + d[1]) / _FINE)
+            if p >= best:
+                x, yb, a, b = (i + d[0]) / _FINE, (j + d[1]) / _FINE, a1, b1
     return x, yb, a, b
+
+
+def _best_atom_reference(y, dictionary, free_fat=False):
+    """Fine-grid indices of the best atom of a brute-force search of the whole grid."""
+    W = dictionary.water_atoms
+    F = dictionary.fat_atoms
+    proj = np.array([[_nnls2_reference(y, W[i, j], F[j], free_fat)[0] for j in range(W.shape[1])]
+                     for i in range(W.shape[0])])
+    bi, bj = np.unravel_index(np.argmax(proj), proj.shape)
+    return _FINE * int(bi), _FINE * int(bj)
 
 
 def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
@@ -934,7 +952,7 @@ def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
     """Plain-numpy/scipy reference of :func:`fit_water_t2` (slow; for tests on a few voxels).
 
     Every atom's amplitudes come from :func:`scipy.optimize.nnls` instead of the
-    closed form."""
+    closed form, and the whole grid is searched."""
     arr = np.asarray(signals, dtype=np.float64)
     shape = arr.shape[:-1]
     y_all = arr.reshape(-1, arr.shape[-1])
@@ -946,20 +964,31 @@ def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
     res = np.full(n, np.nan)
     status = np.zeros(n, dtype=np.int8)
     sd = 0.0 if noise_sd is None else float(noise_sd)
+    n_i = _FINE * (dictionary.t2w_grid_ms.size - 1) + 1
+    n_j = _FINE * (dictionary.b1_grid.size - 1) + 1
+
+    def model(xv, yv, av, bv):
+        w, f = _interp_reference(dictionary, xv, yv)
+        return av * w + bv * f
+
     for v in range(n):
         y = y_all[v]
         if not np.all(np.isfinite(y)) or y.max() <= 0:
             continue
-        refit = sd > 0 and n_floor_iterations > 0
-        xv, yv, av, bv = _fit_one_reference(y, dictionary, free_fat=free_fat, polish=not refit)
-        if sd > 0:
+        i, j = _best_atom_reference(y, dictionary, free_fat)
+        if sd > 0 and n_floor_iterations > 0:
+            w, f = _interp_reference(dictionary, i / _FINE, j / _FINE)
+            _, av, bv = _nnls2_reference(y, w, f, free_fat)
+            m = av * w + bv * f
             for _ in range(n_floor_iterations):
-                w, f = _interp_reference(dictionary, xv, yv)
-                m = av * w + bv * f
-                xv, yv, av, bv = _fit_one_reference(y - (rician_mean_reference(m, sd) - m), dictionary,
-                                                    centre=(xv, yv), free_fat=free_fat)
-        w, f = _interp_reference(dictionary, xv, yv)
-        m = av * w + bv * f
+                xv, yv, av, bv = _refine_reference(y - (rician_mean_reference(m, sd) - m), dictionary, i, j,
+                                                   free_fat)
+                m = model(xv, yv, av, bv)
+                i = int(np.clip(round(xv * _FINE), 0, n_i - 1))
+                j = int(np.clip(round(yv * _FINE), 0, n_j - 1))
+        else:
+            xv, yv, av, bv = _refine_reference(y, dictionary, i, j, free_fat)
+            m = model(xv, yv, av, bv)
         pred = rician_mean_reference(m, sd) if sd > 0 else m
         x[v], yb[v], a[v], b[v] = xv, yv, av, bv
         res[v] = np.sqrt(np.mean((y - pred) ** 2))
