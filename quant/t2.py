@@ -506,21 +506,39 @@ def _newton_step(r, has_x, has_y):
     return min(max(dx, -1.0), 1.0), min(max(dy, -1.0), 1.0)
 
 
+_COARSE_RANK = 8   # singular vectors of the dictionary that the coarse search works in
 _FINE = 4          # the refinement's fine grid: _FINE points per grid step (interpolated atoms, tabulated)
 _MAX_MOVES = 6     # hill-climbing moves per stencil spacing before the refinement gives up moving
 _COARSE_STEP = (2, 2)  # T2 and B1 strides of the coarse first search (grids of 5 strides or more);
 # a T2 stride of 3 lost the global minimum for some noise-free voxels at FF < 1 % (kinked surface)
 
 
+def _coarse_strides(n_t2: int, n_b1: int) -> tuple[int, int]:
+    """T2 and B1 strides of the coarse search for a grid of that size."""
+    return tuple(step if n >= 5 * step else 1 for step, n in zip(_COARSE_STEP, (n_t2, n_b1)))
+
+
 @njit(cache=True)
-def _proj_fine(y, fine, fine_fat, fww, fwf, fff, i, j, free_fat):
-    """Projection and amplitudes of fine-grid atom (T2 index ``i``, B1 index ``j``)."""
+def _proj_fine(y, tabs, i, j, free_fat):
+    """Projection and amplitudes of fine-grid atom (T2 index ``i``, B1 index ``j``): the
+    2x2 least squares with water amplitude >= 0 and fat amplitude >= 0 (any sign when
+    ``free_fat``), else the better one-component fit (as :func:`_proj2`)."""
+    fine, fine_fat, c_a, c_b, c_c, inv_ww, inv_ff = tabs[9:16]
     yw = 0.0
     yf = 0.0
     for e in range(y.size):
         yw += y[e] * fine[j, i, e]
         yf += y[e] * fine_fat[j, e]
-    return _proj2(yw, yf, fww[j, i], fwf[j, i], fff[j], free_fat)
+    if c_a[j, i] != 0.0:
+        a = yw * c_a[j, i] - yf * c_b[j, i]
+        b = yf * c_c[j, i] - yw * c_b[j, i]
+        if a >= 0.0 and (b >= 0.0 or free_fat):
+            return a * yw + b * yf, a, b
+    aw = max(yw, 0.0) * inv_ww[j, i]
+    bf = yf * inv_ff[j] if (yf > 0.0 or free_fat) else 0.0
+    if bf * yf > aw * yw:
+        return bf * yf, 0.0, bf
+    return aw * yw, aw, 0.0
 
 
 @njit(cache=True)
@@ -529,9 +547,8 @@ def _climb(y, tabs, i, j, h, best, a, b, free_fat, res3):
     (i, j) of projection ``best``: move to the best of the 8 neighbours while one is
     better, at most ``_MAX_MOVES`` times. Returns the new atom and whether it settled
     (then ``res3`` holds minus the projections of its 3x3 stencil, NaN off the grid)."""
-    fine, fine_fat, fww, fwf, fff = tabs[9:14]
-    n_i = fine.shape[1]
-    n_j = fine.shape[0]
+    n_i = tabs[9].shape[1]
+    n_j = tabs[9].shape[0]
     for _ in range(_MAX_MOVES + 1):
         bi, bj, bp, ba, bb = i, j, best, a, b
         for di in range(3):
@@ -541,7 +558,7 @@ def _climb(y, tabs, i, j, h, best, a, b, free_fat, res3):
                 if di == 1 and dj == 1:
                     res3[1, 1] = -best
                 elif 0 <= ii < n_i and 0 <= jj < n_j:
-                    p, a1, b1 = _proj_fine(y, fine, fine_fat, fww, fwf, fff, ii, jj, free_fat)
+                    p, a1, b1 = _proj_fine(y, tabs, ii, jj, free_fat)
                     res3[di, dj] = -p
                     if p > bp:
                         bi, bj, bp, ba, bb = ii, jj, p, a1, b1
@@ -554,63 +571,50 @@ def _climb(y, tabs, i, j, h, best, a, b, free_fat, res3):
 
 
 @njit(cache=True)
-def _search(y, tabs, free_fat, yw_buf):
-    """Best grid atom of the whole dictionary, coarse to fine: every ``st``-th T2 and
-    ``sb``-th B1 atom, then the grid within one coarse step of the best. Returns its
-    fine-grid indices, projection and amplitudes."""
+def _search(y, yr, tabs, free_fat, yw_buf):
+    """Best atom of the coarse subgrid (every ``st``-th T2 and ``sb``-th B1 atom, the
+    whole grid for small grids), searched in the subspace of the dictionary's first
+    ``_COARSE_RANK`` singular vectors: its fine-grid indices."""
     water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, st, sb = tabs[:9]
-    fine, fine_fat, fww, fwf, fff = tabs[9:14]
-    ci, cj, _ = _grid_search(y, water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, 0, water_c.shape[2], 0,
+    basis = tabs[19]
+    for r in range(yr.size):
+        acc = 0.0
+        for e in range(y.size):
+            acc += basis[r, e] * y[e]
+        yr[r] = acc
+    ci, cj, _ = _grid_search(yr, water_c, fat_c, c_ac, c_bc, c_cc, inv_wwc, inv_ffc, 0, water_c.shape[2], 0,
                              water_c.shape[0], free_fat, yw_buf)
-    n_i = fine.shape[1]
-    n_j = fine.shape[0]
-    bi = ci * st * _FINE
-    bj = cj * sb * _FINE
-    best, a, b = _proj_fine(y, fine, fine_fat, fww, fwf, fff, bi, bj, free_fat)
-    if st > 1 or sb > 1:
-        i0, j0 = bi, bj
-        for di in range(-st, st + 1):
-            for dj in range(-sb, sb + 1):
-                ii = i0 + di * _FINE
-                jj = j0 + dj * _FINE
-                if (di != 0 or dj != 0) and 0 <= ii < n_i and 0 <= jj < n_j:
-                    p, a1, b1 = _proj_fine(y, fine, fine_fat, fww, fwf, fff, ii, jj, free_fat)
-                    if p > best:
-                        bi, bj, best, a, b = ii, jj, p, a1, b1
-    return bi, bj, best, a, b
+    return ci * st * _FINE, cj * sb * _FINE
 
 
 @njit(cache=True)
-def _refine(y, tabs, i, j, best, a, b, free_fat, wt, wb, w_buf, f_buf, res3):
-    """Refinement from fine-grid atom (i, j): hill climbing with stencil spacings of 1,
-    1/2 and 1/4 grid steps, then a Newton step on the last 3x3 stencil evaluated with
-    interpolated atoms (kept if it raises the projection). Returns (x, yb, a, b, proj)
-    with fractional grid indices."""
-    water_pad, fat_pad = tabs[14], tabs[15]
-    n_i = tabs[9].shape[1]
-    n_j = tabs[9].shape[0]
+def _refine(y, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m):
+    """Refinement from fine-grid atom (i, j): hill climbing with stencil spacings of
+    1, 1/2 and 1/4 grid steps, then a Newton step on the last 3x3
+    stencil evaluated with interpolated atoms (kept if it raises the projection).
+    Returns (x, yb, a, b) with fractional grid indices, and the model in ``m``."""
+    fine, fine_fat, water_pad, fat_pad = tabs[9], tabs[10], tabs[16], tabs[17]
+    n_i = fine.shape[1]
+    n_j = fine.shape[0]
+    best, a, b = _proj_fine(y, tabs, i, j, free_fat)
     h = _FINE
     settled = False
     while h >= 1:
         i, j, best, a, b, settled = _climb(y, tabs, i, j, h, best, a, b, free_fat, res3)
         h //= 2
-    x = i / _FINE
-    yb = j / _FINE
     if settled:
         dx, dy = _newton_step(res3, 0 < i < n_i - 1, 0 < j < n_j - 1)
         if dx != 0.0 or dy != 0.0:
-            p, a1, b1 = _proj_at(y, water_pad, fat_pad, (i + dx) / _FINE, (j + dy) / _FINE, free_fat, wt, wb,
-                                 w_buf, f_buf)
+            x = (i + dx) / _FINE
+            yb = (j + dy) / _FINE
+            p, a1, b1 = _proj_at(y, water_pad, fat_pad, x, yb, free_fat, wt, wb, w_buf, f_buf)
             if p >= best:
-                x, yb, best, a, b = (i + dx) / _FINE, (j + dy) / _FINE, p, a1, b1
-    return x, yb, a, b, best
-
-
-@njit(cache=True)
-def _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m_out):
-    _interp_atoms(water_pad, fat_pad, x, yb, wt, wb, w_buf, f_buf)
-    for e in range(m_out.size):
-        m_out[e] = a * w_buf[e] + b * f_buf[e]
+                for e in range(m.size):
+                    m[e] = a1 * w_buf[e] + b1 * f_buf[e]
+                return x, yb, a1, b1
+    for e in range(m.size):
+        m[e] = a * fine[j, i, e] + b * fine_fat[j, e]
+    return i / _FINE, j / _FINE, a, b
 
 
 @njit(cache=True, inline="always")
@@ -635,17 +639,18 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
     ``tabs`` holds the dictionary tables of :func:`_tables`. Outputs fractional grid
     indices, amplitudes, RMS residual and a status code per voxel."""
     fine, fine_fat = tabs[9], tabs[10]
-    water_pad, fat_pad = tabs[14], tabs[15]
-    n_t2 = tabs[16]
+    n_t2 = tabs[18]
     n_i = fine.shape[1]
+    n_j = fine.shape[0]
     n_vox = signals.shape[0]
     n_e = signals.shape[1]
     n_chunks = min(n_vox, 1024)
     for c in prange(n_chunks):
         y = np.empty(n_e)
+        yr = np.empty(tabs[19].shape[0])
         y_eff = np.empty(n_e)
         m = np.empty(n_e)
-        yw_buf = np.empty(n_i)
+        yw_buf = np.empty(tabs[0].shape[2])
         wt = np.empty(4)
         wb = np.empty(4)
         w_buf = np.empty(n_e)
@@ -660,23 +665,21 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                 out_res[v] = np.nan
                 out_status[v] = _NOT_FITTED
                 continue
-            i, j, p, a, b = _search(y, tabs, free_fat, yw_buf)
+            i, j = _search(y, yr, tabs, free_fat, yw_buf)
             if noise_sd > 0.0 and n_floor_iter > 0:
-                # the noise-floor iterations: refit the data less the Rician bias of the
-                # current model (the first from the best grid atom, unrefined)
+                # noise-floor iterations: refine on the data less the Rician bias of the
+                # current model, the first time that of the best coarse atom
+                _, a, b = _proj_fine(y, tabs, i, j, free_fat)
                 for e in range(n_e):
                     m[e] = a * fine[j, i, e] + b * fine_fat[j, e]
                 for it in range(n_floor_iter):
                     for e in range(n_e):
                         y_eff[e] = y[e] - (_rician_mean_fast(m[e], noise_sd, rice) - m[e])
-                    p, a, b = _proj_fine(y_eff, fine, fine_fat, tabs[11], tabs[12], tabs[13], i, j, free_fat)
-                    x, yb, a, b, p = _refine(y_eff, tabs, i, j, p, a, b, free_fat, wt, wb, w_buf, f_buf, res3)
-                    _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
+                    x, yb, a, b = _refine(y_eff, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m)
                     i = min(max(int(round(x * _FINE)), 0), n_i - 1)
-                    j = min(max(int(round(yb * _FINE)), 0), fine.shape[0] - 1)
+                    j = min(max(int(round(yb * _FINE)), 0), n_j - 1)
             else:
-                x, yb, a, b, p = _refine(y, tabs, i, j, p, a, b, free_fat, wt, wb, w_buf, f_buf, res3)
-                _model(water_pad, fat_pad, x, yb, a, b, wt, wb, w_buf, f_buf, m)
+                x, yb, a, b = _refine(y, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m)
             # RMS residual of the model (its Rician mean with noise_sd) against the data
             ss = 0.0
             for e in range(n_e):
@@ -729,25 +732,41 @@ def _tables(dictionary: T2Dictionary):
     mb = _cr_matrix(n_b1, _FINE)
     fine = np.einsum("ia,jab->jib", _cr_matrix(n_t2, _FINE), np.einsum("ja,aie->jie", mb, water_pad), optimize=True)
     fine_fat = mb @ fat_pad
-    fww = np.einsum("jie,jie->ji", fine, fine)
-    fwf = np.einsum("jie,je->ji", fine, fine_fat)
-    fff = np.einsum("je,je->j", fine_fat, fine_fat)
-    # coarse subgrid of the first search stage: every st-th T2 and sb-th B1 atom
-    st = _COARSE_STEP[0] if n_t2 >= 5 * _COARSE_STEP[0] else 1
-    sb = _COARSE_STEP[1] if n_b1 >= 5 * _COARSE_STEP[1] else 1
-    wc = water[::sb, ::st]
-    fc = fat[::sb]
-    gww = np.einsum("jie,jie->ji", wc, wc)
-    gwf = np.einsum("jie,je->ji", wc, fc)
-    gff = np.einsum("je,je->j", fc, fc)
+    # coarse subgrid of the first search stage: every st-th T2 and sb-th B1 atom,
+    # projected onto the dictionary's first singular vectors
+    st, sb = _coarse_strides(n_t2, n_b1)
+    basis = _coarse_basis(dictionary)
+    wc = water[::sb, ::st] @ basis.T
+    fc = fat[::sb] @ basis.T
+    c = np.ascontiguousarray
+    return (c(np.transpose(wc, (0, 2, 1))), c(fc), *_gram_terms(wc, fc), st, sb,
+            c(fine), c(fine_fat), *_gram_terms(fine, fine_fat), c(water_pad), c(fat_pad), n_t2, c(basis))
+
+
+def _gram_terms(water, fat):
+    """Per atom of ``water`` (n_b1, n_t2, E) with ``fat`` (n_b1, E): ``ff/det, wf/det,
+    ww/det`` of the 2x2 Gram matrix (0 where it is singular) and the inverse norms
+    ``1/ww``, ``1/ff`` (0 for a zero fat atom)."""
+    gww = np.einsum("jie,jie->ji", water, water)
+    gwf = np.einsum("jie,je->ji", water, fat)
+    gff = np.einsum("je,je->j", fat, fat)
     det = gww * gff[:, None] - gwf ** 2
     ok = det > 1e-12 * gww * gff[:, None]
     safe = np.where(ok, det, 1.0)
     c = np.ascontiguousarray
-    return (c(np.transpose(wc, (0, 2, 1))), c(fc), c(np.where(ok, gff[:, None] / safe, 0.0)),
-            c(np.where(ok, gwf / safe, 0.0)), c(np.where(ok, gww / safe, 0.0)), c(1.0 / gww),
-            c(np.where(gff > 0, 1.0 / np.where(gff > 0, gff, 1.0), 0.0)), st, sb,
-            c(fine), c(fine_fat), c(fww), c(fwf), c(fff), c(water_pad), c(fat_pad), n_t2)
+    return (c(np.where(ok, gff[:, None] / safe, 0.0)), c(np.where(ok, gwf / safe, 0.0)),
+            c(np.where(ok, gww / safe, 0.0)), c(1.0 / gww), c(np.where(gff > 0, 1.0 / np.where(gff > 0, gff, 1.0), 0.0)))
+
+
+def _coarse_basis(dictionary: T2Dictionary) -> np.ndarray:
+    """(rank, n_echoes): the first ``_COARSE_RANK`` right singular vectors of the
+    dictionary's unit-norm water and fat atoms (all echoes where there are fewer)."""
+    atoms = np.concatenate([dictionary.water_atoms.reshape(-1, dictionary.params.n_echoes), dictionary.fat_atoms])
+    norms = np.linalg.norm(atoms, axis=1, keepdims=True)
+    atoms = atoms[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
+    if dictionary.params.n_echoes <= _COARSE_RANK:
+        return np.eye(dictionary.params.n_echoes)
+    return np.linalg.svd(atoms, full_matrices=False)[2][:_COARSE_RANK]
 
 
 def _check_signals(signals, n_echoes):
@@ -938,13 +957,17 @@ def _refine_reference(y, dictionary, i, j, free_fat=False):
 
 
 def _best_atom_reference(y, dictionary, free_fat=False):
-    """Fine-grid indices of the best atom of a brute-force search of the whole grid."""
-    W = dictionary.water_atoms
-    F = dictionary.fat_atoms
-    proj = np.array([[_nnls2_reference(y, W[i, j], F[j], free_fat)[0] for j in range(W.shape[1])]
+    """Fine-grid indices of the best atom of the coarse subgrid, by brute force in the
+    subspace of the dictionary's first singular vectors."""
+    st, sb = _coarse_strides(*dictionary.water_atoms.shape[:2])
+    basis = _coarse_basis(dictionary)
+    W = dictionary.water_atoms[::st, ::sb] @ basis.T
+    F = dictionary.fat_atoms[::sb] @ basis.T
+    yr = basis @ y
+    proj = np.array([[_nnls2_reference(yr, W[i, j], F[j], free_fat)[0] for j in range(W.shape[1])]
                      for i in range(W.shape[0])])
     bi, bj = np.unravel_index(np.argmax(proj), proj.shape)
-    return _FINE * int(bi), _FINE * int(bj)
+    return _FINE * st * int(bi), _FINE * sb * int(bj)
 
 
 def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
@@ -952,7 +975,7 @@ def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
     """Plain-numpy/scipy reference of :func:`fit_water_t2` (slow; for tests on a few voxels).
 
     Every atom's amplitudes come from :func:`scipy.optimize.nnls` instead of the
-    closed form, and the whole grid is searched."""
+    closed form."""
     arr = np.asarray(signals, dtype=np.float64)
     shape = arr.shape[:-1]
     y_all = arr.reshape(-1, arr.shape[-1])
