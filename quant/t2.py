@@ -14,9 +14,9 @@ and B1 atom, in the subspace of the dictionary's first 8 singular vectors. Then 
 climbing from the best of them on a grid four times finer than the dictionary's (its
 atoms cubic, Catmull-Rom, interpolated and tabulated once per dictionary): with a
 stencil of one grid step, a jump to the Newton step of that stencil, with a stencil of
-a quarter step, and a last Newton step on the quadratic through the 3x3 residuals
-around the best fine atom (noise free: 99 % of voxels within 0.05 ms of the true T2w on
-a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
+a quarter step, and a last Newton step (or half of it, where the full step overshoots)
+on the quadratic through the 3x3 residuals around the best fine atom (noise free: 99 %
+of voxels within 0.05 ms of the true T2w on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
 the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
 
 Noise floor. Magnitude images are Rician: echoes near the noise level are biased
@@ -514,7 +514,7 @@ def _newton_step(r, has_x, has_y):
 
 _COARSE_RANK = 8   # singular vectors of the dictionary that the coarse search works in (8: written out in it)
 _FINE = 4          # the refinement's fine grid: _FINE points per grid step (interpolated atoms, tabulated)
-_MAX_MOVES = 6     # hill-climbing moves per stencil spacing before the refinement gives up moving
+_MAX_MOVES = 64    # hill-climbing moves per stencil spacing (a bound for flat valleys; 1-2 are typical)
 _COARSE_STEP = (2, 2)  # T2 and B1 strides of the coarse first search (grids of 5 strides or more);
 # a T2 stride of 3 lost the global minimum for some noise-free voxels at FF < 1 % (kinked surface)
 
@@ -598,8 +598,8 @@ def _refine(y, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m):
     """Refinement from fine-grid atom (i, j): hill climbing with a stencil of one grid
     step, a jump to the fine atom nearest the Newton step on that stencil (if it is
     better), hill climbing on the fine grid (1/4 grid step), then a Newton step on
-    that stencil evaluated with interpolated atoms (kept if it raises the projection).
-    Returns (x, yb, a, b) with fractional grid indices, and the model in ``m``."""
+    that stencil, or half of it, evaluated with interpolated atoms (kept if it raises
+    the projection). Returns (x, yb, a, b) with fractional grid indices, and the model in ``m``."""
     fine, fine_fat = tabs.fine, tabs.fine_fat
     n_i = fine.shape[1]
     n_j = fine.shape[0]
@@ -616,9 +616,11 @@ def _refine(y, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m):
     i, j, best, a, b, settled = _climb(y, tabs, i, j, 1, best, a, b, free_fat, res3)
     if settled:
         dx, dy = _newton_step(res3, 0 < i < n_i - 1, 0 < j < n_j - 1)
-        if dx != 0.0 or dy != 0.0:
-            x = (i + dx) / _FINE
-            yb = (j + dy) / _FINE
+        for scale in (1.0, 0.5):   # the half step where the full one overshoots (the kink at fat 0)
+            if dx == 0.0 and dy == 0.0:
+                break
+            x = (i + scale * dx) / _FINE
+            yb = (j + scale * dy) / _FINE
             p, a1, b1 = _proj_at(y, tabs.water_pad, tabs.fat_pad, x, yb, free_fat, wt, wb, w_buf, f_buf)
             if p >= best:
                 for e in range(m.size):
@@ -986,10 +988,11 @@ def _refine_reference(y, dictionary, i, j, free_fat=False):
     x, yb = i / _FINE, j / _FINE
     if settled:
         d = _newton_reference(r, 0 < i < n_i - 1, 0 < j < n_j - 1)
-        if np.any(d):
-            p, a1, b1 = at((i + d[0]) / _FINE, (j + d[1]) / _FINE)
+        for scale in ((1.0, 0.5) if np.any(d) else ()):
+            p, a1, b1 = at((i + scale * d[0]) / _FINE, (j + scale * d[1]) / _FINE)
             if p >= best:
-                x, yb, a, b = (i + d[0]) / _FINE, (j + d[1]) / _FINE, a1, b1
+                x, yb, a, b = (i + scale * d[0]) / _FINE, (j + scale * d[1]) / _FINE, a1, b1
+                break
     return x, yb, a, b
 
 

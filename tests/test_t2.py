@@ -157,6 +157,26 @@ def test_noise_free_fit_recovers_t2_within_0p3ms_ff_within_0p2pp_b1_within_0p03_
     assert np.abs(fit.b1 - truth["b1"][sl]).max() < 0.03
 
 
+@pytest.mark.parametrize("n_echoes, esp_ms, pct, t2_tol_ms, ff_tol", [(6, 12.0, 90, 0.5, 0.02), (32, 7.0, 99, 0.05, 0.001)])
+def test_noise_free_fit_with_fewer_echoes_than_the_coarse_subspace_or_many_more(truth, n_echoes, esp_ms, pct,
+                                                                                t2_tol_ms, ff_tol):
+    """The coarse search works in an 8-dimensional subspace of the dictionary: with 6
+    echoes that is the whole echo space (the basis is padded with zero rows), with 32 it
+    compresses 4x. Noise free, 1 ms grid, FF 0-60 %. Measured: 6 echoes (TE 12-72 ms)
+    median 0.02 ms, 90 % within 0.31 ms, 99 % within 1.0 ms (the fat and water decays
+    are hard to tell apart over 72 ms: a long, narrow valley of the residual along T2w
+    and FF), FF 99 % within 1.5 pp; 32 echoes 99 % within 0.004 ms, FF within 0.1 pp."""
+    params = MeseParameters(n_echoes=n_echoes, echo_spacing_ms=esp_ms, n_profile_points=12)
+    d = build_dictionary(params)
+    sl = slice(0, 300)
+    sim = simulate_mese(truth["t2"][sl], truth["ff"][sl], truth["b1"][sl], params)
+    fit = fit_water_t2(sim.images.T, d)
+    assert fit.success.all()
+    assert np.median(np.abs(fit.t2w_ms - truth["t2"][sl])) < 0.05
+    assert np.percentile(np.abs(fit.t2w_ms - truth["t2"][sl]), pct) < t2_tol_ms
+    assert np.percentile(np.abs(fit.ff - truth["ff"][sl]), pct) < ff_tol
+
+
 def test_snr100_water_t2_bias_below_0p6ms_and_sd_below_2ms_where_ff_below_20pct(fit100, truth):
     _, fit = fit100
     low = truth["ff"] < 0.2
