@@ -721,9 +721,7 @@ def _cr_matrix(n: int, factor: int) -> np.ndarray:
     :func:`_interp_atoms` interpolates)."""
     x = np.arange(factor * (n - 1) + 1) / factor
     ix = np.clip(np.floor(x).astype(int), 0, n - 2)
-    t = x - ix
-    w = np.stack([-0.5 * t ** 3 + t ** 2 - 0.5 * t, 1.5 * t ** 3 - 2.5 * t ** 2 + 1.0,
-                  -1.5 * t ** 3 + 2.0 * t ** 2 + 0.5 * t, 0.5 * t ** 3 - 0.5 * t ** 2], axis=1)
+    w = _cr_weights_numpy(x - ix).T   # (points, 4)
     m = np.zeros((x.size, n + 2))
     for q in range(4):
         m[np.arange(x.size), ix + q] = w[:, q]
@@ -905,7 +903,8 @@ def _nnls2_reference(y, w, f, free_fat=False):
     return float(y @ (a * w + b * f)), float(a), float(b)
 
 
-def _cubic_1d_reference(t):
+def _cr_weights_numpy(t):
+    """Catmull-Rom weights of :func:`_cr_weights` for scalar or array ``t``, shape (4, ...)."""
     return np.array([-0.5 * t ** 3 + t ** 2 - 0.5 * t, 1.5 * t ** 3 - 2.5 * t ** 2 + 1,
                      -1.5 * t ** 3 + 2 * t ** 2 + 0.5 * t, 0.5 * t ** 3 - 0.5 * t ** 2])
 
@@ -919,8 +918,8 @@ def _interp_reference(dictionary, x, yb):
     Fp = np.concatenate([2 * F[:1] - F[1:2], F, 2 * F[-1:] - F[-2:-1]], axis=0)
     ix = int(np.clip(np.floor(x), 0, W.shape[0] - 2))
     iy = int(np.clip(np.floor(yb), 0, W.shape[1] - 2))
-    wt = _cubic_1d_reference(x - ix)
-    wb = _cubic_1d_reference(yb - iy)
+    wt = _cr_weights_numpy(x - ix)
+    wb = _cr_weights_numpy(yb - iy)
     block = Wp[ix:ix + 4, iy:iy + 4]  # padded index ix..ix+3 == grid ix-1..ix+2
     w = np.einsum("p,q,pqe->e", wt, wb, block)
     f = np.einsum("q,qe->e", wb, Fp[iy:iy + 4])
