@@ -715,6 +715,16 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                 out_status[v] = _OK
 
 
+def _pad_linear(arr: np.ndarray, axes) -> np.ndarray:
+    """``arr`` with one point added at each end of each of ``axes``, linearly extrapolated
+    (the padding :func:`_interp_atoms` expects)."""
+    for ax in axes:
+        lo = 2 * np.take(arr, [0], axis=ax) - np.take(arr, [1], axis=ax)
+        hi = 2 * np.take(arr, [-1], axis=ax) - np.take(arr, [-2], axis=ax)
+        arr = np.concatenate([lo, arr, hi], axis=ax)
+    return arr
+
+
 def _cr_matrix(n: int, factor: int) -> np.ndarray:
     """Catmull-Rom interpolation matrix from ``n + 2`` padded grid values to the
     ``factor * (n - 1) + 1`` points of a grid ``factor`` times finer (as
@@ -747,10 +757,8 @@ def _tables(dictionary: T2Dictionary) -> _Tables:
     water = np.transpose(dictionary.water_atoms, (1, 0, 2))  # (n_b1, n_t2, E)
     fat = np.ascontiguousarray(dictionary.fat_atoms, dtype=np.float64)
     n_b1, n_t2, n_e = water.shape
-    water_pad = np.concatenate([2 * water[:1] - water[1:2], water, 2 * water[-1:] - water[-2:-1]], axis=0)
-    water_pad = np.concatenate([2 * water_pad[:, :1] - water_pad[:, 1:2], water_pad,
-                                2 * water_pad[:, -1:] - water_pad[:, -2:-1]], axis=1)
-    fat_pad = np.concatenate([2 * fat[:1] - fat[1:2], fat, 2 * fat[-1:] - fat[-2:-1]], axis=0)
+    water_pad = _pad_linear(water, (0, 1))
+    fat_pad = _pad_linear(fat, (0,))
     # fine grid: atoms interpolated _FINE times finer than the dictionary grid
     mb = _cr_matrix(n_b1, _FINE)
     fine = np.einsum("ia,jab->jib", _cr_matrix(n_t2, _FINE), np.einsum("ja,aie->jie", mb, water_pad), optimize=True)
@@ -913,9 +921,8 @@ def _interp_reference(dictionary, x, yb):
     W = dictionary.water_atoms  # (n_t2, n_b1, E)
     F = dictionary.fat_atoms
     # pad by linear extrapolation, one point each side
-    Wp = np.concatenate([2 * W[:1] - W[1:2], W, 2 * W[-1:] - W[-2:-1]], axis=0)
-    Wp = np.concatenate([2 * Wp[:, :1] - Wp[:, 1:2], Wp, 2 * Wp[:, -1:] - Wp[:, -2:-1]], axis=1)
-    Fp = np.concatenate([2 * F[:1] - F[1:2], F, 2 * F[-1:] - F[-2:-1]], axis=0)
+    Wp = _pad_linear(W, (0, 1))
+    Fp = _pad_linear(F, (0,))
     ix = int(np.clip(np.floor(x), 0, W.shape[0] - 2))
     iy = int(np.clip(np.floor(yb), 0, W.shape[1] - 2))
     wt = _cr_weights_numpy(x - ix)
