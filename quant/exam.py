@@ -9,14 +9,13 @@ import copy
 import uuid
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
 
 from .enums import SideLabel, Tissue
 from .epg import MeseParameters
 from .mese_phantom import simulate_mese
-from .phantom import CORTEX_PD, PD, LegPhantom, phantom_datasets
+from .phantom import CORTEX_PD, PD, LegPhantom, file_meta, phantom_datasets
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -69,7 +68,7 @@ def mese_datasets(phantom: LegPhantom, template: Dataset, *, params: MeseParamet
             ds = copy.deepcopy(base)
             ds.SOPClassUID = MR_IMAGE
             ds.SOPInstanceUID = _uid(series_uid, e, i)
-            ds.file_meta = _meta(MR_IMAGE, ds.SOPInstanceUID)
+            ds.file_meta = file_meta(MR_IMAGE, ds.SOPInstanceUID)
             ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
             ds.InstanceNumber = e * len(positions) + i + 1
             ds.EchoTime = f"{params.echo_spacing_ms * (e + 1):g}"
@@ -91,14 +90,6 @@ def exam_datasets(phantom: LegPhantom, *, mese: bool = True, enhanced_mese: bool
         return dixon
     return dixon + mese_datasets(phantom, dixon[0], t2w_muscle_ms=t2w_muscle_ms, snr=mese_snr,
                                  enhanced=enhanced_mese)
-
-
-def _meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return meta
 
 
 def _pixels(ds: Dataset, img: np.ndarray) -> None:
@@ -151,7 +142,7 @@ def _enhanced(base: Dataset, frames: np.ndarray, positions, phantom: LegPhantom,
             delattr(ds, kw)
     ds.SOPClassUID = ENHANCED_MR_IMAGE
     ds.SOPInstanceUID = _uid(ds.SeriesInstanceUID, "enhanced", echo)
-    ds.file_meta = _meta(ENHANCED_MR_IMAGE, ds.SOPInstanceUID)
+    ds.file_meta = file_meta(ENHANCED_MR_IMAGE, ds.SOPInstanceUID)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "T2", "NONE"]
     ds.InstanceNumber = echo + 1
     ds.AcquisitionContrast = "T2"
@@ -239,7 +230,7 @@ def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6,
                 ds = copy.deepcopy(base)
                 ds.SOPClassUID = MR_IMAGE
                 ds.SOPInstanceUID = _uid(series_uid, e, k)
-                ds.file_meta = _meta(MR_IMAGE, ds.SOPInstanceUID)
+                ds.file_meta = file_meta(MR_IMAGE, ds.SOPInstanceUID)
                 ds.ImageType = image_type
                 ds.InstanceNumber = e * nz + k + 1
                 ds.EchoTime = f"{te[e]:g}"

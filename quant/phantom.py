@@ -26,6 +26,17 @@ SEPTUM_FF = 0.95
 CORTEX_PD = 25.0
 
 
+def file_meta(sop_class: str, sop_instance_uid: str):
+    """File meta information (explicit VR little endian) of a dataset built in memory."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
 @dataclass(frozen=True, eq=False)
 class LegPhantom:
     """Images, geometry and truth of one synthetic exam."""
@@ -248,8 +259,8 @@ def phantom_datasets(phantom: LegPhantom, *, patient_id: str = "MN-0001", patien
     """
     import uuid
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from pydicom.dataset import Dataset
+    from pydicom.uid import MRImageStorage
 
     def uid(*parts) -> str:  # 2.25.<UUID from a name>: the same inputs give the same UID
         name = "\x1f".join([uid_seed, patient_id, study_date, *map(str, parts)])
@@ -267,13 +278,9 @@ def phantom_datasets(phantom: LegPhantom, *, patient_id: str = "MN-0001", patien
         data = np.clip(np.rint(pixels), 0, 65535).astype(np.uint16)
         for k in range(nz):
             ds = Dataset()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = MRImageStorage
-            meta.MediaStorageSOPInstanceUID = uid("instance", kind, k)
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
+            ds.file_meta = file_meta(MRImageStorage, uid("instance", kind, k))
             ds.SOPClassUID = MRImageStorage
-            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
             ds.SpecificCharacterSet = "ISO_IR 100"
             ds.ImageType = image_type
             ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_date

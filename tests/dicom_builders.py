@@ -12,9 +12,11 @@ import math
 from typing import Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
+
+from quant.phantom import file_meta
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -46,14 +48,6 @@ def slice_positions(n: int, spacing: float = 5.0, orientation: Sequence[float] =
     offsets = np.concatenate([[0.0], np.cumsum(steps)])
     normal = normal_of(orientation)
     return [tuple(float(v) for v in np.asarray(origin, dtype=float) + d * normal) for d in offsets]
-
-
-def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return meta
 
 
 def _patient_study(ds: Dataset, series_uid: str, frame_of_reference_uid: str,
@@ -109,7 +103,7 @@ def mr_slice(*, position: Sequence[float], orientation: Sequence[float] = AXIAL,
         pixels = np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols)
     sop_instance_uid = sop_instance_uid or generate_uid()
     ds = Dataset()
-    ds.file_meta = _file_meta(sop_class, sop_instance_uid)
+    ds.file_meta = file_meta(sop_class, sop_instance_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = list(image_type)
     ds.SOPClassUID = sop_class
@@ -208,7 +202,7 @@ def enhanced_mr_instance(*, positions: Sequence[Sequence[float]],
     assert pixels.ndim == 3 and pixels.shape[0] == len(positions)
     sop_instance_uid = sop_instance_uid or generate_uid()
     ds = Dataset()
-    ds.file_meta = _file_meta(ENHANCED_MR_IMAGE_STORAGE, sop_instance_uid)
+    ds.file_meta = file_meta(ENHANCED_MR_IMAGE_STORAGE, sop_instance_uid)
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.ImageType = list(image_type)
     ds.SOPClassUID = ENHANCED_MR_IMAGE_STORAGE
