@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quant.epg import MeseParameters  # noqa: E402
-from quant.mese_phantom import simulate_mese  # noqa: E402
+from quant.synthetic.mese_phantom import simulate_mese  # noqa: E402
 from quant.t2 import build_dictionary, fit_water_t2  # noqa: E402
 
 PARAMS = MeseParameters(n_echoes=17, echo_spacing_ms=10.0, repetition_time_ms=3000.0)

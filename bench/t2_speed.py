@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from quant.epg import MeseParameters
-from quant.mese_phantom import simulate_mese
+from quant.synthetic.mese_phantom import simulate_mese
 from quant.t2 import build_dictionary, fit_biexponential_fixed_fat, fit_water_t2
 
 

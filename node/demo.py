@@ -18,12 +18,12 @@ from typing import Callable
 from sqlalchemy import select
 
 from quant.enums import Region, Side
-from quant.exam import exam_datasets
-from quant.phantom import make_leg_phantom
+from quant.synthetic.exam import exam_datasets
+from quant.synthetic.phantom import make_leg_phantom
 
 from . import db
 from .config import Config, Destination, JobSettings, NodeSettings, SendSettings
-from .scu import MiniPACS, push
+from .demo_peers import MiniPACS, push
 from .service import Node
 
 VISITS = (  # (study date, muscle FF, muscle area scale, muscle water T2 ms): ALS-like progression over 6 months
@@ -112,7 +112,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
         echo(f"         SR  {files['SR']}")
     echo(f"visit 2's SR carries the baseline values and the change since visit 1 "
          f"(interval {_days(VISITS[0][0], VISITS[1][0])} days).")
-    echo(f"Time from last instance received to SR in PACS: "
+    echo("Time from last instance received to SR in PACS: "
          + ", ".join(f"visit {i + 1} {t:.1f} s" for i, t in enumerate(latencies))
          + f" (including the {config.node.complete_after_seconds:g} s completion wait)")
     return 0

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from quant.enums import SeriesKind
 from quant.pipeline import StudyAnalysis, analyse_study
-from reports.longitudinal import Comparison, PriorValue, compare
+from reports.longitudinal import PriorValue, compare
 
 from .errors import InstanceRejected
 from .instances import MR_IMAGE, ENHANCED_MR_IMAGE, read_instance, subject_key

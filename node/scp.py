@@ -8,7 +8,6 @@ in the association thread.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt

@@ -8,7 +8,6 @@ and sends not yet acknowledged are retried.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -19,7 +18,7 @@ from .jobs import JobContext, JobRunner, requeue_running
 from .scp import Receiver
 from .send import Sender
 from .store import Store
-from .studies import complete_quiet_studies
+from .completion import CompletionMonitor
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,8 @@ class Node:
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
                               on_done=self.sender.wake)
-        self._stop = threading.Event()
-        self._monitor = threading.Thread(target=self._watch_studies, name="musclenode-studies", daemon=True)
+        self.completion = CompletionMonitor(self.engine, config.node.complete_after_seconds,
+                                            poll_seconds=poll_seconds, on_complete=self.jobs.wake)
 
     @property
     def port(self) -> int:
@@ -54,7 +53,7 @@ class Node:
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
         self.receiver.start(self.config.node.bind_address, self.config.node.port)
-        self._monitor.start()
+        self.completion.start()
         self.jobs.start()
         self.sender.start()
         with self.engine.begin() as conn:
@@ -63,22 +62,12 @@ class Node:
 
     def stop(self) -> None:
         self.receiver.stop()
-        self._stop.set()
-        self._monitor.join(timeout=10)
+        self.completion.stop()
         self.jobs.stop()
         self.sender.stop()
         with self.engine.begin() as conn:
             db.record_audit(conn, "node-stopped", f"ae={self.config.node.ae_title}")
         self.engine.dispose()
-
-    def _watch_studies(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if complete_quiet_studies(self.engine, self.config.node.complete_after_seconds):
-                    self.jobs.wake()
-            except Exception:
-                log.exception("study completion loop error")
-            self._stop.wait(self.poll)
 
     def __enter__(self) -> "Node":
         return self.start()

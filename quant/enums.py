@@ -54,3 +54,39 @@ class SideLabel(IntEnum):
     @property
     def side(self) -> Side:
         return {0: Side.NONE, 1: Side.RIGHT, 2: Side.LEFT}[int(self)]
+
+
+class Metric(str, Enum):
+    """A measured quantity: the key in ``measurements.csv``, the database and the API,
+    from :mod:`quant` to the SR (never renamed at a boundary). :attr:`unit` is its UCUM unit."""
+
+    CSA_MM2 = "csa_mm2"              # mean muscle cross-sectional area over the slices with muscle
+    VOL_ML = "vol_ml"                # muscle volume
+    FF_PERCENT = "ff_percent"        # fat fraction (Dixon or MEGRE PDFF)
+    FRMA_MM2 = "frma_mm2"            # functional remaining muscle area: sum of area x (1 - FF), mean over slices
+    T2W_MS = "t2w_ms"                # water T2, median over the region
+    T2W_MEAN_MS = "t2w_mean_ms"      # water T2, mean
+    T2W_IQR_MS = "t2w_iqr_ms"        # water T2, interquartile range
+    B1 = "b1"                        # relative refocusing B1, median
+    FF_T2_PERCENT = "ff_t2_percent"  # fat fraction of the T2 fit (PD, T1-weighted unless TR is known)
+
+    @property
+    def unit(self) -> str:
+        """UCUM unit of the metric."""
+        return METRIC_UNITS[self]
+
+
+METRIC_UNITS: dict[Metric, str] = {
+    Metric.CSA_MM2: "mm2", Metric.VOL_ML: "ml", Metric.FF_PERCENT: "%", Metric.FRMA_MM2: "mm2",
+    Metric.T2W_MS: "ms", Metric.T2W_MEAN_MS: "ms", Metric.T2W_IQR_MS: "ms", Metric.B1: "1",
+    Metric.FF_T2_PERCENT: "%",
+}
+
+
+class Model(str, Enum):
+    """The model that made a value (``measurements.csv`` column ``model``; the SR's Measurement Method)."""
+
+    DIXON_RICIAN_ML = "dixon-rician-ml"      # magnitude Dixon, Rician maximum likelihood
+    MEGRE_PDFF = "megre-pdff-6peak"          # multi-echo gradient echo: 6-peak fat, R2*, field map
+    EPG_BICOMPONENT = "epg-bicomponent"      # MESE: bi-component slice-profile EPG dictionary fit
+    BIEXP_FIXED_FAT = "biexp-fixed-fat"      # MESE: bi-exponential, fixed fat T2 (the UCL fallback)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .enums import Side
+from .enums import Metric, Side
 
-UNITS = {"csa_mm2": "mm2", "vol_ml": "ml", "ff_percent": "%", "frma_mm2": "mm2"}
 
 
 @dataclass(frozen=True)
@@ -26,12 +25,12 @@ class Measurement:
 
     region: str          # "thigh", "calf", ... or "thigh/<muscle>"
     side: Side
-    metric: str          # "csa_mm2", "vol_ml", "ff_percent", "frma_mm2"
+    metric: str          # a :class:`~quant.enums.Metric` value
     value: float
     unit: str
     algorithm_version: str
     n_voxels: int = 0
-    model: str = ""      # which model made the value (e.g. "dixon-magnitude")
+    model: str = ""      # the :class:`~quant.enums.Model` value of the model that made it
 
 
 @njit(cache=True)
@@ -183,11 +182,11 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
         per_slice[g] = csa
         ff_mean = float(sff[g].sum() / max(nff[g].sum(), 1)) * 100.0
         values = {
-            "csa_mm2": float(csa[present].mean()),
-            "vol_ml": float(count[g].sum()) * pixel_area_mm2 * slice_thickness_mm / 1000.0,
-            "ff_percent": ff_mean,
-            "frma_mm2": float(frma[present].mean()),
+            Metric.CSA_MM2: float(csa[present].mean()),
+            Metric.VOL_ML: float(count[g].sum()) * pixel_area_mm2 * slice_thickness_mm / 1000.0,
+            Metric.FF_PERCENT: ff_mean,
+            Metric.FRMA_MM2: float(frma[present].mean()),
         }
         for metric, value in values.items():
-            out.append(Measurement(region, side, metric, value, UNITS[metric], algorithm_version, n, model))
+            out.append(Measurement(region, side, metric.value, value, metric.unit, algorithm_version, n, model))
     return out, per_slice

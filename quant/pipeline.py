@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
-from .enums import SeriesKind, Side, SideLabel, Tissue
+from .enums import Metric, Model, SeriesKind, Tissue
 from .dixon import correct_swaps, detect_swaps, fat_fraction_dixon, pdff_multiecho, roi_fat_fraction
 from .errors import QuantError, SeriesError
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
@@ -22,13 +22,11 @@ from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .volume import Volume, assemble_volume
 
-if False:  # typing only
+if TYPE_CHECKING:
     from .t2stage import T2Options, T2Result
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndi.generate_binary_structure(2, 1)
-DIXON_MODEL = "dixon-rician-ml"
-PDFF_MODEL = "megre-pdff-6peak"   # multi-echo complex Dixon: 6-peak fat, R2*, smooth field map   # per-voxel and region fat fraction by Rician maximum likelihood
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
 
 
@@ -96,7 +94,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
         if megre is None:
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
-        return _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, atoms)
+        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -130,47 +128,23 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
         notes.append(f"fat-water swap corrected: {swaps.message}")
         water = water.with_array(w_arr)
     dixon = fat_fraction_dixon(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed)
-    ff = dixon.ff
-    seg = segment_legs(water, f_arr, ff, in_phase=in_phase,
-                       body_part=_body_part(by_series[water_info.series_instance_uid][0]))
-    labels, groups = seg.muscle_groups()
-    # Partial volume at the muscle's edges: area and fRMA count the muscle content of the
-    # edge voxels, estimated from their FF and signal against the neighbouring muscle.
-    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=_INPLANE)
-    fat_ff = float(np.nanmedian(ff[sat])) if sat.sum() > 50 else 0.92
-    signal = in_phase if in_phase is not None else w_arr + f_arr
-    labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff, signal, fat_ff=fat_ff)
-    measurements, per_slice = muscle_metrics(
-        labels_ext, muscle_ff, groups, pixel_area_mm2=water.pixel_area_mm2,
-        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=DIXON_MODEL,
-        weights=weights)
-    # The region's FF: a maximum-likelihood estimate over the region's voxels away from
-    # its edges (no partial volume), free of the noise-floor bias that a mean of voxel
-    # values keeps at low fat fraction.
-    core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
-
-    def roi(g):
-        return core & (labels == g) if (core & (labels == g)).sum() >= 50 else labels == g
     if megre is not None and megre[0].same_grid(water):
         # multi-echo complex data of the same grid: the PDFF (multi-peak fat, R2*, field
         # map) is the better fat fraction; its region mean is unbiased (not clipped)
         pdff = megre[1].pdff
-        roi_ff = {g: float(np.nanmean(pdff[roi(g)])) for g in groups}
-        model = PDFF_MODEL
+        model = Model.MEGRE_PDFF
         notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat)")
+
+        def region_ff(roi: np.ndarray) -> float:
+            return float(np.nanmean(pdff[roi]))
     else:
-        roi_ff = {g: roi_fat_fraction(w_arr, f_arr, roi(g), dixon.noise_sd, in_phase=in_phase,
-                                      opposed_phase=opposed) for g in groups}
-        model = DIXON_MODEL
-    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)], model=model)
-                    if m.metric == "ff_percent" and np.isfinite(roi_ff[_group_of(groups, m)]) else m
-                    for m in measurements]
-    csa = {groups[g]: v for g, v in per_slice.items()}
-    notes.extend(seg.notes)
-    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms)
-    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
-                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
-                         flags=tuple(flags))
+        model = Model.DIXON_RICIAN_ML
+
+        def region_ff(roi: np.ndarray) -> float:
+            return roi_fat_fraction(w_arr, f_arr, roi, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
+    signal = in_phase if in_phase is not None else w_arr + f_arr
+    return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
+                    t2_options, atoms, flags, in_phase=in_phase)
 
 
 def _complex_dixon(by_series, infos, notes):
@@ -210,36 +184,57 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
     return a * (np.pi / 4096.0)
 
 
-def _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, atoms) -> "StudyAnalysis":
+def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
-    reference, res = megre
+    anatomy, res = megre
     w_arr = np.abs(np.nan_to_num(res.water)).astype(np.float32)
     f_arr = np.abs(np.nan_to_num(res.fat)).astype(np.float32)
-    water = reference.with_array(w_arr)
     pdff = res.pdff
-    ff_seg = np.clip(np.nan_to_num(pdff, nan=np.nan), 0, 1).astype(np.float32)
-    mag_info = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
-    seg = segment_legs(water, f_arr, ff_seg, body_part=_body_part(by_series[mag_info.series_instance_uid][0]))
+    ff_seg = np.clip(pdff, 0, 1).astype(np.float32)
+    notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat, R2*, field map)")
+
+    def region_ff(roi: np.ndarray) -> float:
+        return float(np.nanmean(pdff[roi]))
+    return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
+                    _pick(infos, SeriesKind.MEGRE_MAGNITUDE), Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms,
+                    [])
+
+
+def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
+             source: SeriesInfo, model: Model, region_ff: Callable[[np.ndarray], float], notes: list[str],
+             t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None) -> StudyAnalysis:
+    """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
+    of each region by ``region_ff`` of its core, add water T2: one sequence for every
+    source of fat fraction."""
+    seg = segment_legs(water, fat, ff, in_phase=in_phase,
+                       body_part=_body_part(by_series[source.series_instance_uid][0]))
     labels, groups = seg.muscle_groups()
+    # Partial volume at the muscle's edges: area and fRMA count the muscle content of the
+    # edge voxels, estimated from their FF and signal against the neighbouring muscle.
     sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=_INPLANE)
-    fat_ff = float(np.nanmedian(ff_seg[sat])) if sat.sum() > 50 else 0.92
-    labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff_seg, w_arr + f_arr, fat_ff=fat_ff)
+    fat_ff = float(np.nanmedian(ff[sat])) if sat.sum() > 50 else 0.92
+    labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff, signal, fat_ff=fat_ff)
     measurements, per_slice = muscle_metrics(
         labels_ext, muscle_ff, groups, pixel_area_mm2=water.pixel_area_mm2,
-        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=PDFF_MODEL,
+        slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION, model=model.value,
         weights=weights)
+    # The region's FF from its voxels away from its edges (no partial volume): for
+    # magnitude Dixon a maximum-likelihood estimate, free of the noise-floor bias that a
+    # mean of voxel values keeps at low fat fraction.
     core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
-    roi_ff = {g: float(np.nanmean(pdff[core & (labels == g)] if (core & (labels == g)).sum() >= 50
-                                  else pdff[labels == g])) for g in groups}
-    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)])
-                    if m.metric == "ff_percent" and np.isfinite(roi_ff[_group_of(groups, m)]) else m
+    roi_ff = {}
+    for g in groups:
+        roi = core & (labels == g)
+        roi_ff[g] = region_ff(roi if roi.sum() >= 50 else labels == g)
+    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)], model=model.value)
+                    if m.metric == Metric.FF_PERCENT and np.isfinite(roi_ff[_group_of(groups, m)]) else m
                     for m in measurements]
-    notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat, R2*, field map)")
+    csa = {groups[g]: v for g, v in per_slice.items()}
     notes.extend(seg.notes)
     t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms)
-    csa = {groups[g]: v for g, v in per_slice.items()}
-    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff_seg, segmentation=seg,
-                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2)
+    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
+                         flags=tuple(flags))
 
 
 def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms):

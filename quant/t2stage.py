@@ -13,18 +13,18 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
-from .dixon import estimate_noise_sd
-from .enums import Side, SideLabel, Tissue
+from .noise import estimate_noise_sd
+from .enums import Metric, Model, Side, SideLabel, Tissue
 from .epg import MeseParameters
 from .errors import QuantError, SeriesError
 from .metrics import Measurement
 from .resample import resample_labels
 from .segment import Segmentation
-from .t2 import (DEFAULT_FAT_T2_MS, MODEL_BIEXP, MODEL_EPG, T2Dictionary, T2Fit, build_dictionary,
+from .t2 import (DEFAULT_FAT_T2_MS, T2Dictionary, T2Fit, build_dictionary,
                  calibrate_fat_t2, fit_biexponential_fixed_fat, fit_water_t2, summarise)
 from .volume import Volume
 
-T2_UNITS = {"t2w_ms": "ms", "t2w_mean_ms": "ms", "t2w_iqr_ms": "ms", "b1": "1", "ff_t2_percent": "%"}
+T2_METRICS = (Metric.T2W_MS, Metric.T2W_MEAN_MS, Metric.T2W_IQR_MS, Metric.B1, Metric.FF_T2_PERCENT)
 MIN_ROI_VOXELS = 20
 
 
@@ -32,7 +32,7 @@ MIN_ROI_VOXELS = 20
 class T2Options:
     """How water T2 is measured (``[t2]`` of the node's configuration)."""
 
-    model: str = MODEL_EPG                   # "epg-bicomponent" or "biexp-fixed-fat"
+    model: str = Model.EPG_BICOMPONENT.value  # or Model.BIEXP_FIXED_FAT
     profile: str = "auto"                    # "auto" (2D: sinc, 3D: none), "sinc", "none"
     time_bandwidth: float = 2.0
     refocusing_to_excitation_slab_ratio: float | None = None   # None: quant.epg's default
@@ -84,10 +84,10 @@ MIN_SNR = 5.0   # a voxel is fitted when its largest echo is above this many noi
 
 def _fit(signals, params, options, fat_t2, noise_sd, atoms):
     min_signal = MIN_SNR * noise_sd if noise_sd else 0.0
-    if options.model == MODEL_BIEXP:
+    if options.model == Model.BIEXP_FIXED_FAT:
         return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2, min_signal=min_signal)
-    if options.model != MODEL_EPG:
-        raise QuantError(f"unknown T2 model {options.model!r} (expected {MODEL_EPG!r} or {MODEL_BIEXP!r})")
+    if options.model != Model.EPG_BICOMPONENT:
+        raise QuantError(f"unknown T2 model {options.model!r} (expected {Model.EPG_BICOMPONENT.value!r} or {Model.BIEXP_FIXED_FAT.value!r})")
     dictionary: T2Dictionary = build_dictionary(params, t2f_ms=fat_t2, atoms=atoms)
     return fit_water_t2(signals, dictionary, noise_sd=noise_sd, min_signal=min_signal)
 
@@ -150,13 +150,11 @@ def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg
         if roi.sum() < MIN_ROI_VOXELS:
             continue
         summary = summarise(fit, roi)
-        values = {"t2w_ms": summary["t2w_ms"], "t2w_mean_ms": summary["t2w_ms_mean"],
-                  "t2w_iqr_ms": summary["t2w_ms_iqr"], "b1": summary["b1"],
-                  "ff_t2_percent": summary["ff_t2_percent"]}
-        for metric, value in values.items():
+        for metric in T2_METRICS:
+            value = summary[metric.value]
             if value is None or not math.isfinite(value):
                 continue
-            n = summary["n_fitted"] if metric == "ff_t2_percent" else summary["n_voxels"]
-            out.append(Measurement(seg.region.value, s, metric, float(value), T2_UNITS[metric],
+            n = summary["n_fitted"] if metric is Metric.FF_T2_PERCENT else summary["n_voxels"]
+            out.append(Measurement(seg.region.value, s, metric.value, float(value), metric.unit,
                                    algorithm_version, int(n), fit.model))
     return T2Result(mese, params, fit, labels, fat_t2, source, tuple(out))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from quant.enums import Region
-from quant.exam import exam_datasets
-from quant.phantom import make_leg_phantom, phantom_datasets
+from quant.synthetic.exam import exam_datasets
+from quant.synthetic.phantom import make_leg_phantom
 
 os.environ.setdefault("TCP_NODELAY", "1")  # Debian's DCMTK and Orthanc stall ~40 ms per instance without it
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import VISIT_T2, write_datasets
 
@@ -53,7 +52,7 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
 def test_swapped_dixon_is_corrected_and_flagged(tmp_path):
     """A scanner that labelled fat as water: corrected, the values right, the CSV and SR say so."""
     import pydicom
-    from quant.phantom import phantom_datasets
+    from quant.synthetic.phantom import phantom_datasets
     from conftest import small_phantom
     ph = small_phantom(seed=31)
     datasets = phantom_datasets(ph, patient_id="SWAP", uid_seed="swap")
@@ -98,7 +97,7 @@ def test_serve_receives_and_status_reports(thigh_visits, tmp_path):
     """A real `musclenode serve` process: push a study, then `musclenode status` shows it."""
     import socket
     import time
-    from node.scu import push
+    from node.demo_peers import push
     (_, datasets), _ = thigh_visits
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,9 +10,11 @@ from hypothesis import given, settings, strategies as st
 from scipy import special
 
 from quant import dixon as D
+from quant import rician as rice
+from quant.dixon import magnitude, megre, roi
 from quant.enums import Tissue
 from quant.errors import QuantError, SeriesError
-from quant.phantom import make_leg_phantom
+from quant.synthetic.phantom import make_leg_phantom
 
 SMALL = dict(shape=(8, 96, 160), pixel_mm=2.5, slice_mm=6.0)
 
@@ -33,8 +35,8 @@ def dixon_channels(rng, ff, snr, shape, pd=1000.0):
 
 def test_bessel_helpers_match_scipy():
     x = np.concatenate([np.linspace(0, 5, 201), np.geomspace(5, 5e4, 200)])
-    log_i0 = np.array([D._log_i0(v) for v in x])
-    ratio = np.array([D._bessel_ratio(v) for v in x])
+    log_i0 = np.array([rice.log_i0(v) for v in x])
+    ratio = np.array([rice.bessel_ratio(v) for v in x])
     np.testing.assert_allclose(log_i0, np.log(special.i0e(x)) + x, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ratio, special.i1e(x) / special.i0e(x), rtol=2e-6, atol=1e-8)
 
@@ -52,7 +54,7 @@ def test_voxel_ml_matches_brute_force_reference(kinds):
     w_ref, f_ref = D.rician_ml_reference(mags, kinds, sd, n_grid=161)
     w = np.empty(len(mags))
     f = np.empty(len(mags))
-    D._dixon_ml_kernel(np.ascontiguousarray(mags), np.array(kinds), sd ** 2, -1.0, 2000, w, f)
+    magnitude._dixon_ml_kernel(np.ascontiguousarray(mags), np.array(kinds), sd ** 2, -1.0, 2000, w, f)
     ll = D.rician_loglik(mags, kinds, sd, w, f)
     ll_ref = D.rician_loglik(mags, kinds, sd, w_ref, f_ref)
     assert np.all(ll >= ll_ref - 1e-4), "the kernel's optimum is worse than the grid's"
@@ -66,7 +68,7 @@ def test_roi_kernel_matches_reference():
         ch = dixon_channels(rng, ff, 20, 150)
         mags = np.ascontiguousarray(np.stack([ch[k] for k in kinds], axis=1))
         sd = np.full(len(kinds), 50.0)
-        phi = D._roi_ml_kernel(mags, np.array(kinds), sd ** 2, mags.max(axis=1).copy(), 1e-7)
+        phi = roi._roi_ml_kernel(mags, np.array(kinds), sd ** 2, mags.max(axis=1).copy(), 1e-7)
         assert phi == pytest.approx(D.roi_ml_reference(mags, kinds, sd), abs=2e-4)
 
 
@@ -318,11 +320,11 @@ def test_varpro_residual_and_fit_match_references():
     t = te * 1e-3
     for psi, r2 in ((0.0, 0.0), (73.0, 40.0), (-120.0, 200.0)):
         ref = D.varpro_residual_reference(sig, te, c, psi, r2)
-        got = [D._varpro_res(s, float(np.sum(np.abs(s) ** 2)), t, c, psi, r2) for s in sig]
+        got = [megre._varpro_res(s, float(np.sum(np.abs(s) ** 2)), t, c, psi, r2) for s in sig]
         np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-6)
     psi = np.ascontiguousarray(truth["fieldmap_hz"])
     w, f, r2 = (np.empty(6) for _ in range(3))
-    D._final_fit_kernel(sig, t, c, psi, 500.0, True, w, f, r2)
+    megre._final_fit_kernel(sig, t, c, psi, 500.0, True, w, f, r2)
     w_ref, f_ref, r2_ref = D.pdff_fit_reference(sig, te, c, psi)
     np.testing.assert_allclose(r2, r2_ref, atol=0.05)
     np.testing.assert_allclose(w, w_ref, atol=0.5)

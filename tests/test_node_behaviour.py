@@ -1,7 +1,6 @@
 """How the node behaves around the happy path: compressed input, a study without Dixon,
 late instances, restarts, and Orthanc as the sender."""
 
-import copy
 import json
 import subprocess
 import time
@@ -13,8 +12,8 @@ from sqlalchemy import select
 
 from node import db
 from node.config import Destination
-from node.scu import push
-from quant.phantom import phantom_datasets
+from node.demo_peers import push
+from quant.synthetic.phantom import phantom_datasets
 
 from conftest import node_config, small_phantom, wait_until, write_datasets
 

@@ -6,9 +6,10 @@ import pytest
 
 from node.processing import build_outputs, encode
 from quant.enums import Side
-from quant.exam import megre_datasets
-from quant.phantom import phantom_datasets
-from quant.pipeline import PDFF_MODEL, analyse_study, phase_to_radians
+from quant.synthetic.exam import megre_datasets
+from quant.synthetic.phantom import phantom_datasets
+from quant.enums import Model
+from quant.pipeline import analyse_study, phase_to_radians
 
 from conftest import REALISTIC, small_phantom
 from validators import dciodvfy_errors
@@ -27,7 +28,7 @@ def test_multi_echo_complex_dixon_gives_pdff(phantom, with_dixon):
     got = {(m.side, m.metric): m for m in a.measurements}
     for side in (Side.RIGHT, Side.LEFT):
         ff = got[(side, "ff_percent")]
-        assert ff.model == PDFF_MODEL
+        assert ff.model == Model.MEGRE_PDFF
         assert abs(ff.value - phantom.truth[(side, "ff_percent")]) < 1.0
         assert got[(side, "csa_mm2")].value == pytest.approx(phantom.truth[(side, "csa_mm2")], rel=0.03)
 

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from node import db
-from node.scu import push
+from node.demo_peers import push
 
 from conftest import node_config, wait_until
 

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from quant.enums import Region, Side, Tissue
-from quant.phantom import make_leg_phantom, phantom_datasets
+from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
 from quant.pipeline import analyse_study, group_by_series
 from reports import codes
 from reports.longitudinal import Comparison, PriorValue, compare

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pynetdicom import AE
 from sqlalchemy import func, select
 
 from node import db
-from node.scu import push
+from node.demo_peers import push
 
 from conftest import write_datasets
 

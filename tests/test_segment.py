@@ -100,7 +100,7 @@ def test_fatty_muscle_keeps_its_area():
 
 
 def _pipeline(ph):
-    from quant.phantom import phantom_datasets
+    from quant.synthetic.phantom import phantom_datasets
     from quant.pipeline import analyse_study
     a = analyse_study(phantom_datasets(ph))
     return a, {(m.side, m.metric): m.value for m in a.measurements}

@@ -5,7 +5,7 @@ from sqlalchemy import select
 
 from node import db
 from node.config import Destination, SendSettings
-from node.scu import push
+from node.demo_peers import push
 from node.send import backoff_seconds
 
 from conftest import Orthanc, node_config, wait_until

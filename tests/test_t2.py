@@ -1,4 +1,4 @@
-"""quant.t2 and quant.mese_phantom: water T2, B1 and PD fat fraction from MESE.
+"""quant.t2 and quant.synthetic.mese_phantom: water T2, B1 and PD fat fraction from MESE.
 
 Protocol of every accuracy test: 17 echoes, echo spacing 10 ms (TE 10-170 ms), 90/180 deg
 Hann-windowed sinc pulses of time-bandwidth 2, refocusing slab 1.2x the excitation slab,
@@ -29,13 +29,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant.enums import Tissue
+from quant.enums import Model, Tissue
 from quant.epg import MeseParameters
 from quant.errors import QuantError
-from quant.mese_phantom import make_leg_t2_phantom, simulate_mese
+from quant.rician import rician_mean, rician_mean_reference
+from quant.synthetic.mese_phantom import make_leg_t2_phantom, simulate_mese
 from quant.t2 import (
-    MODEL_BIEXP,
-    MODEL_EPG,
     T2Fit,
     build_dictionary,
     calibrate_fat_t2,
@@ -43,8 +42,6 @@ from quant.t2 import (
     fit_biexponential_fixed_fat_reference,
     fit_water_t2,
     fit_water_t2_reference,
-    rician_mean,
-    rician_mean_reference,
     summarise,
 )
 
@@ -209,7 +206,7 @@ def test_snr100_b1_median_error_below_0p025_and_95pct_within_0p05_where_b1_at_mo
 def test_snr100_roi_means_of_400_voxels_within_0p3ms_and_0p3pp_and_median_b1_within_0p01(dictionary):
     for t2, ff, b1, s in _roi_fits(100, dictionary):
         assert s["n_voxels"] == 400
-        assert abs(s["t2w_ms_mean"] - t2) < 0.3, (t2, ff, s)
+        assert abs(s["t2w_mean_ms"] - t2) < 0.3, (t2, ff, s)
         assert abs(s["t2w_ms"] - t2) < 0.3, (t2, ff, s)
         assert abs(s["ff_t2_percent"] - 100 * ff) < 0.3, (t2, ff, s)
         assert abs(s["b1"] - np.median(b1)) < 0.01, (t2, ff, s)
@@ -237,7 +234,7 @@ def test_snr50_b1_median_error_below_0p05(fit50, truth):
 
 def test_snr50_roi_means_of_400_voxels_within_0p5ms_and_0p5pp(dictionary):
     for t2, ff, b1, s in _roi_fits(50, dictionary):
-        assert abs(s["t2w_ms_mean"] - t2) < 0.5, (t2, ff, s)
+        assert abs(s["t2w_mean_ms"] - t2) < 0.5, (t2, ff, s)
         assert abs(s["ff_t2_percent"] - 100 * ff) < 0.5, (t2, ff, s)
         assert abs(s["b1"] - np.median(b1)) < 0.02, (t2, ff, s)
 
@@ -315,7 +312,7 @@ def test_biexponential_is_exact_on_noise_free_biexponential_data(discard_first_e
     t2, ff = rng.uniform(28, 45, 300), rng.uniform(0, 0.6, 300)
     y = (1 - ff)[:, None] * np.exp(-TE_MS / t2[:, None]) + ff[:, None] * np.exp(-TE_MS / 151.0)
     fit = fit_biexponential_fixed_fat(y, TE_MS, 151.0, discard_first_echo=discard_first_echo)
-    assert fit.model == MODEL_BIEXP and np.isnan(fit.b1).all() and fit.dictionary_key == ""
+    assert fit.model == Model.BIEXP_FIXED_FAT and np.isnan(fit.b1).all() and fit.dictionary_key == ""
     np.testing.assert_allclose(fit.t2w_ms, t2, atol=1e-3)
     np.testing.assert_allclose(fit.ff, ff, atol=1e-5)
 
@@ -382,19 +379,19 @@ def _hand_fit():
                  ff=np.array([0.0, 0.1, 0.2, 0.3, np.nan, 0.9], dtype=np.float32),
                  m_water=np.ones(6, np.float32), m_fat=np.ones(6, np.float32), residual=np.ones(6, np.float32),
                  success=np.array([True, True, True, True, False, False]),
-                 fitted=np.array([True, True, True, True, False, True]), model=MODEL_EPG, t2f_ms=151.0,
+                 fitted=np.array([True, True, True, True, False, True]), model=Model.EPG_BICOMPONENT, t2f_ms=151.0,
                  dictionary_key="k")
 
 
 def test_summarise_reports_median_mean_iqr_b1_and_ff_percent_over_usable_voxels():
     s = summarise(_hand_fit())
     assert s["t2w_ms"] == pytest.approx(33.0)
-    assert s["t2w_ms_mean"] == pytest.approx(33.0)
-    assert s["t2w_ms_iqr"] == pytest.approx(3.0)          # 34.5 - 31.5
+    assert s["t2w_mean_ms"] == pytest.approx(33.0)
+    assert s["t2w_iqr_ms"] == pytest.approx(3.0)          # 34.5 - 31.5
     assert s["b1"] == pytest.approx(0.95)
     assert s["ff_t2_percent"] == pytest.approx(30.0)      # (0 + 10 + 20 + 30 + 90) / 5, fitted voxels
     assert (s["n_voxels"], s["n_fitted"], s["n_roi"]) == (4, 5, 6)
-    assert s["model"] == MODEL_EPG and s["t2f_ms"] == 151.0
+    assert s["model"] == Model.EPG_BICOMPONENT and s["t2f_ms"] == 151.0
     s2 = summarise(_hand_fit(), np.array([True, True, False, False, False, False]))
     assert s2["t2w_ms"] == pytest.approx(31.0) and s2["n_voxels"] == 2
 
@@ -409,7 +406,7 @@ def test_summarise_of_an_empty_roi_is_nan_and_a_wrong_mask_raises():
 def test_fit_result_records_model_dictionary_key_and_fat_t2(small_dictionary):
     sim = simulate_mese(np.array([30.0, 40.0]), 0.1, 0.9, small_dictionary.params)
     fit = fit_water_t2(sim.images.T, small_dictionary)
-    assert fit.model == MODEL_EPG and fit.dictionary_key == small_dictionary.key and fit.t2f_ms == 151.0
+    assert fit.model == Model.EPG_BICOMPONENT and fit.dictionary_key == small_dictionary.key and fit.t2f_ms == 151.0
     assert fit.t2w_ms.dtype == np.float32 and fit.t2w_ms.shape == (2,)
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .enums import Tissue
-from .epg import MeseParameters, epg_signals
-from .errors import QuantError
-from .t2 import DEFAULT_FAT_T1_MS, DEFAULT_FAT_T2_MS, DEFAULT_WATER_T1_MS
+from ..enums import Tissue
+from ..epg import MeseParameters, epg_signals
+from ..errors import QuantError
+from ..t2 import DEFAULT_FAT_T1_MS, DEFAULT_FAT_T2_MS, DEFAULT_WATER_T1_MS
 
 
 @dataclass(frozen=True, eq=False)

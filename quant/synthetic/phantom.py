@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .enums import Region, Side, SideLabel, Tissue
+from ..enums import Region, Side, SideLabel, Tissue
 
 PD = 1000.0  # proton density of muscle and fat (arbitrary units)
 SAT_FF = 0.92

@@ -1,4 +1,4 @@
-"""A synthetic exam as a scanner sends it: the Dixon series of :mod:`quant.phantom` plus a
+"""A synthetic exam as a scanner sends it: the Dixon series of :mod:`quant.synthetic.phantom` plus a
 multi-echo spin-echo (MESE) series simulated with the EPG model on the same anatomy, as
 classic single-frame MR or as Enhanced MR the way Siemens XA writes it (one instance
 per echo, one frame per slice). In-memory datasets only."""
@@ -12,8 +12,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from .enums import SideLabel, Tissue
-from .epg import MeseParameters
+from ..enums import SideLabel, Tissue
+from ..epg import MeseParameters
 from .mese_phantom import simulate_mese
 from .phantom import CORTEX_PD, PD, LegPhantom, file_meta, phantom_datasets
 
@@ -84,7 +84,7 @@ def mese_datasets(phantom: LegPhantom, template: Dataset, *, params: MeseParamet
 
 def exam_datasets(phantom: LegPhantom, *, mese: bool = True, enhanced_mese: bool = False,
                   t2w_muscle_ms: float = 32.0, mese_snr: float = 100.0, **dixon_kwargs) -> list[Dataset]:
-    """Dixon series (:func:`quant.phantom.phantom_datasets`) plus, optionally, a MESE series."""
+    """Dixon series (:func:`quant.synthetic.phantom.phantom_datasets`) plus, optionally, a MESE series."""
     dixon = phantom_datasets(phantom, **dixon_kwargs)
     if not mese:
         return dixon
@@ -196,7 +196,7 @@ def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6,
     """A multi-echo gradient echo (magnitude and phase series, as Siemens writes them:
     phase stored 0..4095 with Rescale Slope 2 and Intercept -4096, i.e. -pi..pi) of the
     phantom, simulated with the 6-peak fat spectrum, a smooth field map and R2*."""
-    from .dixon import multiecho_signal
+    from ..dixon import multiecho_signal
     pd = phantom.pd if phantom.pd is not None else (phantom.tissue > 0).astype(np.float32)
     w = pd * (1 - phantom.ff) * signal_scale
     f = pd * phantom.ff * signal_scale

@@ -7,7 +7,9 @@ the subject's later visits, so that their SRs compare against it."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from typing import Callable
 
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
@@ -84,3 +86,31 @@ def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study
     for job_id in created:
         log.info("job %d queued: a later visit re-compared with the earlier visit %s", job_id, study_uid)
     return created
+
+
+class CompletionMonitor:
+    """The thread that completes quiet studies every ``poll_seconds`` and calls
+    ``on_complete`` (e.g. wake the job runner) when it queued a job."""
+
+    def __init__(self, engine: Engine, quiet_seconds: float, *, poll_seconds: float = 0.5,
+                 on_complete: Callable[[], None] = lambda: None):
+        self.engine, self.quiet, self.poll = engine, quiet_seconds, poll_seconds
+        self.on_complete = on_complete
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="musclenode-completion", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if complete_quiet_studies(self.engine, self.quiet):
+                    self.on_complete()
+            except Exception:  # the loop must survive a database hiccup; it is logged
+                log.exception("study completion loop error")
+            self._stop.wait(self.poll)

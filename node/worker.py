@@ -1,0 +1,173 @@
+"""What a worker does with one job: read the study's instances, quantify them, build the
+SEG and SR, store them, and record measurements, outputs and sends in one transaction.
+
+:func:`execute_job` is a plain top-level function of picklable arguments, so any
+executor (a process pool here, a Dask cluster later) can run it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.engine import Engine
+
+from quant.errors import QuantError
+from quant.pipeline import NoDixonError
+from reports.longitudinal import PriorValue
+
+from . import CHATTY_LOGGERS, db
+from .completion import requeue_later_visits
+from .processing import build_outputs, cached_atoms, encode, load_datasets, parse_date, series_summary
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a worker needs to run a job (picklable)."""
+
+    database_url: str
+    data_dir: str
+    destinations: tuple[str, ...] = ()
+    t2_options: object = None     # quant.t2stage.T2Options
+
+
+@functools.lru_cache(maxsize=4)
+def _engine(url: str) -> Engine:
+    return db.make_engine(url)
+
+
+def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
+    rows = conn.execute(select(db.measurements).where(and_(db.measurements.c.subject_key == subject,
+                                                           db.measurements.c.study_uid != study_uid))).all()
+    out: dict = defaultdict(list)
+    for r in rows:
+        d = parse_date(r.study_date)
+        if d is None or (study_date and r.study_date >= study_date):
+            continue
+        out[(r.region, r.side, r.metric)].append(PriorValue(r.study_uid, d, r.value))
+    return dict(out)
+
+
+def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: str, message: str) -> None:
+    now = time.time()
+    with engine.begin() as conn:
+        conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
+                     .values(state=state, finished_at=now, lease_until=None, message=message))
+        conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
+                                                   db.studies.c.state == "processing",
+                                                   db.studies.c.revision == revision))
+                     .values(state="done" if state in ("done", "skipped") else "failed", message=message))
+        db.record_audit(conn, f"job-{state}", f"job={job_id} study={study_uid}: {message}")
+
+
+def execute_job(ctx: JobContext, job_id: int) -> str:
+    """Process the study of one job and record everything it made; returns the final state."""
+    t_start = time.time()
+    engine = _engine(ctx.database_url)
+    store = Store(Path(ctx.data_dir), engine)
+    with engine.begin() as conn:
+        job = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).one()
+        study = conn.execute(select(db.studies).where(db.studies.c.study_uid == job.study_uid)).one()
+        files = conn.execute(select(db.instances.c.id, db.instances.c.path, db.instances.c.sop_uid)
+                             .where(db.instances.c.study_uid == job.study_uid)).all()
+    datasets, rejected = load_datasets([Path(f.path) for f in files])
+    by_path = {f.path: f for f in files}
+    for r in rejected:  # unreadable instances leave the study for quarantine, with the reason
+        row = by_path[str(r.path)]
+        if r.path.exists():
+            store.quarantine(None, r.reason, sop_uid=row.sop_uid, study_uid=job.study_uid, source=r.path)
+        with engine.begin() as conn:
+            conn.execute(delete(db.instances).where(db.instances.c.id == row.id))
+    if not datasets:
+        _finish(engine, job_id, job.study_uid, job.revision, "skipped", "no MR images in this study")
+        return "skipped"
+    with engine.begin() as conn:
+        priors = _priors(conn, study.subject_key, job.study_uid, study.study_date)
+        earlier = conn.execute(select(db.outputs.c.path).where(and_(db.outputs.c.study_uid == job.study_uid,
+                                                                    db.outputs.c.kind == "sr"))).scalars().all()
+    previous_srs = [pydicom.dcmread(p) for p in earlier if Path(p).exists()]
+    t_loaded = time.time()
+    try:
+        out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
+                            atoms=cached_atoms(Path(ctx.data_dir) / "cache"))
+    except NoDixonError as exc:
+        _finish(engine, job_id, job.study_uid, job.revision, "skipped", str(exc))
+        log.warning("job %d: %s", job_id, exc)
+        return "skipped"
+    except QuantError as exc:
+        _finish(engine, job_id, job.study_uid, job.revision, "failed", f"{type(exc).__name__}: {exc}")
+        log.error("job %d failed: %s", job_id, exc)
+        return "failed"
+    now = t_built = time.time()
+    paths = {}
+    for kind, ds in (("seg", out.seg), ("sr", out.sr)):
+        path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
+        store.write_result(path, encode(ds))
+        paths[kind] = (str(ds.SOPInstanceUID), path)
+    with engine.begin() as conn:
+        before = {(r.region, r.side, r.metric): r.value for r in conn.execute(
+            select(db.measurements).where(db.measurements.c.study_uid == job.study_uid))}
+        conn.execute(delete(db.measurements).where(db.measurements.c.study_uid == job.study_uid))
+        for m in out.analysis.measurements:
+            conn.execute(insert(db.measurements).values(
+                subject_key=study.subject_key, study_uid=job.study_uid, study_date=study.study_date,
+                region=m.region, side=m.side.value, metric=m.metric, value=m.value, unit=m.unit,
+                algorithm_version=m.algorithm_version, model=m.model, job_id=job_id))
+        conn.execute(delete(db.series).where(db.series.c.study_uid == job.study_uid))
+        for uid, kind, reason, desc in series_summary(out.analysis):
+            conn.execute(insert(db.series).values(study_uid=job.study_uid, series_uid=uid, kind=kind,
+                                                  reason=reason, description=desc))
+        for kind, (sop_uid, path) in paths.items():
+            db.insert_ignore(conn, db.outputs, dict(study_uid=job.study_uid, kind=kind, sop_uid=sop_uid,
+                                                    path=str(path), job_id=job_id, created_at=now))
+            output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
+            for dest in ctx.destinations:
+                db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state="pending",
+                                                       attempts=0, next_try_at=now, last_error=""))
+    notes = "; ".join(out.analysis.notes)
+    _finish(engine, job_id, job.study_uid, job.revision, "done",
+            f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
+            f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
+    after = {(m.region, m.side.value, m.metric): m.value for m in out.analysis.measurements}
+    if after != before:  # new or changed values: later visits compare against them
+        requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date)
+    log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",
+             job_id, job.study_uid, time.time() - t_start, t_loaded - t_start, t_built - t_loaded,
+             time.time() - t_built)
+    return "done"
+
+
+def _init_worker(level: int) -> None:
+    """Spawned workers start with no logging set up: give them the parent's level and
+    format, so that what a job logs reaches the node's log (stderr, journald)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def warm_up() -> float:
+    """Import the pipeline and run its numba kernels once on tiny inputs, so that a fresh
+    worker process loads the compiled kernels before the first exam arrives; returns the
+    seconds it took."""
+    t0 = time.time()
+    import numpy as np
+
+    from quant.epg import MeseParameters
+    from quant.fatfraction import fat_fraction
+    from quant.metrics import slice_sums
+    from quant.t2 import build_dictionary, fit_water_t2
+    fat_fraction(np.ones((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32))
+    slice_sums(np.ones((1, 2, 2), np.int32), np.zeros((1, 2, 2), np.float32), 2)
+    params = MeseParameters(n_echoes=4, echo_spacing_ms=10.0, profile="none")
+    d = build_dictionary(params, np.arange(20.0, 25.0), np.array([0.9, 1.0, 1.1]))
+    fit_water_t2(np.ones((2, 4), np.float32), d)
+    return time.time() - t0

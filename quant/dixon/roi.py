@@ -1,0 +1,281 @@
+"""Fat fraction of a region by joint Rician maximum likelihood over its voxels, in strata of similar FF."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+from numba import njit, prange
+from scipy import ndimage as ndi
+
+from ..errors import SeriesError
+from ..rician import bessel_ratio
+from .magnitude import (_F, _IP, _OP, _W, _channels, _dixon_ml_kernel, _resolve_noise, _rician_ll)
+
+
+@njit(cache=True, inline="always")
+def _kfac(kind, phi):
+    if kind == _W:
+        return 1.0 - phi
+    if kind == _F:
+        return phi
+    if kind == _IP:
+        return 1.0
+    return abs(1.0 - 2.0 * phi)
+
+
+@njit(cache=True)
+def _profile_s(mi, kinds, s2, phi, s0):
+    """Per-voxel total signal maximising the likelihood at a given FF (Newton, EM step
+    where the likelihood is not concave). Returns (s, log-likelihood)."""
+    s = s0
+    den = 0.0
+    for c in range(kinds.size):
+        k = _kfac(kinds[c], phi)
+        den += k * k / s2[c]
+    for _ in range(20):
+        g = 0.0
+        h = 0.0
+        num = 0.0
+        for c in range(kinds.size):
+            k = _kfac(kinds[c], phi)
+            if k == 0.0:
+                continue
+            z = mi[c] * s * k / s2[c]
+            r = bessel_ratio(z)
+            num += k * mi[c] * r / s2[c]
+            g += k * (mi[c] * r - s * k) / s2[c]
+            dr = 1.0 - r / z - r * r if z > 1e-12 else 0.5
+            h += k * k * (mi[c] * mi[c] / s2[c] * dr - 1.0) / s2[c]
+        s_em = num / den if den > 0 else 0.0
+        sn = s - g / h if h < 0.0 else s_em
+        if sn <= 0.0:
+            sn = s_em
+        done = abs(sn - s) <= 1e-7 * (1.0 + s)
+        s = sn
+        if done:
+            break
+    ll = 0.0
+    for c in range(kinds.size):
+        ll += _rician_ll(mi[c], s * _kfac(kinds[c], phi), s2[c])
+    return s, ll
+
+
+@njit(cache=True, parallel=True)
+def _roi_profile(m, kinds, s2, s, phi):
+    """Profile log-likelihood of one FF ``phi`` (per-voxel totals ``s`` maximised out,
+    in place: each evaluation starts from the previous one's totals; voxels in parallel,
+    summed afterwards so the result does not depend on the thread count)."""
+    n = m.shape[0]
+    acc = np.zeros(n)
+    for i in prange(n):
+        s[i], acc[i] = _profile_s(m[i], kinds, s2, phi, s[i])
+    return acc.sum()
+
+
+@njit(cache=True)
+def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
+    """Maximum of the profile likelihood of FF over [lo, hi]: Brent's method (parabolic
+    steps through the three best points, golden-section steps where a parabola would
+    not shrink the bracket), then the ends of the interval as candidates too (FF exactly
+    0 or 1). 11-13 profile evaluations per interval, ends included, where golden section
+    to the old tolerance took 32."""
+    cg = 0.3819660112501051
+    a, b = lo, hi
+    x = a + cg * (b - a)
+    w = x
+    v = x
+    fx = -_roi_profile(m, kinds, s2, s0, x)
+    fw = fx
+    fv = fx
+    d = 0.0
+    e = 0.0
+    for _ in range(200):
+        xm = 0.5 * (a + b)
+        tol1 = 1e-10 * abs(x) + tol / 3.0
+        tol2 = 2.0 * tol1
+        if abs(x - xm) <= tol2 - 0.5 * (b - a):
+            break
+        parabolic = False
+        if abs(e) > tol1:
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            e_old = e
+            e = d
+            if abs(p) < abs(0.5 * q * e_old) and p > q * (a - x) and p < q * (b - x):
+                d = p / q
+                u = x + d
+                if u - a < tol2 or b - u < tol2:
+                    d = tol1 if xm >= x else -tol1
+                parabolic = True
+        if not parabolic:
+            e = (a - x) if x >= xm else (b - x)
+            d = cg * e
+        if abs(d) >= tol1:
+            u = x + d
+        else:
+            u = x + (tol1 if d > 0 else -tol1)
+        fu = -_roi_profile(m, kinds, s2, s0, u)
+        if fu <= fx:
+            if u >= x:
+                a = x
+            else:
+                b = x
+            v, fv = w, fw
+            w, fw = x, fx
+            x, fx = u, fu
+        else:
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv = w, fw
+                w, fw = u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
+    best_x, best_f = x, -fx
+    for end in (lo, hi):
+        fe = _roi_profile(m, kinds, s2, s0, end)
+        if fe > best_f:
+            best_x, best_f = end, fe
+    return best_x, best_f
+
+
+@njit(cache=True)
+def _roi_ml_kernel(m, kinds, s2, s0, tol):
+    """Joint ML of one FF and per-voxel totals (started at ``s0``): Brent's method on the
+    profile likelihood of FF, over [0, 0.5] and [0.5, 1] separately when the
+    opposed-phase channel (|1 - 2 FF|, kinked at 0.5) is present. Returns the FF."""
+    has_op = False
+    for c in range(kinds.size):
+        if kinds[c] == _OP:
+            has_op = True
+    if has_op:
+        pa, fa = _maximise_roi(m, kinds, s2, s0, 0.0, 0.5, tol)
+        pb, fb = _maximise_roi(m, kinds, s2, s0, 0.5, 1.0, tol)
+        return pa if fa >= fb else pb
+    phi, _ = _maximise_roi(m, kinds, s2, s0, 0.0, 1.0, tol)
+    return phi
+
+
+def _smooth_in_mask(values: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """Mean of ``values`` over a size x size in-plane window, within ``mask`` only."""
+    sz = (1,) * (values.ndim - 2) + (size, size)
+    v = np.where(mask, np.nan_to_num(values), 0.0)
+    num = ndi.uniform_filter(v, size=sz, mode="constant")
+    den = ndi.uniform_filter(mask.astype(np.float64), size=sz, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def roi_fat_fraction(water: np.ndarray, fat: np.ndarray, mask: np.ndarray,
+                     noise_sd: float | Mapping[str, float], *, in_phase: np.ndarray | None = None,
+                     opposed_phase: np.ndarray | None = None, stratify: bool = True,
+                     min_stratum: int = 50) -> float:
+    """Mean fat fraction (0..1) of the voxels of a region, without noise-floor bias.
+
+    Voxels of ``mask`` are grouped into strata of similar FF (a per-voxel ML pilot
+    averaged over 5 x 5 in-plane neighbours within the mask; strata ``max(5 pp,
+    2.5 / SNR)`` wide, merged until each holds ``min_stratum`` voxels). In each stratum
+    one FF and a total signal per voxel are fitted jointly by Rician maximum likelihood to
+    every channel given (water, fat, and in-phase/opposed-phase if present). The result
+    is the voxel-weighted mean of the strata's FF, so that it estimates the mean of the
+    voxels' FF as the node reports it.
+
+    Parameters
+    ----------
+    water, fat : ndarray
+        Magnitude water and fat images.
+    mask : ndarray of bool
+        The region (same shape).
+    noise_sd : float or mapping
+        Noise SD (image units), one for all channels or one per channel name.
+    in_phase, opposed_phase : ndarray, optional
+        Magnitude in-phase and opposed-phase images; they add information and lower the
+        variance (and the bias at SNR 20 and heterogeneous low FF).
+    stratify : bool
+        False: one FF for the whole region (only right for homogeneous regions).
+    min_stratum : int
+        Smallest number of voxels of a stratum.
+
+    Returns
+    -------
+    float
+        Mean FF, 0..1; NaN for an empty mask.
+
+    Notes
+    -----
+    Remaining bias (100 homogeneous regions of 1000 voxels each): <= 0.15 pp at SNR 20,
+    < 0.02 pp at SNR 50 and 100, FF 2-80 %. In a region whose FF varies at low FF (a few %) within a stratum, magnitude
+    water and fat alone cannot tell the mean FF from the RMS FF at the noise floor:
+    expect up to +0.5 pp at SNR 20 there (less with IP/OP).
+    """
+    arrays, kinds, names = _channels(water, fat, in_phase, opposed_phase)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != arrays[0].shape:
+        raise SeriesError(f"mask {mask.shape} and water {arrays[0].shape} differ in shape")
+    n = int(mask.sum())
+    if n == 0:
+        return float("nan")
+    sds, _ = _resolve_noise(noise_sd, arrays, names, None)
+    s2 = np.array(sds, dtype=np.float64) ** 2
+    m = np.ascontiguousarray(np.stack([a[mask] for a in arrays], axis=1))
+    # pilot: per-voxel ML
+    w = np.empty(n)
+    f = np.empty(n)
+    _dixon_ml_kernel(m, kinds, s2, -1.0, 200, w, f)
+    tot = w + f
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pilot_vox = np.where(tot > 0, f / tot, np.nan)
+    strata = np.zeros(n, dtype=np.int64)
+    if stratify and n >= 2 * min_stratum and arrays[0].ndim >= 2:
+        full = np.full(mask.shape, np.nan)
+        full[mask] = pilot_vox
+        pilot = _smooth_in_mask(np.nan_to_num(full, nan=0.0), mask & np.isfinite(full), 5)[mask]
+        pilot = np.where(np.isfinite(pilot), pilot, np.nanmedian(pilot_vox))
+        snr = float(np.median(tot)) / math.sqrt(float(s2.max()))
+        width = max(0.05, 2.5 / max(snr, 1e-3))
+        strata = _merge_strata(np.clip((pilot / width).astype(np.int64), 0, int(1 / width) + 1), min_stratum)
+    s_init = np.maximum(tot, 1e-6 * math.sqrt(float(s2.max())))
+    total = 0.0
+    for k in np.unique(strata):
+        sel = strata == k
+        phi = _roi_ml_kernel(np.ascontiguousarray(m[sel]), kinds, s2, np.ascontiguousarray(s_init[sel]), 1e-5)
+        total += phi * int(sel.sum())
+    return float(total / n)
+
+
+def _merge_strata(bins: np.ndarray, min_count: int) -> np.ndarray:
+    """Relabel bin indices so that each group has >= min_count members (adjacent bins
+    merged, smallest first)."""
+    labels = np.unique(bins)
+    groups = [[int(b)] for b in labels]
+    counts = [int(np.count_nonzero(bins == b)) for b in labels]
+    while len(groups) > 1 and min(counts) < min_count:
+        j = int(np.argmin(counts))
+        if j == 0:
+            k = 1
+        elif j == len(groups) - 1:
+            k = j - 1
+        else:
+            k = j - 1 if counts[j - 1] <= counts[j + 1] else j + 1
+        a, b = min(j, k), max(j, k)
+        groups[a] = groups[a] + groups[b]
+        counts[a] += counts[b]
+        del groups[b], counts[b]
+    out = np.empty_like(bins)
+    for g, members in enumerate(groups):
+        out[np.isin(bins, members)] = g
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Fat-water swaps
+# --------------------------------------------------------------------------------------

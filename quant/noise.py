@@ -1,0 +1,107 @@
+"""Noise SD of magnitude images, body masks and Otsu thresholds shared by the fits and the segmentation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import QuantError, SeriesError
+from .segment import otsu_threshold
+
+
+_RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))   # median of Rayleigh(1)
+
+
+def _otsu(values: np.ndarray) -> float:
+    return otsu_threshold(values, upper_percentile=99.5)
+
+
+def _inplane(ndim: int, r: int = 1) -> np.ndarray:
+    """Structuring element acting within slices (the last two axes) only."""
+    base = ndi.generate_binary_structure(2, 1)
+    if r > 1:
+        base = ndi.iterate_structure(base, r)
+    return base if ndim == 2 else base.reshape((1,) * (ndim - 2) + base.shape)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    if mask.ndim == 2:
+        return ndi.binary_fill_holes(mask)
+    out = np.empty_like(mask)
+    flat_in = mask.reshape(-1, *mask.shape[-2:])
+    flat_out = out.reshape(-1, *mask.shape[-2:])
+    for k in range(flat_in.shape[0]):
+        flat_out[k] = ndi.binary_fill_holes(flat_in[k])
+    return out
+
+
+def body_mask_from(image: np.ndarray) -> np.ndarray:
+    """Body (tissue) mask of a high-signal image (in-phase or W + F): above Otsu's
+    threshold, small specks removed, holes filled slice by slice."""
+    a = np.asarray(image, dtype=np.float64)
+    m = a > _otsu(a.ravel())
+    m = ndi.binary_opening(m, structure=_inplane(a.ndim))
+    return _fill_holes_per_slice(m)
+
+
+def _highpass_sd(image: np.ndarray, region: np.ndarray) -> float:
+    """Noise SD from neighbour differences along the last axis inside ``region``
+    (robust MAD, so edges and texture count little)."""
+    a = np.asarray(image, dtype=np.float64)
+    d = (a[..., 1:] - a[..., :-1]) / math.sqrt(2.0)
+    both = region[..., 1:] & region[..., :-1]
+    v = d[both]
+    if v.size < 50:
+        raise QuantError("noise SD cannot be estimated: no background and too few tissue voxels")
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def estimate_noise_sd(image: np.ndarray, body_mask: np.ndarray | None = None) -> float:
+    """Noise standard deviation (per real channel, the ``sigma`` of the Rician model) of a
+    magnitude image, in the image's units.
+
+    From the background (outside ``body_mask`` grown by 2 voxels in-plane), where the
+    magnitude is Rayleigh distributed: ``sigma = median / sqrt(2 ln 2)``; exact zeros
+    (zero-filled or masked background) are ignored. Where fewer than 200 background
+    voxels remain, from neighbour differences inside the body (high-pass, robust MAD).
+
+    Parameters
+    ----------
+    image : ndarray
+        Magnitude image, 2-D or 3-D (slices first).
+    body_mask : ndarray of bool, optional
+        Tissue mask. Pass one made from a high-signal image (in-phase or W + F): in a fat
+        image normal muscle is near the noise floor and would pass for background.
+        Default: :func:`body_mask_from` of ``image`` itself.
+
+    Returns
+    -------
+    float
+        Noise SD. Multi-coil (non-central chi) or parallel-imaging backgrounds are not
+        Rayleigh: the value is then an approximation.
+
+    Raises
+    ------
+    QuantError
+        Neither a background nor enough tissue to estimate the noise.
+    """
+    a = np.asarray(image, dtype=np.float64)
+    if body_mask is None:
+        body_mask = body_mask_from(a)
+    body_mask = np.asarray(body_mask, dtype=bool)
+    if body_mask.shape != a.shape:
+        raise SeriesError(f"body_mask {body_mask.shape} and image {a.shape} differ in shape")
+    grown = ndi.binary_dilation(body_mask, structure=_inplane(a.ndim), iterations=2)
+    bg = a[~grown & (a > 0) & np.isfinite(a)]
+    if bg.size >= 200:
+        return float(np.median(bg) / _RAYLEIGH_MEDIAN)
+    # no background: neighbour differences inside the body, away from its edge
+    inner = ndi.binary_erosion(body_mask, structure=_inplane(a.ndim), iterations=2)
+    return _highpass_sd(a, inner)
+
+
+# --------------------------------------------------------------------------------------
+# Per-voxel magnitude Dixon FF
+# --------------------------------------------------------------------------------------
