@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import free_port, node_config, write_datasets  # noqa: E402
+
 from quant.synthetic.phantom import make_leg_phantom, phantom_datasets  # noqa: E402
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant.enums import Region, Side, SideLabel, Tissue  # noqa: E402
-from quant.synthetic.phantom import make_leg_phantom, phantom_datasets  # noqa: E402
 from quant.pipeline import analyse_study  # noqa: E402
+from quant.synthetic.phantom import make_leg_phantom, phantom_datasets  # noqa: E402
 
 REALISTIC = dict(supersample=3, bias_field=0.3, fascia_mm=1.0)
 SCENARIOS = {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import CHATTY_LOGGERS
 from .config import ConfigError, load_config
+from .db import OutboxState
 
 log = logging.getLogger("musclenode")
 
@@ -67,7 +68,7 @@ def cmd_status(args) -> int:
     print(f"jobs ({len(report['jobs'])}):")
     for j in report["jobs"]:
         print(f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}  study {j['study_uid']}  {j['message']}")
-    pending = [s for s in report["sends"] if s["state"] != "sent"]
+    pending = [s for s in report["sends"] if s["state"] != OutboxState.SENT]
     print(f"sends: {len(report['sends']) - len(pending)} sent, {len(pending)} pending")
     for s in pending:
         print(f"  {s['kind']} {s['sop_uid']} -> {s['destination']}: attempts {s['attempts']}, "
@@ -81,8 +82,15 @@ def cmd_status(args) -> int:
 
 def cmd_process(args) -> int:
     from quant.errors import QuantError
-    from .processing import (build_outputs, cached_atoms, encode, load_datasets, measurement_rows,
-                             measurements_csv)
+
+    from .processing import (
+        build_outputs,
+        cached_atoms,
+        encode,
+        load_datasets,
+        measurement_rows,
+        measurements_csv,
+    )
     src, out = Path(args.input), Path(args.out)
     if not src.is_dir():
         print(f"musclenode process: {src} is not a directory", file=sys.stderr)

@@ -15,13 +15,14 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
 
 from . import db
+from .db import JobState, StudyState
 
 log = logging.getLogger(__name__)
 
 
 def queue_job(conn, study_uid: str, revision: int, now: float) -> int:
     """Insert the pending job of a study's new revision; returns its id."""
-    return conn.execute(insert(db.jobs).values(study_uid=study_uid, revision=revision, state="pending", attempts=0,
+    return conn.execute(insert(db.jobs).values(study_uid=study_uid, revision=revision, state=JobState.PENDING, attempts=0,
                                                created_at=now, message="")).inserted_primary_key[0]
 
 
@@ -31,16 +32,16 @@ def complete_quiet_studies(engine: Engine, quiet_seconds: float, now: float | No
     created = []
     with engine.begin() as conn:
         rows = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.last_received_at)
-                            .where(and_(db.studies.c.state == "receiving",
+                            .where(and_(db.studies.c.state == StudyState.RECEIVING,
                                         db.studies.c.last_received_at <= now - quiet_seconds))).all()
     for row in rows:
         with engine.begin() as conn:
             # Only if nothing arrived since we looked (the same last_received_at).
             res = conn.execute(update(db.studies)
                                .where(and_(db.studies.c.study_uid == row.study_uid,
-                                           db.studies.c.state == "receiving",
+                                           db.studies.c.state == StudyState.RECEIVING,
                                            db.studies.c.last_received_at == row.last_received_at))
-                               .values(state="complete", revision=row.revision + 1))
+                               .values(state=StudyState.COMPLETE, revision=row.revision + 1))
             if res.rowcount != 1:
                 continue
             job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
@@ -68,14 +69,14 @@ def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study
                              .where(and_(db.studies.c.subject_key == subject_key,
                                          db.studies.c.study_uid != study_uid,
                                          db.studies.c.study_date > study_date,
-                                         db.studies.c.state.in_(("done", "processing")),
+                                         db.studies.c.state.in_((StudyState.DONE, StudyState.PROCESSING)),
                                          db.studies.c.study_uid.in_(measured)))).all()
         for row in later:
             res = conn.execute(update(db.studies)
                                .where(and_(db.studies.c.study_uid == row.study_uid,
                                            db.studies.c.revision == row.revision,
                                            db.studies.c.state == row.state))
-                               .values(state="complete", revision=row.revision + 1,
+                               .values(state=StudyState.COMPLETE, revision=row.revision + 1,
                                        message=f"re-compare: an earlier visit ({study_date}) has new values"))
             if res.rowcount != 1:
                 continue

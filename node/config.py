@@ -31,6 +31,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
+from quant.enums import Model
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -110,7 +112,7 @@ class SendSettings:
 class T2Settings:
     """``[t2]``: water T2 from multi-echo spin-echo series."""
 
-    model: str = "epg-bicomponent"            # or "biexp-fixed-fat" (the UCL fallback)
+    model: str = Model.EPG_BICOMPONENT.value  # or Model.BIEXP_FIXED_FAT (the UCL fallback)
     profile: str = "auto"                     # "auto": sinc for 2D, none for 3D; "sinc"; "none"
     time_bandwidth: float = 2.0               # of the excitation and refocusing pulses (sinc profile)
     refocusing_to_excitation_slab_ratio: float = 0.0   # 0: quant.epg's default for product sequences
@@ -257,7 +259,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("send", "retry_initial_seconds"): _positive,
     ("send", "retry_max_seconds"): _positive,
     ("send", "timeout_seconds"): _positive,
-    ("t2", "model"): _one_of(("epg-bicomponent", "biexp-fixed-fat")),
+    ("t2", "model"): _one_of(tuple(m.value for m in (Model.EPG_BICOMPONENT, Model.BIEXP_FIXED_FAT))),
     ("t2", "profile"): _one_of(("auto", "sinc", "none")),
     ("t2", "time_bandwidth"): _positive,
     ("t2", "refocusing_to_excitation_slab_ratio"): _at_least(0),

@@ -7,12 +7,58 @@ SQLAlchemy Core; SQLite (WAL) by default, PostgreSQL when configured.
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, create_engine, event, insert, select, update)
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+
+
+class StudyState(StrEnum):
+    """``studies.state``: receiving -> complete (job queued) -> processing -> done | failed;
+    a late instance re-opens a study (back to receiving)."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    """``jobs.state``: pending -> running -> done | skipped (nothing to quantify) | failed."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    """``outbox.state`` of one output to one destination: pending (retried until sent) -> sent."""
+
+    PENDING = "pending"
+    SENT = "sent"
+
 
 metadata = MetaData()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from .store import durable_write
@@ -19,7 +20,7 @@ def push(datasets: Iterable[Dataset], host: str, port: int, *, called_ae: str, c
     datasets = list(datasets)
     ae = AE(ae_title=calling_ae)
     for cls in sorted({str(d.SOPClassUID) for d in datasets}):
-        ae.add_requested_context(cls, "1.2.840.10008.1.2.1")
+        ae.add_requested_context(cls, ExplicitVRLittleEndian)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {called_ae}@{host}:{port}")
@@ -36,7 +37,7 @@ class MiniPACS:
         self.folder = Path(folder)
         self.ae = AE(ae_title=ae_title)
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+            self.ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.received: list[tuple[float, str, str, Path]] = []  # (time, modality, study uid, path)
         self._lock = threading.Lock()
         self.server = None

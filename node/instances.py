@@ -7,33 +7,32 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedMRImageStorage,
+    EnhancedSRStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    SegmentationStorage,
+)
+
+from reports.uids import subject_key  # noqa: F401  (re-exported: the node's one subject key)
 
 from .errors import InstanceRejected
 
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
-SR_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
-    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-}
+MR_IMAGE = MRImageStorage
+ENHANCED_MR_IMAGE = EnhancedMRImageStorage
+SEGMENTATION = SegmentationStorage
+SR_CLASSES = {BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage}
 #: SOP classes the node keeps in its store (images it quantifies; SEG and SR for later use)
 KEPT_SOP_CLASSES = {MR_IMAGE, ENHANCED_MR_IMAGE, SEGMENTATION, *SR_CLASSES}
 
-_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
-
-
-def subject_key(ds: Dataset) -> str:
-    """Who the study belongs to, across visits: the Clinical Trial Subject ID when the
-    study is part of a trial, else Patient ID with its Issuer."""
-    trial_subject = str(ds.get("ClinicalTrialSubjectID", "") or "").strip()
-    if trial_subject:
-        sponsor = str(ds.get("ClinicalTrialSponsorName", "") or "").strip()
-        return f"trial:{sponsor}:{trial_subject}"
-    return f"patient:{str(ds.get('IssuerOfPatientID', '') or '').strip()}:{str(ds.get('PatientID', '') or '').strip()}"
+_UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 
 
 def sop_class_name(uid: str) -> str:

@@ -13,6 +13,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Engine
 
 from . import db
+from .db import JobState, StudyState
 from .worker import JobContext, _finish, _init_worker, execute_job, warm_up
 
 log = logging.getLogger(__name__)
@@ -29,21 +30,21 @@ def claim_job(engine: Engine, lease_seconds: float, now: float | None = None) ->
     now = time.time() if now is None else now
     with engine.begin() as conn:
         cands = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision)
-                             .where(or_(db.jobs.c.state == "pending",
-                                        and_(db.jobs.c.state == "running", db.jobs.c.lease_until < now)))
+                             .where(or_(db.jobs.c.state == JobState.PENDING,
+                                        and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now)))
                              .order_by(db.jobs.c.id).limit(5)).all()
     for c in cands:
         with engine.begin() as conn:
             res = conn.execute(update(db.jobs).where(and_(
-                db.jobs.c.id == c.id, or_(db.jobs.c.state == "pending",
-                                          and_(db.jobs.c.state == "running", db.jobs.c.lease_until < now))))
-                .values(state="running", attempts=db.jobs.c.attempts + 1, started_at=now,
+                db.jobs.c.id == c.id, or_(db.jobs.c.state == JobState.PENDING,
+                                          and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now))))
+                .values(state=JobState.RUNNING, attempts=db.jobs.c.attempts + 1, started_at=now,
                         lease_until=now + lease_seconds))
             if res.rowcount == 1:
                 conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == c.study_uid,
-                                                           db.studies.c.state == "complete",
+                                                           db.studies.c.state == StudyState.COMPLETE,
                                                            db.studies.c.revision == c.revision))
-                             .values(state="processing"))
+                             .values(state=StudyState.PROCESSING))
                 return c.id, c.study_uid
     return None
 
@@ -51,8 +52,8 @@ def claim_job(engine: Engine, lease_seconds: float, now: float | None = None) ->
 def requeue_running(engine: Engine) -> int:
     """On start of a single node: jobs left running by a previous process run again."""
     with engine.begin() as conn:
-        res = conn.execute(update(db.jobs).where(db.jobs.c.state == "running")
-                           .values(state="pending", lease_until=None))
+        res = conn.execute(update(db.jobs).where(db.jobs.c.state == JobState.RUNNING)
+                           .values(state=JobState.PENDING, lease_until=None))
         if res.rowcount:
             db.record_audit(conn, "jobs-resumed", f"{res.rowcount} job(s) left running by a previous start")
         return res.rowcount
@@ -140,8 +141,8 @@ class JobRunner:
         if job.attempts < MAX_ATTEMPTS:
             with self.engine.begin() as conn:
                 conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
-                             .values(state="pending", lease_until=None,
+                             .values(state=JobState.PENDING, lease_until=None,
                                      message=f"attempt {job.attempts} crashed: {type(exc).__name__}: {exc}"))
         else:
-            _finish(self.engine, job_id, job.study_uid, job.revision, "failed",
+            _finish(self.engine, job_id, job.study_uid, job.revision, JobState.FAILED,
                     f"crashed {job.attempts} times; last: {type(exc).__name__}: {exc}")

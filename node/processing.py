@@ -8,12 +8,11 @@ import csv
 import datetime as dt
 import io
 import logging
-
-import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from quant.enums import SeriesKind
@@ -21,7 +20,7 @@ from quant.pipeline import StudyAnalysis, analyse_study
 from reports.longitudinal import PriorValue, compare
 
 from .errors import InstanceRejected
-from .instances import MR_IMAGE, ENHANCED_MR_IMAGE, read_instance, subject_key
+from .instances import ENHANCED_MR_IMAGE, MR_IMAGE, read_instance, subject_key
 
 log = logging.getLogger(__name__)
 

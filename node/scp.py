@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -21,15 +22,15 @@ log = logging.getLogger(__name__)
 
 #: Transfer syntaxes accepted: the uncompressed ones and the usual lossless compressions.
 TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
-    "1.2.840.10008.1.2",       # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired, still sent by old scanners)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.5",     # RLE Lossless
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,        # retired, still sent by old scanners
+    uid.JPEGLosslessSV1,            # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+    uid.JPEGLossless,               # JPEG Lossless (Process 14)
+    uid.JPEGLSLossless,
+    uid.JPEG2000Lossless,
+    uid.RLELossless,
 ]
 
 SUCCESS = 0x0000

@@ -14,12 +14,14 @@ import time
 from collections import defaultdict
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
 
 from . import db
 from .config import Destination, SendSettings
+from .db import OutboxState
 
 log = logging.getLogger(__name__)
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings that mean "stored"
@@ -37,7 +39,7 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for cls in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
-        ae.add_requested_context(cls, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_requested_context(cls, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
@@ -67,7 +69,7 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
         rows = conn.execute(select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.attempts,
                                    db.outputs.c.path, db.outputs.c.sop_uid)
                             .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)
-                            .where(and_(db.outbox.c.state == "pending", db.outbox.c.next_try_at <= now))
+                            .where(and_(db.outbox.c.state == OutboxState.PENDING, db.outbox.c.next_try_at <= now))
                             .order_by(db.outbox.c.id)).all()
     by_dest = defaultdict(list)
     for r in rows:
@@ -88,7 +90,7 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
                 err = errors.get(r.path, "not sent")
                 if not err:
                     conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
-                                 .values(state="sent", sent_at=time.time(), attempts=r.attempts + 1, last_error=""))
+                                 .values(state=OutboxState.SENT, sent_at=time.time(), attempts=r.attempts + 1, last_error=""))
                     db.record_audit(conn, "sent", f"sop={r.sop_uid} to={name}")
                     sent += 1
                 else:

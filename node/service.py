@@ -13,12 +13,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from . import db
+from .completion import CompletionMonitor
 from .config import Config
 from .jobs import JobContext, JobRunner, requeue_running
 from .scp import Receiver
 from .send import Sender
 from .store import Store
-from .completion import CompletionMonitor
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from . import db
+from .db import StudyState
 
 log = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -116,14 +117,14 @@ class Store:
             row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
             if row is None:
                 created = db.insert_ignore(conn, db.studies, dict(
-                    study_uid=study_uid, subject_key=subject_key, study_date=study_date, state="receiving",
+                    study_uid=study_uid, subject_key=subject_key, study_date=study_date, state=StudyState.RECEIVING,
                     revision=0, n_instances=1, first_received_at=now, last_received_at=now, message=""))
                 if created:
                     db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
                     return StoredInstance(path, False)
             values = dict(n_instances=db.studies.c.n_instances + 1, last_received_at=now)
-            if row is not None and row.state != "receiving":
-                values.update(state="receiving", message=f"re-opened by a late instance ({row.state} before)")
+            if row is not None and row.state != StudyState.RECEIVING:
+                values.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
                 db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
             conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
         return StoredInstance(path, False)

@@ -24,7 +24,15 @@ from reports.longitudinal import PriorValue
 
 from . import CHATTY_LOGGERS, db
 from .completion import requeue_later_visits
-from .processing import build_outputs, cached_atoms, encode, load_datasets, parse_date, series_summary
+from .db import JobState, OutboxState, StudyState
+from .processing import (
+    build_outputs,
+    cached_atoms,
+    encode,
+    load_datasets,
+    parse_date,
+    series_summary,
+)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -57,19 +65,20 @@ def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
     return dict(out)
 
 
-def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: str, message: str) -> None:
+def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: JobState, message: str) -> None:
     now = time.time()
     with engine.begin() as conn:
         conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
                      .values(state=state, finished_at=now, lease_until=None, message=message))
         conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
-                                                   db.studies.c.state == "processing",
+                                                   db.studies.c.state == StudyState.PROCESSING,
                                                    db.studies.c.revision == revision))
-                     .values(state="done" if state in ("done", "skipped") else "failed", message=message))
-        db.record_audit(conn, f"job-{state}", f"job={job_id} study={study_uid}: {message}")
+                     .values(state=StudyState.DONE if state in (JobState.DONE, JobState.SKIPPED) else StudyState.FAILED,
+                             message=message))
+        db.record_audit(conn, f"job-{state.value}", f"job={job_id} study={study_uid}: {message}")
 
 
-def execute_job(ctx: JobContext, job_id: int) -> str:
+def execute_job(ctx: JobContext, job_id: int) -> JobState:
     """Process the study of one job and record everything it made; returns the final state."""
     t_start = time.time()
     engine = _engine(ctx.database_url)
@@ -88,8 +97,8 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
         with engine.begin() as conn:
             conn.execute(delete(db.instances).where(db.instances.c.id == row.id))
     if not datasets:
-        _finish(engine, job_id, job.study_uid, job.revision, "skipped", "no MR images in this study")
-        return "skipped"
+        _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, "no MR images in this study")
+        return JobState.SKIPPED
     with engine.begin() as conn:
         priors = _priors(conn, study.subject_key, job.study_uid, study.study_date)
         earlier = conn.execute(select(db.outputs.c.path).where(and_(db.outputs.c.study_uid == job.study_uid,
@@ -100,13 +109,13 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
                             atoms=cached_atoms(Path(ctx.data_dir) / "cache"))
     except NoDixonError as exc:
-        _finish(engine, job_id, job.study_uid, job.revision, "skipped", str(exc))
+        _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, str(exc))
         log.warning("job %d: %s", job_id, exc)
-        return "skipped"
+        return JobState.SKIPPED
     except QuantError as exc:
-        _finish(engine, job_id, job.study_uid, job.revision, "failed", f"{type(exc).__name__}: {exc}")
+        _finish(engine, job_id, job.study_uid, job.revision, JobState.FAILED, f"{type(exc).__name__}: {exc}")
         log.error("job %d failed: %s", job_id, exc)
-        return "failed"
+        return JobState.FAILED
     now = t_built = time.time()
     paths = {}
     for kind, ds in (("seg", out.seg), ("sr", out.sr)):
@@ -131,10 +140,10 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
                                                     path=str(path), job_id=job_id, created_at=now))
             output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
             for dest in ctx.destinations:
-                db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state="pending",
+                db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
                                                        attempts=0, next_try_at=now, last_error=""))
     notes = "; ".join(out.analysis.notes)
-    _finish(engine, job_id, job.study_uid, job.revision, "done",
+    _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
     after = {(m.region, m.side.value, m.metric): m.value for m in out.analysis.measurements}
@@ -143,7 +152,7 @@ def execute_job(ctx: JobContext, job_id: int) -> str:
     log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",
              job_id, job.study_uid, time.time() - t_start, t_loaded - t_start, t_built - t_loaded,
              time.time() - t_built)
-    return "done"
+    return JobState.DONE
 
 
 def _init_worker(level: int) -> None:

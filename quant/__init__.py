@@ -3,4 +3,8 @@ segmentation and metrics. Nothing in this package touches the network, the
 database or the file system: numpy arrays and pydicom datasets in, numpy arrays
 and frozen dataclasses out."""
 
-ALGORITHM_VERSION = "musclenode-quant 0.1.0"
+__version__ = "0.1.0"
+"""The one version of musclenode (pyproject.toml reads it from here)."""
+
+ALGORITHM_VERSION = f"musclenode-quant {__version__}"
+"""Recorded with every measurement and in every SEG and SR; part of the derived output UIDs."""

@@ -18,7 +18,6 @@ from numba import njit
 from .enums import Metric, Side
 
 
-
 @dataclass(frozen=True)
 class Measurement:
     """One number of one region and side, with the algorithm that made it."""

@@ -10,7 +10,6 @@ from scipy import ndimage as ndi
 from .errors import QuantError, SeriesError
 from .segment import otsu_threshold
 
-
 _RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))   # median of Rayleigh(1)
 
 

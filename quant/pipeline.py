@@ -14,8 +14,14 @@ from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
+from .dixon import (
+    correct_swaps,
+    detect_swaps,
+    fat_fraction_dixon,
+    pdff_multiecho,
+    roi_fat_fraction,
+)
 from .enums import Metric, Model, SeriesKind, Tissue
-from .dixon import correct_swaps, detect_swaps, fat_fraction_dixon, pdff_multiecho, roi_fat_fraction
 from .errors import QuantError, SeriesError
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .segment import Segmentation, segment_legs

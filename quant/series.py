@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from pydicom.dataset import Dataset
+from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 from .enums import SeriesKind
 
-MR_IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-}
+MR_IMAGE_SOP_CLASSES = {MRImageStorage: "MR Image Storage", EnhancedMRImageStorage: "Enhanced MR Image Storage"}
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,23 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
-from .noise import estimate_noise_sd
 from .enums import Metric, Model, Side, SideLabel, Tissue
 from .epg import MeseParameters
 from .errors import QuantError, SeriesError
 from .metrics import Measurement
+from .noise import estimate_noise_sd
 from .resample import resample_labels
 from .segment import Segmentation
-from .t2 import (DEFAULT_FAT_T2_MS, T2Dictionary, T2Fit, build_dictionary,
-                 calibrate_fat_t2, fit_biexponential_fixed_fat, fit_water_t2, summarise)
+from .t2 import (
+    DEFAULT_FAT_T2_MS,
+    T2Dictionary,
+    T2Fit,
+    build_dictionary,
+    calibrate_fat_t2,
+    fit_biexponential_fixed_fat,
+    fit_water_t2,
+    summarise,
+)
 from .volume import Volume
 
 T2_METRICS = (Metric.T2W_MS, Metric.T2W_MEAN_MS, Metric.T2W_IQR_MS, Metric.B1, Metric.FF_T2_PERCENT)

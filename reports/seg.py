@@ -14,6 +14,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from quant import __version__
 from quant.enums import Side, Tissue
 
 from . import codes
@@ -32,7 +33,7 @@ _TISSUE_RGB = {  # recommended display colours
     (Tissue.BONE, Side.RIGHT): (230, 230, 230), (Tissue.BONE, Side.LEFT): (200, 200, 210),
 }
 
-DEFAULT_SOFTWARE_VERSION = "musclenode 0.1.0"
+DEFAULT_SOFTWARE_VERSION = f"musclenode {__version__}"
 
 
 def _check_analysis(analysis) -> None:

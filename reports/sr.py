@@ -37,8 +37,14 @@ from quant.enums import Region, Side, Tissue
 
 from . import codes
 from .longitudinal import Comparison
-from .seg import DEFAULT_SOFTWARE_VERSION, segment_label, segment_numbers, sorted_source_images
+from .seg import (
+    DEFAULT_SOFTWARE_VERSION,
+    segment_label,
+    segment_numbers,
+    sorted_source_images,
+)
 from .uids import derive_uid
+from .uids import subject_key as default_subject_key
 
 #: Metric order in each measurement group.
 METRIC_ORDER: tuple[str, ...] = tuple(codes.METRIC_CONCEPTS)
@@ -67,13 +73,6 @@ def tracking_uid(subject_key: str, region, side) -> str:
     if not isinstance(subject_key, str) or not subject_key:
         raise ValueError(f"subject_key must be a non-empty str, got {subject_key!r}")
     return derive_uid("musclenode-tracking", subject_key, Region(region).value, Side(side).value, "muscle")
-
-
-def _default_subject_key(ds: Dataset) -> str:
-    pid = str(ds.get("PatientID", "") or "")
-    if not pid:
-        raise ValueError("subject_key not given and the source images have no PatientID to derive it from")
-    return f"{ds.get('IssuerOfPatientID', '') or ''}/{pid}"
 
 
 def _normalise_comparisons(comparisons) -> dict[tuple[str, Side, str], Comparison]:
@@ -209,7 +208,9 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
     numbers = _check_seg(seg_dataset, analysis, sources)
     comps = _normalise_comparisons(comparisons)
     if subject_key is None:
-        subject_key = _default_subject_key(sources[0])
+        subject_key = default_subject_key(sources[0])
+        if subject_key == "patient::":
+            raise ValueError("subject_key not given and the source images have no PatientID to derive it from")
     elif not isinstance(subject_key, str) or not subject_key:
         raise ValueError(f"subject_key must be a non-empty str, got {subject_key!r}")
 

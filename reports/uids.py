@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import uuid
 
+from pydicom.dataset import Dataset
+
 #: Namespace of every musclenode name-based UUID.
 MUSCLENODE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:musclenode:dicom-uid")
 
@@ -55,3 +57,36 @@ def derive_uid(*parts: str) -> str:
             raise ValueError(f"derive_uid part {i} must be a str, got {type(part).__name__}: {part!r}")
     name = "".join(f"{len(p)}:{p};" for p in parts)
     return f"2.25.{uuid.uuid5(MUSCLENODE_UUID_NAMESPACE, name).int}"
+
+
+def subject_key(ds: Dataset) -> str:
+    """Who a study belongs to, across visits: the one subject key of musclenode.
+
+    The node files measurements under it, and the SR's tracking UIDs are derived from it,
+    so a tracking UID stays the same across visits whoever builds the SR.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        Any instance of the study (only patient and clinical-trial attributes are read).
+
+    Returns
+    -------
+    str
+        ``trial:<Clinical Trial Sponsor Name>:<Clinical Trial Subject ID>`` when the
+        study is part of a trial, else ``patient:<Issuer of Patient ID>:<Patient ID>``
+        (``patient::`` when both are empty: the node still stores such instances).
+
+    Examples
+    --------
+    >>> from pydicom.dataset import Dataset
+    >>> ds = Dataset(); ds.PatientID = "MN-0001"
+    >>> subject_key(ds)
+    'patient::MN-0001'
+    """
+    trial_subject = str(ds.get("ClinicalTrialSubjectID", "") or "").strip()
+    if trial_subject:
+        sponsor = str(ds.get("ClinicalTrialSponsorName", "") or "").strip()
+        return f"trial:{sponsor}:{trial_subject}"
+    patient = str(ds.get("PatientID", "") or "").strip()
+    return f"patient:{str(ds.get('IssuerOfPatientID', '') or '').strip()}:{patient}"

@@ -154,7 +154,13 @@ def orthanc(tmp_path):
 
 def node_config(tmp_path: Path, *, destinations=(), executor="inline", complete_after=1.0, database_url="",
                 retry_initial=0.5, retry_max=2.0):
-    from node.config import Config, DatabaseSettings, JobSettings, NodeSettings, SendSettings
+    from node.config import (
+        Config,
+        DatabaseSettings,
+        JobSettings,
+        NodeSettings,
+        SendSettings,
+    )
     return Config(node=NodeSettings(ae_title="MUSCLENODE", bind_address="127.0.0.1", port=free_port(),
                                     data_dir=tmp_path / "node-data", complete_after_seconds=complete_after),
                   database=DatabaseSettings(url=database_url),

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from conftest import VISIT_T2, write_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +51,9 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
 def test_swapped_dixon_is_corrected_and_flagged(tmp_path):
     """A scanner that labelled fat as water: corrected, the values right, the CSV and SR say so."""
     import pydicom
-    from quant.synthetic.phantom import phantom_datasets
     from conftest import small_phantom
+
+    from quant.synthetic.phantom import phantom_datasets
     ph = small_phantom(seed=31)
     datasets = phantom_datasets(ph, patient_id="SWAP", uid_seed="swap")
     for ds in datasets:
@@ -97,6 +97,7 @@ def test_serve_receives_and_status_reports(thigh_visits, tmp_path):
     """A real `musclenode serve` process: push a study, then `musclenode status` shows it."""
     import socket
     import time
+
     from node.demo_peers import push
     (_, datasets), _ = thigh_visits
     with socket.socket() as s:

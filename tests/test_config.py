@@ -4,10 +4,10 @@ and the config_to_dict -> config_from_dict round trip."""
 from __future__ import annotations
 
 import copy
-import tomllib
 import dataclasses
 import pickle
 import re
+import tomllib
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,8 @@ simulated truth with the bias stated (pp = percentage points of FF).
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import special
 
 from quant import dixon as D

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import node_config, small_phantom, wait_until, write_datasets
 from sqlalchemy import select
 
 from node import db
 from node.config import Destination
 from node.demo_peers import push
 from quant.synthetic.phantom import phantom_datasets
-
-from conftest import node_config, small_phantom, wait_until, write_datasets
 
 needs_dcmtk = pytest.mark.skipif(not Path("/usr/bin/storescu").exists(), reason="DCMTK is not installed")
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import VISIT_T2, wait_until, write_datasets
+from validators import dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
 
 from node.config import Destination
 from quant.enums import Side
-
-from conftest import VISIT_T2, wait_until, write_datasets
-from validators import dcmqi_seg_readback, dciodvfy_errors, tid1500_readback
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/storescu").exists() or not Path("/usr/sbin/Orthanc").exists(),
                                 reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)")

@@ -3,16 +3,14 @@ beside the Dixon series; the DICOM objects made from them validate."""
 
 import numpy as np
 import pytest
-
-from node.processing import build_outputs, encode
-from quant.enums import Side
-from quant.synthetic.exam import megre_datasets
-from quant.synthetic.phantom import phantom_datasets
-from quant.enums import Model
-from quant.pipeline import analyse_study, phase_to_radians
-
 from conftest import REALISTIC, small_phantom
 from validators import dciodvfy_errors
+
+from node.processing import build_outputs, encode
+from quant.enums import Model, Side
+from quant.pipeline import analyse_study, phase_to_radians
+from quant.synthetic.exam import megre_datasets
+from quant.synthetic.phantom import phantom_datasets
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ import os
 import uuid
 
 import pytest
+from conftest import node_config, wait_until
 from sqlalchemy import select
 
 from node import db
 from node.demo_peers import push
-
-from conftest import node_config, wait_until
 
 psycopg = pytest.importorskip("psycopg")
 PG = os.environ.get("MUSCLENODE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")

@@ -12,20 +12,19 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from validators import dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
 
 from quant.enums import Region, Side, Tissue
-from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
 from quant.pipeline import analyse_study, group_by_series
+from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
 from reports import codes
 from reports.longitudinal import Comparison, PriorValue, compare
 from reports.seg import build_seg, segment_label, segment_numbers
 from reports.sr import build_sr, tracking_uid
 from reports.uids import derive_uid
 
-from validators import dcmqi_seg_readback, dciodvfy_errors, tid1500_readback
-
 SHAPE = (8, 96, 160)
-SUBJECT = "MUSCLENODE-DEMO/MN-0001"
+SUBJECT = "patient:MUSCLENODE-DEMO:MN-0001"  # reports.uids.subject_key of the phantom
 TODAY = datetime.date(2026, 1, 1)
 
 
@@ -334,7 +333,7 @@ def test_sr_uids_deterministic(visit, sr, comparisons):
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (sr.SOPInstanceUID, sr.SeriesInstanceUID)
     plain = build_sr(visit.analysis, visit.seg, visit.water, subject_key=SUBJECT)
     assert plain.SOPInstanceUID != sr.SOPInstanceUID  # different content, different instance
-    default_key = build_sr(visit.analysis, visit.seg, visit.water)  # "<issuer>/<patient ID>"
+    default_key = build_sr(visit.analysis, visit.seg, visit.water)  # reports.uids.subject_key
     assert _groups_uids(default_key) == _groups_uids(plain) == sorted(
         tracking_uid(SUBJECT, "thigh", s) for s in (Side.RIGHT, Side.LEFT))
 
@@ -456,3 +455,16 @@ def test_comparison_concepts_are_distinct_and_valid():
     assert codes.METRIC_CONCEPTS["vol_ml"][1].value == "mL"
     with pytest.raises(ValueError, match="metric"):
         codes.comparison_concept("t2", "baseline_value")
+
+
+def test_sr_without_a_key_uses_the_node_subject_key(visit):
+    """One subject key: build_sr called without one derives the same tracking UIDs as the node."""
+    from node.instances import subject_key as node_key
+    from reports.uids import subject_key
+
+    key = subject_key(visit.water[0])
+    assert key == node_key(visit.water[0]) and key.startswith("patient:")
+    implicit = build_sr(visit.analysis, visit.seg, visit.water)
+    explicit = build_sr(visit.analysis, visit.seg, visit.water, subject_key=key)
+    assert _groups_uids(implicit) == _groups_uids(explicit)
+    assert _groups_uids(implicit) != _groups_uids(build_sr(visit.analysis, visit.seg, visit.water, subject_key="x"))

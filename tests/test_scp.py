@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import write_datasets
 from pynetdicom import AE
 from sqlalchemy import func, select
 
 from node import db
 from node.demo_peers import push
-
-from conftest import write_datasets
 
 needs_dcmtk = pytest.mark.skipif(not Path("/usr/bin/storescu").exists(), reason="DCMTK is not installed")
 

@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
+from conftest import REALISTIC, small_phantom
 
 from quant.enums import Region, Side, SideLabel, Tissue
 from quant.fatfraction import fat_fraction
 from quant.metrics import muscle_metrics
 from quant.segment import level_from_text, segment_legs
 from quant.volume import Volume
-
-from conftest import REALISTIC, small_phantom
 
 
 def _volume(ph, orientation=None, array=None):
@@ -100,8 +99,8 @@ def test_fatty_muscle_keeps_its_area():
 
 
 def _pipeline(ph):
-    from quant.synthetic.phantom import phantom_datasets
     from quant.pipeline import analyse_study
+    from quant.synthetic.phantom import phantom_datasets
     a = analyse_study(phantom_datasets(ph))
     return a, {(m.side, m.metric): m.value for m in a.measurements}
 

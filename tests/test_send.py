@@ -1,14 +1,13 @@
 """Results reach PACS even when it was down: retried with backoff, across a node restart."""
 
 import pytest
+from conftest import Orthanc, node_config, wait_until
 from sqlalchemy import select
 
 from node import db
 from node.config import Destination, SendSettings
 from node.demo_peers import push
 from node.send import backoff_seconds
-
-from conftest import Orthanc, node_config, wait_until
 
 
 def test_backoff_doubles_up_to_the_maximum():

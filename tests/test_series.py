@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dicom_builders import (
+    CT_IMAGE_STORAGE,
+    enhanced_mr_instance,
+    enhanced_mr_series,
+    mr_series,
+    mr_slice,
+    slice_positions,
+)
 
 from quant.enums import SeriesKind
 from quant.series import DIXON_CONVENTIONS, SeriesInfo, classify_series
-
-from dicom_builders import (CT_IMAGE_STORAGE, enhanced_mr_instance, enhanced_mr_series,
-                            mr_series, mr_slice, slice_positions)
 
 W, F, IP, OP = SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE
 UNKNOWN, MESE = SeriesKind.UNKNOWN, SeriesKind.MESE

@@ -8,12 +8,19 @@ import io
 import numpy as np
 import pydicom
 import pytest
+from dicom_builders import (
+    AXIAL,
+    default_pixels,
+    enhanced_mr_series,
+    mr_series,
+    mr_slice,
+    normal_of,
+    oblique_about_x,
+    slice_positions,
+)
 
 from quant.errors import GeometryError, SeriesError
 from quant.volume import Volume, assemble_volume, frames_of
-
-from dicom_builders import (AXIAL, default_pixels, enhanced_mr_series, mr_series, mr_slice,
-                            normal_of, oblique_about_x, slice_positions)
 
 ROWS, COLS = 6, 4
 PIXEL_SPACING = (1.5, 1.25)  # (row spacing dy, column spacing dx)

@@ -10,10 +10,9 @@ IN.npz: signals (N, n_echoes), echo_spacing_ms, n_echoes, fat_t2_ms, repeats (op
 import sys
 import time
 
+import MyoQMRI.waterT2.waterT2 as w
 import numpy as np
 import numpy.linalg as linalg
-
-import MyoQMRI.waterT2.waterT2 as w
 from MyoQMRI.waterT2.FatFractionLookup import FatFractionLookup
 
 

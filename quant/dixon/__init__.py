@@ -53,11 +53,22 @@ statistics in :mod:`quant.rician`.
 from ..noise import body_mask_from, estimate_noise_sd
 from .magnitude import CHANNELS, DixonFF, DixonFlag, fat_fraction_dixon
 from .megre import PDFFResult, pdff_multiecho
-from .reference import (pdff_fit_reference, rician_loglik, rician_ml_reference, roi_ml_reference,
-                        varpro_residual_reference)
+from .reference import (
+                        pdff_fit_reference,
+                        rician_loglik,
+                        rician_ml_reference,
+                        roi_ml_reference,
+                        varpro_residual_reference,
+)
 from .roi import roi_fat_fraction
-from .spectrum import (GYROMAGNETIC_MHZ_PER_T, HAMILTON_6PEAK, SINGLE_PEAK, FatSpectrum, fat_signal_model,
-                       multiecho_signal)
+from .spectrum import (
+                        GYROMAGNETIC_MHZ_PER_T,
+                        HAMILTON_6PEAK,
+                        SINGLE_PEAK,
+                        FatSpectrum,
+                        fat_signal_model,
+                        multiecho_signal,
+)
 from .swaps import SwapReport, correct_swaps, detect_swaps
 
 __all__ = [

@@ -15,7 +15,6 @@ from ..errors import QuantError, SeriesError
 from ..noise import _inplane, body_mask_from, estimate_noise_sd
 from ..rician import bessel_ratio, log_i0
 
-
 CHANNELS = ("water", "fat", "in_phase", "opposed_phase")
 _W, _F, _IP, _OP = 0, 1, 2, 3
 

@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..noise import _otsu
-from .spectrum import (FatSpectrum, HAMILTON_6PEAK, fat_signal_model)
+from .spectrum import HAMILTON_6PEAK, FatSpectrum, fat_signal_model
 
 
 @dataclass(frozen=True, eq=False)

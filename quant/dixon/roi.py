@@ -11,7 +11,16 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..rician import bessel_ratio
-from .magnitude import (_F, _IP, _OP, _W, _channels, _dixon_ml_kernel, _resolve_noise, _rician_ll)
+from .magnitude import (
+    _F,
+    _IP,
+    _OP,
+    _W,
+    _channels,
+    _dixon_ml_kernel,
+    _resolve_noise,
+    _rician_ll,
+)
 
 
 @njit(cache=True, inline="always")

@@ -9,7 +9,6 @@ import numpy as np
 
 from ..errors import QuantError
 
-
 GYROMAGNETIC_MHZ_PER_T = 42.577478518   # 1H, gamma / 2 pi
 
 

@@ -9,8 +9,8 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..fatfraction import fat_fraction
+from ..noise import _fill_holes_per_slice, _inplane, body_mask_from
 from .magnitude import _channels
-from ..noise import (_fill_holes_per_slice, _inplane, body_mask_from)
 
 
 @dataclass(frozen=True, eq=False)

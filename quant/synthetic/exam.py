@@ -6,24 +6,26 @@ per echo, one frame per slice). In-memory datasets only."""
 from __future__ import annotations
 
 import copy
-import uuid
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
+
+from reports.uids import derive_uid
 
 from ..enums import SideLabel, Tissue
 from ..epg import MeseParameters
 from .mese_phantom import simulate_mese
 from .phantom import CORTEX_PD, PD, LegPhantom, file_meta, phantom_datasets
 
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+MR_IMAGE = MRImageStorage
+ENHANCED_MR_IMAGE = EnhancedMRImageStorage
 DEFAULT_MESE = MeseParameters(n_echoes=17, echo_spacing_ms=10.0, repetition_time_ms=3000.0)
 
 
 def _uid(*parts) -> str:
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(31).join(map(str, parts))).int}"
+    return derive_uid("synthetic", *map(str, parts))
 
 
 def mese_truth_maps(phantom: LegPhantom, *, t2w_muscle_ms: float, right_t2_offset_ms: float = 0.0,

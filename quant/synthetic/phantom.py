@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from reports.uids import derive_uid
+
 from ..enums import Region, Side, SideLabel, Tissue
 
 PD = 1000.0  # proton density of muscle and fat (arbitrary units)
@@ -257,14 +259,11 @@ def phantom_datasets(phantom: LegPhantom, *, patient_id: str = "MN-0001", patien
     the same call gives the same instances. ``body_part`` None writes the region's
     Body Part Examined; "" leaves it out (the node then tells the level from anatomy).
     """
-    import uuid
-
     from pydicom.dataset import Dataset
     from pydicom.uid import MRImageStorage
 
     def uid(*parts) -> str:  # 2.25.<UUID from a name>: the same inputs give the same UID
-        name = "\x1f".join([uid_seed, patient_id, study_date, *map(str, parts)])
-        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+        return derive_uid("synthetic", uid_seed, patient_id, study_date, *map(str, parts))
 
     study_uid = study_uid or uid("study")
     for_uid = uid("frame-of-reference")

@@ -51,10 +51,22 @@ Rician statistics are shared with the Dixon fits in :mod:`quant.rician`.
 """
 
 from .calibration import DEFAULT_FAT_T2_GRID_MS, calibrate_fat_t2
-from .dictionary import (DEFAULT_B1_GRID, DEFAULT_FAT_T1_MS, DEFAULT_FAT_T2_MS, DEFAULT_T2W_GRID_MS,
-                         DEFAULT_WATER_T1_MS, T2Dictionary, build_dictionary, epg_atoms,
-                         table_key)
-from .fallback import DEFAULT_BIEXP_T2W_GRID_MS, fit_biexponential_fixed_fat, fit_biexponential_fixed_fat_reference
+from .dictionary import (
+                         DEFAULT_B1_GRID,
+                         DEFAULT_FAT_T1_MS,
+                         DEFAULT_FAT_T2_MS,
+                         DEFAULT_T2W_GRID_MS,
+                         DEFAULT_WATER_T1_MS,
+                         T2Dictionary,
+                         build_dictionary,
+                         epg_atoms,
+                         table_key,
+)
+from .fallback import (
+                         DEFAULT_BIEXP_T2W_GRID_MS,
+                         fit_biexponential_fixed_fat,
+                         fit_biexponential_fixed_fat_reference,
+)
 from .fit import T2Fit, fit_water_t2, summarise
 from .reference import fit_water_t2_reference
 

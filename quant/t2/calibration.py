@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..epg import MeseParameters
 from ..errors import QuantError
-from .dictionary import (DEFAULT_B1_GRID, DEFAULT_FAT_T1_MS, DEFAULT_WATER_T1_MS, build_dictionary)
+from .dictionary import (
+    DEFAULT_B1_GRID,
+    DEFAULT_FAT_T1_MS,
+    DEFAULT_WATER_T1_MS,
+    build_dictionary,
+)
 from .fit import _check_signals, fit_water_t2
 
 DEFAULT_FAT_T2_GRID_MS = np.arange(60.0, 300.0 + 1e-9, 2.0)

@@ -11,7 +11,6 @@ import numpy as np
 from ..epg import MeseParameters, epg_signals
 from ..errors import QuantError
 
-
 DEFAULT_WATER_T1_MS = 1400.0
 DEFAULT_FAT_T1_MS = 365.0
 DEFAULT_FAT_T2_MS = 151.0

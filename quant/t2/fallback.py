@@ -9,7 +9,14 @@ from numba import njit, prange
 
 from ..enums import Model
 from ..errors import QuantError
-from .dictionary import (DEFAULT_FAT_T2_MS, _NOT_FITTED, _NO_WATER, _OK, _T2_AT_EDGE, _grid)
+from .dictionary import (
+    _NO_WATER,
+    _NOT_FITTED,
+    _OK,
+    _T2_AT_EDGE,
+    DEFAULT_FAT_T2_MS,
+    _grid,
+)
 from .fit import T2Fit, _check_signals
 from .kernels import _load_voxel, _proj2
 from .reference import _nnls2_reference

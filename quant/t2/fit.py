@@ -10,8 +10,8 @@ import numpy as np
 from ..enums import Model
 from ..errors import QuantError
 from ..rician import _rice
-from .dictionary import (T2Dictionary, _NOT_FITTED, _NO_WATER, _OK)
-from .kernels import (_fit_epg_kernel)
+from .dictionary import _NO_WATER, _NOT_FITTED, _OK, T2Dictionary
+from .kernels import _fit_epg_kernel
 from .tables import _tables
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..rician import _rician_mean_fast
-from .dictionary import _NOT_FITTED, _OK, _T2_AT_EDGE, _NO_WATER
+from .dictionary import _NO_WATER, _NOT_FITTED, _OK, _T2_AT_EDGE
 
 
 @njit(cache=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..rician import rician_mean_reference
-from .dictionary import (T2Dictionary, _NO_WATER, _OK, _T2_AT_EDGE)
-from .fit import (T2Fit, _result)
+from .dictionary import _NO_WATER, _OK, _T2_AT_EDGE, T2Dictionary
+from .fit import T2Fit, _result
 from .kernels import _FINE, _MAX_MOVES, _coarse_strides
 from .tables import _coarse_basis, _cr_weights_numpy, _pad_linear
 
