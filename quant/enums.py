@@ -11,7 +11,7 @@ class SeriesKind(str, Enum):
     IN_PHASE = "in_phase"
     OPPOSED_PHASE = "opposed_phase"
     MESE = "mese"  # multi-echo spin echo (water T2)
-    MEGRE_MAGNITUDE = "megre_magnitude"  # multi-echo gradient echo, magnitude (complex Dixon PDFF)
+    MEGRE_MAGNITUDE = "megre_magnitude"  # multi-echo gradient echo, magnitude (MEGRE PDFF)
     MEGRE_PHASE = "megre_phase"          # multi-echo gradient echo, phase
     UNKNOWN = "unknown"
 

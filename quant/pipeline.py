@@ -18,7 +18,7 @@ from .dixon import (
     correct_swaps,
     detect_swaps,
     fat_fraction_dixon,
-    pdff_multiecho,
+    megre_pdff,
     roi_fat_fraction,
 )
 from .enums import Metric, Model, SeriesKind, Tissue
@@ -95,7 +95,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     infos = tuple(classify_series(dss) for dss in by_series.values())
     notes: list[str] = []
     water_info, fat_info = _pick(infos, SeriesKind.WATER), _pick(infos, SeriesKind.FAT)
-    megre = _complex_dixon(by_series, infos, notes)
+    megre = _megre(by_series, infos, notes)
     if water_info is None or fat_info is None:
         if megre is None:
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
@@ -153,14 +153,14 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
                     t2_options, atoms, flags, in_phase=in_phase)
 
 
-def _complex_dixon(by_series, infos, notes):
+def _megre(by_series, infos, notes):
     """(magnitude volume, PDFFResult) of a multi-echo gradient echo with magnitude and
     phase series on one grid, or None."""
     mag_info, ph_info = _pick(infos, SeriesKind.MEGRE_MAGNITUDE), _pick(infos, SeriesKind.MEGRE_PHASE)
     if mag_info is None:
         return None
     if ph_info is None:
-        notes.append("multi-echo gradient echo without its phase series: no complex-Dixon PDFF")
+        notes.append("multi-echo gradient echo without its phase series: no MEGRE PDFF")
         return None
     try:
         mag = assemble_volume(by_series[mag_info.series_instance_uid])
@@ -173,7 +173,7 @@ def _complex_dixon(by_series, infos, notes):
         return None
     ds0 = by_series[mag_info.series_instance_uid][0]
     field = float(ds0.get("MagneticFieldStrength", 3.0) or 3.0)
-    result = pdff_multiecho(mag.array, phase_to_radians(ph.array), list(mag.echo_times_ms),
+    result = megre_pdff(mag.array, phase_to_radians(ph.array), list(mag.echo_times_ms),
                             field_strength_t=field, mask=mag.array[0] > 0.1 * np.percentile(mag.array[0], 99))
     return mag.with_array(mag.array[0]), result
 

@@ -168,7 +168,7 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesInfo:
         if component is not None:
             kind = SeriesKind.MEGRE_PHASE if component == "PHASE" else SeriesKind.MEGRE_MAGNITUDE
             return SeriesInfo(kind=kind, reason=f"{len(tes)} echo times, gradient echo (sequence {seq}), "
-                              f"{component.lower()} images: multi-echo complex Dixon", **base)
+                              f"{component.lower()} images: multi-echo gradient echo (MEGRE)", **base)
         return SeriesInfo(kind=SeriesKind.UNKNOWN, reason=f"{len(tes)} echo times but not spin echo "
                           f"(sequence {seq}; a multi-echo gradient echo whose images are neither "
                           "magnitude nor phase by Image Type)", **base)

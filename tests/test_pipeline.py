@@ -1,4 +1,4 @@
-"""The study pipeline on the kinds of exam it meets: multi-echo complex Dixon alone, or
+"""The study pipeline on the kinds of exam it meets: multi-echo gradient echo (MEGRE) alone, or
 beside the Dixon series; the DICOM objects made from them validate."""
 
 import numpy as np
@@ -19,7 +19,7 @@ def phantom():
 
 
 @pytest.mark.parametrize("with_dixon", [False, True])
-def test_multi_echo_complex_dixon_gives_pdff(phantom, with_dixon):
+def test_multi_echo_megre_gives_pdff(phantom, with_dixon):
     dixon = phantom_datasets(phantom, uid_seed="megre")
     datasets = megre_datasets(phantom, dixon[0]) + (dixon if with_dixon else [])
     a = analyse_study(datasets)

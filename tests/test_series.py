@@ -250,7 +250,7 @@ def test_gradient_echo_header_beats_a_mese_looking_description(description):
     assert "gradient echo" in info.reason
 
 
-def test_enhanced_multi_echo_gradient_echo_is_complex_dixon():
+def test_enhanced_multi_echo_gradient_echo_is_megre():
     datasets = enhanced_mr_series(3, echo_times=[2.0, 4.0, 6.0], echo_pulse_sequence="GRADIENT",
                                   series_description="me_gre")
     info = classify_series(datasets)

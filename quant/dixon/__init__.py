@@ -1,5 +1,5 @@
 """Dixon fat fraction done carefully: noise-floor-free magnitude FF, fat-water swaps, and
-proton-density fat fraction (PDFF) from multi-echo complex gradient echo.
+proton-density fat fraction (PDFF) from multi-echo gradient echo (MEGRE).
 
 Three parts, each pure (arrays in, arrays and frozen dataclasses out):
 
@@ -32,7 +32,7 @@ Three parts, each pure (arrays in, arrays and frozen dataclasses out):
    reconstruction) as a water-like segment of the SAT layer, with the fat-like region
    that it borders inside the body (swapped muscle).
 
-3. **Multi-echo complex Dixon** (:func:`pdff_multiecho`): magnitude and phase of >= 3
+3. **Multi-echo gradient echo (MEGRE)** (:func:`megre_pdff`): magnitude and phase of >= 3
    echoes; signal model ``s_n = (W + F c_n) exp((i 2 pi psi - R2*) t_n)`` with the
    6-peak fat spectrum ``c_n`` (Hamilton / ISMRM fat-water toolbox), one field map ``psi``
    and one R2* per voxel. Field map: voxel-wise candidates from a variable-projection
@@ -52,7 +52,7 @@ statistics in :mod:`quant.rician`.
 
 from ..noise import body_mask_from, estimate_noise_sd
 from .magnitude import CHANNELS, DixonFF, DixonFlag, fat_fraction_dixon
-from .megre import PDFFResult, pdff_multiecho
+from .megre import PDFFResult, megre_pdff
 from .reference import (
                         pdff_fit_reference,
                         rician_loglik,
@@ -67,13 +67,13 @@ from .spectrum import (
                         SINGLE_PEAK,
                         FatSpectrum,
                         fat_signal_model,
-                        multiecho_signal,
+                        megre_signal,
 )
 from .swaps import SwapReport, correct_swaps, detect_swaps
 
 __all__ = [
     "CHANNELS", "GYROMAGNETIC_MHZ_PER_T", "HAMILTON_6PEAK", "SINGLE_PEAK", "DixonFF", "DixonFlag", "FatSpectrum",
     "PDFFResult", "SwapReport", "body_mask_from", "correct_swaps", "detect_swaps", "estimate_noise_sd",
-    "fat_fraction_dixon", "fat_signal_model", "multiecho_signal", "pdff_fit_reference", "pdff_multiecho",
+    "fat_fraction_dixon", "fat_signal_model", "megre_signal", "pdff_fit_reference", "megre_pdff",
     "rician_loglik", "rician_ml_reference", "roi_fat_fraction", "roi_ml_reference", "varpro_residual_reference",
 ]

@@ -17,7 +17,7 @@ from .spectrum import HAMILTON_6PEAK, FatSpectrum, fat_signal_model
 
 @dataclass(frozen=True, eq=False)
 class PDFFResult:
-    """Result of :func:`pdff_multiecho` (NaN outside ``mask``).
+    """Result of :func:`megre_pdff` (NaN outside ``mask``).
 
     Attributes
     ----------
@@ -294,7 +294,7 @@ def _wrap(x, period):
     return (x + period / 2) % period - period / 2
 
 
-def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[float], *,
+def megre_pdff(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[float], *,
                    field_strength_t: float = 3.0, fat_spectrum: FatSpectrum = HAMILTON_6PEAK,
                    mask: np.ndarray | None = None, r2star_max_s: float = 500.0,
                    fieldmap_smoothing_vox: float = 1.5, phase_constrained: bool = True,

@@ -50,7 +50,7 @@ def fat_signal_model(te_ms: Sequence[float], field_strength_t: float,
     return (amp[None, :] * np.exp(2j * np.pi * f[None, :] * t[:, None])).sum(1)
 
 
-def multiecho_signal(water, fat, r2star_s, fieldmap_hz, te_ms: Sequence[float], *,
+def megre_signal(water, fat, r2star_s, fieldmap_hz, te_ms: Sequence[float], *,
                      field_strength_t: float = 3.0, spectrum: FatSpectrum = HAMILTON_6PEAK,
                      phase0_rad=0.0) -> np.ndarray:
     """The forward model: complex signal (n_echo, ...) of water and fat (real amplitudes),

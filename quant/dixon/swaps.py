@@ -208,8 +208,3 @@ def correct_swaps(water: np.ndarray, fat: np.ndarray, report: SwapReport) -> tup
                           "differ in shape")
     ex = report.exchange
     return np.where(ex, fat, water), np.where(ex, water, fat)
-
-
-# --------------------------------------------------------------------------------------
-# Multi-echo complex Dixon: PDFF, R2*, field map
-# --------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6,
     """A multi-echo gradient echo (magnitude and phase series, as Siemens writes them:
     phase stored 0..4095 with Rescale Slope 2 and Intercept -4096, i.e. -pi..pi) of the
     phantom, simulated with the 6-peak fat spectrum, a smooth field map and R2*."""
-    from ..dixon import multiecho_signal
+    from ..dixon import megre_signal
     pd = phantom.pd if phantom.pd is not None else (phantom.tissue > 0).astype(np.float32)
     w = pd * (1 - phantom.ff) * signal_scale
     f = pd * phantom.ff * signal_scale
@@ -207,7 +207,7 @@ def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6,
     xn = np.linspace(-1, 1, nx)[None, None, :]
     psi = fieldmap_hz * (0.6 * xn + 0.4 * (xn ** 2 + yn ** 2) - 0.3) * np.ones((nz, 1, 1))
     te = te1_ms + dte_ms * np.arange(n_echoes)
-    s = multiecho_signal(w, f, r2star_s, psi, te, field_strength_t=field_strength_t, phase0_rad=0.4)
+    s = megre_signal(w, f, r2star_s, psi, te, field_strength_t=field_strength_t, phase0_rad=0.4)
     rng = np.random.default_rng(seed)
     sigma = signal_scale / snr
     s = s + rng.normal(0, sigma, s.shape) + 1j * rng.normal(0, sigma, s.shape)
