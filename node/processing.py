@@ -93,8 +93,8 @@ def build_outputs(datasets: Sequence[Dataset],
 
     analysis = analyse_study(datasets, t2_options=t2_options, atoms=atoms)
     water = {str(d.SOPInstanceUID): d for d in datasets
-             if str(d.SeriesInstanceUID) == analysis.reference.series_instance_uid}
-    source = [water[uid] for uid in dict.fromkeys(analysis.reference.sop_instance_uids)]
+             if str(d.SeriesInstanceUID) == analysis.anatomy.series_instance_uid}
+    source = [water[uid] for uid in dict.fromkeys(analysis.anatomy.sop_instance_uids)]
     ds0 = source[0]
     key = subject_key(ds0)
     study_date = str(ds0.get("StudyDate", "") or "")

@@ -45,7 +45,7 @@ class StudyAnalysis:
     """Everything the pipeline found in one study."""
 
     series: tuple[SeriesInfo, ...]
-    reference: Volume                 # the Dixon water volume: masks and maps are on its grid
+    anatomy: Volume                   # the volume segmented (Dixon water, MEGRE water or MESE first echo): masks and maps are on its grid
     fat_fraction: np.ndarray          # 0..1, NaN where no signal
     segmentation: Segmentation
     measurements: tuple[Measurement, ...]
@@ -238,7 +238,7 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     csa = {groups[g]: v for g, v in per_slice.items()}
     notes.extend(seg.notes)
     t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms)
-    return StudyAnalysis(series=infos, reference=water, fat_fraction=ff, segmentation=seg,
+    return StudyAnalysis(series=infos, anatomy=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
                          flags=tuple(flags))
 

@@ -33,7 +33,7 @@ _CALF_WORDS = re.compile(r"(?<![a-z])(calf|calves|lower[ _]?leg|tibia|unterschen
 
 @dataclass(frozen=True, eq=False)
 class Segmentation:
-    """Tissue and side label maps on the grid of the reference volume."""
+    """Tissue and side label maps on the grid of the anatomy volume."""
 
     tissue: np.ndarray        # uint8, values of :class:`Tissue`
     side: np.ndarray          # uint8, values of :class:`SideLabel`
@@ -130,14 +130,15 @@ def level_from_text(text: str) -> Region | None:
     return None
 
 
-def segment_legs(reference: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: np.ndarray | None = None,
+def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: np.ndarray | None = None,
                  body_part: str = "", sat_ff: float = 0.8, septum_ff: float = 0.8) -> Segmentation:
     """Segment body, SAT, bone and muscle of each leg.
 
     Parameters
     ----------
-    reference : Volume
-        Dixon water volume (its geometry is used for sides and areas).
+    anatomy : Volume
+        Water image (Dixon or MEGRE water, or the first echo of a MESE): its geometry is used for
+        sides and areas.
     fat, ff : ndarray
         Dixon fat image and fat fraction (0..1, NaN without signal) on the same grid.
     in_phase : ndarray, optional
@@ -145,7 +146,7 @@ def segment_legs(reference: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase
     body_part : str
         Body Part Examined and descriptions, to tell thigh from calf.
     """
-    water = reference.array
+    water = anatomy.array
     if water.ndim != 3:
         raise SegmentationError(f"expected a 3-D water volume, got shape {water.shape}")
     signal = in_phase if in_phase is not None else water + fat
@@ -159,7 +160,7 @@ def segment_legs(reference: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase
     for k in range(body.shape[0]):
         body[k] = ndi.binary_fill_holes(body[k])
     kk, rr, cc = np.indices(body.shape, dtype=np.float32)
-    x_mm = reference.index_to_patient(kk, rr, cc)[..., 0]
+    x_mm = anatomy.index_to_patient(kk, rr, cc)[..., 0]
     legs = _legs(body, x_mm)
 
     ffz = np.nan_to_num(ff, nan=0.0)
@@ -167,7 +168,7 @@ def segment_legs(reference: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase
     dark = signal <= thr
     tissue = np.zeros(water.shape, np.uint8)
     side = np.zeros(water.shape, np.uint8)
-    min_bone_px = max(4, int(round(20.0 / reference.pixel_area_mm2)))  # 20 mm²
+    min_bone_px = max(4, int(round(20.0 / anatomy.pixel_area_mm2)))  # 20 mm²
     bones_per_leg: list[float] = []
     centroid_x = [float(x_mm[leg].mean()) for leg in legs]
     both = len(legs) == 2

@@ -100,7 +100,7 @@ def _fit(signals, params, options, fat_t2, noise_sd, atoms):
     return fit_water_t2(signals, dictionary, noise_sd=noise_sd, min_signal=min_signal)
 
 
-def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg: Segmentation,
+def measure_t2(datasets: Sequence[Dataset], mese: Volume, anatomy: Volume, seg: Segmentation,
                options: T2Options = T2Options(), *,
                atoms: Callable[[MeseParameters, np.ndarray, np.ndarray, float], np.ndarray] | None = None,
                algorithm_version: str = "") -> T2Result:
@@ -110,7 +110,7 @@ def measure_t2(datasets: Sequence[Dataset], mese: Volume, reference: Volume, seg
     params = mese_parameters(datasets[0], mese, options)
     grid = mese.with_array(mese.array[0])
     combined = (seg.tissue.astype(np.uint8) * 4 + seg.side.astype(np.uint8)).astype(np.uint8)
-    labels = resample_labels(combined, reference, grid)
+    labels = resample_labels(combined, anatomy, grid)
     tissue, side = labels // 4, labels % 4
     images = mese.array.astype(np.float32)
     body = (tissue > 0)

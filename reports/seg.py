@@ -1,6 +1,6 @@
 """DICOM Segmentation (SEG) of a :class:`quant.pipeline.StudyAnalysis`.
 
-One binary SEG instance on the grid of the Dixon water series (the analysis' reference
+One binary SEG instance on the grid of the series segmented (the analysis' anatomy
 volume), in the same study, with one segment per (tissue, side) present among muscle,
 subcutaneous fat and bone (cortex and marrow) of the right and left leg.
 """
@@ -16,6 +16,8 @@ from pydicom.dataset import Dataset
 
 from quant import __version__
 from quant.enums import Side, Tissue
+from quant.pipeline import StudyAnalysis
+from quant.volume import Volume
 
 from . import codes
 from .uids import derive_uid
@@ -36,20 +38,18 @@ _TISSUE_RGB = {  # recommended display colours
 DEFAULT_SOFTWARE_VERSION = f"musclenode {__version__}"
 
 
-def _check_analysis(analysis) -> None:
-    for attr in ("segmentation", "reference", "algorithm_version"):
-        if not hasattr(analysis, attr):
-            raise ValueError(f"analysis has no {attr!r}: expected a quant.pipeline.StudyAnalysis, "
-                             f"got {type(analysis).__name__}")
-    seg, ref = analysis.segmentation, analysis.reference
+def _check_analysis(analysis: StudyAnalysis) -> None:
+    if not isinstance(analysis, StudyAnalysis):
+        raise TypeError(f"analysis must be a quant.pipeline.StudyAnalysis, got {type(analysis).__name__}")
+    seg, ref = analysis.segmentation, analysis.anatomy
     if seg.tissue.shape != ref.array.shape[-3:] or seg.side.shape != seg.tissue.shape:
-        raise ValueError(f"analysis segmentation {seg.tissue.shape} does not fit its reference volume "
+        raise ValueError(f"analysis segmentation {seg.tissue.shape} does not fit its anatomy volume "
                          f"{ref.array.shape[-3:]}")
     if not ref.sop_instance_uids:
-        raise ValueError("analysis.reference has no SOP Instance UIDs")
+        raise ValueError("analysis.anatomy has no SOP Instance UIDs")
 
 
-def segment_label(analysis, tissue: Tissue, side: Side) -> str:
+def segment_label(analysis: StudyAnalysis, tissue: Tissue, side: Side) -> str:
     """The label of one segment.
 
     Parameters
@@ -66,7 +66,7 @@ def segment_label(analysis, tissue: Tissue, side: Side) -> str:
     return f"{Side(side).value} {codes.REGION_WORDS[analysis.segmentation.region.value]} {_TISSUE_WORDS[tissue]}"
 
 
-def segment_numbers(analysis) -> dict[tuple[Tissue, Side], int]:
+def segment_numbers(analysis: StudyAnalysis) -> dict[tuple[Tissue, Side], int]:
     """Segment number of each (tissue, side) that :func:`build_seg` writes.
 
     Numbers are 1, 2, ... over :data:`SEGMENT_TISSUES` x :data:`SEGMENT_SIDES` in that
@@ -90,23 +90,23 @@ def segment_numbers(analysis) -> dict[tuple[Tissue, Side], int]:
     return out
 
 
-def sorted_source_images(analysis, source_images: Sequence[Dataset]) -> list[Dataset]:
-    """The datasets of the analysis' reference series in the reference's slice order.
+def sorted_source_images(analysis: StudyAnalysis, source_images: Sequence[Dataset]) -> list[Dataset]:
+    """The datasets of the analysis' anatomy series in its slice order.
 
     Parameters
     ----------
     analysis : quant.pipeline.StudyAnalysis
     source_images : sequence of pydicom.Dataset
-        Exactly the instances of the reference (water) series, in any order.
+        Exactly the instances of the anatomy series (the series segmented), in any order.
 
     Raises
     ------
     ValueError
         Instances are missing, extra, repeated, or from another series.
     """
-    ref = analysis.reference
+    ref = analysis.anatomy
     if isinstance(source_images, Dataset) or not source_images:
-        raise ValueError("source_images must be a non-empty sequence of the reference series' datasets")
+        raise ValueError("source_images must be a non-empty sequence of the anatomy series' datasets")
     by_uid: dict[str, Dataset] = {}
     for i, ds in enumerate(source_images):
         if not isinstance(ds, Dataset):
@@ -119,18 +119,18 @@ def sorted_source_images(analysis, source_images: Sequence[Dataset]) -> list[Dat
         series = str(ds.get("SeriesInstanceUID", ""))
         if series != ref.series_instance_uid:
             raise ValueError(f"source_images[{i}] ({uid}) is from series {series or '?'}, not the "
-                             f"reference series {ref.series_instance_uid}")
+                             f"anatomy series {ref.series_instance_uid}")
         by_uid[uid] = ds
     wanted = list(dict.fromkeys(ref.sop_instance_uids))  # a multi-frame instance appears once
     missing = [u for u in wanted if u not in by_uid]
     extra = [u for u in by_uid if u not in set(wanted)]
     if missing or extra:
-        raise ValueError("source_images do not match the analysis' reference series: "
+        raise ValueError("source_images do not match the analysis' anatomy series: "
                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]})")
     return [by_uid[u] for u in wanted]
 
 
-def _affine(ref) -> np.ndarray:
+def _affine(ref: Volume) -> np.ndarray:
     """4x4 affine from (slice, row, column) indices to patient coordinates (LPS, mm)."""
     dz, dy, dx = ref.spacing_mm
     aff = np.eye(4)
@@ -141,7 +141,7 @@ def _affine(ref) -> np.ndarray:
     return aff
 
 
-def build_seg(analysis, source_images: Sequence[Dataset], *, series_instance_uid: str | None = None,
+def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, series_instance_uid: str | None = None,
               sop_instance_uid: str | None = None, series_number: int = 901, instance_number: int = 1,
               manufacturer: str = "musclenode", software_version: str = DEFAULT_SOFTWARE_VERSION,
               manufacturer_model_name: str = "musclenode", device_serial_number: str = "0",
@@ -151,10 +151,10 @@ def build_seg(analysis, source_images: Sequence[Dataset], *, series_instance_uid
     Parameters
     ----------
     analysis : quant.pipeline.StudyAnalysis
-        The pipeline output; its masks are on the grid of ``analysis.reference``.
+        The pipeline output; its masks are on the grid of ``analysis.anatomy``.
     source_images : sequence of pydicom.Dataset
-        The datasets of the reference (Dixon water) series, in any order; sorted here to
-        ``analysis.reference.sop_instance_uids``. Pixel data need not be loaded.
+        The datasets of the anatomy series (the series segmented), in any order; sorted here to
+        ``analysis.anatomy.sop_instance_uids``. Pixel data need not be loaded.
     series_instance_uid, sop_instance_uid : str, optional
         Default: derived with :func:`reports.uids.derive_uid` from the Study Instance UID,
         ``"seg"``, the algorithm version and the sorted source SOP Instance UIDs, so the
@@ -184,7 +184,7 @@ def build_seg(analysis, source_images: Sequence[Dataset], *, series_instance_uid
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     sources = sorted_source_images(analysis, source_images)
-    ref, segm = analysis.reference, analysis.segmentation
+    ref, segm = analysis.anatomy, analysis.segmentation
     numbers = segment_numbers(analysis)
     if not numbers:
         raise ValueError("analysis has no muscle, subcutaneous fat or bone voxel of either leg: nothing to segment")

@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
 from quant.enums import Region, Side, Tissue
+from quant.pipeline import StudyAnalysis
 
 from . import codes
 from .longitudinal import Comparison
@@ -110,7 +111,7 @@ def _digest(comparisons: dict) -> str:
     return repr(items)
 
 
-def _check_seg(seg_dataset, analysis, sources: list[Dataset]) -> dict[tuple[Tissue, Side], int]:
+def _check_seg(seg_dataset: Dataset, analysis: StudyAnalysis, sources: list[Dataset]) -> dict[tuple[Tissue, Side], int]:
     if not isinstance(seg_dataset, Dataset):
         raise ValueError(f"seg_dataset must be a pydicom Dataset (or highdicom Segmentation), "
                          f"got {type(seg_dataset).__name__}")
@@ -122,9 +123,9 @@ def _check_seg(seg_dataset, analysis, sources: list[Dataset]) -> dict[tuple[Tiss
         raise ValueError(f"seg_dataset is in study {seg_dataset.get('StudyInstanceUID')}, "
                          f"the source images in {study}")
     ref_series = {str(item.get("SeriesInstanceUID", "")) for item in seg_dataset.get("ReferencedSeriesSequence", [])}
-    if analysis.reference.series_instance_uid not in ref_series:
+    if analysis.anatomy.series_instance_uid not in ref_series:
         raise ValueError(f"seg_dataset does not reference the analysis' reference series "
-                         f"{analysis.reference.series_instance_uid} (it references {sorted(ref_series)})")
+                         f"{analysis.anatomy.series_instance_uid} (it references {sorted(ref_series)})")
     numbers = segment_numbers(analysis)
     labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg_dataset.get("SegmentSequence", [])}
     for (tissue, side), n in numbers.items():
@@ -155,7 +156,7 @@ def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
     return out
 
 
-def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
+def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
              comparisons: Mapping[tuple[str, Side, str], Comparison] | None = None, *,
              subject_key: str | None = None, series_instance_uid: str | None = None,
              sop_instance_uid: str | None = None, series_number: int = 902, instance_number: int = 1,
@@ -266,7 +267,7 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
                 sop_class_uid=str(seg_dataset.SOPClassUID),
                 sop_instance_uid=str(seg_dataset.SOPInstanceUID),
                 segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(analysis.reference.series_instance_uid)),
+                source_series=hd.sr.SourceSeriesForSegmentation(analysis.anatomy.series_instance_uid)),
             finding_type=codes.SKELETAL_MUSCLE,
             finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
             algorithm_id=algorithm,
@@ -290,7 +291,7 @@ def build_sr(analysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
 
     study_uid = str(sources[0].StudyInstanceUID)
     parts = (study_uid, "sr", version, subject_key, str(seg_dataset.SOPInstanceUID),
-             *sorted(analysis.reference.sop_instance_uids), _digest(comps))
+             *sorted(analysis.anatomy.sop_instance_uids), _digest(comps))
     sop_instance_uid = sop_instance_uid or derive_uid(*parts, "instance")
     series_instance_uid = series_instance_uid or derive_uid(*parts, "series")
     return hd.sr.Comprehensive3DSR(

@@ -35,7 +35,7 @@ class Study:
         self.datasets = phantom_datasets(make_leg_phantom(shape=SHAPE, seed=seed, muscle_scale=muscle_scale),
                                          study_date=study_date)
         self.analysis = analyse_study(self.datasets)
-        water = [d for d in self.datasets if d.SeriesInstanceUID == self.analysis.reference.series_instance_uid]
+        water = [d for d in self.datasets if d.SeriesInstanceUID == self.analysis.anatomy.series_instance_uid]
         random.Random(seed).shuffle(water)  # build_seg must sort them itself
         self.water = water
         self.seg = build_seg(self.analysis, self.water)
@@ -123,7 +123,7 @@ def test_seg_dcmqi_readback_voxel_counts(visit, seg_path, out):
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img)
         assert int((arr == number).sum()) == int(mask_of[number].sum()) > 0
-        dz, dy, dx = visit.analysis.reference.spacing_mm
+        dz, dy, dx = visit.analysis.anatomy.spacing_mm
         assert np.allclose(img.GetSpacing(), (dx, dy, dz), atol=1e-3)
     muscle = attrs[0]
     assert muscle["SegmentedPropertyTypeCodeSequence"]["CodeValue"] == "127954009"
@@ -136,14 +136,14 @@ def test_seg_highdicom_roundtrip(visit, seg_path):
     seg = hd.seg.segread(seg_path)
     a = visit.analysis
     assert seg.StudyInstanceUID == visit.water[0].StudyInstanceUID
-    assert seg.FrameOfReferenceUID == a.reference.frame_of_reference_uid
+    assert seg.FrameOfReferenceUID == a.anatomy.frame_of_reference_uid
     labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     assert labels == {1: "right thigh muscle", 2: "left thigh muscle", 3: "right thigh subcutaneous fat",
                       4: "left thigh subcutaneous fat", 5: "right thigh bone", 6: "left thigh bone"}
     desc = seg.get_segment_description(1)
     assert desc.algorithm_identification[0].AlgorithmVersion == a.algorithm_version
     assert desc.algorithm_identification[0].AlgorithmName == "musclenode"
-    pixels = seg.get_pixels_by_source_instance(list(a.reference.sop_instance_uids), segment_numbers=[1, 2],
+    pixels = seg.get_pixels_by_source_instance(list(a.anatomy.sop_instance_uids), segment_numbers=[1, 2],
                                                assert_missing_frames_are_empty=True)
     assert pixels.shape == a.segmentation.tissue.shape + (2,)
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), a.segmentation.mask(Tissue.MUSCLE, Side.RIGHT))
@@ -187,8 +187,8 @@ def test_seg_of_enhanced_multiframe_source(out):
         m.SeriesDescription, m.ImageType = group[0].SeriesDescription, list(group[0].ImageType)
         multi.append(m)
     a = analyse_study(multi)
-    assert a.reference.frame_numbers == (6, 5, 4, 3, 2, 1)
-    water = [d for d in multi if d.SeriesInstanceUID == a.reference.series_instance_uid]
+    assert a.anatomy.frame_numbers == (6, 5, 4, 3, 2, 1)
+    water = [d for d in multi if d.SeriesInstanceUID == a.anatomy.series_instance_uid]
     seg = build_seg(a, water)
     path = out / "seg-multiframe.dcm"
     seg.save_as(path, enforce_file_format=True)
@@ -197,7 +197,7 @@ def test_seg_of_enhanced_multiframe_source(out):
     pixels = back.get_pixels_by_source_frame(water[0].SOPInstanceUID, list(range(1, 7)), segment_numbers=[1],
                                              assert_missing_frames_are_empty=True)
     right = a.segmentation.mask(Tissue.MUSCLE, Side.RIGHT)
-    for k, frame in enumerate(a.reference.frame_numbers):
+    for k, frame in enumerate(a.anatomy.frame_numbers):
         np.testing.assert_array_equal(pixels[frame - 1, ..., 0].astype(bool), right[k])
 
 
@@ -239,7 +239,7 @@ def test_sr_root_and_header(visit, sr_path):
     assert procedure[0].ConceptCodeSequence[0].CodeValue == "25056-3"
     evidence = {r.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
-    assert evidence == {visit.seg.SOPInstanceUID, *visit.analysis.reference.sop_instance_uids}
+    assert evidence == {visit.seg.SOPInstanceUID, *visit.analysis.anatomy.sop_instance_uids}
 
 
 def test_sr_tid1500reader(visit, sr_path, out):
@@ -277,7 +277,7 @@ def test_sr_references_seg_segments(visit, sr_path):
         assert ref.referenced_sop_class_uid == visit.seg.SOPClassUID
         assert ref.referenced_segment_numbers == [number]
         assert ref.referenced_frame_numbers is None  # the whole segment, not frames
-        assert ref.source_series_for_segmentation.value == visit.analysis.reference.series_instance_uid
+        assert ref.source_series_for_segmentation.value == visit.analysis.anatomy.series_instance_uid
         assert g.finding_type.value == "127954009"
         (site,) = g.finding_sites
         assert site.value.value == "68367000" and site.laterality.meaning == side.value.capitalize()
@@ -363,7 +363,7 @@ def test_calf_study(out):
     dss = phantom_datasets(make_leg_phantom("calf", shape=SHAPE, seed=5), study_date="20260101")
     a = analyse_study(dss)
     assert a.segmentation.region is Region.CALF
-    water = [d for d in dss if d.SeriesInstanceUID == a.reference.series_instance_uid]
+    water = [d for d in dss if d.SeriesInstanceUID == a.anatomy.series_instance_uid]
     seg = build_seg(a, water)
     assert seg.SegmentSequence[0].SegmentLabel == "right lower leg muscle"
     assert seg.SegmentSequence[0].AnatomicRegionSequence[0].CodeValue == "30021000"
