@@ -23,6 +23,7 @@ venv() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e ".[$1]"
+  .venv/bin/musclenode -q warmup   # compile and cache the numba kernels now, not during the first study
 }
 
 case "$what" in

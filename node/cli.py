@@ -140,6 +140,12 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir) if args.workdir else None, snr=args.snr)
 
 
+def cmd_warmup(args) -> int:
+    from .warmup import warm_up
+    print(f"numba kernels compiled and cached in {warm_up():.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="musclenode", description="DICOM node for quantitative muscle MRI.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -162,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", help="keep the demo's files here (default: a new temporary folder)")
     s.add_argument("--snr", type=float, default=40.0, help="signal-to-noise ratio of the phantom (default 40)")
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("warmup", help="compile and cache the numba kernels (done at install; "
+                                      "the node also does it before it accepts associations)")
+    s.set_defaults(func=cmd_warmup)
     return p
 
 

@@ -14,7 +14,8 @@ from sqlalchemy.engine import Engine
 
 from . import db
 from .db import JobState, StudyState
-from .worker import JobContext, _finish, _init_worker, execute_job, warm_up
+from .warmup import warm_up
+from .worker import JobContext, _finish, _init_worker, execute_job
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -63,10 +64,12 @@ class JobRunner:
     """Claims jobs and runs them, ``workers`` at a time, in processes or inline."""
 
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
-                 lease_seconds: float = 600.0, poll_seconds: float = 0.5, on_done=None):
+                 lease_seconds: float = 600.0, poll_seconds: float = 0.5, on_done=None,
+                 warm_up_timeout: float = 600.0):
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
         self.lease, self.poll = lease_seconds, poll_seconds
+        self.warm_up_timeout = warm_up_timeout
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -77,8 +80,12 @@ class JobRunner:
     def start(self) -> None:
         if self.kind == "process":
             self._pool = _new_pool(self.workers)
-            for _ in range(self.workers):  # load the kernels before the first exam, not during it
-                self._pool.submit(warm_up)
+            # every worker compiles (fresh install) or loads (cached) the kernels before the
+            # node accepts its first association, so the first study is as fast as the rest
+            warming = [self._pool.submit(warm_up) for _ in range(self.workers)]
+            done, _ = cf.wait(warming, timeout=self.warm_up_timeout)
+            seconds = [f.result() for f in done if f.exception() is None]
+            log.info("%d worker(s) ready (warm-up %s s)", len(seconds), ", ".join(f"{s:.1f}" for s in seconds))
         self._thread.start()
 
     def wake(self) -> None:

@@ -52,10 +52,10 @@ class Node:
         resumed = requeue_running(self.engine)
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
-        self.receiver.start(self.config.node.bind_address, self.config.node.port)
+        self.jobs.start()        # returns once the workers have their kernels compiled or loaded
         self.completion.start()
-        self.jobs.start()
         self.sender.start()
+        self.receiver.start(self.config.node.bind_address, self.config.node.port)
         with self.engine.begin() as conn:
             db.record_audit(conn, "node-started", f"ae={self.config.node.ae_title} port={self.port}")
         return self

@@ -161,22 +161,3 @@ def _init_worker(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
-
-
-def warm_up() -> float:
-    """Import the pipeline and run its numba kernels once on tiny inputs, so that a fresh
-    worker process loads the compiled kernels before the first exam arrives; returns the
-    seconds it took."""
-    t0 = time.time()
-    import numpy as np
-
-    from quant.epg import MeseParameters
-    from quant.fatfraction import fat_fraction
-    from quant.metrics import slice_sums
-    from quant.t2 import build_dictionary, fit_water_t2
-    fat_fraction(np.ones((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32))
-    slice_sums(np.ones((1, 2, 2), np.int32), np.zeros((1, 2, 2), np.float32), 2)
-    params = MeseParameters(n_echoes=4, echo_spacing_ms=10.0, profile="none")
-    d = build_dictionary(params, np.arange(20.0, 25.0), np.array([0.9, 1.0, 1.1]))
-    fit_water_t2(np.ones((2, 4), np.float32), d)
-    return time.time() - t0
