@@ -2,14 +2,15 @@
 ``complete_after_seconds``. Completion is a row update plus a job row in one
 transaction, so a restart resumes: the quiet time counts from the last instance
 received (a stored time), not from the restart. A visit with new values also re-queues
-the subject's later visits, so that their SRs compare against it."""
+the subject's later visits, so that their SRs compare against it.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
@@ -58,7 +59,8 @@ def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study
     in the later visits' SRs. Their new SRs supersede the old ones. Returns the job ids.
 
     Only a job whose values changed calls this, so re-comparing does not cascade: a later
-    visit's own values do not change when only its comparisons do."""
+    visit's own values do not change when only its comparisons do.
+    """
     if not subject_key or not study_date:
         return []
     now = time.time()
@@ -91,7 +93,8 @@ def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study
 
 class CompletionMonitor:
     """The thread that completes quiet studies every ``poll_seconds`` and calls
-    ``on_complete`` (e.g. wake the job runner) when it queued a job."""
+    ``on_complete`` (e.g. wake the job runner) when it queued a job.
+    """
 
     def __init__(self, engine: Engine, quiet_seconds: float, *, poll_seconds: float = 0.5,
                  on_complete: Callable[[], None] = lambda: None):

@@ -27,9 +27,10 @@ import difflib
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, get_type_hints
+from typing import Any, get_type_hints
 
 from quant.enums import Model
 
@@ -153,7 +154,8 @@ class Config:
     def database_url(self) -> str:
         """The SQLAlchemy URL to use: ``database.url``, or by default an SQLite
         file ``musclenode.db`` in ``node.data_dir`` (made absolute against the
-        current directory)."""
+        current directory).
+        """
         if self.database.url:
             return self.database.url
         return f"sqlite:///{self.node.data_dir.resolve() / 'musclenode.db'}"
@@ -353,7 +355,8 @@ def _build(cls: type, table: str, prefix: str, data: Any, source: str | None) ->
 def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
     """Validate a parsed TOML document (or the output of :func:`config_to_dict`)
     and return the :class:`Config`. ``source`` names where it came from in error
-    messages; the default ``"<dict>"`` is left out of them."""
+    messages; the default ``"<dict>"`` is left out of them.
+    """
     src = None if source == "<dict>" else str(source)
     if not isinstance(data, dict):
         raise ConfigError(None, f"expected a table at the top level, got {_describe(data)}",
@@ -437,7 +440,8 @@ def load_config(path: str | Path | None) -> Config:
 def config_to_dict(config: Config) -> dict:
     """A plain dict of TOML-compatible values (str, int, float, bool, lists,
     dicts) that :func:`config_from_dict` turns back into an equal ``Config``.
-    Used to hand the configuration to worker processes."""
+    Used to hand the configuration to worker processes.
+    """
     out: dict[str, Any] = {}
     for name in _SECTIONS:
         settings = getattr(config, name)

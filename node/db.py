@@ -34,7 +34,8 @@ from sqlalchemy.exc import IntegrityError
 
 class StudyState(StrEnum):
     """``studies.state``: receiving -> complete (job queued) -> processing -> done | failed;
-    a late instance re-opens a study (back to receiving)."""
+    a late instance re-opens a study (back to receiving).
+    """
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
@@ -179,7 +180,8 @@ audit = Table(
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url`` with the schema created. SQLite gets WAL and a busy timeout
-    so that the SCP threads, the node and its worker processes can share the file."""
+    so that the SCP threads, the node and its worker processes can share the file.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 

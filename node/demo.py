@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sqlalchemy import select
 

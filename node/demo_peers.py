@@ -1,12 +1,13 @@
 """Small DICOM clients used by the demo and tests: push datasets, and a tiny storage SCP
-that plays PACS for the demo."""
+that plays PACS for the demo.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian

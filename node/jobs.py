@@ -1,5 +1,6 @@
 """The job queue: one row per study revision to process; a runner claims rows atomically
-(with a lease) and runs :func:`node.worker.execute_job` in a local process pool (or inline)."""
+(with a lease) and runs :func:`node.worker.execute_job` in a local process pool (or inline).
+"""
 
 from __future__ import annotations
 

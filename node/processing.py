@@ -1,6 +1,7 @@
 """One study, start to finish, without networking: read the files, run :mod:`quant`,
 build SEG and SR with :mod:`reports`. Used by the node's jobs and by
-``musclenode process``."""
+``musclenode process``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import csv
 import datetime as dt
 import io
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -127,7 +128,8 @@ def cached_atoms(cache_dir: Path):
     """An ``atoms`` source for :func:`quant.pipeline.analyse_study` that keeps the EPG
     tables (one component over a T2 x B1 grid) in ``cache_dir``, keyed by a hash of the
     sequence, the grids and T1: built once per protocol, reused across exams and worker
-    processes. Only the exam's own fat column (one fat T2) is simulated per exam."""
+    processes. Only the exam's own fat column (one fat T2) is simulated per exam.
+    """
     from quant.t2 import epg_atoms, table_key
 
     from .cache import ArrayCache

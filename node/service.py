@@ -48,7 +48,7 @@ class Node:
     def port(self) -> int:
         return self.receiver.port
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         resumed = requeue_running(self.engine)
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
@@ -69,7 +69,7 @@ class Node:
             db.record_audit(conn, "node-stopped", f"ae={self.config.node.ae_title}")
         self.engine.dispose()
 
-    def __enter__(self) -> "Node":
+    def __enter__(self) -> Node:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -40,9 +40,7 @@ def warm_up(cache_dir: str | Path | None = None) -> float:
         from quant.synthetic.exam import exam_datasets, megre_datasets
         from quant.synthetic.phantom import make_leg_phantom
 
-        from .processing import build_outputs
-
-        from .processing import cached_atoms
+        from .processing import build_outputs, cached_atoms
 
         atoms = cached_atoms(Path(cache_dir)) if cache_dir is not None else None
         phantom = make_leg_phantom(Region.THIGH, shape=(2, 80, 128), pixel_mm=3.0, snr=40.0, seed=7)

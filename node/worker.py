@@ -157,7 +157,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
 
 def _init_worker(level: int) -> None:
     """Spawned workers start with no logging set up: give them the parent's level and
-    format, so that what a job logs reaches the node's log (stderr, journald)."""
+    format, so that what a job logs reaches the node's log (stderr, journald).
+    """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))

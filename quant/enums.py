@@ -58,7 +58,8 @@ class SideLabel(IntEnum):
 
 class Metric(str, Enum):
     """A measured quantity: the key in ``measurements.csv``, the database and the API,
-    from :mod:`quant` to the SR (never renamed at a boundary). :attr:`unit` is its UCUM unit."""
+    from :mod:`quant` to the SR (never renamed at a boundary). :attr:`unit` is its UCUM unit.
+    """
 
     CSA_MM2 = "csa_mm2"              # mean muscle cross-sectional area over the slices with muscle
     VOL_ML = "vol_ml"                # muscle volume

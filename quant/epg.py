@@ -219,7 +219,8 @@ def _profile_extent(time_bandwidth: float) -> float:
 def slice_profile(params: MeseParameters) -> SliceProfile:
     """Flip-angle profiles of ``params`` (see the module notes for the approximation).
 
-    Results are cached per parameter set; their arrays are read-only."""
+    Results are cached per parameter set; their arrays are read-only.
+    """
     exc = float(params.excitation_angle_deg)
     ref = float(params.refocusing_angle_deg)
     if params.profile == "none":
@@ -246,7 +247,8 @@ def slice_profile(params: MeseParameters) -> SliceProfile:
 def _epg_train(t2_ms, t1_ms, exc_rad, ref_rad, n_echoes, esp_ms, m_init, fp, fm, zz, echoes):
     """One CPMG train from longitudinal magnetisation ``m_init``; echoes into ``echoes``
     (complex, length n_echoes). Returns Z_0 after the last echo. ``fp, fm, zz`` are
-    scratch arrays of length >= 2 * n_echoes + 2."""
+    scratch arrays of length >= 2 * n_echoes + 2.
+    """
     nk = 2 * n_echoes + 2
     for k in range(nk):
         fp[k] = 0.0

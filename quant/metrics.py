@@ -36,7 +36,8 @@ class Measurement:
 def _slice_sums(mask_labels, ff, weights, n_labels, n_slices):
     """Per label and slice: muscle content (sum of voxel weights), count of voxels with
     finite FF, sum of FF over them, and the fat-free content sum of weight x (1 - FF)
-    (voxels without FF count as fat-free)."""
+    (voxels without FF count as fat-free).
+    """
     count = np.zeros((n_labels, n_slices), np.float64)
     nff = np.zeros((n_labels, n_slices), np.int64)
     sff = np.zeros((n_labels, n_slices), np.float64)
@@ -63,7 +64,8 @@ def _slice_sums(mask_labels, ff, weights, n_labels, n_slices):
 
 def slice_sums(labels: np.ndarray, ff: np.ndarray, n_labels: int, weights: np.ndarray | None = None):
     """Per-label, per-slice sums (see :func:`_slice_sums`); labels are 1..n_labels-1;
-    ``weights`` is the muscle content of each voxel (1 everywhere when not given)."""
+    ``weights`` is the muscle content of each voxel (1 everywhere when not given).
+    """
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     ff = np.ascontiguousarray(ff, dtype=np.float32)
     if labels.shape != ff.shape:

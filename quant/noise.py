@@ -38,7 +38,8 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 def body_mask_from(image: np.ndarray) -> np.ndarray:
     """Body (tissue) mask of a high-signal image (in-phase or W + F): above Otsu's
-    threshold, small specks removed, holes filled slice by slice."""
+    threshold, small specks removed, holes filled slice by slice.
+    """
     a = np.asarray(image, dtype=np.float64)
     m = a > _otsu(a.ravel())
     m = ndi.binary_opening(m, structure=_inplane(a.ndim))
@@ -47,7 +48,8 @@ def body_mask_from(image: np.ndarray) -> np.ndarray:
 
 def _highpass_sd(image: np.ndarray, region: np.ndarray) -> float:
     """Noise SD from neighbour differences along the last axis inside ``region``
-    (robust MAD, so edges and texture count little)."""
+    (robust MAD, so edges and texture count little).
+    """
     a = np.asarray(image, dtype=np.float64)
     d = (a[..., 1:] - a[..., :-1]) / math.sqrt(2.0)
     both = region[..., 1:] & region[..., :-1]

@@ -6,8 +6,9 @@ Pure: takes the decoded datasets of a study, returns a :class:`StudyAnalysis`.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -52,7 +53,7 @@ class StudyAnalysis:
     csa_per_slice: dict               # (region, side) -> CSA (mm²) of each slice
     algorithm_version: str = ALGORITHM_VERSION
     notes: tuple[str, ...] = ()
-    t2: "T2Result | None" = None      # water T2 of the multi-echo spin-echo series, if any
+    t2: T2Result | None = None      # water T2 of the multi-echo spin-echo series, if any
     flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
 
     @property
@@ -75,7 +76,7 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
     return max(cands, key=lambda s: (s.series_number or 0, s.n_instances))
 
 
-def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None" = None,
+def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
                   atoms=None) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
@@ -155,7 +156,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
 
 def _megre(by_series, infos, notes):
     """(magnitude volume, PDFFResult) of a multi-echo gradient echo with magnitude and
-    phase series on one grid, or None."""
+    phase series on one grid, or None.
+    """
     mag_info, ph_info = _pick(infos, SeriesKind.MEGRE_MAGNITUDE), _pick(infos, SeriesKind.MEGRE_PHASE)
     if mag_info is None:
         return None
@@ -180,7 +182,8 @@ def _megre(by_series, infos, notes):
 
 def phase_to_radians(phase: np.ndarray) -> np.ndarray:
     """Phase images in radians: values already within ±pi are radians; vendors' integer
-    phase (Siemens -4096..4095 after rescale, others 0..4095) maps its range onto 2 pi."""
+    phase (Siemens -4096..4095 after rescale, others 0..4095) maps its range onto 2 pi.
+    """
     a = np.asarray(phase, dtype=np.float64)
     lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
     if lo >= -np.pi * 1.001 and hi <= np.pi * 1.001:
@@ -211,7 +214,8 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
              t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None) -> StudyAnalysis:
     """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
-    source of fat fraction."""
+    source of fat fraction.
+    """
     seg = segment_legs(water, fat, ff, in_phase=in_phase,
                        body_part=_body_part(by_series[source.series_instance_uid][0]))
     labels, groups = seg.muscle_groups()

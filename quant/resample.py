@@ -1,6 +1,7 @@
 """Moving label maps and images between the grids of two series of one frame of
 reference (e.g. the Dixon segmentation onto the multi-echo spin-echo grid), by their
-DICOM geometry, with SimpleITK."""
+DICOM geometry, with SimpleITK.
+"""
 
 from __future__ import annotations
 

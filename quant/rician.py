@@ -54,7 +54,7 @@ def i1e(x):
 
 @njit(cache=True)
 def log_i0(x):
-    """log I0(x) for x >= 0, without overflow at large ``x``."""
+    """Log I0(x) for x >= 0, without overflow at large ``x``."""
     if x < 3.75:
         return math.log(_i0_poly(x))
     return x - 0.5 * math.log(x) + math.log(_i0_poly(x))

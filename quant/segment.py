@@ -63,7 +63,8 @@ class Segmentation:
 def otsu_threshold(values: np.ndarray, bins: int = 256, upper_percentile: float = 100.0) -> float:
     """Otsu's threshold of a sample (non-finite values ignored; 0 for an empty sample).
     With ``upper_percentile`` < 100 the histogram ends there, so that a few very bright
-    voxels do not squeeze the rest into a few bins."""
+    voxels do not squeeze the rest into a few bins.
+    """
     values = np.asarray(values, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
     if values.size == 0:

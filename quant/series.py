@@ -9,8 +9,8 @@ Description (0008,103E) marks a kind. Image Type is trusted before the descripti
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
@@ -109,7 +109,8 @@ _MAGNITUDE_TYPES = {"M", "MAGNITUDE", "M_FFE", "MAG"}    # Siemens M, GE MAGNITU
 
 def _complex_component(ds: Dataset) -> str | None:
     """``"MAGNITUDE"`` or ``"PHASE"`` from Complex Image Component (Enhanced MR) or Image
-    Type values; None when neither says."""
+    Type values; None when neither says.
+    """
     component = str(ds.get("ComplexImageComponent", "") or "").upper()
     if component in ("MAGNITUDE", "PHASE"):
         return component
@@ -123,7 +124,8 @@ def _complex_component(ds: Dataset) -> str | None:
 
 def _is_spin_echo(ds: Dataset) -> bool | None:
     """True for spin echo, False for gradient echo / EPI, None when the header does not say
-    (no Scanning Sequence nor Echo Pulse Sequence, research mode "RM", GRASE "BOTH")."""
+    (no Scanning Sequence nor Echo Pulse Sequence, research mode "RM", GRASE "BOTH").
+    """
     scanning = ds.get("ScanningSequence") or ""
     if isinstance(scanning, str):
         scanning = scanning.split("\\")

@@ -1,13 +1,14 @@
 """The water-T2 stage of the study pipeline: a multi-echo spin-echo series, the Dixon
 segmentation carried onto its grid, fat T2 calibrated on subcutaneous fat, a
 dictionary fit per muscle voxel, and ``t2w_ms``, ``t2w_mean_ms``, ``t2w_iqr_ms``, ``b1``
-and ``ff_t2_percent`` per region and side."""
+and ``ff_t2_percent`` per region and side.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset

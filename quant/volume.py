@@ -12,8 +12,8 @@ sorted by increasing position along ``normal``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -74,7 +74,7 @@ class Volume:
         return (np.asarray(self.origin_mm) + c * dx * self.row_cosine
                 + r * dy * self.column_cosine + k * dz * self.normal)
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """The same geometry around another 3-D array (a map or a mask)."""
         if array.shape[-3:] != self.array.shape[-3:]:
             raise ValueError(f"array shape {array.shape} does not fit volume {self.array.shape}")
@@ -85,7 +85,7 @@ class Volume:
                       sop_instance_uids=self.sop_instance_uids,
                       frame_numbers=self.frame_numbers)
 
-    def same_grid(self, other: "Volume", tol_mm: float = 0.01) -> bool:
+    def same_grid(self, other: Volume, tol_mm: float = 0.01) -> bool:
         return (self.array.shape[-3:] == other.array.shape[-3:]
                 and np.allclose(self.spacing_mm, other.spacing_mm, atol=tol_mm)
                 and np.allclose(self.origin_mm, other.origin_mm, atol=tol_mm)

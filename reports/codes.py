@@ -19,8 +19,8 @@ The constants are shared ``CodedConcept`` datasets and highdicom embeds them as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept

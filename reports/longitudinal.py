@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 
 def _check_date(value, what: str) -> datetime.date:
@@ -96,7 +96,7 @@ class Comparison:
                 raise ValueError(f"Comparison.{name} ({v.study_date}) is not before the current date "
                                  f"({self.current_date})")
 
-    def with_current(self, value: float) -> "Comparison":
+    def with_current(self, value: float) -> Comparison:
         """The same comparison with ``current_value`` set."""
         return replace(self, current_value=value)
 
@@ -109,7 +109,8 @@ class Comparison:
     @property
     def relative_change_since_baseline(self) -> float | None:
         """Change since baseline in percent of the baseline value; None without a
-        baseline or when the baseline value is 0."""
+        baseline or when the baseline value is 0.
+        """
         return _relative(self.current_value, self.baseline)
 
     @property
@@ -126,7 +127,8 @@ class Comparison:
     @property
     def relative_change_since_previous(self) -> float | None:
         """Change since the previous visit in percent of its value; None without a
-        previous visit or when its value is 0."""
+        previous visit or when its value is 0.
+        """
         return _relative(self.current_value, self.previous)
 
     @property

@@ -8,7 +8,7 @@ subcutaneous fat and bone (cortex and marrow) of the right and left leg.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np

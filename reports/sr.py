@@ -27,7 +27,7 @@ Derivation, so a reader can select by kind as well as by metric.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset

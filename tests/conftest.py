@@ -82,7 +82,7 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, modalities: dict | None = None) -> "Orthanc":
+    def start(self, modalities: dict | None = None) -> Orthanc:
         cfg = {
             "Name": "musclenode-test", "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"), "DicomAet": self.aet, "DicomPort": self.dicom_port,

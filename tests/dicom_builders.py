@@ -9,7 +9,7 @@ and every dataset carries a ``file_meta`` with Explicit VR Little Endian so that
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntFlag
-from typing import Mapping
 
 import numpy as np
 from numba import njit, prange
@@ -40,7 +40,8 @@ def _rician_ll(m, a, s2):
 @njit(cache=True)
 def _single_rician_ml(m, s2):
     """ML amplitude from one Rician sample: 0 if m^2 <= 2 s2, else the root of
-    ``a = m I1/I0(m a / s2)`` (safeguarded Newton on a bracket)."""
+    ``a = m I1/I0(m a / s2)`` (safeguarded Newton on a bracket).
+    """
     if m * m <= 2.0 * s2:
         return 0.0
     lo = 0.0
@@ -184,7 +185,8 @@ def _em_branch(m, kinds, s2, branch, w0, f0, max_iter, tol):
 def _dixon_ml_kernel(m, kinds, s2, skip_below, max_iter, w_out, f_out):
     """Per-voxel Rician ML. ``m``: (n, C) magnitudes; ``kinds``: channel codes; ``s2``:
     noise variances per channel. Voxels whose every channel is below ``skip_below`` noise
-    SDs get w = f = NaN."""
+    SDs get w = f = NaN.
+    """
     n = m.shape[0]
     nc = kinds.size
     has_op = False

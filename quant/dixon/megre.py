@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from numba import njit, prange
@@ -62,7 +62,7 @@ def _gram(t, c, r2):
 
 @njit(cache=True)
 def _projections(s, t, c, psi, r2):
-    """b = A^H s for the two columns at (psi, r2)."""
+    """B = A^H s for the two columns at (psi, r2)."""
     b0 = 0j
     b1 = 0j
     for n in range(t.size):
@@ -90,7 +90,8 @@ def _varpro_res(s, s_energy, t, c, psi, r2):
 @njit(cache=True, parallel=True)
 def _candidate_kernel(sig, t, c, psi_grid, r2_grid, n_cand, constrained, cand_psi, cand_res):
     """Voxel-wise VARPRO grid search: the ``n_cand`` deepest local minima (over a periodic
-    psi grid) of the residual minimised over R2*; parabolic sub-grid refinement."""
+    psi grid) of the residual minimised over R2*; parabolic sub-grid refinement.
+    """
     n, ne = sig.shape
     m = psi_grid.size
     nr = r2_grid.size
@@ -205,7 +206,8 @@ def _fit_res(s, energy, t, c, psi, r2, constrained):
 @njit(cache=True)
 def _constrained_fit(s, energy, t, c, psi, r2):
     """Phase-constrained fit: s = exp(i phi) A x with x = (W, F) real. Returns
-    (residual, W, F) with W + F >= 0."""
+    (residual, W, F) with W + F >= 0.
+    """
     g00, g01, g11 = _gram(t, c, r2)
     h00, h01, h11 = g00, g01.real, g11            # Re(A^H A)
     det = h00 * h11 - h01 * h01
@@ -231,7 +233,8 @@ def _constrained_fit(s, energy, t, c, psi, r2):
 @njit(cache=True, parallel=True)
 def _refine_kernel(sig, t, c, psi0, half_width, r2_max, n_iter, constrained, psi_out):
     """Refine each voxel's field map within psi0 +- half_width (golden section over psi,
-    R2* minimised inside by golden section), complex fit."""
+    R2* minimised inside by golden section), complex fit.
+    """
     n = sig.shape[0]
     g = 0.6180339887498949
     for i in prange(n):

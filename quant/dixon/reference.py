@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,7 +67,8 @@ def rician_loglik(magnitudes: np.ndarray, kinds: Sequence[int], noise_sd: Sequen
 
 def roi_ml_reference(magnitudes: np.ndarray, kinds: Sequence[int], noise_sd: Sequence[float]) -> float:
     """Plain numpy/scipy reference of the stratum ML (used by tests): profile likelihood
-    of phi on a grid, the per-voxel totals by many EM steps at each grid point."""
+    of phi on a grid, the per-voxel totals by many EM steps at each grid point.
+    """
     from scipy.special import i0e, i1e
 
     mags = np.asarray(magnitudes, dtype=np.float64)
@@ -98,7 +99,8 @@ def roi_ml_reference(magnitudes: np.ndarray, kinds: Sequence[int], noise_sd: Seq
 def varpro_residual_reference(sig: np.ndarray, te_ms: Sequence[float], c: np.ndarray, psi: float,
                               r2: float) -> np.ndarray:
     """Plain numpy reference of the complex VARPRO residual (used by tests): least squares
-    of each voxel's echoes ``sig`` (n, E) on the two model columns."""
+    of each voxel's echoes ``sig`` (n, E) on the two model columns.
+    """
     t = np.asarray(te_ms, dtype=np.float64) * 1e-3
     a = np.exp((2j * np.pi * psi - r2) * t)
     A = np.stack([a, a * c], axis=1)
@@ -110,7 +112,8 @@ def pdff_fit_reference(sig: np.ndarray, te_ms: Sequence[float], c: np.ndarray, p
                        r2_max: float = 500.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plain numpy/scipy reference of the phase-constrained fit at a fixed field map (used
     by tests): R2* and the common phase by grid search then bounded scalar minimisation,
-    water and fat by real least squares. Returns (water, fat, r2star)."""
+    water and fat by real least squares. Returns (water, fat, r2star).
+    """
     from scipy.optimize import minimize_scalar
 
     t = np.asarray(te_ms, dtype=np.float64) * 1e-3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from numba import njit, prange
@@ -37,7 +37,8 @@ def _kfac(kind, phi):
 @njit(cache=True)
 def _profile_s(mi, kinds, s2, phi, s0):
     """Per-voxel total signal maximising the likelihood at a given FF (Newton, EM step
-    where the likelihood is not concave). Returns (s, log-likelihood)."""
+    where the likelihood is not concave). Returns (s, log-likelihood).
+    """
     s = s0
     den = 0.0
     for c in range(kinds.size):
@@ -75,7 +76,8 @@ def _profile_s(mi, kinds, s2, phi, s0):
 def _roi_profile(m, kinds, s2, s, phi):
     """Profile log-likelihood of one FF ``phi`` (per-voxel totals ``s`` maximised out,
     in place: each evaluation starts from the previous one's totals; voxels in parallel,
-    summed afterwards so the result does not depend on the thread count)."""
+    summed afterwards so the result does not depend on the thread count).
+    """
     n = m.shape[0]
     acc = np.zeros(n)
     for i in prange(n):
@@ -89,7 +91,8 @@ def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
     steps through the three best points, golden-section steps where a parabola would
     not shrink the bracket), then the ends of the interval as candidates too (FF exactly
     0 or 1). 11-13 profile evaluations per interval, ends included, where golden section
-    to the old tolerance took 32."""
+    to the old tolerance took 32.
+    """
     cg = 0.3819660112501051
     a, b = lo, hi
     x = a + cg * (b - a)
@@ -161,7 +164,8 @@ def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
 def _roi_ml_kernel(m, kinds, s2, s0, tol):
     """Joint ML of one FF and per-voxel totals (started at ``s0``): Brent's method on the
     profile likelihood of FF, over [0, 0.5] and [0.5, 1] separately when the
-    opposed-phase channel (|1 - 2 FF|, kinked at 0.5) is present. Returns the FF."""
+    opposed-phase channel (|1 - 2 FF|, kinked at 0.5) is present. Returns the FF.
+    """
     has_op = False
     for c in range(kinds.size):
         if kinds[c] == _OP:
@@ -263,7 +267,8 @@ def roi_fat_fraction(water: np.ndarray, fat: np.ndarray, mask: np.ndarray,
 
 def _merge_strata(bins: np.ndarray, min_count: int) -> np.ndarray:
     """Relabel bin indices so that each group has >= min_count members (adjacent bins
-    merged, smallest first)."""
+    merged, smallest first).
+    """
     labels = np.unique(bins)
     groups = [[int(b)] for b in labels]
     counts = [int(np.count_nonzero(bins == b)) for b in labels]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -15,7 +15,8 @@ GYROMAGNETIC_MHZ_PER_T = 42.577478518   # 1H, gamma / 2 pi
 @dataclass(frozen=True)
 class FatSpectrum:
     """A multi-peak fat spectrum: chemical shift of each peak from water (ppm; fat
-    resonates below water, so negative) and its relative amplitude (summing to 1)."""
+    resonates below water, so negative) and its relative amplitude (summing to 1).
+    """
 
     name: str
     ppm: tuple[float, ...]
@@ -54,7 +55,8 @@ def megre_signal(water, fat, r2star_s, fieldmap_hz, te_ms: Sequence[float], *,
                      field_strength_t: float = 3.0, spectrum: FatSpectrum = HAMILTON_6PEAK,
                      phase0_rad=0.0) -> np.ndarray:
     """The forward model: complex signal (n_echo, ...) of water and fat (real amplitudes),
-    a common R2* (1/s), a field map (Hz) and an initial phase (rad), all broadcast."""
+    a common R2* (1/s), a field map (Hz) and an initial phase (rad), all broadcast.
+    """
     t = np.asarray(te_ms, dtype=np.float64) * 1e-3
     c = fat_signal_model(te_ms, field_strength_t, spectrum)
     water, fat, r2, psi, ph0 = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64)

@@ -200,7 +200,8 @@ def _swapped_tissue_under(region, valid, ffc, depth, t_sat, total, body, conn):
 
 def correct_swaps(water: np.ndarray, fat: np.ndarray, report: SwapReport) -> tuple[np.ndarray, np.ndarray]:
     """Water and fat with the swaps of ``report`` exchanged back (new arrays; nothing is
-    changed when the report is ambiguous)."""
+    changed when the report is ambiguous).
+    """
     water = np.asarray(water)
     fat = np.asarray(fat)
     if water.shape != fat.shape or water.shape != report.regional.shape:

@@ -1,7 +1,8 @@
 """A synthetic exam as a scanner sends it: the Dixon series of :mod:`quant.synthetic.phantom` plus a
 multi-echo spin-echo (MESE) series simulated with the EPG model on the same anatomy, as
 classic single-frame MR or as Enhanced MR the way Siemens XA writes it (one instance
-per echo, one frame per slice). In-memory datasets only."""
+per echo, one frame per slice). In-memory datasets only.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def mese_datasets(phantom: LegPhantom, template: Dataset, *, params: MeseParamet
                   series_number: int = 30, signal_scale: float = 1000.0) -> list[Dataset]:
     """A MESE series of the phantom, in the study and frame of reference of ``template``
     (a Dixon dataset of the same exam); every ``slice_step``-th slice, slices
-    ``slice_step`` times thicker (another grid than the Dixon series)."""
+    ``slice_step`` times thicker (another grid than the Dixon series).
+    """
     t2w, ff, b1, pd = mese_truth_maps(phantom, t2w_muscle_ms=t2w_muscle_ms, right_t2_offset_ms=right_t2_offset_ms)
     ks = np.arange(0, phantom.tissue.shape[0], slice_step)
     sim = simulate_mese(t2w[ks], ff[ks], b1[ks], params, pd=pd[ks], snr=snr, seed=seed)
@@ -197,7 +199,8 @@ def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6,
                    series_number: int = 40, signal_scale: float = 1000.0) -> list[Dataset]:
     """A multi-echo gradient echo (magnitude and phase series, as Siemens writes them:
     phase stored 0..4095 with Rescale Slope 2 and Intercept -4096, i.e. -pi..pi) of the
-    phantom, simulated with the 6-peak fat spectrum, a smooth field map and R2*."""
+    phantom, simulated with the 6-peak fat spectrum, a smooth field map and R2*.
+    """
     from ..dixon import megre_signal
     pd = phantom.pd if phantom.pd is not None else (phantom.tissue > 0).astype(np.float32)
     w = pd * (1 - phantom.ff) * signal_scale

@@ -71,7 +71,8 @@ def truth_metrics(tissue, side, ff, spacing_mm, muscle_fraction=None, muscle_ff=
     """Truth per leg with the definitions of :mod:`quant.metrics`. With partial volume,
     ``muscle_fraction`` is the muscle fraction of every voxel (CSA = its sum x pixel
     area), ``muscle_ff`` the FF of the muscle tissue in each voxel, and the FF truth is
-    the muscle-fraction-weighted mean of it."""
+    the muscle-fraction-weighted mean of it.
+    """
     dz, dy, dx = spacing_mm
     area = dy * dx
     out = {}

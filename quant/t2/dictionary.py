@@ -80,7 +80,8 @@ def _grid(name, values, low, high):
 
 def table_key(prefix: str, params: MeseParameters, *arrays, digits: int = 24) -> str:
     """``prefix`` + a hash of the sequence and of ``arrays`` (as little-endian float64):
-    the name of an EPG table or dictionary, for caches and provenance."""
+    the name of an EPG table or dictionary, for caches and provenance.
+    """
     h = hashlib.sha256(params.key().encode())
     for arr in arrays:
         h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
@@ -95,7 +96,8 @@ def epg_atoms(params: MeseParameters, t2_grid_ms: np.ndarray, b1_grid: np.ndarra
     """EPG echo trains of one component over a (T2, B1) grid, shape (n_T2, n_B1, n_echoes).
 
     This table depends only on the sequence, the grids and T1, not on the exam: it is
-    what a cache keeps (see ``atoms`` of :func:`build_dictionary`)."""
+    what a cache keeps (see ``atoms`` of :func:`build_dictionary`).
+    """
     t2 = np.asarray(t2_grid_ms, dtype=np.float64)
     b1 = np.asarray(b1_grid, dtype=np.float64)
     return epg_signals(t2[:, None], float(t1_ms), b1[None, :], params)

@@ -187,7 +187,8 @@ def fit_biexponential_fixed_fat_reference(signals, te_ms, t2f_ms: float = DEFAUL
                                           discard_first_echo: bool = True,
                                           t2w_grid_ms=DEFAULT_BIEXP_T2W_GRID_MS) -> T2Fit:
     """Plain-numpy/scipy reference of :func:`fit_biexponential_fixed_fat` (bounded scalar
-    minimisation by :func:`scipy.optimize.minimize_scalar`, amplitudes by ``nnls``)."""
+    minimisation by :func:`scipy.optimize.minimize_scalar`, amplitudes by ``nnls``).
+    """
     from scipy.optimize import minimize_scalar
     shape, y_all, te = _biexp_inputs(signals, te_ms, t2f_ms, discard_first_echo)
     grid = np.asarray(t2w_grid_ms, dtype=np.float64)

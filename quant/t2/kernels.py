@@ -14,7 +14,8 @@ from .dictionary import _NO_WATER, _NOT_FITTED, _OK, _T2_AT_EDGE
 @njit(cache=True)
 def _proj2(yw, yf, ww, wf, ff, free_fat):
     """Projection ``y . model`` of the 2x2 least squares with water amplitude >= 0 and
-    fat amplitude >= 0 (or of any sign when ``free_fat``), and the amplitudes."""
+    fat amplitude >= 0 (or of any sign when ``free_fat``), and the amplitudes.
+    """
     det = ww * ff - wf * wf
     if det > 1e-12 * ww * ff and det > 0.0:
         a = (yw * ff - yf * wf) / det
@@ -44,7 +45,8 @@ def _coarse_search(yr, t, free_fat, buf):
     The products with the 8 basis coordinates are written out so that they stay in
     registers while the loop over T2 atoms vectorises (twice as fast as a loop over
     them); the atoms' Gram terms ``c_a, c_b, c_c`` are ``ff/det, wf/det, ww/det`` (0 where
-    the Gram matrix is singular), ``inv_ww`` and ``inv_ff`` the inverse norms."""
+    the Gram matrix is singular), ``inv_ww`` and ``inv_ff`` the inverse norms.
+    """
     water, fat, c_a, c_b, c_c, inv_ww, inv_ff = t.water_c, t.fat_c, t.c_a, t.c_b, t.c_c, t.inv_ww, t.inv_ff
     y0, y1, y2, y3, y4, y5, y6, y7 = yr[0], yr[1], yr[2], yr[3], yr[4], yr[5], yr[6], yr[7]
     n_t2 = water.shape[2]
@@ -95,7 +97,8 @@ def _cr_weights(t, w):
 def _interp_atoms(water_pad, fat_pad, x, yb, wt, wb, w_out, f_out):
     """Water atom at fractional (T2 index x, B1 index yb) and fat atom at yb, by cubic
     (Catmull-Rom) interpolation of the padded atoms (one linearly extrapolated point
-    beyond each grid end: ``water_pad[j + 1, i + 1] = water[j, i]``)."""
+    beyond each grid end: ``water_pad[j + 1, i + 1] = water[j, i]``).
+    """
     n_b1 = water_pad.shape[0] - 2
     n_t2 = water_pad.shape[1] - 2
     n_e = w_out.size
@@ -139,7 +142,8 @@ def _proj_at(y, water_pad, fat_pad, x, yb, free_fat, wt, wb, w_buf, f_buf):
 def _newton_step(r, has_x, has_y):
     """Minimiser offset (dx, dy), each clamped to [-1, 1], of the quadratic through the
     3x3 values ``r`` (unit spacing); separable 1-D parabolas where the 2-D Hessian is
-    not positive definite, 0 along an axis whose stencil leaves the grid."""
+    not positive definite, 0 along an axis whose stencil leaves the grid.
+    """
     f0 = r[1, 1]
     gx = 0.0
     hxx = 0.0
@@ -185,7 +189,8 @@ def _coarse_strides(n_t2: int, n_b1: int) -> tuple[int, int]:
 def _proj_fine(y, tabs, i, j, free_fat):
     """Projection and amplitudes of fine-grid atom (T2 index ``i``, B1 index ``j``): the
     2x2 least squares with water amplitude >= 0 and fat amplitude >= 0 (any sign when
-    ``free_fat``), else the better one-component fit (as :func:`_proj2`)."""
+    ``free_fat``), else the better one-component fit (as :func:`_proj2`).
+    """
     n_e = y.size
     atom = tabs.fine[j, i]    # echoes, then ff/det, wf/det, ww/det, 1/ww
     fat = tabs.fine_fat[j]    # echoes, then 1/ff
@@ -211,7 +216,8 @@ def _climb(y, tabs, i, j, h, best, a, b, free_fat, res3):
     """Hill climbing on the fine grid with stencil spacing ``h`` (fine steps) from atom
     (i, j) of projection ``best``: move to the best of the 8 neighbours while one is
     better, at most ``_MAX_MOVES`` times. Returns the new atom and whether it settled
-    (then ``res3`` holds minus the projections of its 3x3 stencil, NaN off the grid)."""
+    (then ``res3`` holds minus the projections of its 3x3 stencil, NaN off the grid).
+    """
     n_i = tabs.fine.shape[1]
     n_j = tabs.fine.shape[0]
     for _ in range(_MAX_MOVES + 1):
@@ -239,7 +245,8 @@ def _climb(y, tabs, i, j, h, best, a, b, free_fat, res3):
 def _search(y, yr, tabs, free_fat, yw_buf):
     """Best atom of the coarse subgrid (every ``st``-th T2 and ``sb``-th B1 atom, the
     whole grid for small grids), searched in the subspace of the dictionary's first
-    ``_COARSE_RANK`` singular vectors: its fine-grid indices."""
+    ``_COARSE_RANK`` singular vectors: its fine-grid indices.
+    """
     t = tabs
     for r in range(yr.size):
         acc = 0.0
@@ -256,7 +263,8 @@ def _refine(y, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m):
     step, a jump to the fine atom nearest the Newton step on that stencil (if it is
     better), hill climbing on the fine grid (1/4 grid step), then a Newton step on
     that stencil, or half of it, evaluated with interpolated atoms (kept if it raises
-    the projection). Returns (x, yb, a, b) with fractional grid indices, and the model in ``m``."""
+    the projection). Returns (x, yb, a, b) with fractional grid indices, and the model in ``m``.
+    """
     fine, fine_fat = tabs.fine, tabs.fine_fat
     n_i = fine.shape[1]
     n_j = fine.shape[0]
@@ -291,7 +299,8 @@ def _refine(y, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m):
 @njit(cache=True, inline="always")
 def _load_voxel(signals, v, y, min_signal):
     """Copy voxel ``v``'s echoes into ``y``; False where it is not to be fitted (a
-    non-finite echo, or no echo above ``min_signal``)."""
+    non-finite echo, or no echo above ``min_signal``).
+    """
     ok = True
     smax = 0.0
     for e in range(y.size):
@@ -308,7 +317,8 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
     """Variable-projection dictionary fit of every voxel (rows of ``signals``).
 
     ``tabs`` holds the dictionary tables of :func:`_tables`. Outputs fractional grid
-    indices, amplitudes, RMS residual and a status code per voxel."""
+    indices, amplitudes, RMS residual and a status code per voxel.
+    """
     fine, fine_fat = tabs.fine, tabs.fine_fat
     n_t2 = tabs.water_pad.shape[1] - 2
     n_i = fine.shape[1]

@@ -61,7 +61,8 @@ def _newton_reference(r, has_x, has_y):
 
 def _refine_reference(y, dictionary, i, j, free_fat=False):
     """Hill climbing on the fine grid from fine atom (i, j), then the Newton step (as
-    :func:`_refine`); atoms interpolated on the fly. Returns (x, yb, a, b)."""
+    :func:`_refine`); atoms interpolated on the fly. Returns (x, yb, a, b).
+    """
     n_i = _FINE * (dictionary.t2w_grid_ms.size - 1) + 1
     n_j = _FINE * (dictionary.b1_grid.size - 1) + 1
 
@@ -112,7 +113,8 @@ def _refine_reference(y, dictionary, i, j, free_fat=False):
 
 def _best_atom_reference(y, dictionary, free_fat=False):
     """Fine-grid indices of the best atom of the coarse subgrid, by brute force in the
-    subspace of the dictionary's first singular vectors."""
+    subspace of the dictionary's first singular vectors.
+    """
     st, sb = _coarse_strides(*dictionary.water_atoms.shape[:2])
     basis = _coarse_basis(dictionary)
     W = dictionary.water_atoms[::st, ::sb] @ basis.T
@@ -129,7 +131,8 @@ def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
     """Plain-numpy/scipy reference of :func:`fit_water_t2` (slow; for tests on a few voxels).
 
     Every atom's amplitudes come from :func:`scipy.optimize.nnls` instead of the
-    closed form."""
+    closed form.
+    """
     arr = np.asarray(signals, dtype=np.float64)
     shape = arr.shape[:-1]
     y_all = arr.reshape(-1, arr.shape[-1])

@@ -13,7 +13,8 @@ from .kernels import _COARSE_RANK, _FINE, _coarse_strides
 
 def _pad_linear(arr: np.ndarray, axes) -> np.ndarray:
     """``arr`` with one point added at each end of each of ``axes``, linearly extrapolated
-    (the padding :func:`_interp_atoms` expects)."""
+    (the padding :func:`_interp_atoms` expects).
+    """
     for ax in axes:
         lo = 2 * np.take(arr, [0], axis=ax) - np.take(arr, [1], axis=ax)
         hi = 2 * np.take(arr, [-1], axis=ax) - np.take(arr, [-2], axis=ax)
@@ -24,7 +25,8 @@ def _pad_linear(arr: np.ndarray, axes) -> np.ndarray:
 def _cr_matrix(n: int, factor: int) -> np.ndarray:
     """Catmull-Rom interpolation matrix from ``n + 2`` padded grid values to the
     ``factor * (n - 1) + 1`` points of a grid ``factor`` times finer (as
-    :func:`_interp_atoms` interpolates)."""
+    :func:`_interp_atoms` interpolates).
+    """
     x = np.arange(factor * (n - 1) + 1) / factor
     ix = np.clip(np.floor(x).astype(int), 0, n - 2)
     w = _cr_weights_numpy(x - ix).T   # (points, 4)
@@ -55,7 +57,8 @@ atoms for interpolation anywhere: ``water_pad`` (n_b1 + 2, n_t2 + 2, n_echoes),
 @functools.lru_cache(maxsize=2)
 def _tables(dictionary: T2Dictionary) -> _Tables:
     """The kernel's tables of a dictionary (7.5 MB for 2,376 atoms, 20 ms; cached for the
-    last two dictionary objects, as an exam fits several times with one)."""
+    last two dictionary objects, as an exam fits several times with one).
+    """
     water = np.transpose(dictionary.water_atoms, (1, 0, 2))  # (n_b1, n_t2, E)
     fat = np.ascontiguousarray(dictionary.fat_atoms, dtype=np.float64)
     n_b1, n_t2, n_e = water.shape
@@ -85,7 +88,8 @@ def _tables(dictionary: T2Dictionary) -> _Tables:
 def _gram_terms(water, fat):
     """Per atom of ``water`` (n_b1, n_t2, E) with ``fat`` (n_b1, E): ``ff/det, wf/det,
     ww/det`` of the 2x2 Gram matrix (0 where it is singular) and the inverse norms
-    ``1/ww``, ``1/ff`` (0 for a zero fat atom)."""
+    ``1/ww``, ``1/ff`` (0 for a zero fat atom).
+    """
     gww = np.einsum("jie,jie->ji", water, water)
     gwf = np.einsum("jie,je->ji", water, fat)
     gff = np.einsum("je,je->j", fat, fat)
@@ -99,7 +103,8 @@ def _gram_terms(water, fat):
 
 def _coarse_basis(dictionary: T2Dictionary) -> np.ndarray:
     """(``_COARSE_RANK``, n_echoes): the first right singular vectors of the dictionary's
-    unit-norm water and fat atoms."""
+    unit-norm water and fat atoms.
+    """
     atoms = np.concatenate([dictionary.water_atoms.reshape(-1, dictionary.params.n_echoes), dictionary.fat_atoms])
     norms = np.linalg.norm(atoms, axis=1, keepdims=True)
     atoms = atoms[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
