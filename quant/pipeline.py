@@ -83,7 +83,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     Raises
     ------
     NoDixonError
-        Neither a water and fat pair nor anything else quantifiable was found.
+        Neither a water and fat pair, a multi-echo gradient echo nor a multi-echo spin echo
+        was found (a MESE series alone is analysed by :func:`quant.mese_study.analyse_mese_study`).
     SeriesError
         A Dixon series is present but cannot be assembled.
     """
@@ -94,8 +95,14 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: "T2Options | None"
     megre = _complex_dixon(by_series, infos, notes)
     if water_info is None or fat_info is None:
         if megre is None:
+            mese_info = _pick(infos, SeriesKind.MESE)
+            if mese_info is not None:   # T2 mapping alone: segment on the MESE fit itself
+                from .mese_study import analyse_mese_study
+                return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
+                                          body_part=_body_part(by_series[mese_info.series_instance_uid][0]))
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
-            raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
+            raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
+                               f"(series found: {found or 'none'})")
         return _analyse_complex_dixon(by_series, infos, megre, notes, t2_options, atoms)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
