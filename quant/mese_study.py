@@ -28,7 +28,8 @@ the masks, the SEG and the SR's "source series for segmentation" are on the MESE
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -42,7 +43,7 @@ from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .segment import segment_legs
 from .series import SeriesInfo
 from .t2 import DEFAULT_FAT_T2_MS, MODEL_EPG, build_dictionary, fit_water_t2
-from .t2stage import MIN_SNR, T2Options, mese_parameters, measure_t2
+from .t2stage import MIN_SNR, T2Options, measure_t2, mese_parameters
 from .volume import Volume, assemble_volume
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def slices_contiguous(volume: Volume, thickness_mm: float | None) -> tuple[bool,
 
 def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequence[SeriesInfo],
                        mese_info: SeriesInfo, notes: list[str], t2_options: T2Options | None = None,
-                       atoms: Callable | None = None, *, body_part: str = "") -> "StudyAnalysis":
+                       atoms: Callable | None = None, *, body_part: str = "") -> StudyAnalysis:
     """Segment, measure CSA (and VOL) and water T2 on a MESE series alone (module notes).
 
     Parameters
