@@ -27,6 +27,7 @@ from .epg import MeseParameters
 from .exam import mese_truth_maps
 from .mese_phantom import simulate_mese
 from .phantom import LegPhantom, file_meta
+from .t2 import DEFAULT_FAT_T2_MS
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -58,7 +59,8 @@ def mese_only_datasets(phantom: LegPhantom, *, params: MeseParameters | None = N
                        right_t2_offset_ms: float = 0.0, snr: float = 100.0, enhanced: bool = False,
                        siemens: bool = False, body_part: str | None = None, patient_id: str = "MN-MESE",
                        patient_name: str = "Phantom^Mese", study_date: str = "20260101", uid_seed: str = "",
-                       series_number: int = 5, seed: int = 0, signal_scale: float = 1000.0) -> list[Dataset]:
+                       series_number: int = 5, seed: int = 0, signal_scale: float = 1000.0,
+                       fat_t2_ms: float = DEFAULT_FAT_T2_MS) -> list[Dataset]:
     """A study with one MESE series of the phantom and nothing else.
 
     Parameters
@@ -81,6 +83,8 @@ def mese_only_datasets(phantom: LegPhantom, *, params: MeseParameters | None = N
     body_part : str, optional
         Body Part Examined; default the phantom's region (``"LEG"`` with ``siemens``);
         ``""`` leaves it out.
+    fat_t2_ms : float
+        T2 (ms) of the fat in the simulation.
 
     Returns
     -------
@@ -92,7 +96,7 @@ def mese_only_datasets(phantom: LegPhantom, *, params: MeseParameters | None = N
         params = SIEMENS_MESE if siemens else MeseParameters(n_echoes=17, echo_spacing_ms=10.0,
                                                              repetition_time_ms=3000.0)
     t2w, ff, b1, pd = mese_truth_maps(phantom, t2w_muscle_ms=t2w_muscle_ms, right_t2_offset_ms=right_t2_offset_ms)
-    sim = simulate_mese(t2w, ff, b1, params, pd=pd, snr=snr, seed=seed)
+    sim = simulate_mese(t2w, ff, b1, params, pd=pd, snr=snr, seed=seed, t2f_ms=fat_t2_ms)
     top = 4095 if siemens else 65535
     images = np.clip(np.rint(sim.images * signal_scale), 0, top).astype(np.uint16)  # (echo, slice, r, c)
     dz, dy, dx = phantom.spacing_mm

@@ -5,9 +5,11 @@ Many muscle protocols acquire only a T2 mapping series. The bi-component EPG fit
 segment the legs on the MESE series itself:
 
 1. Assemble the MESE volume; estimate the noise SD from the first echo's background.
-2. Fit every voxel above the noise (first pass, fat T2 configured or the default
-   :data:`quant.t2.DEFAULT_FAT_T2_MS`): water and fat amplitudes ``M_w``, ``M_f`` and the
-   proton-density fat fraction ``M_f / (M_w + M_f)``.
+2. Fit every voxel above the noise (first pass; fat T2 configured, else calibrated on
+   the voxels that decay slowly, :func:`first_pass_fat_t2`): water and fat amplitudes
+   ``M_w``, ``M_f`` and the proton-density fat fraction ``M_f / (M_w + M_f)``. A fat T2
+   far from the exam's would read subcutaneous fat as part water, and it would not be
+   told from muscle.
 3. :func:`quant.segment.segment_legs` with ``M_w`` as water, ``M_f`` as fat, the PD fat
    fraction as FF and the first echo as the anatomy image (body outline, dark cortex):
    the same rules as the Dixon path (sides from patient coordinates, fatty muscle stays
@@ -38,11 +40,12 @@ from scipy import ndimage as ndi
 from . import ALGORITHM_VERSION
 from .dixon import estimate_noise_sd
 from .enums import Tissue
+from .epg import MeseParameters
 from .errors import QuantError, SeriesError
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
-from .segment import segment_legs
+from .segment import otsu_threshold, segment_legs
 from .series import SeriesInfo
-from .t2 import DEFAULT_FAT_T2_MS, MODEL_EPG, build_dictionary, fit_water_t2
+from .t2 import DEFAULT_FAT_T2_MS, MODEL_EPG, build_dictionary, calibrate_fat_t2, fit_water_t2
 from .t2stage import MIN_SNR, T2Options, measure_t2, mese_parameters
 from .volume import Volume, assemble_volume
 
@@ -108,6 +111,43 @@ def slices_contiguous(volume: Volume, thickness_mm: float | None) -> tuple[bool,
     return True, f"slices of {thickness_mm:g} mm every {spacing:g} mm"
 
 
+def first_pass_fat_t2(images: np.ndarray, params: MeseParameters, noise_sd: float | None,
+                      atoms: Callable | None = None, *, max_voxels: int = 2000) -> tuple[float, str]:
+    """Fat T2 (ms) of the exam before any segmentation, from its slowly decaying voxels.
+
+    Voxels whose first echo is well above the noise (20 noise SDs, else above the median)
+    and whose signal at about 80 ms, relative to the first echo, is above Otsu's
+    threshold of that ratio (fat decays with T2 ~ 150 ms, muscle ~ 35 ms), away from
+    their edges in-plane, are fitted by :func:`quant.t2.calibrate_fat_t2` (fat T2 and
+    B1 free, a water admixture of T2 30 ms).
+
+    Returns
+    -------
+    (float, str)
+        The fat T2 (ms) and how it was found (``"calibrated on N slowly decaying
+        voxels"``, or the default :data:`quant.t2.DEFAULT_FAT_T2_MS` with the reason).
+    """
+    first = images[0]
+    late = images[min(images.shape[0] - 1, max(1, int(round(80.0 / params.echo_spacing_ms)) - 1))]
+    bright = first > (20.0 * noise_sd if noise_sd else float(np.median(first)))
+    if bright.sum() < 100:
+        return DEFAULT_FAT_T2_MS, "default (too few voxels above the noise)"
+    ratio = np.zeros(first.shape, np.float32)
+    ratio[bright] = late[bright] / first[bright]
+    slow = bright & (ratio > otsu_threshold(ratio[bright]))
+    slow = ndi.binary_erosion(slow, structure=_INPLANE)
+    pick = np.flatnonzero(slow.ravel())
+    if pick.size < 30:
+        return DEFAULT_FAT_T2_MS, "default (too few slowly decaying voxels)"
+    pick = pick[:: max(1, pick.size // max_voxels)]
+    signals = np.moveaxis(images, 0, -1).reshape(-1, images.shape[0])[pick]
+    try:
+        return calibrate_fat_t2(signals, params, noise_sd=noise_sd, atoms=atoms), \
+            f"calibrated on {pick.size} slowly decaying voxels"
+    except QuantError:
+        return DEFAULT_FAT_T2_MS, "default (calibration failed)"
+
+
 def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequence[SeriesInfo],
                        mese_info: SeriesInfo, notes: list[str], t2_options: T2Options | None = None,
                        atoms: Callable | None = None, *, body_part: str = "") -> StudyAnalysis:
@@ -161,8 +201,12 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
     except QuantError:
         noise_sd = None
 
-    # first pass: every voxel above the noise, fat T2 configured or the default
-    fat_t2 = float(options.fat_t2_ms) if options.fat_t2_ms is not None else DEFAULT_FAT_T2_MS
+    # first pass: every voxel above the noise, fat T2 configured or calibrated on the
+    # slowly decaying voxels (fat: subcutaneous, marrow), else the default
+    if options.fat_t2_ms is not None:
+        fat_t2, fat_source = float(options.fat_t2_ms), "configured"
+    else:
+        fat_t2, fat_source = first_pass_fat_t2(images, params, noise_sd, atoms)
     min_signal = MIN_SNR * noise_sd if noise_sd else 0.0
     fit_mask = images.max(axis=0) > min_signal
     dictionary = build_dictionary(params, t2f_ms=fat_t2, atoms=atoms)
@@ -177,7 +221,7 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
     ff[fit_mask] = np.where(fitted, fit.ff, np.nan)
     notes.append(f"no Dixon series: legs segmented on the water and fat amplitudes of the EPG fit of "
                  f"series {mese_info.description or mese_info.series_instance_uid} "
-                 f"({int(fit_mask.sum())} voxels, fat T2 {fat_t2:.0f} ms)")
+                 f"({int(fit_mask.sum())} voxels, fat T2 {fat_t2:.0f} ms {fat_source})")
 
     seg = segment_legs(first.with_array(m_water), m_fat, ff, in_phase=images[0], body_part=body_part)
     labels, groups = seg.muscle_groups()

@@ -177,3 +177,13 @@ def test_mese_only_through_node_to_orthanc(make_node, orthanc, gap_phantom, tmp_
         assert value(nums, group, "Area") == pytest.approx(truth[(side, "csa_mm2")], rel=0.05)
         assert not [n for g, n, *_ in nums if g == group and n == "Volume"]
     assert np.isfinite(value(nums, "right thigh muscle", "Fat fraction", method_word="extended phase graph"))
+
+
+def test_fat_t2_far_from_the_default_is_calibrated_before_segmenting(gap_phantom):
+    """Fat T2 120 ms (the default is 151 ms): with the default in the first pass,
+    subcutaneous fat would read as part water and pass for muscle (CSA +59 %)."""
+    a = analyse_study(study(gap_phantom, slice_thickness_mm=10.0, fat_t2_ms=120.0, seed=8))
+    check_values(a, gap_phantom)
+    first_pass = next(n for n in a.notes if n.startswith("no Dixon series"))
+    assert "slowly decaying voxels" in first_pass
+    assert 110 <= float(first_pass.split("fat T2 ")[1].split(" ms")[0]) <= 130, first_pass
