@@ -128,7 +128,7 @@ def first_pass_fat_t2(images: np.ndarray, params: MeseParameters, noise_sd: floa
         voxels"``, or the default :data:`quant.t2.DEFAULT_FAT_T2_MS` with the reason).
     """
     first = images[0]
-    late = images[min(images.shape[0] - 1, max(1, int(round(80.0 / params.echo_spacing_ms)) - 1))]
+    late = images[min(images.shape[0] - 1, max(1, round(80.0 / params.echo_spacing_ms) - 1))]
     bright = first > (20.0 * noise_sd if noise_sd else float(np.median(first)))
     if bright.sum() < 100:
         return DEFAULT_FAT_T2_MS, "default (too few voxels above the noise)"
