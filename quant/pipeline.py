@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
+from .analysis import NoDixonError, StudyAnalysis
 from .dixon import (
     correct_swaps,
     detect_swaps,
@@ -24,44 +24,19 @@ from .dixon import (
 )
 from .enums import Metric, Model, SeriesKind, Tissue
 from .errors import QuantError, SeriesError
+from .mese_study import analyse_mese_study
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
-from .segment import Segmentation, segment_legs
+from .segment import segment_legs
 from .series import SeriesInfo, classify_series
+from .t2stage import T2Options, measure_t2
 from .volume import Volume, assemble_volume
-
-if TYPE_CHECKING:
-    from .t2stage import T2Options, T2Result
 
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndi.generate_binary_structure(2, 1)
-DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
-
-
-class NoDixonError(QuantError):
-    """The study has no usable Dixon water and fat series."""
-
-
-@dataclass(frozen=True, eq=False)
-class StudyAnalysis:
-    """Everything the pipeline found in one study."""
-
-    series: tuple[SeriesInfo, ...]
-    anatomy: Volume                   # the volume segmented (Dixon water, MEGRE water or MESE first echo): masks and maps are on its grid
-    fat_fraction: np.ndarray          # 0..1, NaN where no signal
-    segmentation: Segmentation
-    measurements: tuple[Measurement, ...]
-    csa_per_slice: dict               # (region, side) -> CSA (mm²) of each slice
-    algorithm_version: str = ALGORITHM_VERSION
-    notes: tuple[str, ...] = ()
-    t2: T2Result | None = None      # water T2 of the multi-echo spin-echo series, if any
-    flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
-
-    @property
-    def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:
-        return {s.kind: s for s in self.series if s.kind in DIXON_KINDS}
 
 
 def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
+    """The datasets of a study by Series Instance UID, in the order given."""
     groups: dict[str, list[Dataset]] = defaultdict(list)
     for ds in datasets:
         groups[str(ds.get("SeriesInstanceUID", ""))].append(ds)
@@ -82,13 +57,22 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
     found on the Dixon images (``t2_options``; ``atoms(params, t2_grid_ms, b1_grid, t1_ms)``
-    may return the EPG tables from a cache, see :func:`quant.t2.build_dictionary`). A T2 stage that cannot run leaves a note, not
-    an error: the Dixon results stand.
+    may return the EPG tables from a cache, see :func:`quant.t2.build_dictionary`). A T2
+    stage that cannot run leaves a note, not an error: the Dixon results stand. A study
+    with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
+    (:func:`quant.mese_study.analyse_mese_study`).
+
+    Returns
+    -------
+    StudyAnalysis
+        Series found, the volume segmented, fat fraction map, masks, measurements per
+        region and side, notes and flags.
 
     Raises
     ------
     NoDixonError
-        Neither a water and fat pair nor anything else quantifiable was found.
+        Neither a water and fat pair, a multi-echo gradient echo nor a multi-echo spin echo
+        was found (a MESE series alone is analysed by :func:`quant.mese_study.analyse_mese_study`).
     SeriesError
         A Dixon series is present but cannot be assembled.
     """
@@ -99,8 +83,13 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     megre = _megre(by_series, infos, notes)
     if water_info is None or fat_info is None:
         if megre is None:
+            mese_info = _pick(infos, SeriesKind.MESE)
+            if mese_info is not None:   # T2 mapping alone: segment on the MESE fit itself
+                return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
+                                          body_part=_body_part(by_series[mese_info.series_instance_uid][0]))
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
-            raise NoDixonError(f"no Dixon water and fat series in this study (series found: {found or 'none'})")
+            raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
+                               f"(series found: {found or 'none'})")
         return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
@@ -251,15 +240,15 @@ def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, ato
     t2 = None
     mese_info = _pick(infos, SeriesKind.MESE)
     if mese_info is not None:
-        from .t2stage import T2Options, measure_t2
         mese_ds = by_series[mese_info.series_instance_uid]
         try:
             mese = assemble_volume(mese_ds)
             t2 = measure_t2(mese_ds, mese, water, seg, t2_options or T2Options(),
                             atoms=atoms, algorithm_version=ALGORITHM_VERSION)
             measurements = list(measurements) + list(t2.measurements)
-            notes.append(f"water T2 ({t2.fit.model}) from series {mese_info.description or mese_info.series_instance_uid}"
-                         f", fat T2 {t2.fat_t2_ms:.0f} ms ({t2.fat_t2_source})")
+            series = mese_info.description or mese_info.series_instance_uid
+            notes.append(f"water T2 ({t2.fit.model}) from series {series}, fat T2 {t2.fat_t2_ms:.0f} ms "
+                         f"({t2.fat_t2_source})")
         except QuantError as exc:
             notes.append(f"water T2 not measured: {exc}")
     return t2, measurements

@@ -227,7 +227,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     version = str(analysis.algorithm_version)
     algorithm = hd.sr.AlgorithmIdentification(name="musclenode", version=version)
     site = codes.region_concept(region)
-    swap_flags = [f for f in getattr(analysis, "flags", ()) if f in codes.SWAP_FINDINGS]
+    swap_flags = [f for f in analysis.flags if f in codes.SWAP_FINDINGS]
     swap_finding = codes.SWAP_FINDINGS[swap_flags[0] if swap_flags else ""]
     groups = []
     for side in (Side.RIGHT, Side.LEFT):
@@ -272,7 +272,9 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
             algorithm_id=algorithm,
             measurements=items,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)],
+            # the swap check needs Dixon images: a MEGRE- or MESE-only study makes no claim
+            qualitative_evaluations=([hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)]
+                                     if analysis.dixon_series else None),
         ))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")

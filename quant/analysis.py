@@ -1,0 +1,49 @@
+"""What the pipeline found in one study: :class:`StudyAnalysis`, the value type that
+:mod:`quant.pipeline` and :mod:`quant.mese_study` return and :mod:`reports` builds from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import ALGORITHM_VERSION
+from .enums import SeriesKind
+from .errors import QuantError
+from .metrics import Measurement
+from .segment import Segmentation
+from .series import SeriesInfo
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .t2stage import T2Result
+
+DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
+
+
+class NoDixonError(QuantError):
+    """The study has no usable Dixon water and fat series."""
+
+
+@dataclass(frozen=True, eq=False)
+class StudyAnalysis:
+    """Everything the pipeline found in one study."""
+
+    series: tuple[SeriesInfo, ...]
+    anatomy: Volume                   # the volume segmented (Dixon water, MEGRE water or MESE first
+                                      # echo): masks and maps are on its grid
+    fat_fraction: np.ndarray          # 0..1, NaN where no signal
+    segmentation: Segmentation
+    measurements: tuple[Measurement, ...]
+    csa_per_slice: dict               # (region, side) -> CSA (mm²) of each slice
+    algorithm_version: str = ALGORITHM_VERSION
+    notes: tuple[str, ...] = ()
+    t2: T2Result | None = None      # water T2 of the multi-echo spin-echo series, if any
+    flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
+
+    @property
+    def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:
+        """The Dixon series used, by kind (empty for a MEGRE- or MESE-only study)."""
+        return {s.kind: s for s in self.series if s.kind in DIXON_KINDS}
