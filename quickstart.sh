@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up musclenode in ./.venv and run the demo or the test suite.
 #   ./quickstart.sh demo   - a synthetic two-visit exam pushed through a node (embedded defaults)
-#   ./quickstart.sh test   - the whole test suite (installs DCMTK, dicom3tools, Orthanc from Debian)
+#   ./quickstart.sh test   - lint (ruff, mypy), then the whole test suite (installs DCMTK, dicom3tools, Orthanc from Debian)
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-demo}"; shift || true
@@ -35,6 +35,9 @@ case "$what" in
     debian_packages dcmtk dicom3tools orthanc
     venv test
     export TCP_NODELAY=1
+    echo "lint: ruff check, mypy"
+    .venv/bin/ruff check .
+    .venv/bin/mypy
     exec .venv/bin/python -m pytest -q "$@"
     ;;
   *)
