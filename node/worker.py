@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from quant.errors import QuantError
 from quant.pipeline import NoDixonError
+from quant.t2stage import T2Options
 from reports.longitudinal import PriorValue
 
 from . import CHATTY_LOGGERS, db
@@ -45,7 +46,7 @@ class JobContext:
     database_url: str
     data_dir: str
     destinations: tuple[str, ...] = ()
-    t2_options: object = None     # quant.t2stage.T2Options
+    t2_options: T2Options | None = None
 
 
 @functools.lru_cache(maxsize=4)
