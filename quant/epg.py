@@ -447,7 +447,7 @@ def epg_cpmg_reference(t2_ms: float, t1_ms: float, b1: float, params: MeseParame
     """Plain-numpy reference of :func:`epg_cpmg` (matrix form; used by the tests)."""
     prof = slice_profile(params)
     total = np.zeros(params.n_echoes, dtype=np.complex128)
-    for ae, ar, w in zip(np.deg2rad(prof.excitation_deg), np.deg2rad(prof.refocusing_deg), prof.weights):
+    for ae, ar, w in zip(np.deg2rad(prof.excitation_deg), np.deg2rad(prof.refocusing_deg), prof.weights, strict=True):
         m = 1.0
         if params.repetition_time_ms is not None:
             # run whole trains until the longitudinal magnetisation repeats (no closed form)

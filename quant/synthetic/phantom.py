@@ -14,10 +14,14 @@ with the same definitions as :mod:`quant.metrics`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reports.uids import derive_uid
+
+if TYPE_CHECKING:
+    from pydicom.dataset import FileMetaDataset
 
 from ..enums import Region, Side, SideLabel, Tissue
 
@@ -28,13 +32,13 @@ SEPTUM_FF = 0.95
 CORTEX_PD = 25.0
 
 
-def file_meta(sop_class: str, sop_instance_uid: str):
+def file_meta(sop_class: str, sop_instance_uid: str) -> FileMetaDataset:
     """File meta information (explicit VR little endian) of a dataset built in memory."""
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
 

@@ -16,8 +16,8 @@ atoms cubic, Catmull-Rom, interpolated and tabulated once per dictionary): with 
 stencil of one grid step, a jump to the Newton step of that stencil, with a stencil of
 a quarter step, and a last Newton step (or half of it, where the full step overshoots)
 on the quadratic through the 3x3 residuals around the best fine atom (noise free: 99 %
-of voxels within 0.05 ms of the true T2w on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
-the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
+of voxels within 0.05 ms of the true T2w on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``;
+it is T1-weighted unless the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
 
 Noise floor. Magnitude images are Rician: echoes near the noise level are biased
 upwards (by up to 1.25 sigma), which the slowly decaying fat component absorbs (for

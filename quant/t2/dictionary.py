@@ -136,7 +136,8 @@ def build_dictionary(params: MeseParameters, t2w_grid_ms=DEFAULT_T2W_GRID_MS, b1
     t2g = _grid("t2w_grid_ms", t2w_grid_ms, 0.1, 10000.0)
     b1g = _grid("b1_grid", b1_grid, 0.05, 3.0)
     for name, v in (("t1w_ms", t1w_ms), ("t1f_ms", t1f_ms)) + ((("t2f_ms", t2f_ms),) if t2f_ms is not None else ()):
-        if not (np.isscalar(v) and math.isfinite(v) and v > 0):
+        scalar = bool(np.isscalar(v))   # (not a type guard: v stays a number to mypy)
+        if not (scalar and math.isfinite(v) and v > 0):
             raise QuantError(f"{name} must be a finite number > 0, got {v!r}")
     water = np.asarray((atoms or epg_atoms)(params, t2g, b1g, float(t1w_ms)), dtype=np.float64)
     if water.shape != (t2g.size, b1g.size, params.n_echoes):

@@ -200,7 +200,7 @@ def fit_biexponential_fixed_fat_reference(signals, te_ms, t2f_ms: float = DEFAUL
         y = y_all[v]
         if y.max() <= 0:
             continue
-        neg = lambda t2: -_nnls2_reference(y, np.exp(-te / t2), ef)[0]  # noqa: E731
+        neg = lambda t2, y=y: -_nnls2_reference(y, np.exp(-te / t2), ef)[0]  # noqa: E731
         i = int(np.argmin([neg(t) for t in grid]))
         lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
         t2 = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6}).x
