@@ -9,7 +9,7 @@ import csv
 import datetime as dt
 import io
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from quant.enums import SeriesKind, Side
 from quant.epg import MeseParameters
 from quant.pipeline import StudyAnalysis, analyse_study
+from quant.t2 import AtomsSource
 from reports.longitudinal import Comparison, PriorValue, compare
 
 from .errors import InstanceRejected
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from quant.t2stage import T2Options
 
 log = logging.getLogger(__name__)
-
-#: A source of EPG tables: (sequence, T2 grid in ms, B1 grid, T1 in ms) -> echo trains (n_T2, n_B1, n_echoes)
-AtomsSource = Callable[[MeseParameters, np.ndarray, np.ndarray, float], np.ndarray]
 
 CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit", "model", "flags")
 

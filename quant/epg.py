@@ -52,6 +52,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit, prange
 
 from .errors import QuantError
@@ -346,7 +347,7 @@ def _check_positive(name, value):
     return arr
 
 
-def epg_signals(t2_ms, t1_ms, b1, params: MeseParameters) -> np.ndarray:
+def epg_signals(t2_ms: npt.ArrayLike, t1_ms: npt.ArrayLike, b1: npt.ArrayLike, params: MeseParameters) -> np.ndarray:
     """Slice-profile EPG echo magnitudes for many parameter sets (numba, parallel).
 
     Parameters

@@ -61,7 +61,7 @@ _COMPARISON_ORDER = (
 )
 
 
-def tracking_uid(subject_key: str, region, side) -> str:
+def tracking_uid(subject_key: str, region: Region | str, side: Side | str) -> str:
     """Tracking Unique Identifier of a leg's muscle: the same for every visit of a subject.
 
     Parameters

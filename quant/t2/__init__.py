@@ -57,6 +57,7 @@ from .dictionary import (
                          DEFAULT_FAT_T2_MS,
                          DEFAULT_T2W_GRID_MS,
                          DEFAULT_WATER_T1_MS,
+                         AtomsSource,
                          T2Dictionary,
                          build_dictionary,
                          epg_atoms,
@@ -72,7 +73,7 @@ from .reference import fit_water_t2_reference
 
 __all__ = [
     "DEFAULT_B1_GRID", "DEFAULT_BIEXP_T2W_GRID_MS", "DEFAULT_FAT_T1_MS", "DEFAULT_FAT_T2_GRID_MS", "DEFAULT_FAT_T2_MS",
-    "DEFAULT_T2W_GRID_MS", "DEFAULT_WATER_T1_MS", "T2Dictionary", "T2Fit",
+    "DEFAULT_T2W_GRID_MS", "DEFAULT_WATER_T1_MS", "AtomsSource", "T2Dictionary", "T2Fit",
     "build_dictionary", "calibrate_fat_t2", "epg_atoms", "fit_biexponential_fixed_fat",
     "fit_biexponential_fixed_fat_reference", "fit_water_t2", "fit_water_t2_reference", "summarise", "table_key",
 ]
