@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up musclenode in ./.venv and run the demo or the test suite.
 #   ./quickstart.sh demo   - a synthetic two-visit exam pushed through a node (embedded defaults)
-#   ./quickstart.sh test   - the whole test suite (installs DCMTK, dicom3tools, Orthanc from Debian)
+#   ./quickstart.sh test   - ruff and mypy, then the whole test suite (installs DCMTK, dicom3tools, Orthanc from Debian)
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-demo}"; shift || true
@@ -34,6 +34,8 @@ case "$what" in
   test)
     debian_packages dcmtk dicom3tools orthanc
     venv test
+    .venv/bin/ruff check .   # [tool.ruff] and [tool.mypy] in pyproject.toml
+    .venv/bin/mypy
     export TCP_NODELAY=1
     exec .venv/bin/python -m pytest -q "$@"
     ;;
