@@ -2,7 +2,7 @@
 SEG and SR, store them, and record measurements, outputs and sends in one transaction.
 
 :func:`execute_job` is a plain top-level function of picklable arguments, so any
-executor (a process pool here, a Dask cluster later) can run it.
+executor can run it (the node's process pool, or inline in the runner's thread).
 """
 
 from __future__ import annotations
