@@ -165,7 +165,7 @@ def test_seg_rejects_wrong_sources(visit):
     with pytest.raises(ValueError, match="missing"):
         build_seg(visit.analysis, visit.water[1:])
     fat = [d for d in visit.datasets if d.SeriesDescription.endswith("_F")]
-    with pytest.raises(ValueError, match="reference series"):
+    with pytest.raises(ValueError, match="anatomy series"):
         build_seg(visit.analysis, fat)
     with pytest.raises(ValueError, match="twice"):
         build_seg(visit.analysis, visit.water + visit.water[:1])
