@@ -35,7 +35,7 @@ case "$what" in
     debian_packages dcmtk dicom3tools orthanc
     venv test
     export TCP_NODELAY=1
-    echo "lint: ruff check, mypy"
+    echo "lint: ruff check, mypy ([tool.ruff] and [tool.mypy] in pyproject.toml)"
     .venv/bin/ruff check .
     .venv/bin/mypy
     exec .venv/bin/python -m pytest -q "$@"

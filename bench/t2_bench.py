@@ -133,7 +133,8 @@ def main() -> int:
     else:
         print(f"(myoqmri skipped: no venv at {MYOQMRI_PY}; run `bash bench/peers/setup.sh`)")
     ours_vps = rows[0][1]
-    print(f"{args.voxels} voxels, SNR {args.snr:g}, 17 echoes x 10 ms; dictionary build {t_dict:.2f} s (cached by the node)")
+    print(f"{args.voxels} voxels, SNR {args.snr:g}, 17 echoes x 10 ms; "
+          f"dictionary build {t_dict:.2f} s (cached by the node)")
     print(f"{'method':<28}{'voxels/s':>11}{'ours / it':>11}{'T2w bias':>10}{'T2w SD':>8}{'FF bias':>9}{'FF SD':>7}"
           f"{'fitted':>8}")
     for acc, vps in rows:

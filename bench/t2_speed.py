@@ -52,11 +52,13 @@ def main() -> None:
         t2_grid = np.arange(15.0, 80.0 + 1e-9, step)
         b1_grid = np.round(np.arange(0.5, 1.2 + 1e-9, 0.02), 6)
         build_dictionary(params, t2_grid, b1_grid)  # warm-up (compile or load cache)
-        t_build, _ = _timings(lambda: build_dictionary(params, t2_grid, b1_grid), args.repeats)
+        t_build, _ = _timings(lambda t2_grid=t2_grid, b1_grid=b1_grid: build_dictionary(params, t2_grid, b1_grid),
+                              args.repeats)
         d = build_dictionary(params, t2_grid, b1_grid)
         for noise_sd in (None, sim.noise_sd):
             fit_water_t2(signals[:100], d, noise_sd=noise_sd)  # warm-up
-            t_fit, cpu = _timings(lambda: fit_water_t2(signals, d, noise_sd=noise_sd), args.repeats)
+            t_fit, cpu = _timings(lambda d=d, noise_sd=noise_sd: fit_water_t2(signals, d, noise_sd=noise_sd),
+                                  args.repeats)
             print(f"epg-bicomponent  T2w {t2_grid[0]:g}-{t2_grid[-1]:g} ms step {step:g} x B1 "
                   f"{b1_grid[0]:g}-{b1_grid[-1]:g} step 0.02 = {d.n_atoms} atoms | build {t_build:.2f} s | "
                   f"noise-floor correction {'on ' if noise_sd else 'off'} | fit {t_fit:.3f} s = "

@@ -21,10 +21,13 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 class ArrayCache:
+    """Arrays stored in ``folder`` as ``<key>.npz``, one entry per key."""
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
     def path(self, key: str) -> Path:
+        """The file of entry ``key``; ValueError if the key is not a safe file name."""
         if not _KEY.match(key):
             raise ValueError(f"cache key {key!r} has characters other than letters, digits, '_', '.', '-'")
         return self.folder / f"{key}.npz"
@@ -40,6 +43,6 @@ class ArrayCache:
                 log.warning("cache entry %s unreadable (%s): rebuilding", path.name, exc)
         arrays = build()
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=True, **arrays)
         durable_write(path, buf.getvalue(), self.folder / ".tmp")
         return arrays

@@ -12,11 +12,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import CHATTY_LOGGERS
 from .config import ConfigError, load_config
 from .db import OutboxState
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger("musclenode")
 
@@ -29,7 +34,8 @@ def _setup_logging(verbosity: int) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``musclenode serve``: run the node until SIGINT or SIGTERM; returns 0."""
     from .service import Node
     config = load_config(args.config)
     node = Node(config)
@@ -44,11 +50,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _fmt_time(t) -> str:
+def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
+    """``musclenode status``: print studies, jobs, sends and quarantine; returns 1 if the node has no data."""
     from .db import make_engine
     from .service import status_report
     config = load_config(args.config)
@@ -80,7 +87,10 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_process(args) -> int:
+def cmd_process(args: argparse.Namespace) -> int:
+    """``musclenode process``: write SEG, SR and measurements.csv for each study in a folder;
+    returns 1 if a study failed or no MR images were found, 2 if the input is not a folder.
+    """
     from quant.errors import QuantError
 
     from .processing import (
@@ -128,25 +138,28 @@ def cmd_process(args) -> int:
     return 1 if failed else 0
 
 
-def _group_studies(datasets):
-    out = {}
+def _group_studies(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
+    out: dict[str, list[Dataset]] = {}
     for ds in datasets:
         out.setdefault(str(ds.StudyInstanceUID), []).append(ds)
     return out
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``musclenode demo``: push a synthetic two-visit exam through a node; returns 0 if the results came back."""
     from .demo import run_demo
     return run_demo(Path(args.workdir) if args.workdir else None, snr=args.snr)
 
 
-def cmd_warmup(args) -> int:
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """``musclenode warmup``: compile and cache the numba kernels; returns 0."""
     from .warmup import warm_up
     print(f"numba kernels compiled and cached in {warm_up():.1f} s")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; each subcommand sets ``func``, the ``cmd_*`` function that runs it."""
     p = argparse.ArgumentParser(prog="musclenode", description="DICOM node for quantitative muscle MRI.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -175,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose if args.command != "demo" else args.verbose - 1)

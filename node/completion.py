@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import and_, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from . import db
 from .db import JobState, StudyState
@@ -21,10 +21,13 @@ from .db import JobState, StudyState
 log = logging.getLogger(__name__)
 
 
-def queue_job(conn, study_uid: str, revision: int, now: float) -> int:
+def queue_job(conn: Connection, study_uid: str, revision: int, now: float) -> int:
     """Insert the pending job of a study's new revision; returns its id."""
-    return conn.execute(insert(db.jobs).values(study_uid=study_uid, revision=revision, state=JobState.PENDING, attempts=0,
-                                               created_at=now, message="")).inserted_primary_key[0]
+    key = conn.execute(insert(db.jobs).values(study_uid=study_uid, revision=revision, state=JobState.PENDING,
+                                              attempts=0, created_at=now, message="")).inserted_primary_key
+    if key is None:   # only for a multi-row insert
+        raise RuntimeError("the job insert returned no primary key")
+    return key[0]
 
 
 def complete_quiet_studies(engine: Engine, quiet_seconds: float, now: float | None = None) -> list[int]:
@@ -104,9 +107,11 @@ class CompletionMonitor:
         self._thread = threading.Thread(target=self._run, name="musclenode-completion", daemon=True)
 
     def start(self) -> None:
+        """Start the thread."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread (waits up to 10 s for it)."""
         self._stop.set()
         self._thread.join(timeout=10)
 

@@ -30,9 +30,12 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from quant.enums import Model
+
+if TYPE_CHECKING:
+    from quant.t2stage import T2Options
 
 __all__ = [
     "Config",
@@ -120,7 +123,7 @@ class T2Settings:
     refocusing_angle_deg: float = 0.0         # 0: from the header (Flip Angle > 90), else 180
     fat_t2_ms: float = 0.0                    # 0: calibrate per exam on subcutaneous fat
 
-    def options(self):
+    def options(self) -> T2Options:
         """The :class:`quant.t2stage.T2Options` these settings describe."""
         from quant.t2stage import T2Options
         return T2Options(model=self.model, profile=self.profile, time_bandwidth=self.time_bandwidth,

@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 
@@ -198,11 +198,12 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def record_audit(conn, event_name: str, detail: str) -> None:
+def record_audit(conn: Connection, event_name: str, detail: str) -> None:
+    """Append an event (e.g. ``node-started``) to the audit table."""
     conn.execute(insert(audit).values(at=time.time(), event=event_name, detail=detail))
 
 
-def insert_ignore(conn, table: Table, values: dict[str, Any]) -> bool:
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
     """Insert a row unless a unique key already holds it; True if inserted."""
     try:
         with conn.begin_nested():

@@ -33,6 +33,7 @@ VISITS = (  # (study date, muscle FF, muscle area scale, muscle water T2 ms): AL
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,6 +41,9 @@ def free_port() -> int:
 
 def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[str], None] = print,
              timeout: float = 600.0) -> int:
+    """Run the demo in ``workdir`` (default: a new temporary folder), printing with ``echo``;
+    returns 0 if both visits' SEG and SR reached the PACS within ``timeout`` seconds each, else 1.
+    """
     workdir = Path(workdir or tempfile.mkdtemp(prefix="musclenode-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     pacs = MiniPACS(workdir / "pacs")
@@ -72,8 +76,9 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                     return 1
                 echo(f"  sent in {t_last - t0:.1f} s; waiting for completion "
                      f"({config.node.complete_after_seconds:g} s quiet), processing and sending")
-                got = {m: pacs.wait_for(m, study_uid, timeout) for m in ("SEG", "SR")}
-                if not all(got.values()):
+                waited = {m: pacs.wait_for(m, study_uid, timeout) for m in ("SEG", "SR")}
+                got = {m: v for m, v in waited.items() if v is not None}
+                if len(got) < len(waited):
                     echo("  results did not arrive in time; see `musclenode status`")
                     return 1
                 latencies.append(got["SR"][0] - t_last)
@@ -120,4 +125,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
 
 def _days(a: str, b: str) -> int:
     from .processing import parse_date
-    return (parse_date(b) - parse_date(a)).days
+    first, second = parse_date(a), parse_date(b)
+    if first is None or second is None:
+        raise ValueError(f"not a DICOM date: {a!r} or {b!r}")
+    return (second - first).days

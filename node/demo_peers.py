@@ -12,11 +12,13 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from .store import durable_write
 
 
-def push(datasets: Iterable[Dataset], host: str, port: int, *, called_ae: str, calling_ae: str = "SCANNER") -> list[int]:
+def push(datasets: Iterable[Dataset], host: str, port: int, *, called_ae: str,
+         calling_ae: str = "SCANNER") -> list[int]:
     """C-STORE ``datasets`` over one association; return the status of each."""
     datasets = list(datasets)
     ae = AE(ae_title=calling_ae)
@@ -38,21 +40,27 @@ class MiniPACS:
         self.folder = Path(folder)
         self.ae = AE(ae_title=ae_title)
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            if cx.abstract_syntax is not None:   # always set in pynetdicom's storage contexts
+                self.ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.received: list[tuple[float, str, str, Path]] = []  # (time, modality, study uid, path)
         self._lock = threading.Lock()
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
 
     def start(self, port: int = 0) -> int:
-        self.server = self.ae.start_server(("127.0.0.1", port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        return self.server.server_address[1]
+        """Listen on 127.0.0.1:``port`` (0: any free port) in a background thread; returns the port."""
+        server = self.ae.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        if server is None:   # start_server returns None only when it blocks
+            raise RuntimeError("pynetdicom did not start a background server")
+        self.server = server
+        return server.server_address[1]
 
     def stop(self) -> None:
+        """Stop listening."""
         if self.server is not None:
             self.server.shutdown()
 
-    def _store(self, event) -> int:
+    def _store(self, event: evt.Event) -> int:
         ds = event.dataset
         path = self.folder / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
         durable_write(path, event.encoded_dataset(include_meta=True), self.folder / ".tmp")
@@ -61,6 +69,9 @@ class MiniPACS:
         return 0x0000
 
     def wait_for(self, modality: str, study_uid: str, timeout: float) -> tuple[float, Path] | None:
+        """The (arrival time, file) of the first ``modality`` instance of ``study_uid`` received,
+        waiting up to ``timeout`` seconds for it; None if none came.
+        """
         end = time.time() + timeout
         while time.time() < end:
             with self._lock:

@@ -36,6 +36,7 @@ _UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEn
 
 
 def sop_class_name(uid: str) -> str:
+    """The name of SOP class ``uid`` (e.g. "MR Image Storage"), or the UID itself if unknown."""
     try:
         return UID(uid).name
     except Exception:  # unknown UIDs have no name

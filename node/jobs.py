@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Engine
@@ -65,7 +66,8 @@ class JobRunner:
     """Claims jobs and runs them, ``workers`` at a time, in processes or inline."""
 
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
-                 lease_seconds: float = 600.0, poll_seconds: float = 0.5, on_done=None,
+                 lease_seconds: float = 600.0, poll_seconds: float = 0.5,
+                 on_done: Callable[[], None] | None = None,
                  warm_up_timeout: float = 600.0):
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
@@ -79,6 +81,9 @@ class JobRunner:
         self._running: dict[cf.Future, int] = {}
 
     def start(self) -> None:
+        """Start the worker pool and the runner thread; with process workers, returns once each
+        worker has compiled or loaded the numba kernels (or ``warm_up_timeout`` has passed).
+        """
         if self.kind == "process":
             self._pool = _new_pool(self.workers)
             # every worker compiles (fresh install) or loads (cached) the kernels before the
@@ -98,6 +103,7 @@ class JobRunner:
         self.on_done()
 
     def stop(self) -> None:
+        """Stop the runner thread and the pool; jobs not yet started are cancelled."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)

@@ -12,16 +12,22 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from quant.enums import SeriesKind
+from quant.enums import SeriesKind, Side
+from quant.epg import MeseParameters
 from quant.pipeline import StudyAnalysis, analyse_study
-from reports.longitudinal import PriorValue, compare
+from quant.t2 import AtomsSource
+from reports.longitudinal import Comparison, PriorValue, compare
 
 from .errors import InstanceRejected
 from .instances import ENHANCED_MR_IMAGE, MR_IMAGE, read_instance, subject_key
+
+if TYPE_CHECKING:
+    from quant.t2stage import T2Options
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +36,16 @@ CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit", "model"
 
 @dataclass(frozen=True)
 class Rejected:
+    """A file that was not read as a DICOM instance, and why."""
+
     path: Path
     reason: str
 
 
 @dataclass(frozen=True, eq=False)
 class StudyOutputs:
+    """One study's analysis with the SEG and SR built from it."""
+
     analysis: StudyAnalysis
     seg: Dataset
     sr: Dataset
@@ -59,6 +69,7 @@ def load_datasets(paths: Iterable[Path]) -> tuple[list[Dataset], list[Rejected]]
 
 
 def parse_date(value: str) -> dt.date | None:
+    """The date of a DICOM DA value (``YYYYMMDD``), or None if it is not one."""
     try:
         return dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()
     except ValueError:
@@ -66,10 +77,13 @@ def parse_date(value: str) -> dt.date | None:
 
 
 def comparisons_for(analysis: StudyAnalysis, study_date: str,
-                    priors: Mapping[tuple[str, str, str], Sequence[PriorValue]]) -> dict:
-    """Baseline/previous comparison of every measurement that has priors."""
+                    priors: Mapping[tuple[str, str, str], Sequence[PriorValue]],
+                    ) -> dict[tuple[str, Side, str], Comparison]:
+    """Baseline/previous comparison of every measurement that has priors, keyed by (region, side, metric);
+    empty if ``study_date`` is not a date.
+    """
     current = parse_date(study_date)
-    out = {}
+    out: dict[tuple[str, Side, str], Comparison] = {}
     if current is None:
         return out
     for m in analysis.measurements:
@@ -81,8 +95,8 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
 
 def build_outputs(datasets: Sequence[Dataset],
                   priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None,
-                  previous_srs: Sequence[Dataset] = (), *, t2_options=None,
-                  atoms=None) -> StudyOutputs:
+                  previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
+                  atoms: AtomsSource | None = None) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR.
 
     ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
@@ -109,6 +123,7 @@ def build_outputs(datasets: Sequence[Dataset],
 
 
 def measurements_csv(rows: Iterable[tuple]) -> str:
+    """The CSV text of ``rows`` (as made by :func:`measurement_rows`) under a :data:`CSV_COLUMNS` header."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
@@ -118,13 +133,16 @@ def measurements_csv(rows: Iterable[tuple]) -> str:
 
 
 def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
+    """One row per measurement of the study, in :data:`CSV_COLUMNS` order; Dixon values carry the
+    Dixon series' flags (fat-water swaps).
+    """
     flags = ";".join(outputs.analysis.flags)   # Dixon-series flags (fat-water swaps) apply to Dixon values
     return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model,
              flags if m.model.startswith("dixon") else "")
             for m in outputs.analysis.measurements]
 
 
-def cached_atoms(cache_dir: Path):
+def cached_atoms(cache_dir: Path) -> AtomsSource:
     """An ``atoms`` source for :func:`quant.pipeline.analyse_study` that keeps the EPG
     tables (one component over a T2 x B1 grid) in ``cache_dir``, keyed by a hash of the
     sequence, the grids and T1: built once per protocol, reused across exams and worker
@@ -135,19 +153,21 @@ def cached_atoms(cache_dir: Path):
     from .cache import ArrayCache
     cache = ArrayCache(cache_dir)
 
-    def atoms(params, t2_grid_ms, b1_grid, t1_ms: float) -> np.ndarray:
+    def atoms(params: MeseParameters, t2_grid_ms: np.ndarray, b1_grid: np.ndarray, t1_ms: float) -> np.ndarray:
         key = table_key("epg-atoms-", params, t2_grid_ms, b1_grid, [t1_ms], digits=32)
         return cache.get_or_build(key, lambda: {"atoms": epg_atoms(params, t2_grid_ms, b1_grid, t1_ms)})["atoms"]
     return atoms
 
 
 def encode(ds: Dataset) -> bytes:
+    """The bytes of ``ds`` as a DICOM file (preamble and file meta included)."""
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 
 def series_summary(analysis: StudyAnalysis) -> list[tuple[str, str, str, str]]:
+    """(series UID, kind, reason, description) of each series of the study."""
     return [(s.series_instance_uid, s.kind.value, s.reason, s.description) for s in analysis.series]
 
 

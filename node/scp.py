@@ -12,7 +12,9 @@ import logging
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
+from pynetdicom.transport import ThreadedAssociationServer
 
 from .errors import InstanceRejected
 from .instances import KEPT_SOP_CLASSES, check_instance, sop_class_name, subject_key
@@ -56,35 +58,50 @@ class Receiver:
         self.ae.maximum_pdu_size = max_pdu
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        self.server = None
+            if cx.abstract_syntax is not None:   # always set in pynetdicom's storage contexts
+                self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        self.server: ThreadedAssociationServer | None = None
 
-    def start(self, bind_address: str, port: int):
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
-        self.server = self.ae.start_server((bind_address, port), block=False, evt_handlers=handlers)
+    def start(self, bind_address: str, port: int) -> ThreadedAssociationServer:
+        """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
+        handlers: list[evt.EventHandlerType] = [(evt.EVT_C_STORE, self.handle_store),
+                                                (evt.EVT_C_ECHO, self.handle_echo)]
+        server = self.ae.start_server((bind_address, port), block=False, evt_handlers=handlers)
+        if server is None:   # start_server returns None only when it blocks
+            raise RuntimeError("pynetdicom did not start a background server")
+        self.server = server
         log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, port)
-        return self.server
+        return server
 
     @property
     def port(self) -> int:
+        """The TCP port the SCP listens on (the one picked when started with port 0)."""
+        if self.server is None:
+            raise RuntimeError("the SCP is not started")
         return self.server.server_address[1]
 
     def stop(self) -> None:
+        """Stop listening (associations in progress are closed); a second call does nothing."""
         if self.server is not None:
             self.server.shutdown()
             self.server = None
 
-    def handle_echo(self, event) -> int:
+    def handle_echo(self, event: evt.Event) -> int:
+        """C-ECHO handler: always Success."""
         return SUCCESS
 
-    def handle_store(self, event) -> Dataset | int:
+    def handle_store(self, event: evt.Event) -> Dataset | int:
+        """C-STORE handler: check, store durably and record the instance, then return Success;
+        a failure status (with the instance quarantined where possible) otherwise.
+        """
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:
             log.error("C-STORE from %s: cannot encode the received data set: %s", calling, exc)
             return _status(CANNOT_UNDERSTAND, "cannot read the data set")
-        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        request = event.request   # a C-STORE request in this handler
+        sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta

@@ -90,7 +90,8 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
                 err = errors.get(r.path, "not sent")
                 if not err:
                     conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
-                                 .values(state=OutboxState.SENT, sent_at=time.time(), attempts=r.attempts + 1, last_error=""))
+                                 .values(state=OutboxState.SENT, sent_at=time.time(), attempts=r.attempts + 1,
+                                         last_error=""))
                     db.record_audit(conn, "sent", f"sop={r.sop_uid} to={name}")
                     sent += 1
                 else:
@@ -119,6 +120,7 @@ class Sender:
         self._thread = threading.Thread(target=self._run, name="musclenode-send", daemon=True)
 
     def start(self) -> None:
+        """Start the thread."""
         self._thread.start()
 
     def wake(self) -> None:
@@ -126,6 +128,7 @@ class Sender:
         self._wake.set()
 
     def stop(self) -> None:
+        """Stop the thread (waits up to 60 s for a send in progress)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=60)

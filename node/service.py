@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
 
 from . import db
 from .completion import CompletionMonitor
@@ -46,9 +48,13 @@ class Node:
 
     @property
     def port(self) -> int:
+        """The TCP port the node's SCP listens on."""
         return self.receiver.port
 
     def start(self) -> Node:
+        """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;
+        returns the node.
+        """
         resumed = requeue_running(self.engine)
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
@@ -61,6 +67,7 @@ class Node:
         return self
 
     def stop(self) -> None:
+        """Stop the SCP first (no new instances), then the background threads; dispose of the engine."""
         self.receiver.stop()
         self.completion.stop()
         self.jobs.stop()
@@ -76,7 +83,7 @@ class Node:
         self.stop()
 
 
-def status_report(engine) -> dict:
+def status_report(engine: Engine) -> dict[str, Any]:
     """Studies, jobs, pending sends and quarantine, as plain data (for ``musclenode status``)."""
     with engine.begin() as conn:
         studies = [dict(r._mapping) for r in conn.execute(

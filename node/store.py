@@ -60,6 +60,9 @@ def durable_write(path: Path, data: bytes, tmp_dir: Path) -> None:
 
 
 def safe_uid(uid: str, what: str) -> str:
+    """``uid`` stripped of padding; ValueError (naming it ``what``) unless it is a valid DICOM UID,
+    which also makes it safe as a file name.
+    """
     uid = str(uid).strip().rstrip("\x00")
     if not _UID.match(uid) or len(uid) > 64:
         raise ValueError(f"{what} {uid[:70]!r} is not a valid DICOM UID")
@@ -68,6 +71,8 @@ def safe_uid(uid: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class StoredInstance:
+    """Where a received instance was stored, and whether it had been received before."""
+
     path: Path
     duplicate: bool
 
@@ -83,13 +88,16 @@ class Store:
             (self.root / d).mkdir(parents=True, exist_ok=True)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The file of a received instance: ``store/<study>/<series>/<sop>.dcm``."""
         return (self.root / "store" / safe_uid(study_uid, "StudyInstanceUID")
                 / safe_uid(series_uid, "SeriesInstanceUID") / f"{safe_uid(sop_uid, 'SOPInstanceUID')}.dcm")
 
     def result_path(self, study_uid: str, kind: str, sop_uid: str) -> Path:
+        """The file of a SEG or SR the node made: ``results/<study>/<kind>-<sop>.dcm``."""
         return self.root / "results" / safe_uid(study_uid, "StudyInstanceUID") / f"{kind}-{sop_uid}.dcm"
 
     def write_result(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically and durably."""
         durable_write(path, data, self.tmp)
 
     def store_instance(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,

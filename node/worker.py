@@ -2,7 +2,7 @@
 SEG and SR, store them, and record measurements, outputs and sends in one transaction.
 
 :func:`execute_job` is a plain top-level function of picklable arguments, so any
-executor (a process pool here, a Dask cluster later) can run it.
+executor can run it (the node's process pool, or inline in the runner's thread).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from quant.errors import QuantError
 from quant.pipeline import NoDixonError
+from quant.t2stage import T2Options
 from reports.longitudinal import PriorValue
 
 from . import CHATTY_LOGGERS, db
@@ -45,7 +46,7 @@ class JobContext:
     database_url: str
     data_dir: str
     destinations: tuple[str, ...] = ()
-    t2_options: object = None     # quant.t2stage.T2Options
+    t2_options: T2Options | None = None
 
 
 @functools.lru_cache(maxsize=4)

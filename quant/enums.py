@@ -53,6 +53,7 @@ class SideLabel(IntEnum):
 
     @property
     def side(self) -> Side:
+        """The :class:`Side` this label stands for."""
         return {0: Side.NONE, 1: Side.RIGHT, 2: Side.LEFT}[int(self)]
 
 

@@ -52,6 +52,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit, prange
 
 from .errors import QuantError
@@ -346,7 +347,7 @@ def _check_positive(name, value):
     return arr
 
 
-def epg_signals(t2_ms, t1_ms, b1, params: MeseParameters) -> np.ndarray:
+def epg_signals(t2_ms: npt.ArrayLike, t1_ms: npt.ArrayLike, b1: npt.ArrayLike, params: MeseParameters) -> np.ndarray:
     """Slice-profile EPG echo magnitudes for many parameter sets (numba, parallel).
 
     Parameters
@@ -447,7 +448,7 @@ def epg_cpmg_reference(t2_ms: float, t1_ms: float, b1: float, params: MeseParame
     """Plain-numpy reference of :func:`epg_cpmg` (matrix form; used by the tests)."""
     prof = slice_profile(params)
     total = np.zeros(params.n_echoes, dtype=np.complex128)
-    for ae, ar, w in zip(np.deg2rad(prof.excitation_deg), np.deg2rad(prof.refocusing_deg), prof.weights):
+    for ae, ar, w in zip(np.deg2rad(prof.excitation_deg), np.deg2rad(prof.refocusing_deg), prof.weights, strict=True):
         m = 1.0
         if params.repetition_time_ms is not None:
             # run whole trains until the longitudinal magnetisation repeats (no closed form)

@@ -62,7 +62,8 @@ def _slice_sums(mask_labels, ff, weights, n_labels, n_slices):
     return count, nff, sff, sfree
 
 
-def slice_sums(labels: np.ndarray, ff: np.ndarray, n_labels: int, weights: np.ndarray | None = None):
+def slice_sums(labels: np.ndarray, ff: np.ndarray, n_labels: int, weights: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-label, per-slice sums (see :func:`_slice_sums`); labels are 1..n_labels-1;
     ``weights`` is the muscle content of each voxel (1 everywhere when not given).
     """
@@ -74,7 +75,8 @@ def slice_sums(labels: np.ndarray, ff: np.ndarray, n_labels: int, weights: np.nd
     return _slice_sums(labels, ff, w, n_labels, labels.shape[0])
 
 
-def slice_sums_reference(labels, ff, n_labels, weights=None):
+def slice_sums_reference(labels: np.ndarray, ff: np.ndarray, n_labels: int, weights: np.ndarray | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Plain numpy reference of :func:`slice_sums`."""
     nz = labels.shape[0]
     w_all = np.ones(labels.shape) if weights is None else np.asarray(weights, float)

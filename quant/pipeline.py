@@ -28,6 +28,7 @@ from .mese_study import analyse_mese_study
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .segment import segment_legs
 from .series import SeriesInfo, classify_series
+from .t2 import AtomsSource
 from .t2stage import T2Options, measure_t2
 from .volume import Volume, assemble_volume
 
@@ -52,7 +53,7 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 
 
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
-                  atoms=None) -> StudyAnalysis:
+                  atoms: AtomsSource | None = None) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
@@ -185,6 +186,8 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
 def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     anatomy, res = megre
+    source = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
+    assert source is not None  # _megre found it
     w_arr = np.abs(np.nan_to_num(res.water)).astype(np.float32)
     f_arr = np.abs(np.nan_to_num(res.fat)).astype(np.float32)
     pdff = res.pdff
@@ -194,8 +197,7 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms) -> StudyAn
     def region_ff(roi: np.ndarray) -> float:
         return float(np.nanmean(pdff[roi]))
     return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
-                    _pick(infos, SeriesKind.MEGRE_MAGNITUDE), Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms,
-                    [])
+                    source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [])
 
 
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,

@@ -6,6 +6,7 @@ import functools
 import math
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit, prange
 
 # Bessel I0, I1 after Abramowitz & Stegun 9.8.1-9.8.4: one implementation for every kernel
@@ -35,7 +36,7 @@ def _i1_poly(ax):
 
 
 @njit(cache=True, inline="always")
-def i0e(x):
+def i0e(x: float) -> float:
     """exp(-|x|) I0(x) (relative error < 2e-7)."""
     ax = abs(x)
     if ax < 3.75:
@@ -44,7 +45,7 @@ def i0e(x):
 
 
 @njit(cache=True, inline="always")
-def i1e(x):
+def i1e(x: float) -> float:
     """exp(-|x|) I1(|x|) (relative error < 2e-7)."""
     ax = abs(x)
     if ax < 3.75:
@@ -53,7 +54,7 @@ def i1e(x):
 
 
 @njit(cache=True)
-def log_i0(x):
+def log_i0(x: float) -> float:
     """Log I0(x) for x >= 0, without overflow at large ``x``."""
     if x < 3.75:
         return math.log(_i0_poly(x))
@@ -61,7 +62,7 @@ def log_i0(x):
 
 
 @njit(cache=True)
-def bessel_ratio(x):
+def bessel_ratio(x: float) -> float:
     """I1(x) / I0(x) for x >= 0 (the exponential scaling of both cancels above 3.75)."""
     return _i1_poly(x) / _i0_poly(x)
 
@@ -118,7 +119,7 @@ def _rice() -> np.ndarray:
     return _rice_table()
 
 
-def rician_mean(nu, sigma: float) -> np.ndarray:
+def rician_mean(nu: npt.ArrayLike, sigma: float) -> np.ndarray:
     """Mean magnitude ``E|nu + n|`` (numba), ``n`` complex Gaussian of SD ``sigma`` per channel.
 
     ``sigma * sqrt(pi/2) * 1F1(-1/2; 1; -nu^2 / (2 sigma^2))``; Bessel functions by
@@ -130,7 +131,7 @@ def rician_mean(nu, sigma: float) -> np.ndarray:
     return out
 
 
-def rician_mean_reference(nu, sigma: float) -> np.ndarray:
+def rician_mean_reference(nu: npt.ArrayLike, sigma: float) -> np.ndarray:
     """Plain-numpy/scipy reference of :func:`rician_mean`."""
     from scipy import special
     nu = np.abs(np.asarray(nu, dtype=np.float64))

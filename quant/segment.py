@@ -42,11 +42,13 @@ class Segmentation:
     notes: tuple[str, ...] = ()
 
     def mask(self, tissue: Tissue, side: Side) -> np.ndarray:
+        """Boolean map of the voxels of ``tissue`` on ``side``."""
         code = {Side.RIGHT: SideLabel.RIGHT, Side.LEFT: SideLabel.LEFT, Side.NONE: SideLabel.NONE}[side]
         return (self.tissue == tissue) & (self.side == code)
 
     @property
     def sides(self) -> tuple[Side, ...]:
+        """The sides that have muscle, in the order right, left, none."""
         present = set(np.unique(self.side[self.tissue == Tissue.MUSCLE]).tolist())
         return tuple(s for s, c in ((Side.RIGHT, 1), (Side.LEFT, 2), (Side.NONE, 0)) if c in present)
 
@@ -174,7 +176,7 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
     centroid_x = [float(x_mm[leg].mean()) for leg in legs]
     both = len(legs) == 2
     notes: list[str] = []
-    for leg, cx in zip(legs, centroid_x):
+    for leg, cx in zip(legs, centroid_x, strict=True):
         if both:
             label = SideLabel.LEFT if cx > float(np.mean(centroid_x)) else SideLabel.RIGHT
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
@@ -77,6 +78,7 @@ class SeriesInfo:
 
     @property
     def usable(self) -> bool:
+        """True if the series was recognised (its kind is not UNKNOWN)."""
         return self.kind is not SeriesKind.UNKNOWN
 
 
@@ -138,6 +140,16 @@ def _is_spin_echo(ds: Dataset) -> bool | None:
     return None
 
 
+class _Common(TypedDict, total=False):
+    """The :class:`SeriesInfo` fields every outcome of :func:`classify_series` shares."""
+
+    series_instance_uid: str
+    description: str
+    series_number: int | None
+    n_instances: int
+    echo_times_ms: tuple[float, ...]
+
+
 def classify_series(datasets: Sequence[Dataset]) -> SeriesInfo:
     """Recognise one series from the headers of its instances.
 
@@ -148,9 +160,9 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesInfo:
     uid = str(ds0.get("SeriesInstanceUID", ""))
     desc = str(ds0.get("SeriesDescription", "")).strip()
     number = ds0.get("SeriesNumber")
-    base = dict(series_instance_uid=uid, description=desc,
-                series_number=int(number) if number not in (None, "") else None,
-                n_instances=len(datasets))
+    base = _Common(series_instance_uid=uid, description=desc,
+                   series_number=int(number) if number not in (None, "") else None,
+                   n_instances=len(datasets))
     sop_class = str(ds0.get("SOPClassUID", ""))
     if sop_class not in MR_IMAGE_SOP_CLASSES:
         return SeriesInfo(kind=SeriesKind.UNKNOWN, reason=f"not an MR image series (SOP Class {sop_class}, "

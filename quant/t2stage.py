@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from .enums import Metric, Model, Side, SideLabel, Tissue
-from .epg import MeseParameters
+from .epg import DEFAULT_REFOCUSING_TO_EXCITATION_SLAB_RATIO, MeseParameters
 from .errors import QuantError, SeriesError
 from .metrics import Measurement
 from .noise import estimate_noise_sd
@@ -51,6 +51,11 @@ class T2Options:
 
 @dataclass(frozen=True, eq=False)
 class T2Result:
+    """The water-T2 stage of one study: the MESE volume, its sequence, the fit's maps, the
+    labels carried onto its grid, the fat T2 used (and where it came from) and the
+    per-region measurements.
+    """
+
     volume: Volume            # the MESE volume (echo, slice, row, column)
     params: MeseParameters
     fit: T2Fit                # maps on the MESE grid (NaN outside muscle)
@@ -74,18 +79,19 @@ def mese_parameters(ds: Dataset, volume: Volume, options: T2Options) -> MesePara
     if refocusing is None:
         flip = ds.get("FlipAngle")
         refocusing = float(flip) if flip not in (None, "") and 90 < float(flip) <= 180 else 180.0
-    kw = dict(n_echoes=int(te.size), echo_spacing_ms=esp, refocusing_angle_deg=refocusing, profile=profile,
-              time_bandwidth=options.time_bandwidth)
-    if options.refocusing_to_excitation_slab_ratio is not None:
-        kw["refocusing_to_excitation_slab_ratio"] = options.refocusing_to_excitation_slab_ratio
+    ratio = options.refocusing_to_excitation_slab_ratio
+    tr_ms: float | None = None
     tr = ds.get("RepetitionTime")
     if tr in (None, ""):  # Enhanced MR: in the MR Timing and Related Parameters functional group
         shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
         timing = shared.get("MRTimingAndRelatedParametersSequence")
         tr = timing[0].get("RepetitionTime") if timing else None
     if tr not in (None, "") and float(tr) > te[-1]:
-        kw["repetition_time_ms"] = float(tr)
-    return MeseParameters(**kw)
+        tr_ms = float(tr)
+    return MeseParameters(n_echoes=int(te.size), echo_spacing_ms=esp, refocusing_angle_deg=refocusing,
+                          profile=profile, time_bandwidth=options.time_bandwidth, repetition_time_ms=tr_ms,
+                          refocusing_to_excitation_slab_ratio=(DEFAULT_REFOCUSING_TO_EXCITATION_SLAB_RATIO
+                                                               if ratio is None else ratio))
 
 
 MIN_SNR = 5.0   # a voxel is fitted when its largest echo is above this many noise SDs
@@ -96,7 +102,8 @@ def _fit(signals, params, options, fat_t2, noise_sd, atoms):
     if options.model == Model.BIEXP_FIXED_FAT:
         return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2, min_signal=min_signal)
     if options.model != Model.EPG_BICOMPONENT:
-        raise QuantError(f"unknown T2 model {options.model!r} (expected {Model.EPG_BICOMPONENT.value!r} or {Model.BIEXP_FIXED_FAT.value!r})")
+        raise QuantError(f"unknown T2 model {options.model!r} "
+                         f"(expected {Model.EPG_BICOMPONENT.value!r} or {Model.BIEXP_FIXED_FAT.value!r})")
     dictionary: T2Dictionary = build_dictionary(params, t2f_ms=fat_t2, atoms=atoms)
     return fit_water_t2(signals, dictionary, noise_sd=noise_sd, min_signal=min_signal)
 

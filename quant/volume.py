@@ -12,10 +12,12 @@ sorted by increasing position along ``normal``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from .errors import GeometryError, SeriesError
@@ -45,29 +47,35 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of ``array``."""
         return self.array.shape
 
     @property
     def row_cosine(self) -> np.ndarray:
+        """Direction (LPS) of increasing column index: ImageOrientationPatient[0:3]."""
         return np.asarray(self.orientation[:3], dtype=float)
 
     @property
     def column_cosine(self) -> np.ndarray:
+        """Direction (LPS) of increasing row index: ImageOrientationPatient[3:6]."""
         return np.asarray(self.orientation[3:], dtype=float)
 
     @property
     def normal(self) -> np.ndarray:
+        """Direction (LPS) of increasing slice index: ``row_cosine x column_cosine``."""
         return np.cross(self.row_cosine, self.column_cosine)
 
     @property
     def voxel_volume_mm3(self) -> float:
+        """The volume of one voxel in mm³."""
         return float(np.prod(self.spacing_mm))
 
     @property
     def pixel_area_mm2(self) -> float:
+        """The in-plane area of one voxel in mm²."""
         return float(self.spacing_mm[1] * self.spacing_mm[2])
 
-    def index_to_patient(self, k, r, c) -> np.ndarray:
+    def index_to_patient(self, k: npt.ArrayLike, r: npt.ArrayLike, c: npt.ArrayLike) -> np.ndarray:
         """Patient coordinates (mm, LPS) of voxel centres; arguments broadcast."""
         dz, dy, dx = self.spacing_mm
         k, r, c = (np.asarray(v, dtype=float)[..., None] for v in (k, r, c))
@@ -86,6 +94,7 @@ class Volume:
                       frame_numbers=self.frame_numbers)
 
     def same_grid(self, other: Volume, tol_mm: float = 0.01) -> bool:
+        """True if ``other`` has the same voxel grid (shape, spacing, origin, orientation) within ``tol_mm``."""
         return (self.array.shape[-3:] == other.array.shape[-3:]
                 and np.allclose(self.spacing_mm, other.spacing_mm, atol=tol_mm)
                 and np.allclose(self.origin_mm, other.origin_mm, atol=tol_mm)
@@ -107,10 +116,11 @@ class Frame:
 
     @property
     def sop_instance_uid(self) -> str:
+        """The SOP Instance UID of the instance the frame belongs to."""
         return str(self.dataset.SOPInstanceUID)
 
 
-def _require(ds: Dataset, keyword: str, where: str = ""):
+def _require(ds: Dataset, keyword: str, where: str = "") -> Any:
     value = ds.get(keyword)
     if value is None or value == "":
         uid = ds.get("SOPInstanceUID", "?")
@@ -118,7 +128,7 @@ def _require(ds: Dataset, keyword: str, where: str = ""):
     return value
 
 
-def _floats(value, n: int, keyword: str) -> tuple[float, ...]:
+def _floats(value: Any, n: int, keyword: str) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError) as exc:
@@ -126,6 +136,21 @@ def _floats(value, n: int, keyword: str) -> tuple[float, ...]:
     if len(out) != n:
         raise SeriesError(f"{keyword} has {len(out)} values, expected {n}")
     return out
+
+
+def _xyz(value: Any, keyword: str) -> tuple[float, float, float]:
+    x, y, z = _floats(value, 3, keyword)
+    return x, y, z
+
+
+def _pair(value: Any, keyword: str) -> tuple[float, float]:
+    a, b = _floats(value, 2, keyword)
+    return a, b
+
+
+def _six(values: Iterable[float]) -> tuple[float, float, float, float, float, float]:
+    a, b, c, d, e, f = (float(v) for v in values)
+    return a, b, c, d, e, f
 
 
 def _first_item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
@@ -139,9 +164,9 @@ def frames_of(ds: Dataset) -> list[Frame]:
     """Every 2-D frame of one instance with its geometry and echo time."""
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds)
-    position = _floats(_require(ds, "ImagePositionPatient"), 3, "ImagePositionPatient")
+    position = _xyz(_require(ds, "ImagePositionPatient"), "ImagePositionPatient")
     orientation = _floats(_require(ds, "ImageOrientationPatient"), 6, "ImageOrientationPatient")
-    spacing = _floats(_require(ds, "PixelSpacing"), 2, "PixelSpacing")
+    spacing = _pair(_require(ds, "PixelSpacing"), "PixelSpacing")
     te = ds.get("EchoTime")
     return [Frame(ds, None, position, orientation, spacing,
                   float(te) if te not in (None, "") else None,
@@ -152,7 +177,7 @@ def _enhanced_frames(ds: Dataset) -> list[Frame]:
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     frames = []
     for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        def item(keyword):
+        def item(keyword: str, per: Dataset = per) -> Dataset | None:
             return _first_item(per, keyword) or _first_item(shared, keyword)
         pos_item = item("PlanePositionSequence")
         ori_item = item("PlaneOrientationSequence")
@@ -169,9 +194,9 @@ def _enhanced_frames(ds: Dataset) -> list[Frame]:
         pvt = item("PixelValueTransformationSequence")
         frames.append(Frame(
             ds, i,
-            _floats(_require(pos_item, "ImagePositionPatient", where), 3, "ImagePositionPatient"),
+            _xyz(_require(pos_item, "ImagePositionPatient", where), "ImagePositionPatient"),
             _floats(_require(ori_item, "ImageOrientationPatient", where), 6, "ImageOrientationPatient"),
-            _floats(_require(pix_item, "PixelSpacing", where), 2, "PixelSpacing"),
+            _pair(_require(pix_item, "PixelSpacing", where), "PixelSpacing"),
             float(te) if te not in (None, "") else None,
             float(pvt.get("RescaleSlope", 1)) if pvt is not None else 1.0,
             float(pvt.get("RescaleIntercept", 0)) if pvt is not None else 0.0))
@@ -252,14 +277,15 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         if missing:
             raise SeriesError(f"EchoTime is missing from {len(missing)} of {len(frames)} frames of a "
                               f"multi-echo series (SOP Instance UID {missing[0].sop_instance_uid})")
-        groups = [[f for f in frames if round(f.echo_time_ms, 3) == te] for te in echo_times]
+        groups = [[f for f in frames if f.echo_time_ms is not None and round(f.echo_time_ms, 3) == te]
+                  for te in echo_times]
         if len({len(g) for g in groups}) != 1:
             raise GeometryError("echoes have different numbers of slices: "
-                                + ", ".join(f"TE {te} ms: {len(g)}" for te, g in zip(echo_times, groups)))
+                                + ", ".join(f"TE {te} ms: {len(g)}" for te, g in zip(echo_times, groups, strict=True)))
         stacked = [_stack(g) for g in groups]
         first, spacing, origin = stacked[0]
         positions = np.array([f.position for f in first])
-        for te, (other, _, _) in zip(echo_times[1:], stacked[1:]):
+        for te, (other, _, _) in zip(echo_times[1:], stacked[1:], strict=True):
             if not (np.allclose([f.position for f in other], positions, atol=0.01)
                     and np.allclose(other[0].orientation, first[0].orientation, atol=_ORIENTATION_TOL)
                     and np.allclose(other[0].pixel_spacing, first[0].pixel_spacing, rtol=1e-4)
@@ -280,8 +306,8 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
     return Volume(
         array=array,
         spacing_mm=spacing,
-        origin_mm=tuple(float(v) for v in origin),
-        orientation=tuple(float(v) for v in first[0].orientation),
+        origin_mm=_xyz(origin, "origin"),
+        orientation=_six(first[0].orientation),
         frame_of_reference_uid=for_uid,
         series_instance_uid=series_uids.pop(),
         sop_instance_uids=tuple(f.sop_instance_uid for f in first),

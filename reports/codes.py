@@ -26,6 +26,8 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
+from quant.enums import Region, Side
+
 
 def _cc(code) -> CodedConcept:
     """A pydicom ``Code`` as a highdicom ``CodedConcept``."""
@@ -234,7 +236,7 @@ def comparison_concept(metric: str, kind: str) -> tuple[CodedConcept, CodedConce
     return concept, (unit if unit is not None else METRIC_CONCEPTS[metric][1])
 
 
-def laterality(side) -> CodedConcept:
+def laterality(side: Side | str) -> CodedConcept:
     """Right or Left (SCT) for a :class:`quant.enums.Side` (or its value).
 
     Raises
@@ -250,7 +252,7 @@ def laterality(side) -> CodedConcept:
     raise ValueError(f"side must be right or left, got {side!r}")
 
 
-def region_concept(region) -> CodedConcept:
+def region_concept(region: Region | str) -> CodedConcept:
     """Anatomic region of a :class:`quant.enums.Region` (or its value): thigh -> Thigh,
     calf -> Lower leg, leg (level unknown) -> Lower limb.
 

@@ -200,7 +200,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         name="musclenode", version=str(analysis.algorithm_version), family=codes.ALGORITHM_FAMILY)
     region = codes.region_concept(segm.region)
     descriptions = []
-    stack = np.zeros(segm.tissue.shape + (len(numbers),), dtype=np.uint8)
+    stack: np.ndarray = np.zeros(segm.tissue.shape + (len(numbers),), dtype=np.uint8)
     for (tissue, side), number in numbers.items():
         stack[..., number - 1] = segm.mask(tissue, side)
         desc = hd.seg.SegmentDescription(
@@ -218,6 +218,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         descriptions.append(desc)
 
     multi_frame = any(f is not None for f in ref.frame_numbers)
+    pixel_array: hd.Volume | np.ndarray
     if multi_frame:
         # One enhanced multi-frame instance: let highdicom match frames by geometry.
         pixel_array = hd.Volume(stack, _affine(ref), coordinate_system="PATIENT",

@@ -61,7 +61,7 @@ _COMPARISON_ORDER = (
 )
 
 
-def tracking_uid(subject_key: str, region, side) -> str:
+def tracking_uid(subject_key: str, region: Region | str, side: Side | str) -> str:
     """Tracking Unique Identifier of a leg's muscle: the same for every visit of a subject.
 
     Parameters
@@ -246,10 +246,10 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             value = float(m.value)
             if not math.isfinite(value):
                 raise ValueError(f"{region.value} {side.value} {metric} is not finite ({m.value})")
-            name, unit = codes.METRIC_CONCEPTS[metric]
+            concept, unit = codes.METRIC_CONCEPTS[metric]
             algo = algorithm if m.algorithm_version == version else \
                 hd.sr.AlgorithmIdentification(name="musclenode", version=str(m.algorithm_version))
-            items.append(_num(name, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
+            items.append(_num(concept, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
                               algorithm_id=algo, method=codes.MODEL_METHODS.get(m.model)))
             comp = comps.get((region.value, side, metric))
             if comp is not None:

@@ -349,7 +349,7 @@ def test_megre_pdff_against_6peak_truth(field, te):
     err = np.abs(res.fieldmap_hz - ph["psi"])[body]
     assert np.median(err) < 3.0 and np.max(err) < 40.0
     assert res.fat_spectrum == "hamilton-6peak" and single.fat_spectrum == "single-peak"
-    for level, sector in zip(LEVELS, ph["sectors"]):
+    for level, sector in zip(LEVELS, ph["sectors"], strict=True):
         multi_bias = (np.nanmean(res.pdff[:, sector]) - level) * 100
         single_bias = (np.nanmean(single.pdff[:, sector]) - level) * 100
         assert abs(multi_bias) < 1.0, f"6-peak bias {multi_bias:+.2f} pp at {level:.0%}"
@@ -369,7 +369,7 @@ def test_megre_pdff_options_and_errors():
     np.testing.assert_allclose(conj.pdff, ref.pdff, atol=1e-5)
     # magnitude-discrimination fit (complex amplitudes): still unbiased mid-range
     free = D.megre_pdff(ph["mag"], ph["phase"], ph["te"], phase_constrained=False)
-    for level, sector in zip(LEVELS[2:], ph["sectors"][2:]):
+    for level, sector in zip(LEVELS[2:], ph["sectors"][2:], strict=True):
         assert abs(np.nanmean(free.pdff[:, sector]) - level) < 0.01
     # the 6-peak spectrum: normalised amplitudes, methylene at -3.4 ppm
     assert D.fat_signal_model([0.0], 3.0)[0] == pytest.approx(1.0)

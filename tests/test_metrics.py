@@ -13,7 +13,7 @@ def test_slice_sums_match_reference():
     labels = rng.integers(0, 4, (5, 20, 30))
     ff = rng.uniform(-0.1, 1.1, labels.shape).astype(np.float32)
     ff[rng.random(labels.shape) < 0.05] = np.nan
-    for a, b in zip(slice_sums(labels, ff, 4), slice_sums_reference(labels, ff, 4)):
+    for a, b in zip(slice_sums(labels, ff, 4), slice_sums_reference(labels, ff, 4), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)
 
 

@@ -65,7 +65,7 @@ def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tm
         t_last = time.time()
         study_uid = str(datasets[0].StudyInstanceUID)
 
-        def arrived():
+        def arrived(study_uid=study_uid):
             found = {}
             for inst in orthanc.instances_of_study(study_uid):
                 tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags")

@@ -116,7 +116,7 @@ def test_seg_dcmqi_readback_voxel_counts(visit, seg_path, out):
     numbers = segment_numbers(visit.analysis)
     label_of = {n: segment_label(visit.analysis, t, s) for (t, s), n in numbers.items()}
     mask_of = {n: seg.mask(t, s) for (t, s), n in numbers.items()}
-    for path, (group_index, attr) in zip(sorted(images, key=lambda p: int(p.stem)), enumerate(attrs, 1)):
+    for path, (group_index, attr) in zip(sorted(images, key=lambda p: int(p.stem)), enumerate(attrs, 1), strict=True):
         assert int(path.stem) == group_index
         number = attr["labelID"]
         assert attr["SegmentLabel"] == label_of[number]
@@ -165,7 +165,7 @@ def test_seg_rejects_wrong_sources(visit):
     with pytest.raises(ValueError, match="missing"):
         build_seg(visit.analysis, visit.water[1:])
     fat = [d for d in visit.datasets if d.SeriesDescription.endswith("_F")]
-    with pytest.raises(ValueError, match="reference series"):
+    with pytest.raises(ValueError, match="anatomy series"):
         build_seg(visit.analysis, fat)
     with pytest.raises(ValueError, match="twice"):
         build_seg(visit.analysis, visit.water + visit.water[:1])

@@ -154,7 +154,8 @@ def test_noise_free_fit_recovers_t2_within_0p3ms_ff_within_0p2pp_b1_within_0p03_
     assert np.abs(fit.b1 - truth["b1"][sl]).max() < 0.03
 
 
-@pytest.mark.parametrize("n_echoes, esp_ms, pct, t2_tol_ms, ff_tol", [(6, 12.0, 90, 0.5, 0.02), (32, 7.0, 99, 0.05, 0.001)])
+@pytest.mark.parametrize("n_echoes, esp_ms, pct, t2_tol_ms, ff_tol",
+                         [(6, 12.0, 90, 0.5, 0.02), (32, 7.0, 99, 0.05, 0.001)])
 def test_noise_free_fit_with_fewer_echoes_than_the_coarse_subspace_or_many_more(truth, n_echoes, esp_ms, pct,
                                                                                 t2_tol_ms, ff_tol):
     """The coarse search works in an 8-dimensional subspace of the dictionary: with 6

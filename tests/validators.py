@@ -66,7 +66,8 @@ def dcmqi_seg_readback(seg_path, out_dir) -> list[Path]:
     proc = subprocess.run([exe, "--inputDICOM", str(seg_path), "--outputDirectory", str(out_dir)],
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"segimage2itkimage failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(f"segimage2itkimage failed (exit {proc.returncode}): "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
     return sorted(p for p in out_dir.iterdir() if p.is_file())
 
 
@@ -83,5 +84,6 @@ def tid1500_readback(sr_path, out_json) -> dict:
     proc = subprocess.run([exe, "--inputDICOM", str(sr_path), "--outputMetadata", str(out_json)],
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not out_json.is_file():
-        raise RuntimeError(f"tid1500reader failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(f"tid1500reader failed (exit {proc.returncode}): "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
     return json.loads(out_json.read_text())

@@ -270,7 +270,7 @@ def _channels(water, fat, in_phase, opposed_phase):
             kinds.append(kind)
             names.append(name)
     shape = arrays[0].shape
-    for arr, name in zip(arrays, names):
+    for arr, name in zip(arrays, names, strict=True):
         if arr.shape != shape:
             raise SeriesError(f"{name} {arr.shape} and water {shape} differ in shape")
     arrays = [np.nan_to_num(np.clip(a, 0, None), nan=0.0) for a in arrays]
@@ -365,7 +365,7 @@ def fat_fraction_dixon(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarr
     w[no_signal] = np.nan
     f[no_signal] = np.nan
     return DixonFF(ff=ff.reshape(shape).astype(np.float32), water=w.reshape(shape).astype(np.float32),
-                   fat=f.reshape(shape).astype(np.float32), noise_sd=dict(zip(names, sds)),
+                   fat=f.reshape(shape).astype(np.float32), noise_sd=dict(zip(names, sds, strict=True)),
                    flags=flags.reshape(shape), noise_source=source)
 
 

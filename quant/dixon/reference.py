@@ -120,7 +120,7 @@ def pdff_fit_reference(sig: np.ndarray, te_ms: Sequence[float], c: np.ndarray, p
     phis = np.linspace(0, np.pi, 181)
     out = np.zeros((3, len(sig)))
     for i, s in enumerate(np.asarray(sig)):
-        def solve(r2):
+        def solve(r2: float, i: int = i, s: np.ndarray = s) -> tuple[float, float, float]:
             a = np.exp((2j * np.pi * psi[i] - r2) * t)
             A = np.stack([a, a * c], axis=1)
             Ar = np.concatenate([A.real, A.imag])

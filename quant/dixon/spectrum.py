@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import QuantError
 
@@ -41,7 +42,7 @@ HAMILTON_6PEAK = FatSpectrum("hamilton-6peak", (-3.80, -3.40, -2.60, -1.94, -0.3
 SINGLE_PEAK = FatSpectrum("single-peak", (-3.40,), (1.0,))
 
 
-def fat_signal_model(te_ms: Sequence[float], field_strength_t: float,
+def fat_signal_model(te_ms: Sequence[float] | np.ndarray, field_strength_t: float,
                      spectrum: FatSpectrum = HAMILTON_6PEAK) -> np.ndarray:
     """Complex fat signal ``c_n = sum_p a_p exp(i 2 pi f_p t_n)`` at each echo time (ms)."""
     t = np.asarray(te_ms, dtype=np.float64) * 1e-3
@@ -51,9 +52,9 @@ def fat_signal_model(te_ms: Sequence[float], field_strength_t: float,
     return (amp[None, :] * np.exp(2j * np.pi * f[None, :] * t[:, None])).sum(1)
 
 
-def megre_signal(water, fat, r2star_s, fieldmap_hz, te_ms: Sequence[float], *,
-                     field_strength_t: float = 3.0, spectrum: FatSpectrum = HAMILTON_6PEAK,
-                     phase0_rad=0.0) -> np.ndarray:
+def megre_signal(water: npt.ArrayLike, fat: npt.ArrayLike, r2star_s: npt.ArrayLike, fieldmap_hz: npt.ArrayLike,
+                 te_ms: Sequence[float] | np.ndarray, *, field_strength_t: float = 3.0,
+                 spectrum: FatSpectrum = HAMILTON_6PEAK, phase0_rad: npt.ArrayLike = 0.0) -> np.ndarray:
     """The forward model: complex signal (n_echo, ...) of water and fat (real amplitudes),
     a common R2* (1/s), a field map (Hz) and an initial phase (rad), all broadcast.
     """

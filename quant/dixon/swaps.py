@@ -49,6 +49,7 @@ class SwapReport:
 
     @property
     def any(self) -> bool:
+        """True if anything is swapped (the whole series or a region)."""
         return bool(self.whole_series_swapped or self.regional.any())
 
 

@@ -7,6 +7,7 @@ per echo, one frame per slice). In-memory datasets only.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -30,7 +31,8 @@ def _uid(*parts) -> str:
 
 
 def mese_truth_maps(phantom: LegPhantom, *, t2w_muscle_ms: float, right_t2_offset_ms: float = 0.0,
-                    b1_range: tuple[float, float] = (0.85, 1.05)):
+                    b1_range: tuple[float, float] = (0.85, 1.05),
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Water T2 (ms), PD fat fraction, B1 and proton density maps of the phantom."""
     t2w = np.full(phantom.tissue.shape, 30.0, np.float32)     # water in fat tissue, marrow
     muscle = phantom.tissue == Tissue.MUSCLE
@@ -87,7 +89,7 @@ def mese_datasets(phantom: LegPhantom, template: Dataset, *, params: MeseParamet
 
 
 def exam_datasets(phantom: LegPhantom, *, mese: bool = True, enhanced_mese: bool = False,
-                  t2w_muscle_ms: float = 32.0, mese_snr: float = 100.0, **dixon_kwargs) -> list[Dataset]:
+                  t2w_muscle_ms: float = 32.0, mese_snr: float = 100.0, **dixon_kwargs: Any) -> list[Dataset]:
     """Dixon series (:func:`quant.synthetic.phantom.phantom_datasets`) plus, optionally, a MESE series."""
     dixon = phantom_datasets(phantom, **dixon_kwargs)
     if not mese:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ..enums import Tissue
 from ..epg import MeseParameters, epg_signals
@@ -47,8 +48,10 @@ def _unique_signals(t2, t1, b1, params):
     return epg_signals(uniq[:, 0], uniq[:, 1], uniq[:, 2], params)[inverse.reshape(-1)]
 
 
-def simulate_mese(t2w_ms, ff, b1, params: MeseParameters, *, pd=1.0, t2f_ms=DEFAULT_FAT_T2_MS,
-                  t1w_ms=DEFAULT_WATER_T1_MS, t1f_ms=DEFAULT_FAT_T1_MS, snr: float | None = None,
+def simulate_mese(t2w_ms: npt.ArrayLike, ff: npt.ArrayLike, b1: npt.ArrayLike, params: MeseParameters, *,
+                  pd: npt.ArrayLike = 1.0, t2f_ms: npt.ArrayLike = DEFAULT_FAT_T2_MS,
+                  t1w_ms: npt.ArrayLike = DEFAULT_WATER_T1_MS, t1f_ms: npt.ArrayLike = DEFAULT_FAT_T1_MS,
+                  snr: float | None = None,
                   noise_sd: float | None = None, seed: int | np.random.Generator = 0) -> MeseSimulation:
     """MESE magnitude images of voxels with given water T2, PD fat fraction and B1.
 
@@ -146,7 +149,7 @@ class MesePhantom:
     params: MeseParameters
 
 
-def make_leg_t2_phantom(params: MeseParameters, *, shape=(96, 96), snr: float = 100.0,
+def make_leg_t2_phantom(params: MeseParameters, *, shape: tuple[int, int] = (96, 96), snr: float = 100.0,
                         t2f_ms: float = DEFAULT_FAT_T2_MS, n_muscles: int = 8,
                         seed: int = 0) -> MesePhantom:
     """A cross-section of one leg: subcutaneous fat ring, muscles, a marrow-filled bone.

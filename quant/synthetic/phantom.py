@@ -14,10 +14,14 @@ with the same definitions as :mod:`quant.metrics`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reports.uids import derive_uid
+
+if TYPE_CHECKING:
+    from pydicom.dataset import FileMetaDataset
 
 from ..enums import Region, Side, SideLabel, Tissue
 
@@ -28,13 +32,13 @@ SEPTUM_FF = 0.95
 CORTEX_PD = 25.0
 
 
-def file_meta(sop_class: str, sop_instance_uid: str):
+def file_meta(sop_class: str, sop_instance_uid: str) -> FileMetaDataset:
     """File meta information (explicit VR little endian) of a dataset built in memory."""
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return meta
 
@@ -67,7 +71,9 @@ def _ellipse(x, y, cx, cy, ax, ay, angle=0.0):
     return (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
 
 
-def truth_metrics(tissue, side, ff, spacing_mm, muscle_fraction=None, muscle_ff=None) -> dict:
+def truth_metrics(tissue: np.ndarray, side: np.ndarray, ff: np.ndarray, spacing_mm: tuple[float, float, float],
+                  muscle_fraction: np.ndarray | None = None, muscle_ff: np.ndarray | None = None,
+                  ) -> dict[tuple[Side, str], float]:
     """Truth per leg with the definitions of :mod:`quant.metrics`. With partial volume,
     ``muscle_fraction`` is the muscle fraction of every voxel (CSA = its sum x pixel
     area), ``muscle_ff`` the FF of the muscle tissue in each voxel, and the FF truth is
@@ -81,6 +87,8 @@ def truth_metrics(tissue, side, ff, spacing_mm, muscle_fraction=None, muscle_ff=
             frac = ((tissue == Tissue.MUSCLE) & (side == code)).astype(np.float64)
             mff = ff
         else:
+            if muscle_ff is None:
+                raise ValueError("muscle_fraction needs muscle_ff")
             frac = np.where(side == code, muscle_fraction, 0.0)
             mff = muscle_ff
         if not frac.any():
@@ -102,7 +110,8 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(ny, f, nx, f).mean(axis=(1, 3))
 
 
-def make_leg_phantom(region: Region | str = Region.THIGH, *, shape=(20, 160, 256), pixel_mm: float = 1.5,
+def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, int, int] = (20, 160, 256),
+                     pixel_mm: float = 1.5,
                      slice_mm: float = 5.0, muscle_ff: float = 0.06, muscle_scale: float = 1.0,
                      right_ff_offset: float = 0.0, snr: float = 40.0, seed: int = 0,
                      leg_gap_mm: float = 30.0, supersample: int = 1, bias_field: float = 0.0,

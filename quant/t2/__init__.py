@@ -16,8 +16,8 @@ atoms cubic, Catmull-Rom, interpolated and tabulated once per dictionary): with 
 stencil of one grid step, a jump to the Newton step of that stencil, with a stencil of
 a quarter step, and a last Newton step (or half of it, where the full step overshoots)
 on the quadratic through the 3x3 residuals around the best fine atom (noise free: 99 %
-of voxels within 0.05 ms of the true T2w on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``; it is T1-weighted unless
-the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
+of voxels within 0.05 ms of the true T2w on a 1 ms grid). The PD fat fraction is ``M_f / (M_w + M_f)``;
+it is T1-weighted unless the dictionary's :class:`~quant.epg.MeseParameters` carry the protocol's TR.
 
 Noise floor. Magnitude images are Rician: echoes near the noise level are biased
 upwards (by up to 1.25 sigma), which the slowly decaying fat component absorbs (for
@@ -57,6 +57,7 @@ from .dictionary import (
                          DEFAULT_FAT_T2_MS,
                          DEFAULT_T2W_GRID_MS,
                          DEFAULT_WATER_T1_MS,
+                         AtomsSource,
                          T2Dictionary,
                          build_dictionary,
                          epg_atoms,
@@ -72,7 +73,7 @@ from .reference import fit_water_t2_reference
 
 __all__ = [
     "DEFAULT_B1_GRID", "DEFAULT_BIEXP_T2W_GRID_MS", "DEFAULT_FAT_T1_MS", "DEFAULT_FAT_T2_GRID_MS", "DEFAULT_FAT_T2_MS",
-    "DEFAULT_T2W_GRID_MS", "DEFAULT_WATER_T1_MS", "T2Dictionary", "T2Fit",
+    "DEFAULT_T2W_GRID_MS", "DEFAULT_WATER_T1_MS", "AtomsSource", "T2Dictionary", "T2Fit",
     "build_dictionary", "calibrate_fat_t2", "epg_atoms", "fit_biexponential_fixed_fat",
     "fit_biexponential_fixed_fat_reference", "fit_water_t2", "fit_water_t2_reference", "summarise", "table_key",
 ]

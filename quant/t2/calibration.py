@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..epg import MeseParameters
@@ -10,6 +12,7 @@ from .dictionary import (
     DEFAULT_B1_GRID,
     DEFAULT_FAT_T1_MS,
     DEFAULT_WATER_T1_MS,
+    AtomsSource,
     build_dictionary,
 )
 from .fit import _check_signals, fit_water_t2
@@ -18,10 +21,11 @@ DEFAULT_FAT_T2_GRID_MS = np.arange(60.0, 300.0 + 1e-9, 2.0)
 
 
 def calibrate_fat_t2(signals_in_fat_voxels: np.ndarray, params: MeseParameters, *,
-                     t2_grid_ms=DEFAULT_FAT_T2_GRID_MS, b1_grid=DEFAULT_B1_GRID,
+                     t2_grid_ms: Sequence[float] | np.ndarray = DEFAULT_FAT_T2_GRID_MS,
+                     b1_grid: Sequence[float] | np.ndarray = DEFAULT_B1_GRID,
                      t1f_ms: float = DEFAULT_FAT_T1_MS, water_t2_ms: float | None = 30.0,
                      t1w_ms: float = DEFAULT_WATER_T1_MS, noise_sd: float | None = None,
-                     min_voxels: int = 10, atoms=None) -> float:
+                     min_voxels: int = 10, atoms: AtomsSource | None = None) -> float:
     """Fat T2 (ms) of this exam from voxels of (nearly) pure fat, e.g. subcutaneous fat.
 
     Each voxel is fitted with the EPG dictionary machinery, fat T2 and B1 free (fat T1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,10 @@ DEFAULT_T2W_GRID_MS = np.arange(15.0, 80.0 + 1e-9, 1.0)
 DEFAULT_B1_GRID = np.round(np.arange(0.5, 1.2 + 1e-9, 0.02), 6)
 
 # status codes of the fit kernels
+#: A source of EPG tables of one component, as :func:`epg_atoms` makes them:
+#: (sequence, T2 grid in ms, B1 grid, T1 in ms) -> echo trains (n_T2, n_B1, n_echoes)
+AtomsSource = Callable[[MeseParameters, np.ndarray, np.ndarray, float], np.ndarray]
+
 _NOT_FITTED = 0   # below min_signal or not finite
 _OK = 1
 _T2_AT_EDGE = 2   # best T2w on the first or last grid point: outside the dictionary
@@ -78,7 +83,7 @@ def _grid(name, values, low, high):
     return g
 
 
-def table_key(prefix: str, params: MeseParameters, *arrays, digits: int = 24) -> str:
+def table_key(prefix: str, params: MeseParameters, *arrays: Sequence[float] | np.ndarray, digits: int = 24) -> str:
     """``prefix`` + a hash of the sequence and of ``arrays`` (as little-endian float64):
     the name of an EPG table or dictionary, for caches and provenance.
     """
@@ -103,9 +108,10 @@ def epg_atoms(params: MeseParameters, t2_grid_ms: np.ndarray, b1_grid: np.ndarra
     return epg_signals(t2[:, None], float(t1_ms), b1[None, :], params)
 
 
-def build_dictionary(params: MeseParameters, t2w_grid_ms=DEFAULT_T2W_GRID_MS, b1_grid=DEFAULT_B1_GRID, *,
+def build_dictionary(params: MeseParameters, t2w_grid_ms: Sequence[float] | np.ndarray = DEFAULT_T2W_GRID_MS,
+                     b1_grid: Sequence[float] | np.ndarray = DEFAULT_B1_GRID, *,
                      t1w_ms: float = DEFAULT_WATER_T1_MS, t1f_ms: float = DEFAULT_FAT_T1_MS,
-                     t2f_ms: float | None = DEFAULT_FAT_T2_MS, atoms=None) -> T2Dictionary:
+                     t2f_ms: float | None = DEFAULT_FAT_T2_MS, atoms: AtomsSource | None = None) -> T2Dictionary:
     """EPG dictionary of the bi-component water/fat model (numba, parallel over atoms).
 
     Parameters
@@ -136,7 +142,8 @@ def build_dictionary(params: MeseParameters, t2w_grid_ms=DEFAULT_T2W_GRID_MS, b1
     t2g = _grid("t2w_grid_ms", t2w_grid_ms, 0.1, 10000.0)
     b1g = _grid("b1_grid", b1_grid, 0.05, 3.0)
     for name, v in (("t1w_ms", t1w_ms), ("t1f_ms", t1f_ms)) + ((("t2f_ms", t2f_ms),) if t2f_ms is not None else ()):
-        if not (np.isscalar(v) and math.isfinite(v) and v > 0):
+        scalar = bool(np.isscalar(v))   # (not a type guard: v stays a number to mypy)
+        if not (scalar and math.isfinite(v) and v > 0):
             raise QuantError(f"{name} must be a finite number > 0, got {v!r}")
     water = np.asarray((atoms or epg_atoms)(params, t2g, b1g, float(t1w_ms)), dtype=np.float64)
     if water.shape != (t2g.size, b1g.size, params.n_echoes):

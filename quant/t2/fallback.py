@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from numba import njit, prange
@@ -137,9 +138,10 @@ def _biexp_result(shape, t2, a, b, res, status, t2f_ms):
                  model=Model.BIEXP_FIXED_FAT.value, t2f_ms=float(t2f_ms), dictionary_key="")
 
 
-def fit_biexponential_fixed_fat(signals: np.ndarray, te_ms, t2f_ms: float = DEFAULT_FAT_T2_MS, *,
+def fit_biexponential_fixed_fat(signals: np.ndarray, te_ms: Sequence[float] | np.ndarray,
+                                t2f_ms: float = DEFAULT_FAT_T2_MS, *,
                                 discard_first_echo: bool = True, min_signal: float = 0.0,
-                                t2w_grid_ms=DEFAULT_BIEXP_T2W_GRID_MS) -> T2Fit:
+                                t2w_grid_ms: Sequence[float] | np.ndarray = DEFAULT_BIEXP_T2W_GRID_MS) -> T2Fit:
     """Water T2 by the bi-exponential model with fixed fat T2 (numba, parallel).
 
     ``S(TE) = M_w exp(-TE/T2w) + M_f exp(-TE/T2f)``, both amplitudes non-negative and
@@ -183,9 +185,11 @@ def fit_biexponential_fixed_fat(signals: np.ndarray, te_ms, t2f_ms: float = DEFA
     return _biexp_result(shape, t2, a, b, res, status, t2f_ms)
 
 
-def fit_biexponential_fixed_fat_reference(signals, te_ms, t2f_ms: float = DEFAULT_FAT_T2_MS, *,
+def fit_biexponential_fixed_fat_reference(signals: np.ndarray, te_ms: Sequence[float] | np.ndarray,
+                                          t2f_ms: float = DEFAULT_FAT_T2_MS, *,
                                           discard_first_echo: bool = True,
-                                          t2w_grid_ms=DEFAULT_BIEXP_T2W_GRID_MS) -> T2Fit:
+                                          t2w_grid_ms: Sequence[float] | np.ndarray = DEFAULT_BIEXP_T2W_GRID_MS,
+                                          ) -> T2Fit:
     """Plain-numpy/scipy reference of :func:`fit_biexponential_fixed_fat` (bounded scalar
     minimisation by :func:`scipy.optimize.minimize_scalar`, amplitudes by ``nnls``).
     """
@@ -200,7 +204,7 @@ def fit_biexponential_fixed_fat_reference(signals, te_ms, t2f_ms: float = DEFAUL
         y = y_all[v]
         if y.max() <= 0:
             continue
-        neg = lambda t2: -_nnls2_reference(y, np.exp(-te / t2), ef)[0]  # noqa: E731
+        neg = lambda t2, y=y: -_nnls2_reference(y, np.exp(-te / t2), ef)[0]  # noqa: E731
         i = int(np.argmin([neg(t) for t in grid]))
         lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
         t2 = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6}).x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -140,14 +141,14 @@ def _result(dictionary, shape, x, yb, a, b, res, status):
     t2[~fitted | (status == _NO_WATER)] = np.nan
     f32 = lambda v: v.astype(np.float32).reshape(shape)  # noqa: E731
     return T2Fit(t2w_ms=f32(t2), b1=f32(b1v), ff=f32(ff), m_water=f32(a), m_fat=f32(b), residual=f32(res),
-                 success=(status == _OK).reshape(shape), fitted=fitted.reshape(shape), model=Model.EPG_BICOMPONENT.value,
-                 t2f_ms=dictionary.t2f_ms, dictionary_key=dictionary.key)
+                 success=(status == _OK).reshape(shape), fitted=fitted.reshape(shape),
+                 model=Model.EPG_BICOMPONENT.value, t2f_ms=dictionary.t2f_ms, dictionary_key=dictionary.key)
 
 
 # --------------------------------------------------------------------------- numpy reference of the EPG fit
 
 
-def summarise(t2fit: T2Fit, mask: np.ndarray | None = None) -> dict:
+def summarise(t2fit: T2Fit, mask: np.ndarray | None = None) -> dict[str, Any]:
     """ROI summary of a T2 fit for the ``t2w_ms``, ``b1`` and ``ff_t2_percent`` metrics.
 
     Parameters
@@ -180,6 +181,7 @@ def summarise(t2fit: T2Fit, mask: np.ndarray | None = None) -> dict:
     b1 = t2fit.b1[ok].astype(np.float64)
     ff = t2fit.ff[fitted].astype(np.float64)
     nan = float("nan")
+    out: dict[str, Any]
     if t2.size:
         q25, q50, q75 = np.percentile(t2, [25, 50, 75])
         b1_med = float(np.median(b1)) if np.all(np.isfinite(b1)) and b1.size else nan

@@ -182,7 +182,8 @@ _COARSE_STEP = (2, 2)  # T2 and B1 strides of the coarse first search (grids of 
 
 def _coarse_strides(n_t2: int, n_b1: int) -> tuple[int, int]:
     """T2 and B1 strides of the coarse search for a grid of that size."""
-    return tuple(step if n >= 5 * step else 1 for step, n in zip(_COARSE_STEP, (n_t2, n_b1)))
+    step_t2, step_b1 = _COARSE_STEP
+    return (step_t2 if n_t2 >= 5 * step_t2 else 1, step_b1 if n_b1 >= 5 * step_b1 else 1)
 
 
 @njit(cache=True)
@@ -353,7 +354,7 @@ def _fit_epg_kernel(signals, tabs, min_signal, noise_sd, n_floor_iter, free_fat,
                 _, a, b = _proj_fine(y, tabs, i, j, free_fat)
                 for e in range(n_e):
                     m[e] = a * fine[j, i, e] + b * fine_fat[j, e]
-                for it in range(n_floor_iter):
+                for _ in range(n_floor_iter):
                     for e in range(n_e):
                         y_eff[e] = y[e] - (_rician_mean_fast(m[e], noise_sd, rice) - m[e])
                     x, yb, a, b = _refine(y_eff, tabs, i, j, free_fat, wt, wb, w_buf, f_buf, res3, m)

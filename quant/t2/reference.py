@@ -126,7 +126,7 @@ def _best_atom_reference(y, dictionary, free_fat=False):
     return _FINE * st * int(bi), _FINE * sb * int(bj)
 
 
-def fit_water_t2_reference(signals, dictionary: T2Dictionary, *, noise_sd=None,
+def fit_water_t2_reference(signals: np.ndarray, dictionary: T2Dictionary, *, noise_sd: float | None = None,
                            n_floor_iterations: int = 1, free_fat: bool = False) -> T2Fit:
     """Plain-numpy/scipy reference of :func:`fit_water_t2` (slow; for tests on a few voxels).
 

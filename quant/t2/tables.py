@@ -85,7 +85,8 @@ def _tables(dictionary: T2Dictionary) -> _Tables:
                    c(fat_record), c(water_pad), c(fat_pad))
 
 
-def _gram_terms(water, fat):
+def _gram_terms(water: np.ndarray, fat: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per atom of ``water`` (n_b1, n_t2, E) with ``fat`` (n_b1, E): ``ff/det, wf/det,
     ww/det`` of the 2x2 Gram matrix (0 where it is singular) and the inverse norms
     ``1/ww``, ``1/ff`` (0 for a zero fat atom).
@@ -98,7 +99,8 @@ def _gram_terms(water, fat):
     safe = np.where(ok, det, 1.0)
     c = np.ascontiguousarray
     return (c(np.where(ok, gff[:, None] / safe, 0.0)), c(np.where(ok, gwf / safe, 0.0)),
-            c(np.where(ok, gww / safe, 0.0)), c(1.0 / gww), c(np.where(gff > 0, 1.0 / np.where(gff > 0, gff, 1.0), 0.0)))
+            c(np.where(ok, gww / safe, 0.0)), c(1.0 / gww),
+            c(np.where(gff > 0, 1.0 / np.where(gff > 0, gff, 1.0), 0.0)))
 
 
 def _coarse_basis(dictionary: T2Dictionary) -> np.ndarray:
