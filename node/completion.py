@@ -8,7 +8,6 @@ the subject's later visits, so that their SRs compare against it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -17,6 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import db
 from .db import JobState, StudyState
+from .loop import PollingLoop
 
 log = logging.getLogger(__name__)
 
@@ -94,32 +94,20 @@ def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study
     return created
 
 
-class CompletionMonitor:
-    """The thread that completes quiet studies every ``poll_seconds`` and calls
+class CompletionMonitor(PollingLoop):
+    """The loop that completes quiet studies every ``poll_seconds`` and calls
     ``on_complete`` (e.g. wake the job runner) when it queued a job.
     """
 
+    thread_name = "musclenode-completion"
+
     def __init__(self, engine: Engine, quiet_seconds: float, *, poll_seconds: float = 0.5,
                  on_complete: Callable[[], None] = lambda: None):
-        self.engine, self.quiet, self.poll = engine, quiet_seconds, poll_seconds
+        super().__init__(poll_seconds)
+        self.engine, self.quiet = engine, quiet_seconds
         self.on_complete = on_complete
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="musclenode-completion", daemon=True)
 
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread (waits up to 10 s for it)."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if complete_quiet_studies(self.engine, self.quiet):
-                    self.on_complete()
-            except Exception:  # the loop must survive a database hiccup; it is logged
-                log.exception("study completion loop error")
-            self._stop.wait(self.poll)
+    def tick(self) -> None:
+        """Complete the quiet studies; wake whoever waits for jobs if any was queued."""
+        if complete_quiet_studies(self.engine, self.quiet):
+            self.on_complete()

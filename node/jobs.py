@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
-import threading
 import time
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from . import db
 from .db import JobState, StudyState
+from .loop import PollingLoop
 from .warmup import warm_up
 from .worker import JobContext, _finish, _init_worker, execute_job
 
@@ -62,21 +62,22 @@ def requeue_running(engine: Engine) -> int:
         return res.rowcount
 
 
-class JobRunner:
+class JobRunner(PollingLoop):
     """Claims jobs and runs them, ``workers`` at a time, in processes or inline."""
+
+    thread_name = "musclenode-jobs"
+    stop_timeout_seconds = 30.0
 
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
                  lease_seconds: float = 600.0, poll_seconds: float = 0.5,
                  on_done: Callable[[], None] | None = None,
                  warm_up_timeout: float = 600.0):
+        super().__init__(poll_seconds)
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
-        self.lease, self.poll = lease_seconds, poll_seconds
+        self.lease = lease_seconds
         self.warm_up_timeout = warm_up_timeout
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="musclenode-jobs", daemon=True)
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
 
@@ -92,40 +93,26 @@ class JobRunner:
             done, _ = cf.wait(warming, timeout=self.warm_up_timeout)
             seconds = [f.result() for f in done if f.exception() is None]
             log.info("%d worker(s) ready (warm-up %s s)", len(seconds), ", ".join(f"{s:.1f}" for s in seconds))
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Look for jobs now (a study has just completed), not at the next poll."""
-        self._wake.set()
+        super().start()
 
     def _job_ended(self, _future=None) -> None:
-        self._wake.set()     # a worker is free
+        self.wake()          # a worker is free
         self.on_done()
 
     def stop(self) -> None:
         """Stop the runner thread and the pool; jobs not yet started are cancelled."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
+        super().stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._tick()
-            except Exception:  # the loop must survive a database hiccup; it is logged
-                log.exception("job runner loop error")
-            self._wake.wait(self.poll)
-            self._wake.clear()
-
-    def _tick(self) -> None:
+    def tick(self) -> None:
+        """Collect finished jobs, then claim and start jobs while a worker is free."""
         for fut in [f for f in self._running if f.done()]:
             job_id = self._running.pop(fut)
             exc = fut.exception()
             if exc is not None:
                 self._crashed(job_id, exc)
-        while len(self._running) < self.workers and not self._stop.is_set():
+        while len(self._running) < self.workers and not self.stopping:
             claimed = claim_job(self.engine, self.lease)
             if claimed is None:
                 return

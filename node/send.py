@@ -9,7 +9,6 @@ down, and the rows survive a restart.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 
@@ -22,6 +21,7 @@ from sqlalchemy.engine import Engine
 from . import db
 from .config import Destination, SendSettings
 from .db import OutboxState
+from .loop import PollingLoop
 
 log = logging.getLogger(__name__)
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings that mean "stored"
@@ -105,39 +105,22 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
     return sent, failed
 
 
-class Sender:
-    """Background thread that empties the outbox."""
+class Sender(PollingLoop):
+    """The loop that empties the outbox: every ``poll_seconds``, and at once when woken
+    (a job has just added results).
+    """
+
+    thread_name = "musclenode-send"
+    stop_timeout_seconds = 60.0   # a send in progress
 
     def __init__(self, engine: Engine, destinations: tuple[Destination, ...], settings: SendSettings, *,
                  calling_ae: str, poll_seconds: float = 0.5):
+        super().__init__(poll_seconds)
         self.engine = engine
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
         self.calling_ae = calling_ae
-        self.poll = poll_seconds
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="musclenode-send", daemon=True)
 
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Look at the outbox now (a job has just added results), not at the next poll."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Stop the thread (waits up to 60 s for a send in progress)."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                send_due(self.engine, self.destinations, self.settings, calling_ae=self.calling_ae)
-            except Exception:
-                log.exception("sender loop error")
-            self._wake.wait(self.poll)
-            self._wake.clear()
+    def tick(self) -> None:
+        """Send what is due (see :func:`send_due`)."""
+        send_due(self.engine, self.destinations, self.settings, calling_ae=self.calling_ae)
