@@ -36,7 +36,7 @@ Three parts, each pure (arrays in, arrays and frozen dataclasses out):
    echoes; signal model ``s_n = (W + F c_n) exp((i 2 pi psi - R2*) t_n)`` with the
    6-peak fat spectrum ``c_n`` (Hamilton / ISMRM fat-water toolbox), one field map ``psi``
    and one R2* per voxel. Field map: voxel-wise candidates from a variable-projection
-   (VARPRO) grid search, selected for spatial smoothness from coarse to fine scales,
+   (VARPRO) grid search, selected by quality-guided region growing (:mod:`quant.dixon.fieldmap`),
    refined, then smoothed; water and fat with R2* fitted at the smooth field map, phase-
    constrained (water and fat share one phase) so PDFF has no noise floor near 0.
 
