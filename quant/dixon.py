@@ -36,7 +36,7 @@ Three parts, each pure (arrays in, arrays and frozen dataclasses out):
    echoes; signal model ``s_n = (W + F c_n) exp((i 2 pi psi - R2*) t_n)`` with the
    6-peak fat spectrum ``c_n`` (Hamilton / ISMRM fat-water toolbox), one field map ``psi``
    and one R2* per voxel. Field map: voxel-wise candidates from a variable-projection
-   (VARPRO) grid search, selected for spatial smoothness from coarse to fine scales,
+   (VARPRO) grid search, selected by quality-guided region growing (:mod:`quant.fieldmap`),
    refined, then smoothed; water and fat with R2* fitted at the smooth field map, phase-
    constrained (water and fat share one phase) so PDFF has no noise floor near 0.
 
@@ -58,6 +58,7 @@ from scipy import ndimage as ndi
 from .errors import QuantError, SeriesError
 from .segment import otsu_threshold
 from .fatfraction import fat_fraction
+from .fieldmap import select_coarse_to_fine, select_fieldmap
 
 CHANNELS = ("water", "fat", "in_phase", "opposed_phase")
 _W, _F, _IP, _OP = 0, 1, 2, 3
@@ -1492,7 +1493,8 @@ def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[flo
                    mask: np.ndarray | None = None, r2star_max_s: float = 500.0,
                    fieldmap_smoothing_vox: float = 1.5, phase_constrained: bool = True,
                    conjugate: bool = False, psi_step_hz: float | None = None,
-                   n_candidates: int = 4) -> PDFFResult:
+                   n_candidates: int = 4, spacing_mm: Sequence[float] | None = None,
+                   fieldmap_method: str = "region-growing") -> PDFFResult:
     """Proton-density fat fraction, R2* and B0 field map from a multi-echo gradient echo.
 
     Model per voxel: ``s_n = exp(i phi0) (W + F c_n) exp((i 2 pi psi - R2*) t_n)`` with
@@ -1501,11 +1503,15 @@ def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[flo
     1. Candidates: the residual of the complex (variable projection) fit, minimised over
        an R2* grid, on a psi grid covering one period ``1 / delta TE``; its deepest
        ``n_candidates`` local minima per voxel (water/fat ambiguity gives several).
-    2. Selection: the candidate nearest a smooth reference field (a signal-weighted
-       Gaussian average of the current choice, on phasors so that wrapping is harmless),
-       from a quarter of the field of view down to 2 voxels. With 3 echoes the complex
-       fit would have no degree of freedom left for R2*: the search then uses the
-       phase-constrained fit (or R2* = 0 if ``phase_constrained`` is False).
+       With 3 echoes the complex fit would have no degree of freedom left for R2*: the
+       search then uses the phase-constrained fit (or R2* = 0 if ``phase_constrained``
+       is False).
+    2. Selection by quality-guided region growing (:func:`quant.fieldmap.select_fieldmap`,
+       after Yu et al. 2005 and Berglund et al. 2010): each connected tissue island is
+       grown from its most reliable voxel in order of voxel quality, every voxel taking
+       the candidate nearest (wrapped) to its decided neighbours; the seed candidate of
+       each island is the one consistent with nearby islands across the air gap, else
+       the one of lowest summed residual. The field map may wrap across the field of view.
     3. The chosen candidate is refined continuously, then smoothed
        (``fieldmap_smoothing_vox``, in-plane Gaussian SD in voxels; 0: none).
     4. At the smooth field map, R2* (golden section in 0..``r2star_max_s``) and water and
@@ -1531,6 +1537,14 @@ def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[flo
         The vendor's phase turns the other way (fat then appears above water): conjugate.
     psi_step_hz : float, optional
         Field-map grid step (Hz); default ``period / 200``.
+    n_candidates : int
+        Local minima kept per voxel.
+    spacing_mm : sequence of float, optional
+        Voxel size (mm) per spatial axis, for the neighbour weights and island gaps of the
+        selection (default isotropic).
+    fieldmap_method : str
+        ``"region-growing"`` (default) or ``"coarse-to-fine"`` (the former smooth-reference
+        selection, :func:`quant.fieldmap.select_coarse_to_fine`, kept for comparison).
 
     Returns
     -------
@@ -1552,6 +1566,8 @@ def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[flo
         raise SeriesError(f"{te.size} echo times (EchoTime) for {mag.shape[0]} echoes")
     if np.any(np.diff(te) <= 0):
         raise SeriesError(f"echo times must increase, got {te.tolist()} ms")
+    if fieldmap_method not in ("region-growing", "coarse-to-fine"):
+        raise QuantError(f"unknown fieldmap_method {fieldmap_method!r}")
     spatial = mag.shape[1:]
     sig_full = mag * np.exp((-1j if conjugate else 1j) * pha)
     if mask is None:
@@ -1580,32 +1596,15 @@ def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[flo
     cand_psi = np.empty((n, n_candidates))
     cand_res = np.empty((n, n_candidates))
     _candidate_kernel(sig, t, c, psi_grid, r2_grid, int(n_candidates), search_constrained, cand_psi, cand_res)
-    # 2. selection, coarse to fine
+    # 2. selection: quality-guided region growing over the candidates (quant.fieldmap)
     weight = np.zeros(spatial)
     weight[mask] = np.abs(sig[:, 0]) ** 2
     weight /= max(weight.max(), 1e-300)
     choice = np.zeros(spatial)
-    choice[mask] = cand_psi[:, 0]
-    size = max(spatial[-2:])
-    scales = []
-    s_vox = size / 4.0
-    while s_vox >= 2.0:
-        scales.append(s_vox)
-        s_vox /= 2.0
-    scales.append(2.0)
-    valid = np.isfinite(cand_psi)
-    for s_vox in scales:
-        for _ in range(2):
-            ref = _circular_smooth(np.where(mask, choice, 0.0), weight, period, s_vox)[mask]
-            d = np.abs(_wrap(cand_psi - ref[:, None], period))
-            d[~valid] = np.inf
-            picked = cand_psi[np.arange(n), np.argmin(d, axis=1)]
-            new = np.zeros(spatial)
-            new[mask] = picked
-            if np.allclose(new[mask], choice[mask]):
-                choice = new
-                break
-            choice = new
+    if fieldmap_method == "coarse-to-fine":
+        choice[mask] = select_coarse_to_fine(cand_psi, mask, weight[mask], period)
+    else:
+        choice[mask] = select_fieldmap(cand_psi, cand_res, mask, weight[mask], period, spacing_mm=spacing_mm)
     # 3. refine, smooth
     psi_ref = np.empty(n)
     _refine_kernel(sig, t, c, np.ascontiguousarray(choice[mask]), float(period / len(psi_grid)),
