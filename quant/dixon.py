@@ -58,7 +58,7 @@ from scipy import ndimage as ndi
 from .errors import QuantError, SeriesError
 from .segment import otsu_threshold
 from .fatfraction import fat_fraction
-from .fieldmap import select_coarse_to_fine, select_fieldmap
+from .fieldmap import _circular_smooth, _wrap, select_coarse_to_fine, select_fieldmap
 
 CHANNELS = ("water", "fat", "in_phase", "opposed_phase")
 _W, _F, _IP, _OP = 0, 1, 2, 3
@@ -1474,18 +1474,6 @@ def pdff_fit_reference(sig: np.ndarray, te_ms: Sequence[float], c: np.ndarray, p
             w, f = -w, -f
         out[:, i] = (w, f, r.x)
     return out[0], out[1], out[2]
-
-
-def _circular_smooth(psi: np.ndarray, weight: np.ndarray, period: float, sigma_vox: float) -> np.ndarray:
-    """Weighted Gaussian smoothing (in-plane) of a wrapped field map, via phasors."""
-    sig = (0.0,) * (psi.ndim - 2) + (sigma_vox, sigma_vox)
-    ph = np.exp(2j * np.pi * np.nan_to_num(psi) / period) * weight
-    num = ndi.gaussian_filter(ph.real, sig, mode="nearest") + 1j * ndi.gaussian_filter(ph.imag, sig, mode="nearest")
-    return np.angle(num) * period / (2 * np.pi)
-
-
-def _wrap(x, period):
-    return (x + period / 2) % period - period / 2
 
 
 def pdff_multiecho(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[float], *,
