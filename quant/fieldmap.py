@@ -71,7 +71,8 @@ def voxel_quality(cand_res: np.ndarray, signal_weight: np.ndarray) -> np.ndarray
     -------
     ndarray, shape (n,)
         ``w (0.05 + (r2 - r1) / r2)`` with ``w`` the normalised signal weight, ``r1`` and
-        ``r2`` the two lowest residuals (contrast 1 where there is a single candidate).
+        ``r2`` the two lowest residuals (contrast 1 where there is a single candidate, 0
+        quality where there is none).
     """
     res = np.asarray(cand_res, dtype=np.float64)
     w = np.asarray(signal_weight, dtype=np.float64)
@@ -80,8 +81,7 @@ def voxel_quality(cand_res: np.ndarray, signal_weight: np.ndarray) -> np.ndarray
     r2 = res[:, 1] if res.shape[1] > 1 else np.full(len(res), np.inf)
     with np.errstate(invalid="ignore", divide="ignore"):
         contrast = np.where(np.isfinite(r2) & (r2 > 0), (r2 - r1) / r2, 1.0)
-    contrast = np.where(np.isfinite(r1), np.clip(contrast, 0.0, 1.0), 0.0)
-    return w * (0.05 + contrast)
+    return np.where(np.isfinite(r1), w * (0.05 + np.clip(contrast, 0.0, 1.0)), 0.0)
 
 
 def neighbourhood(ndim: int, spacing_mm: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -262,26 +262,60 @@ def grow_reference(pos: np.ndarray, grid: np.ndarray, offsets: np.ndarray, off_w
 # Selection over islands
 # --------------------------------------------------------------------------------------
 
-def _consistency(psi_island, island_idx, decided_full, mask_shape, mask_index, weight, period, spacing, max_mm):
-    """Wrapped phasor mean of (island field - nearest decided field) over island voxels
-    within ``max_mm`` of decided voxels (weights: signal, falling with distance); NaN if
-    none is that close."""
-    dist, near = ndi.distance_transform_edt(np.isnan(decided_full), sampling=spacing, return_indices=True)
-    coords = np.unravel_index(mask_index[island_idx], mask_shape)
-    d = dist[coords]
-    close = d <= max_mm
+def _field_gradient(decided_full, weight_full, period, sigma_vox):
+    """Smooth gradient (Hz per voxel, one array per axis) of the decided field: the
+    signal-weighted Gaussian mean of the wrapped differences between neighbours (as
+    phasors), so noise and wraps do not matter."""
+    grads = []
+    ph = np.exp(2j * np.pi * np.nan_to_num(decided_full) / period)
+    ok = np.isfinite(decided_full)
+    for axis in range(decided_full.ndim):
+        lo = [slice(None)] * decided_full.ndim
+        hi = [slice(None)] * decided_full.ndim
+        lo[axis] = slice(None, -1)
+        hi[axis] = slice(1, None)
+        lo, hi = tuple(lo), tuple(hi)
+        prod = np.zeros(decided_full.shape, complex)
+        both = ok[lo] & ok[hi]
+        prod[lo] = np.where(both, ph[hi] * np.conj(ph[lo]) * np.sqrt(weight_full[lo] * weight_full[hi]), 0.0)
+        sig = [sigma_vox] * decided_full.ndim
+        if decided_full.ndim == 3:
+            sig[0] = 1.0
+        sm = ndi.gaussian_filter(prod.real, sig, mode="nearest") + 1j * ndi.gaussian_filter(prod.imag, sig, mode="nearest")
+        grads.append(np.angle(sm) * period / (2 * np.pi))
+    return grads
+
+
+def _nearest_decided(decided_full, weight_full, period, spacing):
+    """Distance (mm) to the nearest reliably decided voxel (signal energy at least 5 % of
+    the median of the decided voxels: not noise in the air) and the decided field
+    extrapolated linearly from that voxel (its smoothed gradient times the displacement)."""
+    decided = np.isfinite(decided_full)
+    reliable = decided & (weight_full >= 0.05 * np.median(weight_full[decided]))
+    dist, near = ndi.distance_transform_edt(~reliable, sampling=spacing, return_indices=True)
+    near = tuple(near)
+    pred = decided_full[near].copy()
+    grid = np.indices(decided_full.shape)
+    for axis, g in enumerate(_field_gradient(decided_full, weight_full, period, 3.0)):
+        pred += g[near] * (grid[axis] - near[axis])
+    return dist, pred
+
+
+def _consistency(psi_island, dist, near_psi, weight, period, max_mm):
+    """Wrapped phasor mean of (island field - nearest decided field) over the island
+    voxels within ``max_mm`` of decided voxels (weights: signal, falling with distance);
+    NaN if none is that close."""
+    close = dist <= max_mm
     if not close.any():
         return np.nan
-    nearest = decided_full[tuple(ix[coords][close] for ix in near)]
-    diff = psi_island[close] - nearest
-    w = weight[island_idx][close] * np.exp(-d[close] / (0.5 * max_mm))
-    ph = (w * np.exp(2j * np.pi * diff / period)).sum()
+    w = weight[close] * np.exp(-dist[close] / (0.5 * max_mm))
+    ph = (w * np.exp(2j * np.pi * (psi_island[close] - near_psi[close]) / period)).sum()
     return abs(float(np.angle(ph))) * period / (2 * np.pi)
 
 
 def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray, signal_weight: np.ndarray,
                     period_hz: float, *, spacing_mm: tuple[float, ...] | None = None,
-                    island_gap_mm: float = 40.0, use_numba: bool = True) -> np.ndarray:
+                    island_gap_mm: float = 40.0, min_island: int = 50, use_numba: bool = True) -> np.ndarray:
     """Choose one field-map candidate per voxel by quality-guided region growing.
 
     Parameters
@@ -302,7 +336,11 @@ def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray
         distance and measures the gap between islands.
     island_gap_mm : float
         Islands within this distance of already-decided tissue take the seed candidate
-        most consistent with it; farther ones the candidate of lowest summed residual.
+        most consistent with it where that is clear; others the candidate of lowest
+        summed residual.
+    min_island : int
+        Islands of fewer voxels (noise specks, partial-volume fragments) are not grown:
+        each voxel takes the candidate nearest the field of the nearest decided voxel.
     use_numba : bool
         Grow with the numba kernel (default) or the plain-Python reference.
 
@@ -322,55 +360,68 @@ def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray
     weight = np.asarray(signal_weight, dtype=np.float64)
     weight = weight / max(float(weight.max()), 1e-300)
     quality = voxel_quality(cand_res, weight)
-    # flat padded grid of voxel indices
+    weight_full = np.zeros(mask.shape)
+    weight_full[mask] = weight
+    # flat padded grid; voxel indices in the order of mask.ravel()
     padded_shape = tuple(s + 2 for s in mask.shape)
-    index_full = np.full(padded_shape, -1, np.int64)
-    inner = tuple(slice(1, -1) for _ in mask.shape)
-    index_full[inner][mask] = np.arange(n)
+    padded = np.zeros(padded_shape, bool)
+    padded[tuple(slice(1, -1) for _ in mask.shape)] = mask
+    pos = np.flatnonzero(padded)
     mask_index = np.flatnonzero(mask)
-    pos = np.flatnonzero(index_full.ravel() >= 0)      # same order as mask.ravel()
     offs, off_w = neighbourhood(mask.ndim, spacing)
-    flat_off = (offs * np.array([int(np.prod(padded_shape[a + 1:])) for a in range(mask.ndim)])).sum(1)
+    strides = np.array([int(np.prod(padded_shape[a + 1:])) for a in range(mask.ndim)])
+    flat_off = (offs * strides).sum(1)
     labels, n_lab = ndi.label(mask, structure=np.ones((3,) * mask.ndim, bool))
-    lab = labels[mask]
-    mass = np.bincount(lab, weights=quality, minlength=n_lab + 1)
-    order = np.argsort(-np.bincount(lab, minlength=n_lab + 1)[1:], kind="stable") + 1
+    lab = labels.ravel()[mask_index]
+    sizes = np.bincount(lab, minlength=n_lab + 1)
+    order = np.argsort(-sizes[1:], kind="stable") + 1
+    members_of = np.split(np.argsort(lab, kind="stable"), np.cumsum(sizes)[:-1])
     chosen = np.full(n, np.nan)
     decided_full = np.full(mask.shape, np.nan)
-    grid_island = np.full(index_full.size, -1, np.int64)
+    grid_island = np.full(padded.size, -1, np.int64)
+    out = np.full(n, np.nan)
     grow = _grow_kernel if use_numba else grow_reference
     for island in order:
-        if mass[island] <= 0 and not np.any(lab == island):
-            continue
-        members = np.flatnonzero(lab == island)
+        members = members_of[island]
+        if members.size < min_island:
+            break
         seed = int(members[np.argmax(quality[members])])
         options = cand_psi[seed][np.isfinite(cand_psi[seed])]
         if options.size == 0:
             options = np.array([0.0])
-        grid_island[:] = -1
         grid_island[pos[members]] = members
         trials = []
         for psi0 in options:
-            out = np.full(n, np.nan)
+            out[members] = np.nan
             grow(pos, grid_island, flat_off, off_w, cand_psi, quality, weight, period, seed, float(psi0), out)
-            psi_i = out[members]
+            psi_i = out[members].copy()
             picked = np.abs(_wrap(cand_psi[members] - psi_i[:, None], period)) < 1e-9
             res = np.where(picked, cand_res[members], np.inf).min(1)
-            residual = float(np.where(np.isfinite(res), res, 0.0).sum())
-            trials.append((psi_i, residual))
-        residuals = np.array([r for _, r in trials])
-        best = int(np.argmin(residuals))
+            trials.append((psi_i, float(np.where(np.isfinite(res), res, 0.0).sum())))
+        grid_island[pos[members]] = -1
+        best = int(np.argmin([r for _, r in trials]))
         if len(trials) > 1 and np.isfinite(decided_full).any():
-            cons = np.array([_consistency(p, members, decided_full, mask.shape, mask_index, weight, period, spacing,
-                                          island_gap_mm) for p, _ in trials])
+            dist, near_psi = (v.ravel()[mask_index[members]]
+                              for v in _nearest_decided(decided_full, weight_full, period, spacing))
+            cons = np.array([_consistency(p, dist, near_psi, weight[members], period, island_gap_mm)
+                             for p, _ in trials])
             if np.isfinite(cons).all():
                 by_cons = int(np.argmin(cons))
-                others = np.delete(cons, by_cons)
                 # trust the neighbours where they tell the options apart clearly
-                if cons[by_cons] < period / 8 and others.min() > cons[by_cons] + period / 8:
+                if cons[by_cons] < period / 4 and np.delete(cons, by_cons).min() > cons[by_cons] + period / 8:
                     best = by_cons
         chosen[members] = trials[best][0]
         decided_full.ravel()[mask_index[members]] = chosen[members]
+    rest = np.flatnonzero(np.isnan(chosen))
+    if rest.size:
+        if np.isfinite(decided_full).any():
+            ref = _nearest_decided(decided_full, weight_full, period, spacing)[1].ravel()[mask_index[rest]]
+            d = np.abs(_wrap(cand_psi[rest] - ref[:, None], period))
+            d[np.isnan(d)] = np.inf
+            pick = cand_psi[rest, np.argmin(d, axis=1)]
+            chosen[rest] = np.where(np.isfinite(pick), pick, ref)
+        else:
+            chosen[rest] = np.nan_to_num(cand_psi[rest, 0])
     return _wrap(chosen, period)
 
 
