@@ -12,14 +12,16 @@ of Yu et al. (2005) and Berglund et al. (2010):
    noise floor is not).
 2. **Islands**: every connected component of the mask (legs separated by air, marrow
    inside cortical bone, a phantom tube) is grown separately from its highest-quality
-   voxel. A wrongly chosen seed candidate would swap the whole island, so each candidate
-   of the seed is tried: the island is grown from each and the result kept that (a) is
-   consistent across the air gap with the islands already decided (a phasor mean of the
-   field difference to the nearest decided voxels, distance-weighted), or, where that
-   cannot tell (the first island, or islands far from the others), (b) has the lowest
-   summed residual over the island (the 6-peak fat spectrum, R2* and many voxels make
-   the true solution fit better overall even where single voxels are ambiguous).
-   Islands are decided largest first.
+   voxel, largest island first. A wrongly chosen seed candidate would swap the whole
+   island, so the island is grown from each candidate of its seed and one result kept:
+   the one consistent across the air gap with the islands already decided where that
+   is clear (the decided field, from reliable voxels only, extrapolated linearly with
+   its smoothed gradient to the island; a signal- and distance-weighted phasor mean of
+   the difference, within ``island_gap_mm``, below ``period / 4`` and ``period / 8``
+   clear of the other results), else the one of lowest summed residual over the island
+   (the 6-peak fat spectrum, R2* and many voxels make the true solution fit better
+   overall even where single voxels are ambiguous). Islands of fewer than ``min_island``
+   voxels (noise specks) take the candidate nearest the extrapolated decided field.
 3. **Growing**: a priority queue (binary heap) in quality order; each newly reached voxel
    takes the candidate closest (wrapped, period ``1 / delta TE``) to the phasor mean of
    its already-decided neighbours, weighted by their signal and inverse squared distance.
@@ -281,7 +283,8 @@ def _field_gradient(decided_full, weight_full, period, sigma_vox):
         sig = [sigma_vox] * decided_full.ndim
         if decided_full.ndim == 3:
             sig[0] = 1.0
-        sm = ndi.gaussian_filter(prod.real, sig, mode="nearest") + 1j * ndi.gaussian_filter(prod.imag, sig, mode="nearest")
+        sm = ndi.gaussian_filter(prod.real, sig, mode="nearest") + 1j * ndi.gaussian_filter(prod.imag, sig,
+                                                                                           mode="nearest")
         grads.append(np.angle(sm) * period / (2 * np.pi))
     return grads
 
