@@ -194,7 +194,8 @@ def _complex_dixon(by_series, infos, notes):
     ds0 = by_series[mag_info.series_instance_uid][0]
     field = float(ds0.get("MagneticFieldStrength", 3.0) or 3.0)
     result = pdff_multiecho(mag.array, phase_to_radians(ph.array), list(mag.echo_times_ms),
-                            field_strength_t=field, mask=mag.array[0] > 0.1 * np.percentile(mag.array[0], 99))
+                            field_strength_t=field, mask=mag.array[0] > 0.1 * np.percentile(mag.array[0], 99),
+                            spacing_mm=mag.spacing_mm)
     return mag.with_array(mag.array[0]), result
 
 
