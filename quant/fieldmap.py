@@ -20,7 +20,9 @@ of Yu et al. (2005) and Berglund et al. (2010):
    the difference, within ``island_gap_mm``, below ``period / 4`` and ``period / 8``
    clear of the other results), else the one of lowest summed residual over the island
    (the 6-peak fat spectrum, R2* and many voxels make the true solution fit better
-   overall even where single voxels are ambiguous). Islands of fewer than ``min_island``
+   overall even where single voxels are ambiguous); where that is not 1.5 times lower
+   than the next (a pure water island and a single-peak model), the decided islands at
+   any distance decide if they are clear. Islands of fewer than ``min_island``
    voxels (noise specks) take the candidate nearest the extrapolated decided field.
 3. **Growing**: a priority queue (binary heap) in quality order; each newly reached voxel
    takes the candidate closest (wrapped, period ``1 / delta TE``) to the phasor mean of
@@ -316,6 +318,18 @@ def _consistency(psi_island, dist, near_psi, weight, period, max_mm):
     return abs(float(np.angle(ph))) * period / (2 * np.pi)
 
 
+def _clear_winner(cons, period):
+    """Index of the consistency value that is clearly the smallest (below ``period / 4`` and
+    ``period / 8`` below all others), else None."""
+    cons = np.asarray(cons, dtype=np.float64)
+    if not np.isfinite(cons).all():
+        return None
+    k = int(np.argmin(cons))
+    if cons[k] < period / 4 and np.delete(cons, k).min() > cons[k] + period / 8:
+        return k
+    return None
+
+
 def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray, signal_weight: np.ndarray,
                     period_hz: float, *, spacing_mm: tuple[float, ...] | None = None,
                     island_gap_mm: float = 40.0, min_island: int = 50, use_numba: bool = True) -> np.ndarray:
@@ -340,7 +354,8 @@ def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray
     island_gap_mm : float
         Islands within this distance of already-decided tissue take the seed candidate
         most consistent with it where that is clear; others the candidate of lowest
-        summed residual.
+        summed residual, unless that is less than 1.5 times lower than the next one: then
+        the decided tissue at any distance decides, where it is clear.
     min_island : int
         Islands of fewer voxels (noise specks, partial-volume fragments) are not grown:
         each voxel takes the candidate nearest the field of the nearest decided voxel.
@@ -402,17 +417,21 @@ def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray
             res = np.where(picked, cand_res[members], np.inf).min(1)
             trials.append((psi_i, float(np.where(np.isfinite(res), res, 0.0).sum())))
         grid_island[pos[members]] = -1
-        best = int(np.argmin([r for _, r in trials]))
+        residuals = np.array([r for _, r in trials])
+        best = int(np.argmin(residuals))
         if len(trials) > 1 and np.isfinite(decided_full).any():
             dist, near_psi = (v.ravel()[mask_index[members]]
                               for v in _nearest_decided(decided_full, weight_full, period, spacing))
-            cons = np.array([_consistency(p, dist, near_psi, weight[members], period, island_gap_mm)
-                             for p, _ in trials])
-            if np.isfinite(cons).all():
-                by_cons = int(np.argmin(cons))
-                # trust the neighbours where they tell the options apart clearly
-                if cons[by_cons] < period / 4 and np.delete(cons, by_cons).min() > cons[by_cons] + period / 8:
-                    best = by_cons
+            near = _clear_winner([_consistency(p, dist, near_psi, weight[members], period, island_gap_mm)
+                                  for p, _ in trials], period)
+            if near is not None:
+                best = near
+            elif np.delete(residuals, best).min() < 1.5 * residuals[best]:
+                # the residual cannot tell (e.g. a pure water or fat island, single-peak fat):
+                # the decided islands farther away, if they tell clearly
+                far = _clear_winner([_consistency(p, dist, near_psi, weight[members], period, np.inf)
+                                     for p, _ in trials], period)
+                best = best if far is None else far
         chosen[members] = trials[best][0]
         decided_full.ravel()[mask_index[members]] = chosen[members]
     rest = np.flatnonzero(np.isnan(chosen))
