@@ -357,8 +357,9 @@ def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray
         summed residual, unless that is less than 1.5 times lower than the next one: then
         the decided tissue at any distance decides, where it is clear.
     min_island : int
-        Islands of fewer voxels (noise specks, partial-volume fragments) are not grown:
-        each voxel takes the candidate nearest the field of the nearest decided voxel.
+        Islands of fewer voxels (noise specks, partial-volume fragments; not the largest)
+        are not grown: each voxel takes the candidate nearest the decided field,
+        extrapolated from the nearest reliable decided voxel.
     use_numba : bool
         Grow with the numba kernel (default) or the plain-Python reference.
 
@@ -401,8 +402,8 @@ def select_fieldmap(cand_psi: np.ndarray, cand_res: np.ndarray, mask: np.ndarray
     grow = _grow_kernel if use_numba else grow_reference
     for island in order:
         members = members_of[island]
-        if members.size < min_island:
-            break
+        if members.size < min_island and np.isfinite(decided_full).any():
+            break                       # the largest island is grown whatever its size
         seed = int(members[np.argmax(quality[members])])
         options = cand_psi[seed][np.isfinite(cand_psi[seed])]
         if options.size == 0:
