@@ -7,6 +7,7 @@ per echo, one frame per slice). In-memory datasets only.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,26 +67,10 @@ def mese_datasets(phantom: LegPhantom, template: Dataset, *, params: MeseParamet
     positions = [(phantom.origin_mm[0], phantom.origin_mm[1], phantom.origin_mm[2] + k * dz) for k in ks]
     base = _base(template, series_uid, series_number, params, dz * slice_step)
     if enhanced:
-        return [_enhanced(base, images[e], positions, phantom, params.echo_spacing_ms * (e + 1), e, dz * slice_step)
-                for e in range(params.n_echoes)]
-    out = []
-    for e in range(params.n_echoes):
-        for i, pos in enumerate(positions):
-            ds = copy.deepcopy(base)
-            ds.SOPClassUID = MR_IMAGE
-            ds.SOPInstanceUID = _uid(series_uid, e, i)
-            ds.file_meta = file_meta(MR_IMAGE, ds.SOPInstanceUID)
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-            ds.InstanceNumber = e * len(positions) + i + 1
-            ds.EchoTime = f"{params.echo_spacing_ms * (e + 1):g}"
-            ds.EchoNumbers = e + 1
-            ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-            ds.ImageOrientationPatient = [f"{v:g}" for v in phantom.orientation]
-            ds.SliceLocation = f"{pos[2]:.4f}"
-            ds.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
-            _pixels(ds, images[e, i])
-            out.append(ds)
-    return out
+        return [enhanced_mese_instance(base, images[e], positions, phantom, params, e, dz * slice_step,
+                                       lambda *parts: _uid(series_uid, *parts)) for e in range(params.n_echoes)]
+    return classic_mese_instances(base, images, positions, phantom, params,
+                                  lambda e, k: _uid(series_uid, e, k))
 
 
 def exam_datasets(phantom: LegPhantom, *, mese: bool = True, enhanced_mese: bool = False,
@@ -98,13 +83,13 @@ def exam_datasets(phantom: LegPhantom, *, mese: bool = True, enhanced_mese: bool
                                  enhanced=enhanced_mese)
 
 
-def _pixels(ds: Dataset, img: np.ndarray) -> None:
+def _pixels(ds: Dataset, img: np.ndarray, *, bits: int = 16) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = img.shape[-2:]
     ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(img, dtype=np.uint16).tobytes()
 
@@ -138,61 +123,6 @@ def _base(template: Dataset, series_uid: str, series_number: int, params: MesePa
     return ds
 
 
-def _enhanced(base: Dataset, frames: np.ndarray, positions, phantom: LegPhantom, te_ms: float, echo: int,
-              thickness: float) -> Dataset:
-    """One Enhanced MR instance (one echo, one frame per slice), as Siemens XA writes MESE."""
-    ds = copy.deepcopy(base)
-    for kw in ("ScanningSequence", "SequenceVariant", "ScanOptions", "SliceThickness", "SpacingBetweenSlices",
-               "RepetitionTime", "FlipAngle", "EchoTrainLength", "MagneticFieldStrength"):
-        if kw in ds:
-            delattr(ds, kw)
-    ds.SOPClassUID = ENHANCED_MR_IMAGE
-    ds.SOPInstanceUID = _uid(ds.SeriesInstanceUID, "enhanced", echo)
-    ds.file_meta = file_meta(ENHANCED_MR_IMAGE, ds.SOPInstanceUID)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "T2", "NONE"]
-    ds.InstanceNumber = echo + 1
-    ds.AcquisitionContrast = "T2"
-    ds.ComplexImageComponent = "MAGNITUDE"
-    ds.PixelPresentation = "MONOCHROME"
-    ds.VolumetricProperties = "VOLUME"
-    ds.VolumeBasedCalculationTechnique = "NONE"
-    ds.PulseSequenceName = "*se2d17"
-    ds.EchoPulseSequence = "SPIN"
-    ds.MultipleSpinEcho = "YES"
-    ds.MRAcquisitionType = "2D"
-    ds.MagneticFieldStrength = 3.0
-    ds.NumberOfFrames = len(positions)
-    shared = Dataset()
-    ori = Dataset()
-    ori.ImageOrientationPatient = [float(v) for v in phantom.orientation]
-    shared.PlaneOrientationSequence = DicomSequence([ori])
-    meas = Dataset()
-    meas.PixelSpacing = [float(phantom.spacing_mm[1]), float(phantom.spacing_mm[2])]
-    meas.SliceThickness = float(thickness)
-    shared.PixelMeasuresSequence = DicomSequence([meas])
-    timing = Dataset()
-    timing.RepetitionTime = float(base.RepetitionTime)
-    timing.FlipAngle = float(base.FlipAngle)
-    timing.EchoTrainLength = int(base.EchoTrainLength)
-    shared.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-    per_frame = []
-    for k, pos in enumerate(positions):
-        item = Dataset()
-        content = Dataset()
-        content.InStackPositionNumber = k + 1
-        content.StackID = "1"
-        item.FrameContentSequence = DicomSequence([content])
-        plane = Dataset()
-        plane.ImagePositionPatient = [float(v) for v in pos]
-        item.PlanePositionSequence = DicomSequence([plane])
-        echo_item = Dataset()
-        echo_item.EffectiveEchoTime = float(te_ms)
-        item.MREchoSequence = DicomSequence([echo_item])
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
-    _pixels(ds, frames)
-    return ds
 
 
 def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6, te1_ms: float = 1.2,
@@ -253,3 +183,122 @@ def megre_datasets(phantom: LegPhantom, template: Dataset, *, n_echoes: int = 6,
                 _pixels(ds, images[e, k])
                 out.append(ds)
     return out
+
+
+def classic_mese_instances(base: Dataset, images: np.ndarray, positions: Sequence[Sequence[float]],
+                           phantom: LegPhantom, params: MeseParameters, uid: Callable[..., str]) -> list[Dataset]:
+    """Classic MR Image instances of a MESE series: one per echo and slice.
+
+    Returns
+    -------
+    list of pydicom.dataset.Dataset
+        Echo by echo, slice by slice; ``uid(echo, slice)`` gives the SOP Instance UIDs.
+    """
+    _, dy, dx = phantom.spacing_mm
+    out = []
+    for e in range(params.n_echoes):
+        for k, pos in enumerate(positions):
+            ds = copy.deepcopy(base)
+            ds.SOPClassUID = MR_IMAGE
+            ds.SOPInstanceUID = uid(e, k)
+            ds.file_meta = file_meta(MR_IMAGE, ds.SOPInstanceUID)
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+            ds.InstanceNumber = e * len(positions) + k + 1
+            ds.EchoTime = f"{params.echo_spacing_ms * (e + 1):g}"
+            ds.EchoNumbers = e + 1
+            ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+            ds.ImageOrientationPatient = [f"{v:g}" for v in phantom.orientation]
+            ds.SliceLocation = f"{pos[2]:.4f}"
+            ds.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
+            _pixels(ds, images[e, k])
+            out.append(ds)
+    return out
+
+
+def enhanced_mese_instance(base: Dataset, frames: np.ndarray, positions: Sequence[Sequence[float]],
+                           phantom: LegPhantom, params: MeseParameters, echo: int, thickness: float,
+                           uid: Callable[..., str], *, siemens: bool = False) -> Dataset:
+    """One Enhanced MR instance of a MESE series: one echo, one frame per slice.
+
+    ``siemens``: as a Siemens XA product T2 mapping writes it (Image Type M, the echo time
+    shared, frames in descending position with dimension indices, 12-bit pixels).
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The instance, with file meta; ``uid("enhanced", echo)`` is its SOP Instance UID.
+    """
+    ds = copy.deepcopy(base)
+    te = params.echo_spacing_ms * (echo + 1)
+    ds.SOPClassUID = ENHANCED_MR_IMAGE
+    ds.SOPInstanceUID = uid("enhanced", echo)
+    ds.file_meta = file_meta(ENHANCED_MR_IMAGE, ds.SOPInstanceUID)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"] if siemens else ["ORIGINAL", "PRIMARY", "T2", "NONE"]
+    ds.InstanceNumber = echo + 1
+    ds.AcquisitionContrast = "T2"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.PulseSequenceName = f"*se2d{params.n_echoes}"
+    ds.EchoPulseSequence = "SPIN"
+    ds.MultipleSpinEcho = "YES"
+    ds.MRAcquisitionType = "2D"
+    ds.MagneticFieldStrength = 3.0
+    ds.NumberOfFrames = len(positions)
+    if siemens:  # as XA writes them besides the functional groups
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "SK"
+        ds.SequenceName = f"*se2d{params.n_echoes}"
+        ds.EchoTrainLength = params.n_echoes
+        ds.ImagedNucleus = "1H"
+        ds.ContentQualification = "PRODUCT"
+        ds.DimensionOrganizationType = "3D"
+    shared = Dataset()
+    ori = Dataset()
+    ori.ImageOrientationPatient = [float(v) for v in phantom.orientation]
+    shared.PlaneOrientationSequence = DicomSequence([ori])
+    meas = Dataset()
+    meas.PixelSpacing = [float(phantom.spacing_mm[1]), float(phantom.spacing_mm[2])]
+    meas.SliceThickness = float(thickness)
+    if siemens:
+        meas.SpacingBetweenSlices = float(phantom.spacing_mm[0])
+    shared.PixelMeasuresSequence = DicomSequence([meas])
+    timing = Dataset()
+    timing.RepetitionTime = float(params.repetition_time_ms or 3000.0)
+    timing.FlipAngle = float(params.refocusing_angle_deg)
+    timing.EchoTrainLength = int(params.n_echoes)
+    shared.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
+    echo_item = Dataset()
+    echo_item.EffectiveEchoTime = float(te)
+    if siemens:  # one echo per instance: the echo time is shared, as XA writes it
+        shared.MREchoSequence = DicomSequence([echo_item])
+        pvt = Dataset()
+        pvt.RescaleIntercept = 0.0
+        pvt.RescaleSlope = 1.0
+        pvt.RescaleType = "US"
+        shared.PixelValueTransformationSequence = DicomSequence([pvt])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    order = list(range(len(positions)))[::-1] if siemens else list(range(len(positions)))
+    per_frame = []
+    for n, k in enumerate(order):
+        item = Dataset()
+        content = Dataset()
+        content.InStackPositionNumber = k + 1
+        content.StackID = "1"
+        if siemens:
+            content.FrameAcquisitionNumber = n + 1
+            content.DimensionIndexValues = [1, k + 1]
+            ftype = Dataset()
+            ftype.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+            item.MRImageFrameTypeSequence = DicomSequence([ftype])
+        item.FrameContentSequence = DicomSequence([content])
+        plane = Dataset()
+        plane.ImagePositionPatient = [float(v) for v in positions[k]]
+        item.PlanePositionSequence = DicomSequence([plane])
+        if not siemens:
+            item.MREchoSequence = DicomSequence([copy.deepcopy(echo_item)])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    _pixels(ds, frames[order], bits=12 if siemens else 16)
+    return ds

@@ -16,20 +16,17 @@ In-memory datasets only; UIDs are derived from ``uid_seed``, patient and study d
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 
 from reports.uids import derive_uid
 
 from ..enums import Side
 from ..epg import MeseParameters
 from ..t2 import DEFAULT_FAT_T2_MS
-from .exam import mese_truth_maps
+from .exam import classic_mese_instances, enhanced_mese_instance, mese_truth_maps
 from .mese_phantom import simulate_mese
-from .phantom import LegPhantom, file_meta
+from .phantom import LegPhantom
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -141,7 +138,7 @@ def mese_only_datasets(phantom: LegPhantom, *, params: MeseParameters | None = N
     base.PatientPosition = "FFS"
     base.MagneticFieldStrength = "3"
     if enhanced:
-        return [_enhanced_echo(base, images[e], positions, phantom, params, e, thickness, uid, siemens)
+        return [enhanced_mese_instance(base, images[e], positions, phantom, params, e, thickness, uid, siemens=siemens)
                 for e in range(params.n_echoes)]
     base.ScanningSequence = "SE"
     base.SequenceVariant = "SK"
@@ -153,111 +150,8 @@ def mese_only_datasets(phantom: LegPhantom, *, params: MeseParameters | None = N
     base.RepetitionTime = f"{params.repetition_time_ms or 3000:g}"
     base.FlipAngle = f"{params.refocusing_angle_deg:g}"
     base.EchoTrainLength = params.n_echoes
-    out = []
-    for e in range(params.n_echoes):
-        for k, pos in enumerate(positions):
-            ds = copy.deepcopy(base)
-            ds.SOPClassUID = MR_IMAGE
-            ds.SOPInstanceUID = uid("instance", e, k)
-            ds.file_meta = file_meta(MR_IMAGE, ds.SOPInstanceUID)
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-            ds.InstanceNumber = e * nz + k + 1
-            ds.EchoTime = f"{params.echo_spacing_ms * (e + 1):g}"
-            ds.EchoNumbers = e + 1
-            ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-            ds.ImageOrientationPatient = [f"{v:g}" for v in phantom.orientation]
-            ds.SliceLocation = f"{pos[2]:.4f}"
-            ds.PixelSpacing = [f"{dy:g}", f"{dx:g}"]
-            _pixels(ds, images[e, k], bits=16)
-            out.append(ds)
-    return out
+    return classic_mese_instances(base, images, positions, phantom, params, lambda e, k: uid("instance", e, k))
 
 
-def _pixels(ds: Dataset, img: np.ndarray, *, bits: int) -> None:
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = img.shape[-2:]
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(img, dtype=np.uint16).tobytes()
 
 
-def _enhanced_echo(base: Dataset, frames: np.ndarray, positions, phantom: LegPhantom, params: MeseParameters,
-                   echo: int, thickness: float, uid, siemens: bool) -> Dataset:
-    """One Enhanced MR instance: one echo, one frame per slice."""
-    ds = copy.deepcopy(base)
-    te = params.echo_spacing_ms * (echo + 1)
-    ds.SOPClassUID = ENHANCED_MR_IMAGE
-    ds.SOPInstanceUID = uid("enhanced", echo)
-    ds.file_meta = file_meta(ENHANCED_MR_IMAGE, ds.SOPInstanceUID)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"] if siemens else ["ORIGINAL", "PRIMARY", "T2", "NONE"]
-    ds.InstanceNumber = echo + 1
-    ds.AcquisitionContrast = "T2"
-    ds.ComplexImageComponent = "MAGNITUDE"
-    ds.PixelPresentation = "MONOCHROME"
-    ds.VolumetricProperties = "VOLUME"
-    ds.VolumeBasedCalculationTechnique = "NONE"
-    ds.PulseSequenceName = f"*se2d{params.n_echoes}"
-    ds.EchoPulseSequence = "SPIN"
-    ds.MultipleSpinEcho = "YES"
-    ds.MRAcquisitionType = "2D"
-    ds.MagneticFieldStrength = 3.0
-    ds.NumberOfFrames = len(positions)
-    if siemens:  # as XA writes them besides the functional groups
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = "SK"
-        ds.SequenceName = f"*se2d{params.n_echoes}"
-        ds.EchoTrainLength = params.n_echoes
-        ds.ImagedNucleus = "1H"
-        ds.ContentQualification = "PRODUCT"
-        ds.DimensionOrganizationType = "3D"
-    shared = Dataset()
-    ori = Dataset()
-    ori.ImageOrientationPatient = [float(v) for v in phantom.orientation]
-    shared.PlaneOrientationSequence = DicomSequence([ori])
-    meas = Dataset()
-    meas.PixelSpacing = [float(phantom.spacing_mm[1]), float(phantom.spacing_mm[2])]
-    meas.SliceThickness = float(thickness)
-    if siemens:
-        meas.SpacingBetweenSlices = float(phantom.spacing_mm[0])
-    shared.PixelMeasuresSequence = DicomSequence([meas])
-    timing = Dataset()
-    timing.RepetitionTime = float(params.repetition_time_ms or 3000.0)
-    timing.FlipAngle = float(params.refocusing_angle_deg)
-    timing.EchoTrainLength = int(params.n_echoes)
-    shared.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
-    echo_item = Dataset()
-    echo_item.EffectiveEchoTime = float(te)
-    if siemens:  # one echo per instance: the echo time is shared, as XA writes it
-        shared.MREchoSequence = DicomSequence([echo_item])
-        pvt = Dataset()
-        pvt.RescaleIntercept = 0.0
-        pvt.RescaleSlope = 1.0
-        pvt.RescaleType = "US"
-        shared.PixelValueTransformationSequence = DicomSequence([pvt])
-    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-    order = list(range(len(positions)))[::-1] if siemens else list(range(len(positions)))
-    per_frame = []
-    for n, k in enumerate(order):
-        item = Dataset()
-        content = Dataset()
-        content.InStackPositionNumber = k + 1
-        content.StackID = "1"
-        if siemens:
-            content.FrameAcquisitionNumber = n + 1
-            content.DimensionIndexValues = [1, k + 1]
-            ftype = Dataset()
-            ftype.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-            item.MRImageFrameTypeSequence = DicomSequence([ftype])
-        item.FrameContentSequence = DicomSequence([content])
-        plane = Dataset()
-        plane.ImagePositionPatient = [float(v) for v in positions[k]]
-        item.PlanePositionSequence = DicomSequence([plane])
-        if not siemens:
-            item.MREchoSequence = DicomSequence([copy.deepcopy(echo_item)])
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
-    _pixels(ds, frames[order], bits=12 if siemens else 16)
-    return ds
