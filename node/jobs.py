@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Engine
@@ -89,7 +90,8 @@ class JobRunner(PollingLoop):
             self._pool = _new_pool(self.workers)
             # every worker compiles (fresh install) or loads (cached) the kernels before the
             # node accepts its first association, so the first study is as fast as the rest
-            warming = [self._pool.submit(warm_up) for _ in range(self.workers)]
+            cache = str(Path(self.ctx.data_dir) / "cache")   # the node's EPG tables: built once, then loaded
+            warming = [self._pool.submit(warm_up, cache) for _ in range(self.workers)]
             done, _ = cf.wait(warming, timeout=self.warm_up_timeout)
             seconds = [f.result() for f in done if f.exception() is None]
             log.info("%d worker(s) ready (warm-up %s s)", len(seconds), ", ".join(f"{s:.1f}" for s in seconds))

@@ -124,3 +124,19 @@ def test_serve_receives_and_status_reports(thigh_visits, tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_warmup_runs_every_kind_of_exam_and_fills_the_epg_cache(tmp_path, caplog):
+    """`musclenode warmup` (and each worker before the node listens) runs the pipeline on a
+    small exam of every series kind: nothing fails, and the EPG tables of its protocol are
+    cached where the node keeps them."""
+    import logging
+
+    from node.cli import main
+
+    with caplog.at_level(logging.WARNING, logger="node.warmup"):
+        from node.warmup import warm_up
+        seconds = warm_up(tmp_path / "cache")
+    assert seconds > 0 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert list((tmp_path / "cache").glob("epg-atoms-*.npz"))   # the protocol's water and fat tables
+    assert main(["-q", "warmup"]) == 0
