@@ -3,9 +3,9 @@
 numba compiles a kernel on its first call and, with ``cache=True``, writes the machine
 code next to the module (``__pycache__``), where later processes load it. On a fresh
 install the first study would pay for every compilation (about 25 s here). :func:`warm_up`
-runs the whole pipeline (Dixon with and without IP/OP, MESE classic and Enhanced MR,
-MEGRE magnitude and phase, SEG and SR) on a small synthetic exam, so that every kernel
-is compiled for the argument types real exams give it and cached. ``musclenode
+runs the whole pipeline, SEG and SR on two small synthetic exams that reach every kernel
+(Dixon water/fat/in/opposed phase with a MESE; Dixon with a MEGRE magnitude and phase),
+so that every kernel is compiled for the argument types real exams give it and cached. ``musclenode
 warmup`` runs it at install time (``quickstart.sh`` does); the node runs it in each
 worker process before it accepts its first association, which then only loads the cache.
 """
