@@ -11,7 +11,8 @@ from numba import njit, prange
 
 from ..errors import QuantError, SeriesError
 from ..noise import _otsu
-from .fieldmap import _circular_smooth, _wrap, select_coarse_to_fine, select_fieldmap
+from .fieldmap import _circular_smooth, _wrap, select_fieldmap
+from .reference import select_coarse_to_fine
 from .spectrum import HAMILTON_6PEAK, FatSpectrum, fat_signal_model
 
 
@@ -341,7 +342,7 @@ def megre_pdff(magnitude: np.ndarray, phase: np.ndarray, te_ms: Sequence[float],
         selection (default isotropic).
     fieldmap_method : str
         ``"region-growing"`` (default) or ``"coarse-to-fine"`` (the former smooth-reference
-        selection, :func:`quant.dixon.fieldmap.select_coarse_to_fine`, kept for comparison).
+        selection, :func:`quant.dixon.reference.select_coarse_to_fine`, kept for comparison).
 
     Returns
     -------

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .fieldmap import _circular_smooth, _wrap
+
 
 def rician_ml_reference(magnitudes: np.ndarray, kinds: Sequence[int], noise_sd: Sequence[float],
                         *, n_grid: int = 401) -> tuple[np.ndarray, np.ndarray]:
@@ -146,3 +148,57 @@ def pdff_fit_reference(sig: np.ndarray, te_ms: Sequence[float], c: np.ndarray, p
             w, f = -w, -f
         out[:, i] = (w, f, r.x)
     return out[0], out[1], out[2]
+
+
+def select_coarse_to_fine(cand_psi: np.ndarray, mask: np.ndarray, signal_weight: np.ndarray,
+                          period_hz: float) -> np.ndarray:
+    """The former selection of :func:`quant.dixon.megre_pdff`, kept for comparison: the
+    candidate nearest a smooth reference field (signal-weighted Gaussian average of the
+    current choice, on phasors), from a quarter of the field of view down to 2 voxels.
+    It fails where the reference is wrong over a region (fat-water swaps in blocks).
+
+    Parameters
+    ----------
+    cand_psi : ndarray, shape (n, k)
+        Candidates (Hz) of the voxels of ``mask``, best first; NaN where missing.
+    mask : ndarray of bool
+        Spatial mask.
+    signal_weight : ndarray, shape (n,)
+        Signal energy of each voxel.
+    period_hz : float
+        ``1 / delta TE``.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The chosen field map (Hz).
+    """
+    spatial = mask.shape
+    n = cand_psi.shape[0]
+    period = float(period_hz)
+    weight = np.zeros(spatial)
+    weight[mask] = signal_weight
+    weight /= max(weight.max(), 1e-300)
+    choice = np.zeros(spatial)
+    choice[mask] = cand_psi[:, 0]
+    size = max(spatial[-2:])
+    scales = []
+    s_vox = size / 4.0
+    while s_vox >= 2.0:
+        scales.append(s_vox)
+        s_vox /= 2.0
+    scales.append(2.0)
+    valid = np.isfinite(cand_psi)
+    for s_vox in scales:
+        for _ in range(2):
+            ref = _circular_smooth(np.where(mask, choice, 0.0), weight, period, s_vox)[mask]
+            d = np.abs(_wrap(cand_psi - ref[:, None], period))
+            d[~valid] = np.inf
+            picked = cand_psi[np.arange(n), np.argmin(d, axis=1)]
+            new = np.zeros(spatial)
+            new[mask] = picked
+            if np.allclose(new[mask], choice[mask]):
+                choice = new
+                break
+            choice = new
+    return choice[mask]
