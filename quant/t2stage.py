@@ -23,7 +23,7 @@ from .resample import resample_labels
 from .segment import Segmentation
 from .t2 import (
     DEFAULT_FAT_T2_MS,
-    T2Dictionary,
+    AtomsSource,
     T2Fit,
     build_dictionary,
     calibrate_fat_t2,
@@ -97,14 +97,15 @@ def mese_parameters(ds: Dataset, volume: Volume, options: T2Options) -> MesePara
 MIN_SNR = 5.0   # a voxel is fitted when its largest echo is above this many noise SDs
 
 
-def _fit(signals, params, options, fat_t2, noise_sd, atoms):
+def _fit(signals: np.ndarray, params: MeseParameters, options: T2Options, fat_t2: float, noise_sd: float | None,
+         atoms: AtomsSource | None) -> T2Fit:
     min_signal = MIN_SNR * noise_sd if noise_sd else 0.0
     if options.model == Model.BIEXP_FIXED_FAT:
         return fit_biexponential_fixed_fat(signals, params.echo_times_ms, t2f_ms=fat_t2, min_signal=min_signal)
     if options.model != Model.EPG_BICOMPONENT:
         raise QuantError(f"unknown T2 model {options.model!r} "
                          f"(expected {Model.EPG_BICOMPONENT.value!r} or {Model.BIEXP_FIXED_FAT.value!r})")
-    dictionary: T2Dictionary = build_dictionary(params, t2f_ms=fat_t2, atoms=atoms)
+    dictionary = build_dictionary(params, t2f_ms=fat_t2, atoms=atoms)
     return fit_water_t2(signals, dictionary, noise_sd=noise_sd, min_signal=min_signal)
 
 
