@@ -92,3 +92,35 @@ class Model(str, Enum):
     MEGRE_PDFF = "megre-pdff-6peak"          # multi-echo gradient echo: 6-peak fat, R2*, field map
     EPG_BICOMPONENT = "epg-bicomponent"      # MESE: bi-component slice-profile EPG dictionary fit
     BIEXP_FIXED_FAT = "biexp-fixed-fat"      # MESE: bi-exponential, fixed fat T2 (the UCL fallback)
+
+
+class Roi(str, Enum):
+    """A muscle or compartment below a region (``measurements.csv`` column ``roi``; empty
+    for the whole-region value). The values are the stable names exports and the API use.
+    """
+
+    # thigh
+    ANTERIOR_COMPARTMENT = "anterior_compartment"      # quadriceps with sartorius
+    MEDIAL_COMPARTMENT = "medial_compartment"          # adductors with gracilis
+    POSTERIOR_COMPARTMENT = "posterior_compartment"    # hamstrings
+    # calf (anterior_compartment as for the thigh)
+    LATERAL_COMPARTMENT = "lateral_compartment"        # peronei
+    TRICEPS_SURAE = "triceps_surae"                    # superficial posterior: gastrocnemius and soleus
+    DEEP_POSTERIOR_COMPARTMENT = "deep_posterior_compartment"
+
+
+#: The compartments of each region, in label order (label k + 1 in a compartment map).
+COMPARTMENTS: dict[Region, tuple[Roi, ...]] = {
+    Region.THIGH: (Roi.ANTERIOR_COMPARTMENT, Roi.MEDIAL_COMPARTMENT, Roi.POSTERIOR_COMPARTMENT),
+    Region.CALF: (Roi.ANTERIOR_COMPARTMENT, Roi.LATERAL_COMPARTMENT, Roi.TRICEPS_SURAE,
+                  Roi.DEEP_POSTERIOR_COMPARTMENT),
+}
+
+
+class RoiSource(str, Enum):
+    """Where an ROI came from (``measurements.csv`` column ``source``)."""
+
+    AUTOMATIC = "automatic"   # the node's own segmentation (whole region, automatic compartments)
+    READER = "reader"         # drawn by a reader on this visit
+    CARRIED = "carried"       # a reader's ROIs carried from another visit by registration
+    ATLAS = "atlas"           # fused from other subjects' reader ROIs
