@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("study_uid", "region", "side", "metric", "value", "unit", "model", "flags")
+CSV_COLUMNS = ("study_uid", "region", "roi", "source", "side", "metric", "value", "unit", "model", "flags")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
     if current is None:
         return out
     for m in analysis.measurements:
+        if m.roi:   # per-ROI comparisons need ROI sets across visits (not kept by the node yet)
+            continue
         key = (m.region, m.side.value, m.metric)
         if priors.get(key):
             out[(m.region, m.side, m.metric)] = compare(m.value, current, priors[key])
@@ -137,7 +139,7 @@ def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
     Dixon series' flags (fat-water swaps).
     """
     flags = ";".join(outputs.analysis.flags)   # Dixon-series flags (fat-water swaps) apply to Dixon values
-    return [(outputs.study_uid, m.region, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model,
+    return [(outputs.study_uid, m.region, m.roi, m.source, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model,
              flags if m.model.startswith("dixon") else "")
             for m in outputs.analysis.measurements]
 

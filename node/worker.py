@@ -128,6 +128,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
             select(db.measurements).where(db.measurements.c.study_uid == job.study_uid))}
         conn.execute(delete(db.measurements).where(db.measurements.c.study_uid == job.study_uid))
         for m in out.analysis.measurements:
+            if m.roi:   # the measurements table has no ROI column yet; the node measures no ROI sets yet
+                continue
             conn.execute(insert(db.measurements).values(
                 subject_key=study.subject_key, study_uid=job.study_uid, study_date=study.study_date,
                 region=m.region, side=m.side.value, metric=m.metric, value=m.value, unit=m.unit,
@@ -147,7 +149,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
-    after = {(m.region, m.side.value, m.metric): m.value for m in out.analysis.measurements}
+    after = {(m.region, m.side.value, m.metric): m.value for m in out.analysis.measurements if not m.roi}
     if after != before:  # new or changed values: later visits compare against them
         requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date)
     log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",

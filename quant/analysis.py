@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import ALGORITHM_VERSION
-from .enums import SeriesKind
+from .enums import RoiSource, SeriesKind
 from .errors import QuantError
 from .metrics import Measurement
 from .segment import Segmentation
@@ -21,6 +22,18 @@ if TYPE_CHECKING:
     from .t2stage import T2Result
 
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
+
+
+@dataclass(frozen=True, eq=False)
+class RoiSet:
+    """Muscles or compartments to measure below the region: a label map on the grid of the
+    volume segmented (:attr:`StudyAnalysis.anatomy`), the name of each label (a
+    :class:`~quant.enums.Roi` value or a reader's segment label) and where they came from.
+    """
+
+    labels: np.ndarray                # int, 0 outside every ROI
+    names: Mapping[int, str]          # label -> ROI name
+    source: RoiSource = RoiSource.READER
 
 
 class NoDixonError(QuantError):
@@ -42,6 +55,7 @@ class StudyAnalysis:
     notes: tuple[str, ...] = ()
     t2: T2Result | None = None      # water T2 of the multi-echo spin-echo series, if any
     flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
+    rois: RoiSet | None = None        # the ROIs measured besides the whole region, if any
 
     @property
     def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:

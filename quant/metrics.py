@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
 
-from .enums import Metric, Side
+from .enums import Metric, RoiSource, Side
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Measurement:
     algorithm_version: str
     n_voxels: int = 0
     model: str = ""      # the :class:`~quant.enums.Model` value of the model that made it
+    roi: str = ""        # a muscle or compartment below the region (a :class:`~quant.enums.Roi` value or a
+                         # reader's label); "" for the whole region
+    source: str = RoiSource.AUTOMATIC.value   # where the ROI came from (:class:`~quant.enums.RoiSource`)
 
 
 @njit(cache=True)
@@ -149,7 +153,8 @@ def partial_volume_weights(labels: np.ndarray, ff: np.ndarray, signal: np.ndarra
 
 def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[str, Side]], *,
                    pixel_area_mm2: float, slice_thickness_mm: float, algorithm_version: str,
-                   model: str = "dixon-magnitude", weights: np.ndarray | None = None
+                   model: str = "dixon-magnitude", weights: np.ndarray | None = None,
+                   roi_of: Mapping[int, str] | None = None, source: str = RoiSource.AUTOMATIC.value
                    ) -> tuple[list[Measurement], dict[int, np.ndarray]]:
     """CSA, VOL, FF and fRMA for each labelled muscle group.
 
@@ -165,6 +170,11 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
     weights : ndarray of float, optional
         Muscle content of each labelled voxel (partial volume, see
         :func:`partial_volume_weights`); 1 when not given.
+    roi_of : mapping group number -> ROI name, optional
+        Groups that are ROIs below the region (see :func:`roi_groups`); their measurements
+        carry the name as ``roi`` and ``source``.
+    source : str
+        :class:`~quant.enums.RoiSource` value of those ROIs.
 
     Returns
     -------
@@ -190,6 +200,63 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
             Metric.FF_PERCENT: ff_mean,
             Metric.FRMA_MM2: float(frma[present].mean()),
         }
+        roi = (roi_of or {}).get(g, "")
         for metric, value in values.items():
-            out.append(Measurement(region, side, metric.value, value, metric.unit, algorithm_version, n, model))
+            out.append(Measurement(region, side, metric.value, value, metric.unit, algorithm_version, n, model,
+                                   roi=roi, source=source if roi else RoiSource.AUTOMATIC.value))
     return out, per_slice
+
+
+def roi_groups(muscle_labels: np.ndarray, roi_labels: np.ndarray, side_labels: np.ndarray,
+               names: Mapping[int, str], region: str, *, reach_vox: float = 2.0
+               ) -> tuple[np.ndarray, dict[int, tuple[str, Side]], dict[int, str]]:
+    """Group labels for measuring ROIs with :func:`muscle_metrics`: one group per ROI and side.
+
+    Muscle voxels (``muscle_labels`` > 0, including the partial-volume edge voxels) take
+    the ROI they lie in; a muscle voxel outside every ROI but within ``reach_vox`` voxels
+    (in-plane) of one takes the nearest, so an ROI drawn to the muscle's edge keeps the
+    edge's partial volume.
+
+    Parameters
+    ----------
+    muscle_labels : ndarray of int
+        Muscle (and edge) voxels > 0.
+    roi_labels : ndarray of int, same shape
+        0 outside every ROI, else a key of ``names``.
+    side_labels : ndarray of int, same shape
+        :class:`~quant.enums.SideLabel` values.
+    names : mapping ROI label -> ROI name
+    region : str
+        Region of the measurements (``"thigh"``...).
+    reach_vox : float
+        How far (voxels, in-plane) an ROI reaches over unassigned muscle voxels.
+
+    Returns
+    -------
+    labels, groups, roi_of
+        The group label map, group -> (region, side), group -> ROI name.
+    """
+    from scipy import ndimage as ndi
+
+    from .enums import SideLabel
+
+    rois = np.asarray(roi_labels).astype(np.int64)
+    muscle = np.asarray(muscle_labels) > 0
+    if reach_vox > 0 and rois.any():
+        dist, idx = ndi.distance_transform_edt(rois == 0, sampling=(1e6, 1.0, 1.0), return_indices=True)
+        near = rois[tuple(idx)]
+        rois = np.where((rois == 0) & muscle & (dist <= reach_vox), near, rois)
+    sides = np.asarray(side_labels).astype(np.int64)
+    groups: dict[int, tuple[str, Side]] = {}
+    roi_of: dict[int, str] = {}
+    labels = np.zeros(rois.shape, np.int32)
+    for lab, name in sorted(names.items()):
+        for code in (SideLabel.RIGHT, SideLabel.LEFT, SideLabel.NONE):
+            sel = muscle & (rois == lab) & (sides == code)
+            if not sel.any():
+                continue
+            g = len(groups) + 1
+            labels[sel] = g
+            groups[g] = (region, SideLabel(code).side)
+            roi_of[g] = str(name)
+    return labels, groups, roi_of

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
-from .analysis import NoDixonError, StudyAnalysis
+from .analysis import NoDixonError, RoiSet, StudyAnalysis
 from .dixon import (
     correct_swaps,
     detect_swaps,
@@ -25,8 +25,8 @@ from .dixon import (
 from .enums import Metric, Model, SeriesKind, Tissue
 from .errors import QuantError, SeriesError
 from .mese_study import analyse_mese_study
-from .metrics import Measurement, muscle_metrics, partial_volume_weights
-from .segment import segment_legs
+from .metrics import Measurement, muscle_metrics, partial_volume_weights, roi_groups
+from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
 from .t2stage import T2Options, measure_t2
@@ -53,12 +53,14 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 
 
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
-                  atoms: AtomsSource | None = None) -> StudyAnalysis:
+                  atoms: AtomsSource | None = None, rois: RoiSet | None = None) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
     found on the Dixon images (``t2_options``; ``atoms(params, t2_grid_ms, b1_grid, t1_ms)``
-    may return the EPG tables from a cache, see :func:`quant.t2.build_dictionary`). A T2
+    may return the EPG tables from a cache, see :func:`quant.t2.build_dictionary`). With
+    ``rois`` (on the grid of the Dixon water or MEGRE series), every metric is also measured
+    per ROI and side (``Measurement.roi``, ``Measurement.source``). A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
     (:func:`quant.mese_study.analyse_mese_study`).
@@ -91,7 +93,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
-        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms)
+        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -141,7 +143,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             return roi_fat_fraction(w_arr, f_arr, roi, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
     signal = in_phase if in_phase is not None else w_arr + f_arr
     return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
-                    t2_options, atoms, flags, in_phase=in_phase)
+                    t2_options, atoms, flags, in_phase=in_phase, rois=rois)
 
 
 def _megre(by_series, infos, notes):
@@ -184,7 +186,7 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
     return a * (np.pi / 4096.0)
 
 
-def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms) -> StudyAnalysis:
+def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     anatomy, res = megre
     source = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
@@ -198,12 +200,13 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms) -> StudyAn
     def region_ff(roi: np.ndarray) -> float:
         return float(np.nanmean(pdff[roi]))
     return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
-                    source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [])
+                    source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [], rois=rois)
 
 
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
              source: SeriesInfo, model: Model, region_ff: Callable[[np.ndarray], float], notes: list[str],
-             t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None) -> StudyAnalysis:
+             t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None,
+             rois: RoiSet | None = None) -> StudyAnalysis:
     """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
@@ -232,14 +235,37 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
                     if m.metric == Metric.FF_PERCENT and np.isfinite(roi_ff[_group_of(groups, m)]) else m
                     for m in measurements]
     csa = {groups[g]: v for g, v in per_slice.items()}
+    if rois is not None:
+        measurements += _measure_rois(rois, labels_ext, weights, muscle_ff, core, seg, water, model, region_ff)
     notes.extend(seg.notes)
-    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms)
+    t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois)
     return StudyAnalysis(series=infos, anatomy=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
-                         flags=tuple(flags))
+                         flags=tuple(flags), rois=rois)
 
 
-def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms):
+def _measure_rois(rois: RoiSet, labels_ext: np.ndarray, weights: np.ndarray, muscle_ff: np.ndarray,
+                  core: np.ndarray, seg: Segmentation, water: Volume, model: Model,
+                  region_ff: Callable[[np.ndarray], float]) -> list[Measurement]:
+    """CSA, VOL, FF and fRMA of each ROI and side, the same way as the whole region's."""
+    if rois.labels.shape != labels_ext.shape:
+        raise SeriesError(f"ROI label map {rois.labels.shape} is not on the grid of the series segmented "
+                          f"{labels_ext.shape}")
+    roi_lab, roi_grp, roi_of = roi_groups(labels_ext, rois.labels, seg.side, rois.names, seg.region.value)
+    out, _ = muscle_metrics(roi_lab, muscle_ff, roi_grp, pixel_area_mm2=water.pixel_area_mm2,
+                            slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION,
+                            model=model.value, weights=weights, roi_of=roi_of, source=rois.source.value)
+    group = {(roi_of[g], side): g for g, (_, side) in roi_grp.items()}
+    ffs = {}
+    for g in roi_grp:
+        sel = roi_lab == g
+        inner = sel & core
+        ffs[g] = region_ff(inner if inner.sum() >= 50 else sel)
+    return [replace(m, value=100.0 * ffs[group[(m.roi, m.side)]])
+            if m.metric == Metric.FF_PERCENT and np.isfinite(ffs[group[(m.roi, m.side)]]) else m for m in out]
+
+
+def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois=None):
     t2 = None
     mese_info = _pick(infos, SeriesKind.MESE)
     if mese_info is not None:
@@ -247,7 +273,7 @@ def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, ato
         try:
             mese = assemble_volume(mese_ds)
             t2 = measure_t2(mese_ds, mese, water, seg, t2_options or T2Options(),
-                            atoms=atoms, algorithm_version=ALGORITHM_VERSION)
+                            atoms=atoms, algorithm_version=ALGORITHM_VERSION, rois=rois)
             measurements = list(measurements) + list(t2.measurements)
             series = mese_info.description or mese_info.series_instance_uid
             notes.append(f"water T2 ({t2.fit.model}) from series {series}, fat T2 {t2.fat_t2_ms:.0f} ms "

@@ -14,7 +14,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
-from .enums import Metric, Model, Side, SideLabel, Tissue
+from .analysis import RoiSet
+from .enums import Metric, Model, RoiSource, Side, SideLabel, Tissue
 from .epg import DEFAULT_REFOCUSING_TO_EXCITATION_SLAB_RATIO, MeseParameters
 from .errors import QuantError, SeriesError
 from .metrics import Measurement
@@ -112,8 +113,15 @@ def _fit(signals: np.ndarray, params: MeseParameters, options: T2Options, fat_t2
 def measure_t2(datasets: Sequence[Dataset], mese: Volume, anatomy: Volume, seg: Segmentation,
                options: T2Options = T2Options(), *,
                atoms: Callable[[MeseParameters, np.ndarray, np.ndarray, float], np.ndarray] | None = None,
-               algorithm_version: str = "") -> T2Result:
-    """Water T2 per region and side of one MESE series (see the module docstring)."""
+               algorithm_version: str = "", rois: RoiSet | None = None) -> T2Result:
+    """Water T2 per region and side of one MESE series (see the module docstring), and per
+    ROI and side when ``rois`` (on the grid of ``anatomy``) are given.
+
+    Returns
+    -------
+    T2Result
+        The fit's maps on the MESE grid, the fat T2 used and the measurements.
+    """
     if mese.array.ndim != 4:
         raise SeriesError("the multi-echo series did not assemble into echoes x slices")
     params = mese_parameters(datasets[0], mese, options)
@@ -161,17 +169,23 @@ def measure_t2(datasets: Sequence[Dataset], mese: Volume, anatomy: Volume, seg: 
         full[muscle] = getattr(fit_all, name)
         maps[name] = full
     fit = T2Fit(**maps, model=fit_all.model, t2f_ms=fit_all.t2f_ms, dictionary_key=fit_all.dictionary_key)
+    regions: list[tuple[np.ndarray, str]] = [(muscle, "")]
+    if rois is not None:
+        roi_grid = resample_labels(np.asarray(rois.labels).astype(np.uint8), anatomy, grid)
+        regions += [(muscle & (roi_grid == lab), str(name)) for lab, name in sorted(rois.names.items())]
     out = []
-    for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT), (Side.NONE, SideLabel.NONE)):
-        roi = muscle & (side == code)
-        if roi.sum() < MIN_ROI_VOXELS:
-            continue
-        summary = summarise(fit, roi)
-        for metric in T2_METRICS:
-            value = summary[metric.value]
-            if value is None or not math.isfinite(value):
+    for where, roi_name in regions:
+        for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT), (Side.NONE, SideLabel.NONE)):
+            roi = where & (side == code)
+            if roi.sum() < MIN_ROI_VOXELS:
                 continue
-            n = summary["n_fitted"] if metric is Metric.FF_T2_PERCENT else summary["n_voxels"]
-            out.append(Measurement(seg.region.value, s, metric.value, float(value), metric.unit,
-                                   algorithm_version, int(n), fit.model))
+            summary = summarise(fit, roi)
+            for metric in T2_METRICS:
+                value = summary[metric.value]
+                if value is None or not math.isfinite(value):
+                    continue
+                n = summary["n_fitted"] if metric is Metric.FF_T2_PERCENT else summary["n_voxels"]
+                out.append(Measurement(seg.region.value, s, metric.value, float(value), metric.unit,
+                                       algorithm_version, int(n), fit.model, roi=roi_name,
+                                       source=rois.source.value if roi_name and rois else RoiSource.AUTOMATIC.value))
     return T2Result(mese, params, fit, labels, fat_t2, source, tuple(out))

@@ -218,7 +218,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     region = analysis.segmentation.region
     by_key = {}
     for m in analysis.measurements:
-        if m.region == region.value and m.metric in codes.METRIC_CONCEPTS:
+        if m.region == region.value and not m.roi and m.metric in codes.METRIC_CONCEPTS:  # whole-region groups
             by_key[(m.region, Side(m.side), m.metric)] = m
     for key in comps:
         if key not in by_key:

@@ -29,8 +29,9 @@ def test_process_writes_seg_sr_and_csv(thigh_visits, tmp_path):
     assert len(list(out.glob("seg-*.dcm"))) == 1 and len(list(out.glob("sr-*.dcm"))) == 1
     with open(out / "measurements.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["study_uid", "region", "side", "metric", "value", "unit", "model",
-                                 "flags"]
+    assert list(rows[0]) == ["study_uid", "region", "roi", "source", "side", "metric", "value", "unit", "model",
+                             "flags"]
+    assert {(r["roi"], r["source"]) for r in rows} == {("", "automatic")}   # whole-region values
     assert len(rows) == 18    # 4 Dixon and 5 water-T2 metrics per leg
     truth = {(s.value, m): v for (s, m), v in phantom.truth.items()}
     for row in rows:
