@@ -120,18 +120,18 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
 # leg's own side), v posterior (+y). Every intermuscular septum is a ray from one long
 # bone's centre (the bone covers its start); the compartments are the wedges between
 # consecutive rays, counter-clockwise in (u, v) from the listed angle atan2(v, u).
-# Thigh, around the femur: the lateral septum (lateral, a little posterior), the
+# Thigh, around the femur: the lateral septum (lateral, a little anterior), the
 # posteromedial septum and the medial septum (antero-medial) give a large anterior,
 # a posterior and a medial compartment.
 # Calf, around the fibula: the anterior and posterior intermuscular septa bound the
-# lateral (peroneal) compartment; the deep transverse septum runs medially behind the
-# tibia; the interosseous membrane runs through the tibia on to the medial fascia.
-_CALF_IO = float(np.arctan2(-22.0, -26.0)) + 2 * np.pi   # fibula centre -> tibia centre
+# lateral (peroneal) compartment; the interosseous membrane runs from the fibula to the
+# back half of the tibia and, past it, on to the medial fascia; the deep transverse
+# septum runs medially behind the tibia, between deep posterior and triceps surae.
 _SEPTA: dict[Region, tuple[tuple[float, float], tuple[tuple[float, Roi], ...]]] = {
     Region.THIGH: ((6.0, 8.0), ((-0.25, Roi.POSTERIOR_COMPARTMENT), (2.3, Roi.MEDIAL_COMPARTMENT),
                                 (3.55, Roi.ANTERIOR_COMPARTMENT))),
-    Region.CALF: ((16.0, 8.0), ((-1.35, Roi.LATERAL_COMPARTMENT), (0.5, Roi.TRICEPS_SURAE),
-                                (3.3, Roi.DEEP_POSTERIOR_COMPARTMENT), (_CALF_IO, Roi.ANTERIOR_COMPARTMENT))),
+    Region.CALF: ((16.0, 8.0), ((-1.55, Roi.LATERAL_COMPARTMENT), (-0.05, Roi.TRICEPS_SURAE),
+                                (3.15, Roi.DEEP_POSTERIOR_COMPARTMENT), (3.55, Roi.ANTERIOR_COMPARTMENT))),
 }
 
 
