@@ -126,6 +126,19 @@ def test_compartment_ff_raises_that_compartment():
     assert 80 < gain < 120
     with pytest.raises(ValueError):
         make_leg_phantom("thigh", shape=SHAPE, compartment_ff={"triceps_surae": 0.1})
+    with pytest.raises(ValueError):
+        make_leg_phantom("thigh", shape=SHAPE, compartment_t2w_ms={"right:anterior_compartment": 40.0})
+
+
+def test_compartment_ff_per_side():
+    base = make_leg_phantom("thigh", shape=SHAPE, compartments=True)
+    more = make_leg_phantom("thigh", shape=SHAPE, compartment_ff={"medial_compartment": 0.05,
+                                                                   "right:medial_compartment": 0.10})
+    for side, extra in (("right", 15.0), ("left", 5.0)):
+        key = (side, "medial_compartment", "ff_percent")
+        assert more.compartment_truth[key] - base.compartment_truth[key] == pytest.approx(extra, abs=0.05)
+        key = (side, "anterior_compartment", "ff_percent")
+        assert more.compartment_truth[key] == pytest.approx(base.compartment_truth[key], abs=1e-9)
 
 
 def test_compartment_t2w_map_and_mese_truth():

@@ -5,6 +5,13 @@ ellipse; inside it muscle with thin pure-fat septa between muscle groups, and th
 bones (femur; or tibia and fibula) as a dark cortex around fatty marrow. The leg
 tapers along the slices. Muscle fat fraction varies smoothly around a chosen mean.
 
+With ``compartments=True`` the septa radiate from the femur (or the fibula) and divide
+the muscle into the compartments of :data:`quant.enums.COMPARTMENTS` (thigh: anterior,
+medial, posterior; calf: anterior, lateral, triceps surae, deep posterior), each with
+its own optional extra FF and water T2, and the truth is given per compartment too.
+``shift_mm`` and ``rotation_deg`` reposition the anatomy on the same image grid (another
+visit of the same subject).
+
 Signals are magnitude images as a scanner sends them: complex Gaussian noise of
 standard deviation ``pd / snr`` on each of water, fat, in-phase and opposed-phase, then
 the magnitude (Rician). Truth metrics are computed from the label map and the true FF,
@@ -46,7 +53,16 @@ def file_meta(sop_class: str, sop_instance_uid: str) -> FileMetaDataset:
 
 @dataclass(frozen=True, eq=False)
 class LegPhantom:
-    """Images, geometry and truth of one synthetic exam."""
+    """Images, geometry and truth of one synthetic exam.
+
+    ``truth`` maps ``(Side, metric)`` to the whole-leg value. With compartments,
+    ``compartment`` is a uint8 map on the voxel grid (0 where the voxel's tissue label
+    is not muscle, k + 1 for ``COMPARTMENTS[region][k]``: the compartment of most of
+    the voxel's muscle), ``compartment_truth`` maps ``(side value, Roi value, metric)``
+    to the value (csa_mm2, vol_ml, ff_percent, frma_mm2 with partial volume; t2w_ms
+    where given), and ``t2w_ms_map`` holds the given water T2 of muscle voxels by
+    compartment (NaN elsewhere and in compartments without one).
+    """
 
     water: np.ndarray
     fat: np.ndarray
@@ -160,15 +176,24 @@ def _septum_rays(u: np.ndarray, v: np.ndarray, region: Region, half_width: float
     return out
 
 
-def _roi_values(region: Region, values: Mapping[str, float] | None, what: str) -> np.ndarray:
-    """Per-label lookup table (index 0: no compartment, NaN where not given)."""
+def _roi_values(region: Region, values: Mapping[str, float] | None, what: str,
+                side: Side | None = None) -> np.ndarray:
+    """Per-label lookup table (index 0: no compartment, NaN where not given). Keys are Roi
+    values (both legs) or, with ``side``, also ``"<side>:<roi>"`` (that leg, added on top).
+    """
     rois = COMPARTMENTS.get(region, ())
     lut = np.full(len(rois) + 1, np.nan)
     for key, val in (values or {}).items():
-        roi = Roi(key)
+        which, _, name = str(getattr(key, "value", key)).rpartition(":")
+        if which and (side is None or Side(which) not in (Side.RIGHT, Side.LEFT)):
+            raise ValueError(f"{what}: no per-side value allowed here ({key})")
+        roi = Roi(name)
         if roi not in rois:
             raise ValueError(f"{what}: {roi.value} is not a compartment of the {region.value}")
-        lut[rois.index(roi) + 1] = float(val)
+        if which and Side(which) is not side:
+            continue
+        i = rois.index(roi) + 1
+        lut[i] = np.nan_to_num(lut[i]) + float(val)
     return lut
 
 
@@ -251,7 +276,8 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         Implied by ``compartment_ff`` or ``compartment_t2w_ms``. False (the default)
         gives the phantom as before, without a compartment map.
     compartment_ff : Roi value -> extra fat fraction (0..1) added to the muscle FF of
-        that compartment in both legs
+        that compartment in both legs; a key ``"right:<roi>"`` or ``"left:<roi>"`` adds
+        to that leg only (on top of a both-legs value)
     compartment_t2w_ms : Roi value -> water T2 (ms) of the muscle of that compartment:
         :attr:`LegPhantom.t2w_ms_map` (used by :func:`quant.synthetic.exam.mese_truth_maps`)
         and ``t2w_ms`` in the compartment truth
@@ -277,7 +303,8 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     f = int(supersample)
     hp = pixel_mm / f
     origin = (-(nx - 1) * pixel_mm / 2, -(ny - 1) * pixel_mm / 2, -(nz - 1) * slice_mm / 2)
-    ff_lut = _roi_values(region, compartment_ff, "compartment_ff")
+    ff_luts = {code: np.nan_to_num(_roi_values(region, compartment_ff, "compartment_ff", code.side))
+               for code in (SideLabel.RIGHT, SideLabel.LEFT)}
     t2_lut = _roi_values(region, compartment_t2w_ms, "compartment_t2w_ms")
     compartments = bool(compartments or compartment_ff or compartment_t2w_ms)
     if compartments and region not in _SEPTA:
@@ -346,7 +373,7 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 u, v = (x - cx) * sgn, y - cy
                 labels = np.broadcast_to(_compartment_labels(u, v, region), mus.shape)
                 h_comp[mus] = labels[mus]
-                ffm = ffm + np.nan_to_num(ff_lut)[labels]
+                ffm = ffm + ff_luts[code][labels]
             h_ff[mus] = np.clip(ffm, 0, 1)[mus]
             h_pd[mus] = PD
             if fascia_mm > 0:  # dark connective tissue between SAT and muscle
