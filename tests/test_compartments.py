@@ -1,0 +1,127 @@
+"""Per-ROI measurement (quant.pipeline with a RoiSet) and automatic compartments
+(quant.compartments) against the compartment truth of the phantom (quant.synthetic.phantom,
+``compartments=True``: septa as thin fat planes, partial volume at every boundary)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quant.analysis import RoiSet
+from quant.compartments import automatic_compartments
+from quant.enums import COMPARTMENTS, Region, Roi, RoiSource, SideLabel
+from quant.pipeline import analyse_study
+from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
+
+# per-compartment tolerances of issue 10's acceptance
+CSA_TOL, FF_TOL_PP, FRMA_TOL = 0.05, 1.5, 0.06
+
+
+def _phantom(region: Region):
+    return make_leg_phantom(region, shape=(8, 160, 256), snr=40, seed=3, supersample=3, bias_field=0.3,
+                            fascia_mm=1.0, compartments=True, compartment_ff={Roi.ANTERIOR_COMPARTMENT.value: 0.12})
+
+
+@pytest.fixture(scope="module")
+def studies():
+    out = {}
+    for region in (Region.THIGH, Region.CALF):
+        ph = _phantom(region)
+        dss = phantom_datasets(ph)
+        out[region] = (ph, dss, analyse_study(dss))
+    return out
+
+
+def _names(region: Region) -> dict[int, str]:
+    return {i + 1: r.value for i, r in enumerate(COMPARTMENTS[region])}
+
+
+def _errors(analysis, phantom, roi: str | None = None):
+    """(side, roi, metric) -> error (relative for areas, pp for FF) of every ROI measurement."""
+    out = {}
+    for m in analysis.measurements:
+        if not m.roi or (roi is not None and m.roi != roi):
+            continue
+        truth = phantom.compartment_truth.get((m.side.value, m.roi, m.metric))
+        if truth is None or m.metric == "vol_ml":
+            continue
+        out[(m.side.value, m.roi, m.metric)] = m.value - truth if m.metric == "ff_percent" else m.value / truth - 1
+    return out
+
+
+def _check(errors: dict, csa=CSA_TOL, ff=FF_TOL_PP, frma=FRMA_TOL) -> None:
+    assert errors
+    for (side, roi, metric), err in errors.items():
+        tol = {"csa_mm2": csa, "ff_percent": ff, "frma_mm2": frma}[metric]
+        assert abs(err) <= tol, f"{side} {roi} {metric}: error {err:+.4f} (tolerance {tol})"
+
+
+def test_reader_rois_are_measured_per_roi_and_side(studies):
+    """A reader's compartments (the true labels) measured like the whole leg: thigh within
+    the acceptance tolerances (measured: CSA <= 0.4 %, FF <= 0.13 pp); the calf's anterior
+    compartment and triceps surae too."""
+    ph, dss, _ = studies[Region.THIGH]
+    a = analyse_study(dss, rois=RoiSet(ph.compartment, _names(Region.THIGH), RoiSource.READER))
+    rows = [m for m in a.measurements if m.roi]
+    assert {m.roi for m in rows} == {r.value for r in COMPARTMENTS[Region.THIGH]}
+    assert {m.source for m in rows} == {"reader"} and {m.side.value for m in rows} == {"right", "left"}
+    assert {m.metric for m in rows} == {"csa_mm2", "vol_ml", "ff_percent", "frma_mm2"}
+    assert {m.source for m in a.measurements if not m.roi} == {"automatic"}
+    _check(_errors(a, ph), csa=0.01, ff=0.3, frma=0.01)
+    # the fatty anterior compartment reads fattier than the others
+    ff = {(m.side.value, m.roi): m.value for m in rows if m.metric == "ff_percent"}
+    assert ff[("right", "anterior_compartment")] - ff[("right", "medial_compartment")] > 10.0
+    ph, dss, _ = studies[Region.CALF]
+    a = analyse_study(dss, rois=RoiSet(ph.compartment, _names(Region.CALF), RoiSource.READER))
+    for roi in (Roi.ANTERIOR_COMPARTMENT, Roi.TRICEPS_SURAE):
+        _check(_errors(a, ph, roi.value))
+
+
+def test_roi_labels_off_the_grid_are_refused(studies):
+    ph, dss, _ = studies[Region.THIGH]
+    with pytest.raises(Exception, match="grid"):
+        analyse_study(dss, rois=RoiSet(ph.compartment[:, :-1], _names(Region.THIGH)))
+
+
+def test_automatic_thigh_compartments_follow_the_septa(studies):
+    """Marker-controlled watershed from bone landmarks: Dice >= 0.97 per compartment
+    (measured 0.979-0.984), values within 1 % / 0.3 pp of truth."""
+    ph, dss, a = studies[Region.THIGH]
+    rois = automatic_compartments(a.segmentation, a.fat_fraction, a.anatomy)
+    assert rois is not None and rois.source is RoiSource.AUTOMATIC and dict(rois.names) == _names(Region.THIGH)
+    for label in rois.names:
+        for side in (SideLabel.RIGHT, SideLabel.LEFT):
+            auto = (rois.labels == label) & (a.segmentation.side == side)
+            true = (ph.compartment == label) & (ph.side == side)
+            dice = 2 * (auto & true).sum() / (auto.sum() + true.sum())
+            assert dice >= 0.97, (rois.names[label], side, dice)
+    measured = analyse_study(dss, rois=rois)
+    assert {m.source for m in measured.measurements if m.roi} == {"automatic"}
+    _check(_errors(measured, ph), csa=0.01, ff=0.3, frma=0.01)
+
+
+def test_automatic_calf_compartments(studies):
+    """The calf's four compartments from tibia and fibula: anterior and lateral follow the
+    septa (Dice >= 0.9); the deep posterior compartment, a thin wedge behind the bones, is
+    the weakest (measured Dice 0.81-0.90, CSA +18 to +42 %): stated in README."""
+    ph, dss, a = studies[Region.CALF]
+    rois = automatic_compartments(a.segmentation, a.fat_fraction, a.anatomy)
+    assert rois is not None
+    dice = {}
+    for label, name in rois.names.items():
+        for side in (SideLabel.RIGHT, SideLabel.LEFT):
+            auto = (rois.labels == label) & (a.segmentation.side == side)
+            true = (ph.compartment == label) & (ph.side == side)
+            dice[(name, side)] = 2 * (auto & true).sum() / (auto.sum() + true.sum())
+    for side in (SideLabel.RIGHT, SideLabel.LEFT):
+        assert dice[(Roi.ANTERIOR_COMPARTMENT.value, side)] >= 0.9
+        assert dice[(Roi.LATERAL_COMPARTMENT.value, side)] >= 0.9
+        assert dice[(Roi.TRICEPS_SURAE.value, side)] >= 0.85
+        assert dice[(Roi.DEEP_POSTERIOR_COMPARTMENT.value, side)] >= 0.7
+
+
+def test_no_compartments_for_a_leg_of_unknown_level(studies):
+    ph, dss, a = studies[Region.THIGH]
+    from dataclasses import replace
+    assert automatic_compartments(replace(a.segmentation, region=Region.LEG), a.fat_fraction, a.anatomy) is None
+    assert np.isin(np.unique(ph.compartment), [0, 1, 2, 3]).all()
