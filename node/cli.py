@@ -118,7 +118,8 @@ def cmd_process(args: argparse.Namespace) -> int:
     rows, failed = [], 0
     for study_uid, dss in _group_studies(datasets).items():
         try:
-            result = build_outputs(dss, t2_options=config.t2.options(), atoms=provider)
+            result = build_outputs(dss, t2_options=config.t2.options(), atoms=provider,
+                                   compartments=args.compartments)
         except QuantError as exc:
             print(f"study {study_uid}: {exc}", file=sys.stderr)
             failed += 1
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", "-o", required=True, help="folder for the SEG, SR and measurements.csv")
     s.add_argument("--config", "-c", help="TOML configuration ([t2] settings; the EPG dictionary cache "
                                           "is kept under node.data_dir)")
+    s.add_argument("--compartments", action="store_true",
+                   help="also measure the automatic compartments of a thigh or calf (rows with roi and "
+                        "source 'automatic' in measurements.csv)")
     s.set_defaults(func=cmd_process)
     s = sub.add_parser("demo", help="push a synthetic two-visit exam through a node and show the results")
     s.add_argument("--workdir", help="keep the demo's files here (default: a new temporary folder)")

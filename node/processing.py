@@ -98,8 +98,9 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
 def build_outputs(datasets: Sequence[Dataset],
                   priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None,
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
-                  atoms: AtomsSource | None = None) -> StudyOutputs:
-    """Analyse one study's MR datasets and build its SEG and SR.
+                  atoms: AtomsSource | None = None, compartments: bool = False) -> StudyOutputs:
+    """Analyse one study's MR datasets and build its SEG and SR (``compartments``: measure the
+    automatic compartments too, see :func:`quant.pipeline.analyse_study`).
 
     ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
@@ -108,7 +109,7 @@ def build_outputs(datasets: Sequence[Dataset],
     from reports.seg import build_seg
     from reports.sr import build_sr
 
-    analysis = analyse_study(datasets, t2_options=t2_options, atoms=atoms)
+    analysis = analyse_study(datasets, t2_options=t2_options, atoms=atoms, compartments=compartments)
     water = {str(d.SOPInstanceUID): d for d in datasets
              if str(d.SeriesInstanceUID) == analysis.anatomy.series_instance_uid}
     source = [water[uid] for uid in dict.fromkeys(analysis.anatomy.sop_instance_uids)]

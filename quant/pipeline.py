@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
 from .analysis import NoDixonError, RoiSet, StudyAnalysis
+from .compartments import automatic_compartments
 from .dixon import (
     correct_swaps,
     detect_swaps,
@@ -53,14 +54,17 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 
 
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
-                  atoms: AtomsSource | None = None, rois: RoiSet | None = None) -> StudyAnalysis:
+                  atoms: AtomsSource | None = None, rois: RoiSet | None = None,
+                  compartments: bool = False) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
     found on the Dixon images (``t2_options``; ``atoms(params, t2_grid_ms, b1_grid, t1_ms)``
     may return the EPG tables from a cache, see :func:`quant.t2.build_dictionary`). With
     ``rois`` (on the grid of the Dixon water or MEGRE series), every metric is also measured
-    per ROI and side (``Measurement.roi``, ``Measurement.source``). A T2
+    per ROI and side (``Measurement.roi``, ``Measurement.source``); without ``rois`` and with
+    ``compartments``, the automatic compartments of a thigh or calf are measured
+    (:func:`quant.compartments.automatic_compartments`). A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
     (:func:`quant.mese_study.analyse_mese_study`).
@@ -93,7 +97,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
-        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois)
+        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -143,7 +147,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             return roi_fat_fraction(w_arr, f_arr, roi, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
     signal = in_phase if in_phase is not None else w_arr + f_arr
     return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
-                    t2_options, atoms, flags, in_phase=in_phase, rois=rois)
+                    t2_options, atoms, flags, in_phase=in_phase, rois=rois, compartments=compartments)
 
 
 def _megre(by_series, infos, notes):
@@ -186,7 +190,7 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
     return a * (np.pi / 4096.0)
 
 
-def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None) -> StudyAnalysis:
+def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None, compartments=False) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     anatomy, res = megre
     source = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
@@ -200,13 +204,14 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None)
     def region_ff(roi: np.ndarray) -> float:
         return float(np.nanmean(pdff[roi]))
     return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
-                    source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [], rois=rois)
+                    source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [], rois=rois,
+                    compartments=compartments)
 
 
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
              source: SeriesInfo, model: Model, region_ff: Callable[[np.ndarray], float], notes: list[str],
              t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None,
-             rois: RoiSet | None = None) -> StudyAnalysis:
+             rois: RoiSet | None = None, compartments: bool = False) -> StudyAnalysis:
     """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
@@ -235,6 +240,10 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
                     if m.metric == Metric.FF_PERCENT and np.isfinite(roi_ff[_group_of(groups, m)]) else m
                     for m in measurements]
     csa = {groups[g]: v for g, v in per_slice.items()}
+    if rois is None and compartments:
+        rois = automatic_compartments(seg, ff, water)
+        if rois is None:
+            notes.append(f"no automatic compartments for region {seg.region.value}")
     if rois is not None:
         measurements += _measure_rois(rois, labels_ext, weights, muscle_ff, core, seg, water, model, region_ff)
     notes.extend(seg.notes)

@@ -141,3 +141,26 @@ def test_warmup_runs_every_kind_of_exam_and_fills_the_epg_cache(tmp_path, caplog
     assert seconds > 0 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert list((tmp_path / "cache").glob("epg-atoms-*.npz"))   # the protocol's water and fat tables
     assert main(["-q", "warmup"]) == 0
+
+
+def test_process_with_compartments_adds_automatic_compartment_rows(tmp_path):
+    from quant.enums import Region
+    from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
+
+    phantom = make_leg_phantom(Region.THIGH, shape=(6, 160, 256), snr=40, seed=5, compartments=True)
+    write_datasets(phantom_datasets(phantom), tmp_path / "in")
+    r = run("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--compartments")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "out" / "measurements.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    rois = [r for r in rows if r["roi"]]
+    assert {r["roi"] for r in rois} == {"anterior_compartment", "medial_compartment", "posterior_compartment"}
+    assert {r["source"] for r in rois} == {"automatic"}
+    for side in ("right", "left"):
+        leg = next(float(r["value"]) for r in rows if not r["roi"] and r["side"] == side and r["metric"] == "csa_mm2")
+        parts = [float(r["value"]) for r in rois if r["side"] == side and r["metric"] == "csa_mm2"]
+        assert abs(sum(parts) - leg) < 0.02 * leg       # the compartments tile the muscle
+        for r in rois:
+            if r["side"] == side and r["metric"] == "csa_mm2":
+                truth = phantom.compartment_truth[(side, r["roi"], "csa_mm2")]
+                assert abs(float(r["value"]) / truth - 1) < 0.05, r   # no sub-voxel partial volume here
