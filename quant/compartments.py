@@ -21,9 +21,10 @@ DICOM LPS is the patient's left, +y posterior):
   surae) at the back of the leg.
 
 The markers then grow over the muscle and the septa by a marker-controlled watershed
-(SimpleITK ``MorphologicalWatershedFromMarkers``) on the fat fraction, so that the
+(SimpleITK ``MorphologicalWatershedFromMarkers``) on the fat fraction above
+steps of :data:`FF_STEP` (flat within muscle; a ridge on the septa), so that the
 boundaries between compartments follow the septa where the images show them and fall
-midway between the markers where they do not. Only muscle voxels are labelled.
+midway (geodesically) between the markers where they do not. Only muscle voxels are labelled.
 
 The result is an automatic ROI set (:class:`quant.analysis.RoiSet` with source
 ``automatic``): never a reader's ROIs, and never compared with them.
@@ -44,6 +45,8 @@ from .volume import Volume
 MARKER_RADIUS_VOX = 2.0
 #: Where along the ray from the landmark to the fascia the marker sits (0: landmark, 1: fascia).
 MARKER_DEPTH = 0.55
+#: Steps of the fat fraction the watershed floods by (muscle is flat within a step; septa are fat).
+FF_STEP = 0.02
 #: Fewest muscle voxels of a leg in a slice for compartments to be placed there.
 MIN_SLICE_VOXELS = 50
 
@@ -150,7 +153,11 @@ def automatic_compartments(seg: Segmentation, ff: np.ndarray, anatomy: Volume) -
     tissue, side = seg.tissue, seg.side
     nz, ny, nx = tissue.shape
     labels = np.zeros(tissue.shape, np.uint8)
-    elevation_all = np.nan_to_num(np.asarray(ff, dtype=np.float32), nan=1.0)
+    # the fat fraction in steps of FF_STEP: flat in muscle, so that flooding from the markers
+    # is geodesic there (ITK floods a level first in, first out) rather than driven by the
+    # noise of the FF, and a ridge on the septa, partial-volume septa voxels included
+    elevation_all = np.floor(np.clip(np.nan_to_num(np.asarray(ff, dtype=np.float32), nan=1.0), 0.0, 1.0)
+                             / FF_STEP) * FF_STEP
     pixel_mm = float(np.sqrt(anatomy.pixel_area_mm2))
     rr, cc = np.mgrid[0:ny, 0:nx]
     for k in range(nz):

@@ -147,7 +147,7 @@ def test_process_with_compartments_adds_automatic_compartment_rows(tmp_path):
     from quant.enums import Region
     from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
 
-    phantom = make_leg_phantom(Region.THIGH, shape=(6, 160, 256), snr=40, seed=5, compartments=True)
+    phantom = make_leg_phantom(Region.THIGH, shape=(6, 160, 256), snr=40, seed=5, supersample=3, compartments=True)
     write_datasets(phantom_datasets(phantom), tmp_path / "in")
     r = run("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--compartments")
     assert r.returncode == 0, r.stderr
@@ -163,4 +163,4 @@ def test_process_with_compartments_adds_automatic_compartment_rows(tmp_path):
         for r in rois:
             if r["side"] == side and r["metric"] == "csa_mm2":
                 truth = phantom.compartment_truth[(side, r["roi"], "csa_mm2")]
-                assert abs(float(r["value"]) / truth - 1) < 0.05, r   # no sub-voxel partial volume here
+                assert abs(float(r["value"]) / truth - 1) < 0.02, r

@@ -101,9 +101,9 @@ def test_automatic_thigh_compartments_follow_the_septa(studies):
 
 
 def test_automatic_calf_compartments(studies):
-    """The calf's four compartments from tibia and fibula: anterior and lateral follow the
-    septa (Dice >= 0.9); the deep posterior compartment, a thin wedge behind the bones, is
-    the weakest (measured Dice 0.81-0.90, CSA +18 to +42 %): stated in README."""
+    """The calf's four compartments from tibia and fibula: measured Dice 0.92-0.96 (anterior,
+    lateral, triceps surae) and 0.88-0.91 for the deep posterior compartment, a thin wedge
+    behind the bones whose CSA then reads 14-22 % high: stated in README."""
     ph, dss, a = studies[Region.CALF]
     rois = automatic_compartments(a.segmentation, a.fat_fraction, a.anatomy)
     assert rois is not None
@@ -116,8 +116,8 @@ def test_automatic_calf_compartments(studies):
     for side in (SideLabel.RIGHT, SideLabel.LEFT):
         assert dice[(Roi.ANTERIOR_COMPARTMENT.value, side)] >= 0.9
         assert dice[(Roi.LATERAL_COMPARTMENT.value, side)] >= 0.9
-        assert dice[(Roi.TRICEPS_SURAE.value, side)] >= 0.85
-        assert dice[(Roi.DEEP_POSTERIOR_COMPARTMENT.value, side)] >= 0.7
+        assert dice[(Roi.TRICEPS_SURAE.value, side)] >= 0.9
+        assert dice[(Roi.DEEP_POSTERIOR_COMPARTMENT.value, side)] >= 0.85
 
 
 def test_no_compartments_for_a_leg_of_unknown_level(studies):
