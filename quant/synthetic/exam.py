@@ -34,10 +34,18 @@ def _uid(*parts) -> str:
 def mese_truth_maps(phantom: LegPhantom, *, t2w_muscle_ms: float, right_t2_offset_ms: float = 0.0,
                     b1_range: tuple[float, float] = (0.85, 1.05),
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Water T2 (ms), PD fat fraction, B1 and proton density maps of the phantom."""
+    """Water T2 (ms), PD fat fraction, B1 and proton density maps of the phantom.
+
+    Muscle has ``t2w_muscle_ms``, or the compartment's T2 where the phantom has a
+    :attr:`~quant.synthetic.phantom.LegPhantom.t2w_ms_map` (finite values); the right
+    leg's muscle then gets ``right_t2_offset_ms`` on top.
+    """
     t2w = np.full(phantom.tissue.shape, 30.0, np.float32)     # water in fat tissue, marrow
     muscle = phantom.tissue == Tissue.MUSCLE
     t2w[muscle] = t2w_muscle_ms
+    if phantom.t2w_ms_map is not None:
+        given = muscle & np.isfinite(phantom.t2w_ms_map)
+        t2w[given] = phantom.t2w_ms_map[given]
     t2w[muscle & (phantom.side == SideLabel.RIGHT)] += right_t2_offset_ms
     if phantom.pd is not None:
         pd = phantom.pd.astype(np.float32)

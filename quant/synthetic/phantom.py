@@ -5,6 +5,13 @@ ellipse; inside it muscle with thin pure-fat septa between muscle groups, and th
 bones (femur; or tibia and fibula) as a dark cortex around fatty marrow. The leg
 tapers along the slices. Muscle fat fraction varies smoothly around a chosen mean.
 
+With ``compartments=True`` the septa radiate from the femur (or the fibula) and divide
+the muscle into the compartments of :data:`quant.enums.COMPARTMENTS` (thigh: anterior,
+medial, posterior; calf: anterior, lateral, triceps surae, deep posterior), each with
+its own optional extra FF and water T2, and the truth is given per compartment too.
+``shift_mm`` and ``rotation_deg`` reposition the anatomy on the same image grid (another
+visit of the same subject).
+
 Signals are magnitude images as a scanner sends them: complex Gaussian noise of
 standard deviation ``pd / snr`` on each of water, fat, in-phase and opposed-phase, then
 the magnitude (Rician). Truth metrics are computed from the label map and the true FF,
@@ -13,6 +20,7 @@ with the same definitions as :mod:`quant.metrics`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +31,7 @@ from reports.uids import derive_uid
 if TYPE_CHECKING:
     from pydicom.dataset import FileMetaDataset
 
-from ..enums import Region, Side, SideLabel, Tissue
+from ..enums import COMPARTMENTS, Region, Roi, Side, SideLabel, Tissue
 
 PD = 1000.0  # proton density of muscle and fat (arbitrary units)
 SAT_FF = 0.92
@@ -45,7 +53,16 @@ def file_meta(sop_class: str, sop_instance_uid: str) -> FileMetaDataset:
 
 @dataclass(frozen=True, eq=False)
 class LegPhantom:
-    """Images, geometry and truth of one synthetic exam."""
+    """Images, geometry and truth of one synthetic exam.
+
+    ``truth`` maps ``(Side, metric)`` to the whole-leg value. With compartments,
+    ``compartment`` is a uint8 map on the voxel grid (0 where the voxel's tissue label
+    is not muscle, k + 1 for ``COMPARTMENTS[region][k]``: the compartment of most of
+    the voxel's muscle), ``compartment_truth`` maps ``(side value, Roi value, metric)``
+    to the value (csa_mm2, vol_ml, ff_percent, frma_mm2 with partial volume; t2w_ms
+    where given), and ``t2w_ms_map`` holds the given water T2 of muscle voxels by
+    compartment (NaN elsewhere and in compartments without one).
+    """
 
     water: np.ndarray
     fat: np.ndarray
@@ -62,6 +79,11 @@ class LegPhantom:
     snr: float = 0.0
     pd: np.ndarray | None = None               # proton density relative to muscle (0..1)
     muscle_fraction: np.ndarray | None = None  # muscle fraction of each voxel (partial volume)
+    # compartments (``make_leg_phantom(compartments=True)``): uint8 map, 0 outside muscle,
+    # k + 1 for COMPARTMENTS[region][k]; truth (side value, Roi value, metric) -> value
+    compartment: np.ndarray | None = None
+    compartment_truth: dict = field(default_factory=dict)
+    t2w_ms_map: np.ndarray | None = None       # water T2 (ms) of muscle by compartment; NaN elsewhere/unset
 
 
 def _ellipse(x, y, cx, cy, ax, ay, angle=0.0):
@@ -110,12 +132,125 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(ny, f, nx, f).mean(axis=(1, 3))
 
 
+# Compartments, in leg-local coordinates: u lateral (mm from the leg centre, towards the
+# leg's own side), v posterior (+y). Every intermuscular septum is a ray from one long
+# bone's centre (the bone covers its start); the compartments are the wedges between
+# consecutive rays, counter-clockwise in (u, v) from the listed angle atan2(v, u).
+# Thigh, around the femur: the lateral septum (lateral, a little anterior), the
+# posteromedial septum and the medial septum (antero-medial) give a large anterior,
+# a posterior and a medial compartment.
+# Calf, around the fibula: the anterior and posterior intermuscular septa bound the
+# lateral (peroneal) compartment; the interosseous membrane runs from the fibula to the
+# back half of the tibia and, past it, on to the medial fascia; the deep transverse
+# septum runs medially behind the tibia, between deep posterior and triceps surae.
+_SEPTA: dict[Region, tuple[tuple[float, float], tuple[tuple[float, Roi], ...]]] = {
+    Region.THIGH: ((6.0, 8.0), ((-0.25, Roi.POSTERIOR_COMPARTMENT), (2.3, Roi.MEDIAL_COMPARTMENT),
+                                (3.55, Roi.ANTERIOR_COMPARTMENT))),
+    Region.CALF: ((16.0, 8.0), ((-1.55, Roi.LATERAL_COMPARTMENT), (-0.05, Roi.TRICEPS_SURAE),
+                                (3.15, Roi.DEEP_POSTERIOR_COMPARTMENT), (3.55, Roi.ANTERIOR_COMPARTMENT))),
+}
+
+
+def _compartment_labels(u: np.ndarray, v: np.ndarray, region: Region) -> np.ndarray:
+    """Compartment label (k + 1 for ``COMPARTMENTS[region][k]``) of leg-local points."""
+    (bu, bv), rays = _SEPTA[region]
+    phi = np.arctan2(v - bv, u - bu)
+    labels = np.zeros(np.broadcast_shapes(np.shape(u), np.shape(v)), np.uint8)
+    order = COMPARTMENTS[region]
+    for i, (start, roi) in enumerate(rays):
+        end = rays[(i + 1) % len(rays)][0]
+        width = np.mod(end - start, 2 * np.pi)
+        inside = np.mod(phi - start, 2 * np.pi) < width
+        labels[inside] = order.index(roi) + 1
+    return labels
+
+
+def _septum_rays(u: np.ndarray, v: np.ndarray, region: Region, half_width: float) -> np.ndarray:
+    """Thin bands along the septum rays of the region (leg-local coordinates)."""
+    (bu, bv), rays = _SEPTA[region]
+    du, dv = u - bu, v - bv
+    out = np.zeros(np.broadcast_shapes(np.shape(u), np.shape(v)), bool)
+    for ang, _ in rays:
+        ca, sa = np.cos(ang), np.sin(ang)
+        out |= (du * ca + dv * sa > 0) & (np.abs(-du * sa + dv * ca) <= half_width)
+    return out
+
+
+def _roi_values(region: Region, values: Mapping[str, float] | None, what: str,
+                side: Side | None = None) -> np.ndarray:
+    """Per-label lookup table (index 0: no compartment, NaN where not given). Keys are Roi
+    values (both legs) or, with ``side``, also ``"<side>:<roi>"`` (that leg, added on top).
+    """
+    rois = COMPARTMENTS.get(region, ())
+    lut = np.full(len(rois) + 1, np.nan)
+    for key, val in (values or {}).items():
+        which, _, name = str(getattr(key, "value", key)).rpartition(":")
+        if which and (side is None or Side(which) not in (Side.RIGHT, Side.LEFT)):
+            raise ValueError(f"{what}: no per-side value allowed here ({key})")
+        roi = Roi(name)
+        if roi not in rois:
+            raise ValueError(f"{what}: {roi.value} is not a compartment of the {region.value}")
+        if which and Side(which) is not side:
+            continue
+        i = rois.index(roi) + 1
+        lut[i] = np.nan_to_num(lut[i]) + float(val)
+    return lut
+
+
+def compartment_truth_metrics(side: np.ndarray, fractions: np.ndarray, fat_weighted: np.ndarray,
+                              region: Region, spacing_mm: tuple[float, float, float],
+                              t2w_ms: np.ndarray | None = None) -> dict[tuple[str, str, str], float]:
+    """Truth per leg and compartment with the definitions of :func:`truth_metrics`.
+
+    Parameters
+    ----------
+    side : SideLabel map (z, y, x)
+    fractions : (K, z, y, x) fraction of each voxel that is muscle of compartment k
+    fat_weighted : (K, z, y, x) the same fractions times the muscle FF (0..1)
+    region : the region, whose :data:`quant.enums.COMPARTMENTS` the K compartments are
+    spacing_mm : (slice, row, column) spacing
+    t2w_ms : per-label water T2 lookup (index k + 1), NaN where not given; optional
+
+    Returns
+    -------
+    dict
+        ``(side value, Roi value, metric) -> value`` for csa_mm2, vol_ml, ff_percent,
+        frma_mm2 and, where given, t2w_ms.
+    """
+    dz, dy, dx = spacing_mm
+    area = dy * dx
+    out: dict[tuple[str, str, str], float] = {}
+    for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT)):
+        on = side == code
+        for k, roi in enumerate(COMPARTMENTS[region]):
+            frac = np.where(on, fractions[k], 0.0)
+            total = float(frac.sum(dtype=np.float64))
+            if total <= 0:
+                continue
+            fw = np.where(on, fat_weighted[k], 0.0)
+            per = frac.sum(axis=(1, 2), dtype=np.float64)
+            present = per > 0
+            frma = (frac - fw).sum(axis=(1, 2), dtype=np.float64) * area
+            key = (s.value, roi.value)
+            out[(*key, "csa_mm2")] = float(per[present].mean() * area)
+            out[(*key, "vol_ml")] = float(total * area * dz / 1000.0)
+            out[(*key, "ff_percent")] = float(fw.sum(dtype=np.float64) / total * 100)
+            out[(*key, "frma_mm2")] = float(frma[present].mean())
+            if t2w_ms is not None and np.isfinite(t2w_ms[k + 1]):
+                out[(*key, "t2w_ms")] = float(t2w_ms[k + 1])
+    return out
+
+
 def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, int, int] = (20, 160, 256),
                      pixel_mm: float = 1.5,
                      slice_mm: float = 5.0, muscle_ff: float = 0.06, muscle_scale: float = 1.0,
                      right_ff_offset: float = 0.0, snr: float = 40.0, seed: int = 0,
                      leg_gap_mm: float = 30.0, supersample: int = 1, bias_field: float = 0.0,
-                     infiltration: float = 0.0, fascia_mm: float = 0.0) -> LegPhantom:
+                     infiltration: float = 0.0, fascia_mm: float = 0.0, compartments: bool = False,
+                     compartment_ff: Mapping[str, float] | None = None,
+                     compartment_t2w_ms: Mapping[str, float] | None = None,
+                     shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                     rotation_deg: float = 0.0) -> LegPhantom:
     """Make a two-leg Dixon phantom.
 
     Parameters
@@ -133,6 +268,34 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     infiltration : extra fat fraction, up to this value, in patches of one muscle group
         of each leg (fatty infiltration: up to ``muscle_ff + infiltration``)
     fascia_mm : thickness of a dark fascia line between subcutaneous fat and muscle
+    compartments : anatomical compartments (:data:`quant.enums.COMPARTMENTS`) separated
+        by thin pure-fat septa radiating from the femur (thigh: anterior, medial,
+        posterior) or the fibula (calf: anterior, lateral, triceps surae, deep
+        posterior), instead of the three generic septa; fills
+        :attr:`LegPhantom.compartment` and :attr:`LegPhantom.compartment_truth`.
+        Implied by ``compartment_ff`` or ``compartment_t2w_ms``. False (the default)
+        gives the phantom as before, without a compartment map.
+    compartment_ff : Roi value -> extra fat fraction (0..1) added to the muscle FF of
+        that compartment in both legs; a key ``"right:<roi>"`` or ``"left:<roi>"`` adds
+        to that leg only (on top of a both-legs value)
+    compartment_t2w_ms : Roi value -> water T2 (ms) of the muscle of that compartment:
+        :attr:`LegPhantom.t2w_ms_map` (used by :func:`quant.synthetic.exam.mese_truth_maps`)
+        and ``t2w_ms`` in the compartment truth
+    shift_mm : (x, y, z) translation of the whole anatomy in patient coordinates (LPS:
+        +x towards the patient's left, +y posterior, +z head) relative to the fixed
+        image grid; z moves the anatomy along the slices (a shift of one slice spacing
+        puts the anatomy of slice k on slice k + 1)
+    rotation_deg : in-plane rotation of the anatomy about the patient z axis through the
+        centre of the field of view (x = y = 0), applied before ``shift_mm``; positive
+        turns +x (patient left) towards +y (posterior). An anatomical point p is at
+        ``R(rotation) p + shift`` on the grid.
+
+    Returns
+    -------
+    LegPhantom
+        Images, label maps and truth. The grid (origin, spacing, orientation) does not
+        depend on ``shift_mm`` or ``rotation_deg``; the anatomy, the FF texture and the
+        truth move with them, while the bias field and the noise stay with the scanner.
     """
     region = Region(region)
     rng = np.random.default_rng(seed)
@@ -140,9 +303,21 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     f = int(supersample)
     hp = pixel_mm / f
     origin = (-(nx - 1) * pixel_mm / 2, -(ny - 1) * pixel_mm / 2, -(nz - 1) * slice_mm / 2)
+    ff_luts = {code: np.nan_to_num(_roi_values(region, compartment_ff, "compartment_ff", code.side))
+               for code in (SideLabel.RIGHT, SideLabel.LEFT)}
+    t2_lut = _roi_values(region, compartment_t2w_ms, "compartment_t2w_ms")
+    compartments = bool(compartments or compartment_ff or compartment_t2w_ms)
+    if compartments and region not in _SEPTA:
+        raise ValueError(f"no compartments for the {region.value}")
+    n_comp = len(COMPARTMENTS[region]) if compartments else 0
     # sub-voxel centres of the hi-res grid (block averages give the voxel grid)
     y = origin[1] - pixel_mm / 2 + hp / 2 + np.arange(ny * f)[:, None] * hp
     x = origin[0] - pixel_mm / 2 + hp / 2 + np.arange(nx * f)[None, :] * hp
+    sx, sy, sz = (float(v) for v in shift_mm)
+    if rotation_deg or sx or sy:  # anatomical coordinates of the grid points: R^T (q - shift)
+        th = np.deg2rad(rotation_deg)
+        x, y = (np.cos(th) * (x - sx) + np.sin(th) * (y - sy),
+                -np.sin(th) * (x - sx) + np.cos(th) * (y - sy))
     tissue = np.zeros(shape, np.uint8)
     side = np.zeros(shape, np.uint8)
     ff = np.zeros(shape, np.float32)
@@ -151,6 +326,9 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     mff = np.zeros(shape, np.float32)
     w_true = np.zeros(shape, np.float64)
     f_true = np.zeros(shape, np.float64)
+    cfrac = np.zeros((n_comp, *shape), np.float32)
+    cfw = np.zeros((n_comp, *shape), np.float32)
+    comp = np.zeros(shape, np.uint8) if compartments else None
     if region is Region.THIGH:
         fascia = (62.0, 56.0)
         bones = [((6.0, 8.0), 14.0, 8.0)]          # (offset from leg centre), outer radius, marrow radius
@@ -163,13 +341,14 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     texture = 0.02 * np.sin(xx / 7.0) * np.cos(yy / 9.0)
     patches = 0.5 + 0.5 * np.sin(xx / 5.0 + 1.0) * np.sin(yy / 4.0)      # 0..1, patchy infiltration
     for k in range(nz):
-        t = k / max(nz - 1, 1)
+        t = (k - sz / slice_mm) / max(nz - 1, 1)
         taper = 1.0 - 0.12 * t
         fx, fy = fascia[0] * taper * s, fascia[1] * taper * s
         sat_t = 11.0 + 3.0 * t
         outer_x = fx + sat_t
         h_tissue = np.zeros((ny * f, nx * f), np.uint8)
         h_side = np.zeros_like(h_tissue)
+        h_comp = np.zeros_like(h_tissue)
         h_ff = np.zeros((ny * f, nx * f), np.float64)
         h_pd = np.zeros_like(h_ff)
         for sgn, code in ((-1, SideLabel.RIGHT), (+1, SideLabel.LEFT)):
@@ -190,6 +369,11 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 ang = np.mod(np.arctan2(y - cy, (x - cx) * sgn), 2 * np.pi)
                 group = (ang > 0.6) & (ang < 2.3)
                 ffm = ffm + np.where(group, infiltration * patches, 0.0)
+            if compartments:  # leg-local coordinates: u lateral, v posterior
+                u, v = (x - cx) * sgn, y - cy
+                labels = np.broadcast_to(_compartment_labels(u, v, region), mus.shape)
+                h_comp[mus] = labels[mus]
+                ffm = ffm + ff_luts[code][labels]
             h_ff[mus] = np.clip(ffm, 0, 1)[mus]
             h_pd[mus] = PD
             if fascia_mm > 0:  # dark connective tissue between SAT and muscle
@@ -197,12 +381,16 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 h_tissue[band] = Tissue.SUBCUTANEOUS_FAT
                 h_ff[band] = 0.1
                 h_pd[band] = CORTEX_PD
-            # septa: thin pure-fat lines from the fascia towards the centre
-            for ang in (0.6, 2.3, 4.1):
-                px, py = cx + np.cos(ang) * fx * 0.55, cy + np.sin(ang) * fy * 0.55
-                sep = _ellipse(x, y, px, py, fx * 0.42, pixel_mm * 0.6, ang) & mus
+            if compartments:  # septa: thin pure-fat planes from the bone to the fascia
+                sep = _septum_rays(u, v, region, pixel_mm * 0.6) & mus
                 h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
                 h_ff[sep] = SEPTUM_FF
+            else:  # septa: thin pure-fat lines from the fascia towards the centre
+                for ang in (0.6, 2.3, 4.1):
+                    px, py = cx + np.cos(ang) * fx * 0.55, cy + np.sin(ang) * fy * 0.55
+                    sep = _ellipse(x, y, px, py, fx * 0.42, pixel_mm * 0.6, ang) & mus
+                    h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
+                    h_ff[sep] = SEPTUM_FF
             for (ox, oy), r_out, r_marrow in bones:
                 bx, by = cx + sgn * ox, cy + oy
                 cortex = _ellipse(x, y, bx, by, r_out, r_out) & leg
@@ -226,6 +414,12 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         side_frac = np.stack([_block_mean((h_side == c).astype(np.float64), f) for c in range(3)])
         side_frac[0] *= 0.0  # a voxel touched by a leg belongs to it
         side[k] = np.where(side_frac.max(axis=0) > 0, np.argmax(side_frac, axis=0), 0)
+        if comp is not None:  # the voxel's compartment: that of most of its muscle sub-voxels
+            for c in range(n_comp):
+                is_c = is_m * (h_comp == c + 1)
+                cfrac[c, k] = _block_mean(is_c, f)
+                cfw[c, k] = _block_mean(is_c * h_ff, f)
+            comp[k] = np.where(tissue[k] == Tissue.MUSCLE, np.argmax(cfrac[:, k], axis=0) + 1, 0)
     if bias_field:
         yn = np.linspace(-1, 1, ny)[:, None]
         xn = np.linspace(-1, 1, nx)[None, :]
@@ -242,10 +436,17 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         truth = truth_metrics(tissue, side, ff, spacing)
     else:
         truth = truth_metrics(tissue, side, ff, spacing, muscle_fraction=mfrac, muscle_ff=mff)
+    c_truth: dict = {}
+    t2_map = None
+    if comp is not None:
+        c_truth = compartment_truth_metrics(side, cfrac, cfw, region, spacing, t2w_ms=t2_lut)
+        if compartment_t2w_ms:
+            t2_map = np.where(comp > 0, t2_lut[comp], np.nan).astype(np.float32)
     return LegPhantom(water=mag(w_true), fat=mag(f_true), in_phase=mag(w_true + f_true),
                       opposed_phase=mag(w_true - f_true), tissue=tissue, side=side, ff=ff, region=region,
                       spacing_mm=spacing, origin_mm=origin, truth=truth, snr=snr,
-                      pd=pd / PD, muscle_fraction=mfrac)
+                      pd=pd / PD, muscle_fraction=mfrac, compartment=comp, compartment_truth=c_truth,
+                      t2w_ms_map=t2_map)
 
 
 # --- the phantom as a scanner would send it ------------------------------------------
