@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant.enums import COMPARTMENTS, Tissue  # noqa: E402
 from quant.registration import REVIEW_DICE, REVIEW_MISMATCH, carry_rois  # noqa: E402
+from quant.segment import segment_legs  # noqa: E402
 from quant.synthetic.phantom import make_leg_phantom  # noqa: E402
 from quant.volume import Volume  # noqa: E402
 
@@ -38,6 +39,13 @@ def volume(array: np.ndarray, spacing, origin) -> Volume:
     return Volume(array=array.astype(np.float32), spacing_mm=spacing, origin_mm=origin,
                   orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), frame_of_reference_uid="1.2.3",
                   series_instance_uid="1.2.3.4", sop_instance_uids=())
+
+
+def automatic(p, vol: Volume):
+    """The node's own segmentation of a visit (side maps and muscle mask), as the node would use them."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ff = np.where(p.water + p.fat > 0, p.fat / (p.water + p.fat), np.nan)
+    return segment_legs(vol, p.fat, ff, in_phase=p.in_phase, body_part="THIGH")
 
 
 def csa_mm2(mask: np.ndarray, spacing) -> float:
@@ -60,14 +68,26 @@ def main() -> None:
     v1 = make_leg_phantom("thigh", seed=1, compartments=True, **REALISTIC)
     assert v1.compartment is not None
     moving = volume(v1.water, v1.spacing_mm, v1.origin_mm)
+    seg1 = automatic(v1, moving)
+    print("side maps: the automatic segmentation (quant.segment) of each visit; the fixed visit's muscle "
+          "mask: the phantom's truth (the registration's own error) or the automatic one (end to end, with "
+          "the segmentation's own CSA bias)")
     print(f"review thresholds: Dice of muscle < {REVIEW_DICE}, mismatch > {REVIEW_MISMATCH}")
     for case, kw in CASES.items():
         v2 = make_leg_phantom("thigh", seed=2, compartments=True, **REALISTIC, **kw)
         assert v2.compartment is not None
         fixed = volume(v2.water, v2.spacing_mm, v2.origin_mm)
-        for name, bspline in (("rigid+affine+bspline", True), ("rigid+affine", False)):
-            r = carry_rois(moving, v1.compartment, fixed, moving_body=v1.side > 0, fixed_body=v2.side > 0,
-                           moving_side=v1.side, fixed_side=v2.side, fixed_muscle=v2.tissue == Tissue.MUSCLE,
+        seg2 = automatic(v2, fixed)
+        for code, side in ((1, "right"), (2, "left")):
+            auto = csa_mm2((seg2.tissue == Tissue.MUSCLE) & (seg2.side == code), v2.spacing_mm)
+            true = csa_mm2((v2.tissue == Tissue.MUSCLE) & (v2.side == code), v2.spacing_mm)
+            print(f"{case}: automatic muscle CSA of the {side} leg {100 * (auto / true - 1):+.1f} % against truth")
+        masks = {"truth": v2.tissue == Tissue.MUSCLE, "automatic": seg2.tissue == Tissue.MUSCLE}
+        for name, mask, bspline in (("rigid+affine+bspline, truth muscle mask", "truth", True),
+                                    ("rigid+affine, truth muscle mask", "truth", False),
+                                    ("rigid+affine+bspline, automatic muscle mask", "automatic", True)):
+            r = carry_rois(moving, v1.compartment, fixed, moving_body=seg1.side > 0, fixed_body=seg2.side > 0,
+                           moving_side=seg1.side, fixed_side=seg2.side, fixed_muscle=masks[mask],
                            bspline=bspline)
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
             print(f"\n{case}\n{name}: {r.seconds:.1f} s ({stages}); Dice muscle {r.dice_muscle:.3f}, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quant.enums import COMPARTMENTS, Tissue
+from quant.enums import COMPARTMENTS, Side, Tissue
 from quant.registration import REVIEW_DICE, CarriedRois, carry_rois
 from quant.synthetic.phantom import LegPhantom, make_leg_phantom
 from quant.volume import Volume
@@ -61,7 +61,7 @@ def test_carried_compartments_stay_on_their_muscle(visit1, kw):
     _check_compartments(r, v2)
     assert r.labels.shape == v2.water.shape and r.labels.dtype == visit1.compartment.dtype
     assert r.dice_muscle is not None and r.dice_muscle > REVIEW_DICE
-    assert set(r.dice_by_side) == {s for s in r.dice_by_side} and len(r.dice_by_side) == 2
+    assert set(r.dice_by_side) == {Side.RIGHT, Side.LEFT} and min(r.dice_by_side.values()) > REVIEW_DICE
     assert not r.needs_review
     assert set(r.stage_seconds) == {"rigid", "affine", "bspline", "labels"}
     # carried labels lie on the fixed visit's muscle only
@@ -96,14 +96,16 @@ def test_another_anatomy_needs_review(visit1):
     calf = make_leg_phantom("calf", seed=2, compartments=True, **SMALL)
     r = _carry(visit1, calf)
     assert r.needs_review
+    assert r.dice_muscle is not None and r.dice_muscle < REVIEW_DICE
 
 
 def test_without_a_muscle_mask_only_the_mismatch_decides(visit1):
     v2 = make_leg_phantom("thigh", seed=2, compartments=True, shift_mm=(8.0, -5.0, 0.0), **SMALL)
     r = carry_rois(_volume(visit1), visit1.compartment, _volume(v2), moving_side=visit1.side, fixed_side=v2.side,
                    bspline=False)
-    assert r.dice_muscle is None and not r.needs_review
-    assert (r.labels > 0).sum() > 0.9 * (visit1.compartment > 0).sum() * 0.9
+    assert r.dice_muscle is None and r.dice_by_side == {} and not r.needs_review
+    carried, drawn = (r.labels > 0).sum(), (visit1.compartment > 0).sum()
+    assert 0.9 * drawn < carried < 1.1 * drawn
 
 
 def test_bad_input_is_refused(visit1):
