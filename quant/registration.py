@@ -150,7 +150,8 @@ class CarriedRois:
         The same Dice per :class:`~quant.enums.Side` (legs registered separately).
     mismatch : float
         Residual image mismatch: ``1 - NCC`` of the fixed image and the registered moving
-        image inside the fixed body (0 = identical up to a linear intensity change).
+        image in the fixed legs (body), leaving out muscle deeper than :data:`MISMATCH_RIM_MM`
+        when a muscle mask is given (0 = identical up to a linear intensity change).
     seconds : float
         Wall time of the registration and carrying.
     stage_seconds : dict
@@ -420,6 +421,17 @@ def carry_rois(moving: Volume, moving_rois: np.ndarray, fixed: Volume, *,
     -------
     CarriedRois
         Labels on ``fixed``'s grid with the quality figures.
+
+    Raises
+    ------
+    ValueError
+        An image is not 3-D, or the ROI map does not fit the moving image.
+
+    Notes
+    -----
+    The transform is in-plane (:data:`IN_PLANE_ONLY`): slice k of the fixed visit receives
+    the ROIs of the moving visit at the same patient z. The two visits' frames of reference
+    need not match; their grids may differ.
     """
     t_start = time.perf_counter()
     if moving.array.ndim != 3 or fixed.array.ndim != 3:
