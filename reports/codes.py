@@ -104,6 +104,25 @@ SWAP_FINDINGS = MappingProxyType({
     "fat-water-swap-ambiguous": _private("FWSWAP-AMBIG", "Fat-water swap check ambiguous, not corrected"),
 })
 
+#: A muscle or compartment of the leg named by its segment label and tracking identifier
+#: (no reliable SNOMED CT code for each compartment was at hand offline).
+SKELETAL_MUSCLE_OF_LOWER_LIMB = _cc(codes.SCT.SkeletalMuscleStructureOfLowerLimb)   # SCT 102292000, codedict
+
+#: Where an ROI came from (:class:`quant.enums.RoiSource`): a qualitative evaluation of each ROI group.
+ROI_SOURCE = _private("ROISRC", "Region of interest source")
+ROI_SOURCES = MappingProxyType({
+    "automatic": _private("ROISRC-AUTO", "Automatic segmentation"),
+    "reader": _private("ROISRC-READER", "Drawn by a reader"),
+    "carried": _private("ROISRC-CARRIED", "Reader's regions carried from another visit by registration"),
+    "atlas": _private("ROISRC-ATLAS", "Fused from other subjects' reader regions"),
+})
+
+
+def roi_words(name: str) -> str:
+    """An ROI name in words: ``"anterior_compartment"`` -> ``"anterior compartment"``."""
+    return name.replace("_", " ").strip()
+
+
 #: Measurement method of each quantification model (``Measurement.model``), so that two
 #: values of one concept (the Dixon and the T2-derived fat fraction) stay distinguishable.
 MODEL_METHODS = MappingProxyType({

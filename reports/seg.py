@@ -90,6 +90,59 @@ def segment_numbers(analysis: StudyAnalysis) -> dict[tuple[Tissue, Side], int]:
     return out
 
 
+#: SEG algorithm type of the ROIs of each source.
+_ROI_ALGORITHM_TYPES = {"automatic": "AUTOMATIC", "atlas": "AUTOMATIC", "carried": "SEMIAUTOMATIC", "reader": "MANUAL"}
+_ROI_RGB = ((70, 130, 230), (60, 180, 120), (150, 90, 200), (230, 150, 40), (40, 190, 200), (200, 80, 150))
+
+
+def roi_segment_numbers(analysis: StudyAnalysis) -> dict[tuple[int, Side], int]:
+    """Segment number of each (ROI label, side) of ``analysis.rois`` that :func:`build_seg` writes.
+
+    ROI segments follow the tissue segments (:func:`segment_numbers`), by ROI label, right
+    before left, skipping those without a muscle voxel.
+
+    Returns
+    -------
+    dict
+        ``{(ROI label, Side): segment number}``; empty without ROIs.
+    """
+    out: dict[tuple[int, Side], int] = {}
+    if analysis.rois is None:
+        return out
+    first = len(segment_numbers(analysis)) + 1
+    for label in sorted(analysis.rois.names):
+        for side in SEGMENT_SIDES:
+            if (roi_mask(analysis, label, side)).any():
+                out[(label, side)] = first + len(out)
+    return out
+
+
+def roi_mask(analysis: StudyAnalysis, label: int, side: Side) -> np.ndarray:
+    """The muscle voxels of one ROI on one side (what its segment holds).
+
+    Returns
+    -------
+    ndarray of bool
+        On the grid of ``analysis.anatomy``; all False without ROIs.
+    """
+    if analysis.rois is None:
+        return np.zeros(analysis.segmentation.tissue.shape, bool)
+    return (analysis.rois.labels == label) & analysis.segmentation.mask(Tissue.MUSCLE, side)
+
+
+def roi_label(analysis: StudyAnalysis, label: int, side: Side) -> str:
+    """The segment label and tracking identifier of one ROI on one side.
+
+    Returns
+    -------
+    str
+        E.g. ``"right thigh anterior compartment (automatic)"``.
+    """
+    assert analysis.rois is not None
+    return (f"{Side(side).value} {codes.REGION_WORDS[analysis.segmentation.region.value]} "
+            f"{codes.roi_words(analysis.rois.names[label])} ({analysis.rois.source.value})")
+
+
 def sorted_source_images(analysis: StudyAnalysis, source_images: Sequence[Dataset]) -> list[Dataset]:
     """The datasets of the analysis' anatomy series in its slice order.
 
@@ -128,6 +181,25 @@ def sorted_source_images(analysis: StudyAnalysis, source_images: Sequence[Datase
         raise ValueError("source_images do not match the analysis' anatomy series: "
                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]})")
     return [by_uid[u] for u in wanted]
+
+
+def _roi_tracking_uid(source: Dataset, analysis: StudyAnalysis, label: int, side: Side) -> str:
+    from .uids import subject_key
+    assert analysis.rois is not None
+    return roi_tracking_uid(subject_key(source), analysis.segmentation.region.value, side,
+                            analysis.rois.names[label], analysis.rois.source.value)
+
+
+def roi_tracking_uid(subject: str, region: str, side: Side | str, roi: str, source: str) -> str:
+    """Tracking UID of one ROI of a subject: the same at every visit for the same ROI and
+    source (automatic compartments and a reader's ROIs never share one).
+
+    Returns
+    -------
+    str
+        A UID derived from the subject key, region, side, ROI name and source.
+    """
+    return derive_uid("musclenode-tracking", subject, str(region), Side(side).value, "roi", roi, source)
 
 
 def _affine(ref: Volume) -> np.ndarray:
@@ -200,7 +272,8 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         name="musclenode", version=str(analysis.algorithm_version), family=codes.ALGORITHM_FAMILY)
     region = codes.region_concept(segm.region)
     descriptions = []
-    stack: np.ndarray = np.zeros(segm.tissue.shape + (len(numbers),), dtype=np.uint8)
+    roi_numbers = roi_segment_numbers(analysis)
+    stack: np.ndarray = np.zeros(segm.tissue.shape + (len(numbers) + len(roi_numbers),), dtype=np.uint8)
     for (tissue, side), number in numbers.items():
         stack[..., number - 1] = segm.mask(tissue, side)
         desc = hd.seg.SegmentDescription(
@@ -216,6 +289,25 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         # Laterality as a modifier of the anatomic region (General Anatomy macro).
         desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [copy.deepcopy(codes.laterality(side))]
         descriptions.append(desc)
+    for (label, side), number in roi_numbers.items():
+        assert analysis.rois is not None
+        stack[..., number - 1] = roi_mask(analysis, label, side)
+        kind = _ROI_ALGORITHM_TYPES[analysis.rois.source.value]
+        words = roi_label(analysis, label, side)
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=words,
+            segmented_property_category=codes.ANATOMICAL_STRUCTURE,
+            segmented_property_type=codes.SKELETAL_MUSCLE_OF_LOWER_LIMB,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues[kind],
+            algorithm_identification=None if kind == "MANUAL" else algorithm,
+            tracking_id=words,
+            tracking_uid=_roi_tracking_uid(sources[0], analysis, label, side),
+            anatomic_regions=[copy.deepcopy(region)],
+            display_color=hd.color.CIELabColor.from_rgb(*_ROI_RGB[(label - 1) % len(_ROI_RGB)]),
+        )
+        desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [copy.deepcopy(codes.laterality(side))]
+        descriptions.append(desc)
 
     multi_frame = any(f is not None for f in ref.frame_numbers)
     pixel_array: hd.Volume | np.ndarray
@@ -223,7 +315,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         # One enhanced multi-frame instance: let highdicom match frames by geometry.
         pixel_array = hd.Volume(stack, _affine(ref), coordinate_system="PATIENT",
                                 frame_of_reference_uid=ref.frame_of_reference_uid,
-                                channels={"SegmentNumber": list(range(1, len(numbers) + 1))})
+                                channels={"SegmentNumber": list(range(1, stack.shape[-1] + 1))})
     else:
         rows, cols = stack.shape[1:3]
         for ds in sources:

@@ -40,6 +40,9 @@ from . import codes
 from .longitudinal import Comparison
 from .seg import (
     DEFAULT_SOFTWARE_VERSION,
+    roi_label,
+    roi_segment_numbers,
+    roi_tracking_uid,
     segment_label,
     segment_numbers,
     sorted_source_images,
@@ -153,6 +156,50 @@ def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
         name, unit = codes.comparison_concept(metric, kind)
         generic = codes.COMPARISON_KINDS[kind][0]
         out.append(_num(name, float(value), unit, derivation=generic))
+    return out
+
+
+def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
+                algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept
+                ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """One measurement group per ROI and side of ``analysis.rois`` (no comparison yet: ROI
+    sets are not kept across visits), referencing its SEG segment; the ROI's source is a
+    qualitative evaluation.
+    """
+    if analysis.rois is None:
+        return []
+    region = analysis.segmentation.region
+    numbers = roi_segment_numbers(analysis)
+    source = analysis.rois.source.value
+    by_key = {(m.roi, Side(m.side), m.metric): m for m in analysis.measurements
+              if m.roi and m.region == region.value and m.metric in codes.METRIC_CONCEPTS}
+    out = []
+    for (label, side), number in numbers.items():
+        name = analysis.rois.names[label]
+        items: list[hd.sr.Measurement] = []
+        for metric in METRIC_ORDER:
+            m = by_key.get((name, side, metric))
+            if m is None or not math.isfinite(float(m.value)):
+                continue
+            concept, unit = codes.METRIC_CONCEPTS[metric]
+            items.append(_num(concept, float(m.value), unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
+                              algorithm_id=algorithm, method=codes.MODEL_METHODS.get(m.model)))
+        if not items:
+            continue
+        words = roi_label(analysis, label, side)
+        out.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=roi_tracking_uid(subject_key, region.value, side, name, source), identifier=words),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg_dataset.SOPClassUID), sop_instance_uid=str(seg_dataset.SOPInstanceUID),
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(analysis.anatomy.series_instance_uid)),
+            finding_type=codes.SKELETAL_MUSCLE,
+            finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
+            algorithm_id=algorithm,
+            measurements=items,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source])],
+        ))
     return out
 
 
@@ -278,6 +325,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         ))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
+    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site)
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),

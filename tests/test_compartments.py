@@ -157,3 +157,37 @@ def test_reader_rois_carried_to_a_repositioned_follow_up(region, rois_checked):
     if rois_checked:
         errors = {k: v for k, v in errors.items() if k[1] in rois_checked}
     _check(errors)
+
+
+@pytest.mark.peers
+def test_compartments_in_seg_and_sr_validate_and_read_back(studies, tmp_path):
+    """Automatic compartments become SEG segments (AUTOMATIC, generic 'Skeletal muscle
+    structure of lower limb', label and tracking ID naming them) and SR measurement groups
+    (their own tracking UIDs, the source as a qualitative evaluation): dciodvfy without
+    errors, dcmqi and highdicom read both back."""
+    import highdicom as hd
+    from validators import dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
+
+    from node.processing import build_outputs
+
+    ph, dss, _ = studies[Region.THIGH]
+    out = build_outputs(dss, compartments=True)
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    out.seg.save_as(seg_path, enforce_file_format=True)
+    out.sr.save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
+    seg = hd.seg.segread(seg_path)
+    labels = {d.segment_label: d for d in seg.SegmentSequence}
+    roi_segments = [d for label, d in labels.items() if "compartment" in label]
+    assert len(roi_segments) == 6 and {d.SegmentAlgorithmType for d in roi_segments} == {"AUTOMATIC"}
+    assert "right thigh anterior compartment (automatic)" in labels
+    assert len(dcmqi_seg_readback(seg_path, tmp_path / "dcmqi")) >= 9
+    groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    ids = {g.tracking_identifier: g for g in groups}
+    assert {"right thigh muscle", "left thigh muscle", "left thigh posterior compartment (automatic)"} <= set(ids)
+    assert len(groups) == 8 and len({g.tracking_uid for g in groups}) == 8
+    area = {m.name.meaning: m.value for m in ids["right thigh medial compartment (automatic)"].get_measurements()}
+    truth = ph.compartment_truth[("right", "medial_compartment", "csa_mm2")]
+    assert abs(area["Area"] / truth - 1) < 0.01
+    meta = tid1500_readback(sr_path, tmp_path / "sr.json")
+    assert len(meta["Measurements"]) == 8
