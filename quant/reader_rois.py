@@ -3,6 +3,8 @@ reader outlined in a viewer (3D Slicer, OHIF, ITK-SNAP through dcmqi), read onto
 the series they reference as a :class:`~quant.analysis.RoiSet` (source READER).
 
 Pure: takes the SEG dataset and the assembled referenced series (:func:`quant.volume.assemble_volume`).
+The SEG is read with pydicom, frame by frame, not with highdicom's ``Segmentation.from_dataset``:
+:mod:`quant` does not depend on highdicom, and every mismatch gets its own reason here.
 
 Reading rules
 -------------
@@ -23,7 +25,7 @@ Reading rules
   map: the node measures every ROI per side with its own side map (left and right legs by
   patient coordinates), so a segment drawn over both legs, or one per leg, is measured the same way.
 - Overlapping segments are accepted; where segments overlap, the later segment (higher
-  segment number) wins.
+  segment number) wins. Segment 0 of a label-map SEG is its background.
 
 Refusals (:class:`~quant.errors.RoiSetError`, whose message the node quarantines the SEG
 with): a SEG that references no series or another series than the volume; frames that
@@ -356,7 +358,8 @@ def rois_from_seg(seg: Dataset, volume: Volume, region: Region | None = None) ->
     rows, cols = int(seg.get("Rows", 0)), int(seg.get("Columns", 0))
     if (rows, cols) != (ny, nx):
         raise RoiSetError(f"the SEG's frames are {rows}x{cols}, the series' images {ny}x{nx}")
-    segments = {int(s.SegmentNumber): s for s in _items(seg, "SegmentSequence")}
+    # segment 0 of a label-map SEG is its background (pixel value 0), not an ROI
+    segments = {int(s.SegmentNumber): s for s in _items(seg, "SegmentSequence") if int(s.SegmentNumber) > 0}
     if not segments:
         raise RoiSetError("the SEG has no segment (empty Segment Sequence)")
     seg_type = str(seg.get("SegmentationType", "BINARY")).upper()

@@ -198,3 +198,48 @@ def test_overlapping_segments_later_wins(thigh):
     rois, _ = rois_from_seg(seg, vol)
     assert dict(rois.names) == {1: "all muscle", 2: "adductors"}
     np.testing.assert_array_equal(rois.labels, np.where(b, 2, np.where(a, 1, 0)))
+
+
+def test_label_map_seg(thigh):
+    """A label-map SEG (pixel value = segment number) reads the same."""
+    ph, _, sources, vol = thigh
+    rois = COMPARTMENTS[Region.THIGH]
+    descs = [_description(i + 1, r.value.replace("_", " "), GENERIC) for i, r in enumerate(rois)]
+    seg = _seg(sources, ph.compartment.astype(np.uint8), descs, seg_type=hd.seg.SegmentationTypeValues.LABELMAP)
+    out, _ = rois_from_seg(seg, vol, Region.THIGH)
+    np.testing.assert_array_equal(out.labels, ph.compartment)
+
+
+def test_frames_of_an_enhanced_mr_source(thigh):
+    """Frames that reference frames of one Enhanced MR instance go to the slice of that frame."""
+    ph, _, sources, vol = thigh
+    seg = _thigh_seg(ph, sources)
+    order = list(reversed(range(len(vol.sop_instance_uids))))  # the multi-frame's frames in reverse slice order
+    enhanced = Volume(array=vol.array, spacing_mm=vol.spacing_mm, origin_mm=vol.origin_mm,
+                      orientation=vol.orientation, frame_of_reference_uid=vol.frame_of_reference_uid,
+                      series_instance_uid=vol.series_instance_uid, sop_instance_uids=("1.2.3.9",) * len(order),
+                      frame_numbers=tuple(order.index(k) + 1 for k in range(len(order))))
+    slice_of = {u: k for k, u in enumerate(vol.sop_instance_uids)}
+    for per in seg.PerFrameFunctionalGroupsSequence:  # (highdicom may share one item between frames)
+        der = per.DerivationImageSequence[0]
+        src = copy.deepcopy(der.SourceImageSequence[0])
+        der.SourceImageSequence = [src]
+        k = slice_of[src.ReferencedSOPInstanceUID]
+        src.ReferencedSOPInstanceUID = "1.2.3.9"
+        src.ReferencedFrameNumber = enhanced.frame_numbers[k]
+    rois, _ = rois_from_seg(seg, enhanced)
+    np.testing.assert_array_equal(rois.labels, ph.compartment)
+    src.ReferencedFrameNumber = 99
+    with pytest.raises(RoiSetError, match="references instance 1.2.3.9 frame 99, which is not a slice"):
+        rois_from_seg(seg, enhanced)
+
+
+def test_frame_off_every_slice_without_references_is_refused(thigh):
+    ph, _, sources, vol = thigh
+    seg = _thigh_seg(ph, sources)
+    for per in seg.PerFrameFunctionalGroupsSequence:
+        del per.DerivationImageSequence
+    pos = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    pos.ImagePositionPatient = [*pos.ImagePositionPatient[:2], float(pos.ImagePositionPatient[2]) + 1.0]
+    with pytest.raises(RoiSetError, match=r"frame 1: position .* matches no slice of the series"):
+        rois_from_seg(seg, vol)
