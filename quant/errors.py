@@ -15,3 +15,9 @@ class GeometryError(SeriesError):
 
 class SegmentationError(QuantError):
     """The automatic segmentation found no usable anatomy."""
+
+
+class RoiSetError(QuantError):
+    """A reader's ROI set (a DICOM SEG) cannot be used: the reason is the message (the node
+    quarantines the object with it).
+    """
