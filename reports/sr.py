@@ -159,6 +159,25 @@ def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
     return out
 
 
+def _group(uid: str, words: str, seg_dataset: Dataset, number: int, analysis: StudyAnalysis,
+           site: hd.sr.CodedConcept, side: Side, algorithm: hd.sr.AlgorithmIdentification,
+           items: list[hd.sr.Measurement], evaluations: list[hd.sr.QualitativeEvaluation] | None
+           ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """One volumetric measurement group (TID 1411) on a whole SEG segment."""
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=words),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg_dataset.SOPClassUID), sop_instance_uid=str(seg_dataset.SOPInstanceUID),
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(analysis.anatomy.series_instance_uid)),
+        finding_type=codes.SKELETAL_MUSCLE,
+        finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
+        algorithm_id=algorithm,
+        measurements=items,
+        qualitative_evaluations=evaluations,
+    )
+
+
 def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                 algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept
                 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
@@ -187,19 +206,9 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
         if not items:
             continue
         words = roi_label(analysis, label, side)
-        out.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=roi_tracking_uid(subject_key, region.value, side, name, source), identifier=words),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=str(seg_dataset.SOPClassUID), sop_instance_uid=str(seg_dataset.SOPInstanceUID),
-                segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(analysis.anatomy.series_instance_uid)),
-            finding_type=codes.SKELETAL_MUSCLE,
-            finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
-            algorithm_id=algorithm,
-            measurements=items,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source])],
-        ))
+        out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source), words, seg_dataset,
+                          number, analysis, site, side, algorithm, items,
+                          [hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source])]))
     return out
 
 
@@ -307,22 +316,10 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
                                      f"{comp.current_value}, the analysis {value}")
                 items.extend(_comparison_items(metric, comp))
         words = f"{side.value} {codes.REGION_WORDS[region.value]} muscle"
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(subject_key, region, side),
-                                                         identifier=words),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=str(seg_dataset.SOPClassUID),
-                sop_instance_uid=str(seg_dataset.SOPInstanceUID),
-                segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(analysis.anatomy.series_instance_uid)),
-            finding_type=codes.SKELETAL_MUSCLE,
-            finding_sites=[hd.sr.FindingSite(site, laterality=codes.laterality(side))],
-            algorithm_id=algorithm,
-            measurements=items,
-            # the swap check needs Dixon images: a MEGRE- or MESE-only study makes no claim
-            qualitative_evaluations=([hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)]
-                                     if analysis.dixon_series else None),
-        ))
+        # the swap check needs Dixon images: a MEGRE- or MESE-only study makes no claim
+        swap = [hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)] if analysis.dixon_series else None
+        groups.append(_group(tracking_uid(subject_key, region, side), words, seg_dataset, number, analysis, site,
+                             side, algorithm, items, swap))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
     groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site)
