@@ -97,6 +97,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         build_outputs,
         cached_atoms,
         encode,
+        is_reader_seg,
         load_datasets,
         measurement_rows,
         measurements_csv,
@@ -109,7 +110,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     datasets, rejected = load_datasets(paths)
     for r in rejected:
         print(f"skipped {r.path}: {r.reason}", file=sys.stderr)
-    if not datasets:
+    if not [d for d in datasets if not is_reader_seg(d)]:
         print(f"musclenode process: no MR images in {src}", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)

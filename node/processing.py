@@ -24,7 +24,7 @@ from quant.t2 import AtomsSource
 from reports.longitudinal import Comparison, PriorValue, compare
 
 from .errors import InstanceRejected
-from .instances import ENHANCED_MR_IMAGE, MR_IMAGE, read_instance, subject_key
+from .instances import ENHANCED_MR_IMAGE, MR_IMAGE, SEGMENTATION, read_instance, subject_key
 
 if TYPE_CHECKING:
     from quant.t2stage import T2Options
@@ -54,8 +54,13 @@ class StudyOutputs:
     study_date: str
 
 
+def is_reader_seg(ds: Dataset) -> bool:
+    """A DICOM SEG made by someone else than musclenode (a reader's ROIs)."""
+    return str(ds.get("SOPClassUID", "")) == SEGMENTATION and str(ds.get("Manufacturer", "")) != "musclenode"
+
+
 def load_datasets(paths: Iterable[Path]) -> tuple[list[Dataset], list[Rejected]]:
-    """Read MR images among ``paths``; unreadable files are returned as rejected."""
+    """Read the MR images and readers' SEGs among ``paths``; unreadable files are returned as rejected."""
     datasets, rejected = [], []
     for p in paths:
         try:
@@ -63,7 +68,7 @@ def load_datasets(paths: Iterable[Path]) -> tuple[list[Dataset], list[Rejected]]
         except InstanceRejected as exc:
             rejected.append(Rejected(Path(p), str(exc)))
             continue
-        if str(ds.SOPClassUID) in (MR_IMAGE, ENHANCED_MR_IMAGE):
+        if str(ds.SOPClassUID) in (MR_IMAGE, ENHANCED_MR_IMAGE) or is_reader_seg(ds):
             datasets.append(ds)
     return datasets, rejected
 
@@ -100,7 +105,8 @@ def build_outputs(datasets: Sequence[Dataset],
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, compartments: bool = False) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR (``compartments``: measure the
-    automatic compartments too, see :func:`quant.pipeline.analyse_study`).
+    automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, see
+    :func:`quant.pipeline.analyse_study`).
 
     ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
@@ -109,7 +115,10 @@ def build_outputs(datasets: Sequence[Dataset],
     from reports.seg import build_seg
     from reports.sr import build_sr
 
-    analysis = analyse_study(datasets, t2_options=t2_options, atoms=atoms, compartments=compartments)
+    images = [d for d in datasets if not is_reader_seg(d)]
+    analysis = analyse_study(images, t2_options=t2_options, atoms=atoms, compartments=compartments,
+                             reader_segs=[d for d in datasets if is_reader_seg(d)])
+    datasets = images
     water = {str(d.SOPInstanceUID): d for d in datasets
              if str(d.SeriesInstanceUID) == analysis.anatomy.series_instance_uid}
     source = [water[uid] for uid in dict.fromkeys(analysis.anatomy.sop_instance_uids)]

@@ -30,6 +30,7 @@ from .processing import (
     build_outputs,
     cached_atoms,
     encode,
+    is_reader_seg,
     load_datasets,
     parse_date,
     series_summary,
@@ -97,7 +98,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
             store.quarantine(None, r.reason, sop_uid=row.sop_uid, study_uid=job.study_uid, source=r.path)
         with engine.begin() as conn:
             conn.execute(delete(db.instances).where(db.instances.c.id == row.id))
-    if not datasets:
+    if not [d for d in datasets if not is_reader_seg(d)]:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, "no MR images in this study")
         return JobState.SKIPPED
     with engine.begin() as conn:
@@ -117,6 +118,15 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.FAILED, f"{type(exc).__name__}: {exc}")
         log.error("job %d failed: %s", job_id, exc)
         return JobState.FAILED
+    by_sop = {f.sop_uid: f for f in files}
+    for sop_uid, reason in out.analysis.roi_refusals:   # a reader's SEG that cannot be used: quarantined
+        refused = by_sop.get(sop_uid)
+        if refused is None:
+            continue
+        if Path(refused.path).exists():
+            store.quarantine(None, reason, sop_uid=sop_uid, study_uid=job.study_uid, source=Path(refused.path))
+        with engine.begin() as conn:
+            conn.execute(delete(db.instances).where(db.instances.c.id == refused.id))
     now = t_built = time.time()
     paths = {}
     for kind, ds in (("seg", out.seg), ("sr", out.sr)):

@@ -56,6 +56,7 @@ class StudyAnalysis:
     t2: T2Result | None = None      # water T2 of the multi-echo spin-echo series, if any
     flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
     rois: RoiSet | None = None        # the ROIs measured besides the whole region, if any
+    roi_refusals: tuple[tuple[str, str], ...] = ()   # (SOP Instance UID, reason) of reader SEGs not used
 
     @property
     def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:

@@ -24,9 +24,10 @@ from .dixon import (
     roi_fat_fraction,
 )
 from .enums import Metric, Model, SeriesKind, Tissue
-from .errors import QuantError, SeriesError
+from .errors import QuantError, RoiSetError, SeriesError
 from .mese_study import analyse_mese_study
 from .metrics import Measurement, muscle_metrics, partial_volume_weights, roi_groups
+from .reader_rois import rois_from_seg
 from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
@@ -55,7 +56,7 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, rois: RoiSet | None = None,
-                  compartments: bool = False) -> StudyAnalysis:
+                  compartments: bool = False, reader_segs: Sequence[Dataset] = ()) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
@@ -64,7 +65,10 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     ``rois`` (on the grid of the Dixon water or MEGRE series), every metric is also measured
     per ROI and side (``Measurement.roi``, ``Measurement.source``); without ``rois`` and with
     ``compartments``, the automatic compartments of a thigh or calf are measured
-    (:func:`quant.compartments.automatic_compartments`). A T2
+    (:func:`quant.compartments.automatic_compartments`). ``reader_segs``: a reader's DICOM SEGs
+    of the study; the newest that references the series segmented becomes the ROI set
+    (:func:`quant.reader_rois.rois_from_seg`), and every SEG that cannot be used is listed
+    with the reason in ``StudyAnalysis.roi_refusals``. A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
     (:func:`quant.mese_study.analyse_mese_study`).
@@ -147,7 +151,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             return roi_fat_fraction(w_arr, f_arr, roi, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
     signal = in_phase if in_phase is not None else w_arr + f_arr
     return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
-                    t2_options, atoms, flags, in_phase=in_phase, rois=rois, compartments=compartments)
+                    t2_options, atoms, flags, in_phase=in_phase, rois=rois, compartments=compartments,
+                    reader_segs=reader_segs)
 
 
 def _megre(by_series, infos, notes):
@@ -211,7 +216,8 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None,
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
              source: SeriesInfo, model: Model, region_ff: Callable[[np.ndarray], float], notes: list[str],
              t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None,
-             rois: RoiSet | None = None, compartments: bool = False) -> StudyAnalysis:
+             rois: RoiSet | None = None, compartments: bool = False,
+             reader_segs: Sequence[Dataset] = ()) -> StudyAnalysis:
     """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
@@ -240,6 +246,9 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
                     if m.metric == Metric.FF_PERCENT and np.isfinite(roi_ff[_group_of(groups, m)]) else m
                     for m in measurements]
     csa = {groups[g]: v for g, v in per_slice.items()}
+    refusals: list[tuple[str, str]] = []
+    if rois is None and reader_segs:
+        rois, refusals = _reader_rois(reader_segs, water, seg, notes)
     if rois is None and compartments:
         rois = automatic_compartments(seg, ff, water)
         if rois is None:
@@ -250,7 +259,29 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois)
     return StudyAnalysis(series=infos, anatomy=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
-                         flags=tuple(flags), rois=rois)
+                         flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals))
+
+
+def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, seg: Segmentation,
+                 notes: list[str]) -> tuple[RoiSet | None, list[tuple[str, str]]]:
+    """The ROI set of the newest usable reader SEG, and (SOP Instance UID, reason) of each
+    one that cannot be used (older usable ones are simply not used).
+    """
+    def newest_first(ds: Dataset) -> tuple[str, str, int]:
+        return (str(ds.get("ContentDate", "")), str(ds.get("ContentTime", "")), int(ds.get("SeriesNumber", 0) or 0))
+    refusals: list[tuple[str, str]] = []
+    chosen = None
+    for ds in sorted(segs, key=newest_first, reverse=True):
+        uid = str(ds.get("SOPInstanceUID", ""))
+        try:
+            rois, _ = rois_from_seg(ds, anatomy, seg.region)
+        except RoiSetError as exc:
+            refusals.append((uid, f"reader SEG not used: {exc}"))
+            continue
+        if chosen is None:
+            chosen = rois
+            notes.append(f"ROIs from the reader's SEG {uid} ({len(rois.names)} segments)")
+    return chosen, refusals
 
 
 def _measure_rois(rois: RoiSet, labels_ext: np.ndarray, weights: np.ndarray, muscle_ff: np.ndarray,

@@ -8,6 +8,7 @@ subcutaneous fat and bone (cortex and marrow) of the right and left leg.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -183,6 +184,18 @@ def sorted_source_images(analysis: StudyAnalysis, source_images: Sequence[Datase
     return [by_uid[u] for u in wanted]
 
 
+def _roi_digest(analysis: StudyAnalysis) -> tuple[str, ...]:
+    """What identifies the ROI set (labels, names, source) in the derived UIDs: other ROIs,
+    another SEG (and so another SR); none, the same UIDs as without ROI support.
+    """
+    if analysis.rois is None:
+        return ()
+    h = hashlib.sha1(np.ascontiguousarray(analysis.rois.labels, dtype=np.int32).tobytes())
+    h.update(repr(sorted(analysis.rois.names.items())).encode())
+    h.update(analysis.rois.source.value.encode())
+    return ("rois", h.hexdigest())
+
+
 def _roi_tracking_uid(source: Dataset, analysis: StudyAnalysis, label: int, side: Side) -> str:
     from .uids import subject_key
     assert analysis.rois is not None
@@ -264,7 +277,8 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
     study_uid = str(sources[0].get("StudyInstanceUID", ""))
     if not study_uid:
         raise ValueError("source images have no StudyInstanceUID")
-    uid_parts = (study_uid, "seg", str(analysis.algorithm_version), *sorted(ref.sop_instance_uids))
+    uid_parts = (study_uid, "seg", str(analysis.algorithm_version), *sorted(ref.sop_instance_uids),
+                 *_roi_digest(analysis))
     sop_instance_uid = sop_instance_uid or derive_uid(*uid_parts, "instance")
     series_instance_uid = series_instance_uid or derive_uid(*uid_parts, "series")
 
