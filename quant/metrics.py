@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
+from scipy import ndimage as ndi
 
-from .enums import Metric, RoiSource, Side
+from .enums import Metric, RoiSource, Side, SideLabel
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,6 @@ def roi_groups(muscle_labels: np.ndarray, roi_labels: np.ndarray, side_labels: n
     labels, groups, roi_of
         The group label map, group -> (region, side), group -> ROI name.
     """
-    from scipy import ndimage as ndi
-
-    from .enums import SideLabel
-
     rois = np.asarray(roi_labels).astype(np.int64)
     muscle = np.asarray(muscle_labels) > 0
     if reach_vox > 0 and rois.any():

@@ -21,7 +21,7 @@ from quant.pipeline import StudyAnalysis
 from quant.volume import Volume
 
 from . import codes
-from .uids import derive_uid
+from .uids import derive_uid, subject_key
 
 #: Tissues written as segments, in segment-number order (within a tissue: right, left).
 SEGMENT_TISSUES: tuple[Tissue, ...] = (Tissue.MUSCLE, Tissue.SUBCUTANEOUS_FAT, Tissue.BONE)
@@ -197,7 +197,6 @@ def _roi_digest(analysis: StudyAnalysis) -> tuple[str, ...]:
 
 
 def _roi_tracking_uid(source: Dataset, analysis: StudyAnalysis, label: int, side: Side) -> str:
-    from .uids import subject_key
     assert analysis.rois is not None
     return roi_tracking_uid(subject_key(source), analysis.segmentation.region.value, side,
                             analysis.rois.names[label], analysis.rois.source.value)
