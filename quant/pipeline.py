@@ -96,12 +96,14 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         if megre is None:
             mese_info = _pick(infos, SeriesKind.MESE)
             if mese_info is not None:   # T2 mapping alone: segment on the MESE fit itself
+                if rois is not None or compartments or reader_segs:   # the reader's SEG stays stored
+                    notes.append("ROIs are not measured on a study with a MESE series only (yet)")
                 return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
                                           body_part=_body_part(by_series[mese_info.series_instance_uid][0]))
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
-        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments)
+        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments, reader_segs)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -195,7 +197,8 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
     return a * (np.pi / 4096.0)
 
 
-def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None, compartments=False) -> StudyAnalysis:
+def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None, compartments=False,
+                   reader_segs=()) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     anatomy, res = megre
     source = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
@@ -210,7 +213,7 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None,
         return float(np.nanmean(pdff[roi]))
     return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
                     source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [], rois=rois,
-                    compartments=compartments)
+                    compartments=compartments, reader_segs=reader_segs)
 
 
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
@@ -238,13 +241,8 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     # magnitude Dixon a maximum-likelihood estimate, free of the noise-floor bias that a
     # mean of voxel values keeps at low fat fraction.
     core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
-    roi_ff = {}
-    for g in groups:
-        roi = core & (labels == g)
-        roi_ff[g] = region_ff(roi if roi.sum() >= 50 else labels == g)
-    measurements = [replace(m, value=100.0 * roi_ff[_group_of(groups, m)], model=model.value)
-                    if m.metric == Metric.FF_PERCENT and np.isfinite(roi_ff[_group_of(groups, m)]) else m
-                    for m in measurements]
+    ffs = _core_ffs(labels, groups, core, region_ff)
+    measurements = _with_ff(measurements, lambda m: ffs[_group_of(groups, m)], model)
     csa = {groups[g]: v for g, v in per_slice.items()}
     refusals: list[tuple[str, str]] = []
     if rois is None and reader_segs:
@@ -296,13 +294,31 @@ def _measure_rois(rois: RoiSet, labels_ext: np.ndarray, weights: np.ndarray, mus
                             slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION,
                             model=model.value, weights=weights, roi_of=roi_of, source=rois.source.value)
     group = {(roi_of[g], side): g for g, (_, side) in roi_grp.items()}
-    ffs = {}
-    for g in roi_grp:
-        sel = roi_lab == g
+    ffs = _core_ffs(roi_lab, roi_grp, core, region_ff)
+    return _with_ff(out, lambda m: ffs[group[(m.roi, m.side)]], model)
+
+
+def _core_ffs(labels: np.ndarray, groups: Iterable[int], core: np.ndarray,
+              region_ff: Callable[[np.ndarray], float]) -> dict[int, float]:
+    """The FF of each labelled group by ``region_ff`` over its voxels away from the muscle's
+    edges (``core``; all its voxels when fewer than 50 are left).
+    """
+    out = {}
+    for g in groups:
+        sel = labels == g
         inner = sel & core
-        ffs[g] = region_ff(inner if inner.sum() >= 50 else sel)
-    return [replace(m, value=100.0 * ffs[group[(m.roi, m.side)]])
-            if m.metric == Metric.FF_PERCENT and np.isfinite(ffs[group[(m.roi, m.side)]]) else m for m in out]
+        out[g] = region_ff(inner if inner.sum() >= 50 else sel)
+    return out
+
+
+def _with_ff(measurements: Iterable[Measurement], ff_of: Callable[[Measurement], float],
+             model: Model) -> list[Measurement]:
+    """The measurements with each ``ff_percent`` replaced by ``ff_of`` (0..1) where finite."""
+    out = []
+    for m in measurements:
+        ff = ff_of(m) if m.metric == Metric.FF_PERCENT else float("nan")
+        out.append(replace(m, value=100.0 * ff, model=model.value) if np.isfinite(ff) else m)
+    return out
 
 
 def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois=None):

@@ -46,3 +46,39 @@ def test_phase_scaling_conventions():
     np.testing.assert_allclose(phase_to_radians(rad), rad)
     np.testing.assert_allclose(phase_to_radians(np.array([-4096.0, 0.0, 2048.0])), [-np.pi, 0.0, np.pi / 2])
     np.testing.assert_allclose(phase_to_radians(np.array([0.0, 2048.0, 4096.0])), [-np.pi, 0.0, np.pi])
+
+
+def test_a_reader_seg_is_used_on_a_megre_only_study():
+    """A reader's SEG on the MEGRE magnitude series (the series segmented when no Dixon came)
+    gives the ROIs, as on a Dixon study; a SEG of another series is refused with the reason."""
+    import highdicom as hd
+    import numpy as np
+    from highdicom.sr import CodedConcept
+
+    ph = small_phantom(seed=7, compartments=True, **REALISTIC)
+    dixon = phantom_datasets(ph, uid_seed="megre-reader")
+    megre = megre_datasets(ph, dixon[0])
+    a = analyse_study(megre)
+    by_uid = {str(d.SOPInstanceUID): d for d in megre}
+    sources = [by_uid[u] for u in a.anatomy.sop_instance_uids]
+    desc = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=f"compartment {i + 1}",
+        segmented_property_category=CodedConcept("91723000", "SCT", "Anatomical Structure"),
+        segmented_property_type=CodedConcept("102292000", "SCT", "Skeletal muscle structure of lower limb"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL) for i in range(3)]
+    masks = np.stack([ph.compartment == i + 1 for i in range(3)], axis=-1).astype(np.uint8)
+
+    def seg(src):
+        return hd.seg.Segmentation(
+            source_images=src, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=desc, series_instance_uid=hd.UID(), series_number=300,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Reader viewer",
+            manufacturer_model_name="viewer", software_versions="1", device_serial_number="1")
+    first_series = sorted((d for d in dixon if d.SeriesInstanceUID == dixon[0].SeriesInstanceUID),
+                          key=lambda d: d.InstanceNumber)
+    good, other = seg(sources), seg(first_series)
+    b = analyse_study(megre, reader_segs=[good, other])
+    assert b.rois is not None and {m.roi for m in b.measurements if m.roi} == {"compartment 1", "compartment 2",
+                                                                              "compartment 3"}
+    assert [uid for uid, _ in b.roi_refusals] == [str(other.SOPInstanceUID)]
+    assert "reader SEG not used" in b.roi_refusals[0][1]
