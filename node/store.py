@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
 from . import db
@@ -136,6 +136,15 @@ class Store:
                 db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
             conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
         return StoredInstance(path, False)
+
+    def quarantine_stored(self, instance_id: int, path: Path, reason: str, *, sop_uid: str, study_uid: str) -> None:
+        """Move an instance already stored out of its study into quarantine, with the reason
+        (a file that turned out unreadable, a reader's SEG that cannot be used).
+        """
+        if path.exists():
+            self.quarantine(None, reason, sop_uid=sop_uid, study_uid=study_uid, source=path)
+        with self.engine.begin() as conn:
+            conn.execute(delete(db.instances).where(db.instances.c.id == instance_id))
 
     def quarantine(self, data: bytes | None, reason: str, *, sop_uid: str = "", study_uid: str = "",
                    calling_ae: str = "", source: Path | None = None) -> Path:

@@ -94,10 +94,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     by_path = {f.path: f for f in files}
     for r in rejected:  # unreadable instances leave the study for quarantine, with the reason
         row = by_path[str(r.path)]
-        if r.path.exists():
-            store.quarantine(None, r.reason, sop_uid=row.sop_uid, study_uid=job.study_uid, source=r.path)
-        with engine.begin() as conn:
-            conn.execute(delete(db.instances).where(db.instances.c.id == row.id))
+        store.quarantine_stored(row.id, r.path, r.reason, sop_uid=row.sop_uid, study_uid=job.study_uid)
     if not [d for d in datasets if not is_reader_seg(d)]:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, "no MR images in this study")
         return JobState.SKIPPED
@@ -121,12 +118,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     by_sop = {f.sop_uid: f for f in files}
     for sop_uid, reason in out.analysis.roi_refusals:   # a reader's SEG that cannot be used: quarantined
         refused = by_sop.get(sop_uid)
-        if refused is None:
-            continue
-        if Path(refused.path).exists():
-            store.quarantine(None, reason, sop_uid=sop_uid, study_uid=job.study_uid, source=Path(refused.path))
-        with engine.begin() as conn:
-            conn.execute(delete(db.instances).where(db.instances.c.id == refused.id))
+        if refused is not None:
+            store.quarantine_stored(refused.id, Path(refused.path), reason, sop_uid=sop_uid, study_uid=job.study_uid)
     now = t_built = time.time()
     paths = {}
     for kind, ds in (("seg", out.seg), ("sr", out.sr)):
