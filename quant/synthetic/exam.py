@@ -118,17 +118,31 @@ def _base(template: Dataset, series_uid: str, series_number: int, params: MesePa
     ds.SeriesDescription = "se_mc_tra_T2map"
     ds.SeriesDate = ds.ContentDate = ds.get("StudyDate", "")
     ds.SeriesTime = ds.ContentTime = "093000"
+    classic_mese_attributes(ds, params, thickness_mm=thickness, spacing_mm=thickness)
+    ds.MagneticFieldStrength = "3"
+    return ds
+
+
+#: Acquisition attributes a classic MR Image carries at the top level; an Enhanced MR
+#: instance has them in its functional groups instead.
+_CLASSIC_ONLY = ("ScanningSequence", "SequenceVariant", "ScanOptions", "SliceThickness", "SpacingBetweenSlices",
+                 "RepetitionTime", "FlipAngle", "EchoTrainLength", "MagneticFieldStrength")
+
+
+def classic_mese_attributes(ds: Dataset, params: MeseParameters, *, thickness_mm: float, spacing_mm: float,
+                            sequence_name: str | None = None) -> None:
+    """Set the acquisition attributes of a classic (single-frame) 2D multi-echo spin-echo image."""
     ds.ScanningSequence = "SE"
     ds.SequenceVariant = "SK"
     ds.ScanOptions = ""
     ds.MRAcquisitionType = "2D"
-    ds.SliceThickness = f"{thickness:g}"
-    ds.SpacingBetweenSlices = f"{thickness:g}"
+    if sequence_name is not None:
+        ds.SequenceName = sequence_name
+    ds.SliceThickness = f"{thickness_mm:g}"
+    ds.SpacingBetweenSlices = f"{spacing_mm:g}"
     ds.RepetitionTime = f"{params.repetition_time_ms or 3000:g}"
     ds.FlipAngle = f"{params.refocusing_angle_deg:g}"
     ds.EchoTrainLength = params.n_echoes
-    ds.MagneticFieldStrength = "3"
-    return ds
 
 
 
@@ -237,6 +251,9 @@ def enhanced_mese_instance(base: Dataset, frames: np.ndarray, positions: Sequenc
         The instance, with file meta; ``uid("enhanced", echo)`` is its SOP Instance UID.
     """
     ds = copy.deepcopy(base)
+    for kw in _CLASSIC_ONLY:   # in the functional groups here
+        if kw in ds:
+            delattr(ds, kw)
     te = params.echo_spacing_ms * (echo + 1)
     ds.SOPClassUID = ENHANCED_MR_IMAGE
     ds.SOPInstanceUID = uid("enhanced", echo)

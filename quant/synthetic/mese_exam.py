@@ -24,7 +24,7 @@ from reports.uids import derive_uid
 from ..enums import Side
 from ..epg import MeseParameters
 from ..t2 import DEFAULT_FAT_T2_MS
-from .exam import classic_mese_instances, enhanced_mese_instance, mese_truth_maps
+from .exam import classic_mese_attributes, classic_mese_instances, enhanced_mese_instance, mese_truth_maps
 from .mese_phantom import simulate_mese
 from .phantom import LegPhantom
 
@@ -140,16 +140,8 @@ def mese_only_datasets(phantom: LegPhantom, *, params: MeseParameters | None = N
     if enhanced:
         return [enhanced_mese_instance(base, images[e], positions, phantom, params, e, thickness, uid, siemens=siemens)
                 for e in range(params.n_echoes)]
-    base.ScanningSequence = "SE"
-    base.SequenceVariant = "SK"
-    base.ScanOptions = ""
-    base.MRAcquisitionType = "2D"
-    base.SequenceName = f"*se2d{params.n_echoes}"
-    base.SliceThickness = f"{thickness:g}"
-    base.SpacingBetweenSlices = f"{dz:g}"
-    base.RepetitionTime = f"{params.repetition_time_ms or 3000:g}"
-    base.FlipAngle = f"{params.refocusing_angle_deg:g}"
-    base.EchoTrainLength = params.n_echoes
+    classic_mese_attributes(base, params, thickness_mm=thickness, spacing_mm=dz,
+                            sequence_name=f"*se2d{params.n_echoes}")
     return classic_mese_instances(base, images, positions, phantom, params, lambda e, k: uid("instance", e, k))
 
 
