@@ -54,6 +54,16 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _rois_line(r: dict) -> str:
+    """One study's ROIs in words, e.g. "5 carried from SEG 1.2.3: Dice 0.95, mismatch 0.08, REVIEW"."""
+    text = f"{r['n_rois']} {r['source']}" + (f" from SEG {r['seg_sop_uid']}" if r["seg_sop_uid"] else "")
+    if r["source"] == "carried":
+        dice = "n/a" if r["dice"] is None else f"{r['dice']:.3f}"
+        text += (f": registration Dice {dice}, mismatch {r['mismatch']:.3f}, "
+                 + ("NEEDS REVIEW" if r["needs_review"] else "within thresholds"))
+    return text
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``musclenode status``: print studies, jobs, sends and quarantine; returns 1 if the node has no data."""
     from .db import make_engine
@@ -72,6 +82,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in report["studies"]:
         print(f"  {s['study_uid']}  {s['state']:<10} rev {s['revision']}  {s['n_instances']} instances  "
               f"{s['study_date']}  {s['message']}")
+        if s.get("rois"):
+            print(f"      ROIs: {_rois_line(s['rois'])}")
     print(f"jobs ({len(report['jobs'])}):")
     for j in report["jobs"]:
         print(f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}  study {j['study_uid']}  {j['message']}")
@@ -80,6 +92,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in pending:
         print(f"  {s['kind']} {s['sop_uid']} -> {s['destination']}: attempts {s['attempts']}, "
               f"next try {_fmt_time(s['next_try_at'])}, last error: {s['last_error'] or '-'}")
+    if report["roi_sets"]:
+        print(f"readers' ROI sets ({len(report['roi_sets'])}):")
+        for r in report["roi_sets"]:
+            print(f"  {r['region']} of study {r['study_uid']} ({r['study_date'] or 'no date'}): {r['n_rois']} ROIs, "
+                  f"SEG {r['seg_sop_uid']}")
     if report["quarantine"]:
         print(f"quarantine ({len(report['quarantine'])}):")
         for q in report["quarantine"]:

@@ -66,31 +66,53 @@ def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study
     """
     if not subject_key or not study_date:
         return []
+    return _requeue(engine, subject_key, study_uid, db.studies.c.study_date > study_date,
+                    f"re-compare: an earlier visit ({study_date}) has new values", "study-recompare",
+                    f"earlier={study_uid}")
+
+
+def requeue_for_roi_set(engine: Engine, subject_key: str, study_uid: str, region: str) -> list[int]:
+    """Queue a new revision of every other processed visit of the subject measured as
+    ``region`` that has no reader ROI set of its own there: a reader's new ROI set (drawn on
+    ``study_uid``) is carried to them and they are measured again in it. Returns the job ids.
+    """
+    if not subject_key:
+        return []
+    measured_here = select(db.measurements.c.study_uid).where(db.measurements.c.region == region)
+    own = select(db.roi_sets.c.study_uid).where(and_(db.roi_sets.c.subject_key == subject_key,
+                                                     db.roi_sets.c.region == region))
+    return _requeue(engine, subject_key, study_uid,
+                    and_(db.studies.c.study_uid.in_(measured_here), db.studies.c.study_uid.not_in(own)),
+                    f"ROIs: a reader's ROI set drawn on study {study_uid} is carried to this visit",
+                    "study-carry-rois", f"rois-from={study_uid}")
+
+
+def _requeue(engine: Engine, subject_key: str, study_uid: str, which, message: str, event: str,
+             detail: str) -> list[int]:
+    """Queue a new revision of the subject's other processed, measured studies matching ``which``."""
     now = time.time()
     created = []
     with engine.begin() as conn:
         measured = select(db.measurements.c.study_uid).distinct()
-        later = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.state)
-                             .where(and_(db.studies.c.subject_key == subject_key,
-                                         db.studies.c.study_uid != study_uid,
-                                         db.studies.c.study_date > study_date,
-                                         db.studies.c.state.in_((StudyState.DONE, StudyState.PROCESSING)),
-                                         db.studies.c.study_uid.in_(measured)))).all()
-        for row in later:
+        rows = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.state)
+                            .where(and_(db.studies.c.subject_key == subject_key,
+                                        db.studies.c.study_uid != study_uid,
+                                        which,
+                                        db.studies.c.state.in_((StudyState.DONE, StudyState.PROCESSING)),
+                                        db.studies.c.study_uid.in_(measured)))).all()
+        for row in rows:
             res = conn.execute(update(db.studies)
                                .where(and_(db.studies.c.study_uid == row.study_uid,
                                            db.studies.c.revision == row.revision,
                                            db.studies.c.state == row.state))
-                               .values(state=StudyState.COMPLETE, revision=row.revision + 1,
-                                       message=f"re-compare: an earlier visit ({study_date}) has new values"))
+                               .values(state=StudyState.COMPLETE, revision=row.revision + 1, message=message))
             if res.rowcount != 1:
                 continue
             job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
-            db.record_audit(conn, "study-recompare", f"study={row.study_uid} revision={row.revision + 1} "
-                                                     f"job={job_id} earlier={study_uid}")
+            db.record_audit(conn, event, f"study={row.study_uid} revision={row.revision + 1} job={job_id} {detail}")
             created.append(job_id)
     for job_id in created:
-        log.info("job %d queued: a later visit re-compared with the earlier visit %s", job_id, study_uid)
+        log.info("job %d queued (%s, %s)", job_id, event, detail)
     return created
 
 

@@ -25,7 +25,9 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -142,6 +144,35 @@ measurements = Table(
     Column("algorithm_version", String(64), nullable=False),
     Column("model", String(64), nullable=False, default=""),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    # "" for the whole region; else a muscle or compartment and where it came from
+    Column("roi", String(128), nullable=False, default="", server_default=""),
+    Column("source", String(16), nullable=False, default="", server_default=""),
+)
+
+roi_sets = Table(   # a reader's ROI set of a subject: the visit it was drawn on and what carrying it needs
+    "roi_sets", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("subject_key", String(200), nullable=False, index=True),
+    Column("region", String(16), nullable=False),
+    Column("study_uid", String(64), nullable=False),       # the visit it was drawn on
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("seg_sop_uid", String(64), nullable=False, unique=True),   # the reader's SEG
+    Column("n_rois", Integer, nullable=False),
+    Column("path", Text, nullable=False),                  # anatomy, labels and sides (node.roisets)
+    Column("created_at", Float, nullable=False),
+)
+
+study_rois = Table(   # the ROIs a study was last measured in, and the quality of a carried set
+    "study_rois", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("source", String(16), nullable=False),          # reader | carried | automatic | atlas
+    Column("seg_sop_uid", String(64), nullable=False, default=""),   # the reader's SEG they come from
+    Column("n_rois", Integer, nullable=False),
+    Column("dice", Float, nullable=True),
+    Column("mismatch", Float, nullable=True),
+    Column("needs_review", Boolean, nullable=False, default=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 outputs = Table(
@@ -195,7 +226,27 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the columns a database made by an earlier version lacks (each new column has a
+    server default, so old rows stay valid). Schema migrations proper are Alembic's job.
+    """
+    found = inspect(engine)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in found.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            if col.server_default is None:
+                raise RuntimeError(f"database table {table.name} lacks column {col.name}, which has no default")
+            kind = col.type.compile(dialect=engine.dialect)
+            default = col.server_default.arg   # type: ignore[attr-defined]
+            with engine.begin() as conn:
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {kind} NOT NULL '
+                                  f"DEFAULT '{default}'"))
 
 
 def record_audit(conn: Connection, event_name: str, detail: str) -> None:
@@ -213,5 +264,6 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
         return False
 
 
-__all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "outputs",
+__all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "roi_sets",
+           "study_rois", "outputs",
            "outbox", "audit", "make_engine", "record_audit", "insert_ignore", "select", "update", "Boolean"]

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.dataset import Dataset
 
-from quant.enums import SeriesKind, Side
+from quant.analysis import RoiReference
+from quant.enums import RoiSource, SeriesKind, Side
 from quant.epg import MeseParameters
 from quant.pipeline import StudyAnalysis, analyse_study
 from quant.t2 import AtomsSource
@@ -81,34 +82,45 @@ def parse_date(value: str) -> dt.date | None:
         return None
 
 
+def prior_key(region: str, side: str, metric: str, roi: str = "", source: str = "") -> tuple[str, str, str, str]:
+    """What a value is compared across visits by: (region, side, metric, ROI), where the
+    ROI part is "" for a whole region and ``"<lineage>:<roi name>"`` for an ROI, so that a
+    reader's ROIs (drawn or carried) are never compared with automatic or atlas ones.
+    """
+    if not roi:
+        return (region, side, metric, "")
+    return (region, side, metric, f"{RoiSource(source).lineage}:{roi}")
+
+
 def comparisons_for(analysis: StudyAnalysis, study_date: str,
-                    priors: Mapping[tuple[str, str, str], Sequence[PriorValue]],
-                    ) -> dict[tuple[str, Side, str], Comparison]:
-    """Baseline/previous comparison of every measurement that has priors, keyed by (region, side, metric);
-    empty if ``study_date`` is not a date.
+                    priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]],
+                    ) -> dict[tuple[str, Side, str, str], Comparison]:
+    """Baseline/previous comparison of every measurement that has priors (``priors`` keyed by
+    :func:`prior_key`), keyed by (region, side, metric, ROI name or ""); empty if
+    ``study_date`` is not a date.
     """
     current = parse_date(study_date)
-    out: dict[tuple[str, Side, str], Comparison] = {}
+    out: dict[tuple[str, Side, str, str], Comparison] = {}
     if current is None:
         return out
     for m in analysis.measurements:
-        if m.roi:   # per-ROI comparisons need ROI sets across visits (not kept by the node yet)
-            continue
-        key = (m.region, m.side.value, m.metric)
+        key = prior_key(m.region, m.side.value, m.metric, m.roi, m.source)
         if priors.get(key):
-            out[(m.region, m.side, m.metric)] = compare(m.value, current, priors[key])
+            out[(m.region, m.side, m.metric, m.roi)] = compare(m.value, current, priors[key])
     return out
 
 
 def build_outputs(datasets: Sequence[Dataset],
-                  priors: Mapping[tuple[str, str, str], Sequence[PriorValue]] | None = None,
+                  priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]] | None = None,
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
-                  atoms: AtomsSource | None = None, compartments: bool = False) -> StudyOutputs:
+                  atoms: AtomsSource | None = None, compartments: bool = False,
+                  carry_from: Sequence[RoiReference] = ()) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR (``compartments``: measure the
-    automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, see
+    automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, and without
+    one a reader's ROI set of another visit in ``carry_from`` is carried here, see
     :func:`quant.pipeline.analyse_study`).
 
-    ``priors`` maps (region, side, metric) to the values of the subject's earlier visits;
+    ``priors`` maps :func:`prior_key` to the values of the subject's earlier visits;
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
     (listed in its Predecessor Documents Sequence).
     """
@@ -117,7 +129,7 @@ def build_outputs(datasets: Sequence[Dataset],
 
     images = [d for d in datasets if not is_reader_seg(d)]
     analysis = analyse_study(images, t2_options=t2_options, atoms=atoms, compartments=compartments,
-                             reader_segs=[d for d in datasets if is_reader_seg(d)])
+                             reader_segs=[d for d in datasets if is_reader_seg(d)], carry_from=carry_from)
     datasets = images
     water = {str(d.SOPInstanceUID): d for d in datasets
              if str(d.SeriesInstanceUID) == analysis.anatomy.series_instance_uid}

@@ -84,7 +84,9 @@ class Node:
 
 
 def status_report(engine: Engine) -> dict[str, Any]:
-    """Studies, jobs, pending sends and quarantine, as plain data (for ``musclenode status``)."""
+    """Studies (with the ROIs each was measured in and a carried set's registration quality),
+    jobs, pending sends, quarantine and readers' ROI sets, as plain data (for ``musclenode status``).
+    """
     with engine.begin() as conn:
         studies = [dict(r._mapping) for r in conn.execute(
             select(db.studies.c.study_uid, db.studies.c.state, db.studies.c.revision, db.studies.c.n_instances,
@@ -101,4 +103,14 @@ def status_report(engine: Engine) -> dict[str, Any]:
             select(db.quarantine.c.path, db.quarantine.c.reason, db.quarantine.c.sop_uid,
                    db.quarantine.c.calling_ae).order_by(db.quarantine.c.id)).all()]
         n_instances = conn.execute(select(func.count()).select_from(db.instances)).scalar_one()
-    return dict(studies=studies, jobs=jobs, sends=sends, quarantine=quarantined, n_instances=n_instances)
+        rois = {r.study_uid: dict(r._mapping) for r in conn.execute(
+            select(db.study_rois.c.study_uid, db.study_rois.c.source, db.study_rois.c.seg_sop_uid,
+                   db.study_rois.c.n_rois, db.study_rois.c.dice, db.study_rois.c.mismatch,
+                   db.study_rois.c.needs_review)).all()}
+        roi_sets = [dict(r._mapping) for r in conn.execute(
+            select(db.roi_sets.c.subject_key, db.roi_sets.c.region, db.roi_sets.c.study_uid, db.roi_sets.c.study_date,
+                   db.roi_sets.c.seg_sop_uid, db.roi_sets.c.n_rois).order_by(db.roi_sets.c.id)).all()]
+    for s in studies:
+        s["rois"] = rois.get(s["study_uid"])
+    return dict(studies=studies, jobs=jobs, sends=sends, quarantine=quarantined, n_instances=n_instances,
+                roi_sets=roi_sets)

@@ -23,8 +23,8 @@ from quant.pipeline import NoDixonError
 from quant.t2stage import T2Options
 from reports.longitudinal import PriorValue
 
-from . import CHATTY_LOGGERS, db
-from .completion import requeue_later_visits
+from . import CHATTY_LOGGERS, db, roisets
+from .completion import requeue_for_roi_set, requeue_later_visits
 from .db import JobState, OutboxState, StudyState
 from .processing import (
     build_outputs,
@@ -33,6 +33,7 @@ from .processing import (
     is_reader_seg,
     load_datasets,
     parse_date,
+    prior_key,
     series_summary,
 )
 from .store import Store
@@ -63,7 +64,7 @@ def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
         d = parse_date(r.study_date)
         if d is None or (study_date and r.study_date >= study_date):
             continue
-        out[(r.region, r.side, r.metric)].append(PriorValue(r.study_uid, d, r.value))
+        out[prior_key(r.region, r.side, r.metric, r.roi, r.source)].append(PriorValue(r.study_uid, d, r.value))
     return dict(out)
 
 
@@ -100,13 +101,14 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         return JobState.SKIPPED
     with engine.begin() as conn:
         priors = _priors(conn, study.subject_key, job.study_uid, study.study_date)
+        references = roisets.references_for(conn, study.subject_key, job.study_uid)
         earlier = conn.execute(select(db.outputs.c.path).where(and_(db.outputs.c.study_uid == job.study_uid,
                                                                     db.outputs.c.kind == "sr"))).scalars().all()
     previous_srs = [pydicom.dcmread(p) for p in earlier if Path(p).exists()]
     t_loaded = time.time()
     try:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
-                            atoms=cached_atoms(Path(ctx.data_dir) / "cache"))
+                            atoms=cached_atoms(Path(ctx.data_dir) / "cache"), carry_from=references)
     except NoDixonError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, str(exc))
         log.warning("job %d: %s", job_id, exc)
@@ -126,17 +128,22 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
         store.write_result(path, encode(ds))
         paths[kind] = (str(ds.SOPInstanceUID), path)
+    reference = roisets.reference_of(out.analysis)
+    new_roi_set = False
     with engine.begin() as conn:
-        before = {(r.region, r.side, r.metric): r.value for r in conn.execute(
+        before = {prior_key(r.region, r.side, r.metric, r.roi, r.source): r.value for r in conn.execute(
             select(db.measurements).where(db.measurements.c.study_uid == job.study_uid))}
         conn.execute(delete(db.measurements).where(db.measurements.c.study_uid == job.study_uid))
         for m in out.analysis.measurements:
-            if m.roi:   # the measurements table has no ROI column yet; the node measures no ROI sets yet
-                continue
             conn.execute(insert(db.measurements).values(
                 subject_key=study.subject_key, study_uid=job.study_uid, study_date=study.study_date,
                 region=m.region, side=m.side.value, metric=m.metric, value=m.value, unit=m.unit,
-                algorithm_version=m.algorithm_version, model=m.model, job_id=job_id))
+                algorithm_version=m.algorithm_version, model=m.model, job_id=job_id,
+                roi=m.roi, source=m.source if m.roi else ""))
+        roisets.record_study_rois(conn, job.study_uid, out.analysis)
+        if reference is not None:
+            new_roi_set = roisets.keep_reference(store, conn, study.subject_key, job.study_uid, study.study_date,
+                                                 reference)
         conn.execute(delete(db.series).where(db.series.c.study_uid == job.study_uid))
         for uid, kind, reason, desc in series_summary(out.analysis):
             conn.execute(insert(db.series).values(study_uid=job.study_uid, series_uid=uid, kind=kind,
@@ -152,7 +159,10 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
-    after = {(m.region, m.side.value, m.metric): m.value for m in out.analysis.measurements if not m.roi}
+    after = {prior_key(m.region, m.side.value, m.metric, m.roi, m.source): m.value
+             for m in out.analysis.measurements}
+    if new_roi_set and reference is not None:   # a reader's new ROI set: the subject's other visits are measured in it
+        requeue_for_roi_set(engine, study.subject_key, job.study_uid, reference.region)
     if after != before:  # new or changed values: later visits compare against them
         requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date)
     log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",

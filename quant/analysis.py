@@ -19,6 +19,7 @@ from .series import SeriesInfo
 from .volume import Volume
 
 if TYPE_CHECKING:
+    from .registration import CarriedRois
     from .t2stage import T2Result
 
 DIXON_KINDS = (SeriesKind.WATER, SeriesKind.FAT, SeriesKind.IN_PHASE, SeriesKind.OPPOSED_PHASE)
@@ -34,6 +35,35 @@ class RoiSet:
     labels: np.ndarray                # int, 0 outside every ROI
     names: Mapping[int, str]          # label -> ROI name
     source: RoiSource = RoiSource.READER
+    origin: RoiOrigin | None = None   # the reader's SEG the set comes from (reader, carried)
+
+
+@dataclass(frozen=True)
+class RoiOrigin:
+    """The reader's SEG an ROI set was drawn in: its instance, series and the visit (study
+    and date) it was drawn on. Carried sets keep the origin of the set they were carried from.
+    """
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    study_date: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class RoiReference:
+    """A reader's ROI set with the anatomy of the visit it was drawn on: what carrying it to
+    another visit needs (:func:`quant.registration.carry_rois`).
+
+    ``anatomy`` is the 3-D volume segmented at that visit (Dixon or MEGRE water), ``rois``
+    the set on its grid (``origin`` set), ``side`` its :class:`~quant.enums.SideLabel` map
+    and ``region`` the region it was measured as (a set is carried only to the same region).
+    """
+
+    anatomy: Volume
+    rois: RoiSet
+    side: np.ndarray
+    region: str
 
 
 class NoDixonError(QuantError):
@@ -57,6 +87,7 @@ class StudyAnalysis:
     flags: tuple[str, ...] = ()       # e.g. "fat-water-swap-corrected-whole-series"
     rois: RoiSet | None = None        # the ROIs measured besides the whole region, if any
     roi_refusals: tuple[tuple[str, str], ...] = ()   # (SOP Instance UID, reason) of reader SEGs not used
+    carried: CarriedRois | None = None   # registration quality when ``rois`` were carried from another visit
 
     @property
     def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:

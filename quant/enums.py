@@ -124,3 +124,11 @@ class RoiSource(str, Enum):
     READER = "reader"         # drawn by a reader on this visit
     CARRIED = "carried"       # a reader's ROIs carried from another visit by registration
     ATLAS = "atlas"           # fused from other subjects' reader ROIs
+
+    @property
+    def lineage(self) -> str:
+        """What values of this source may be compared with across visits: a reader's ROIs
+        and the same ROIs carried to other visits are one lineage ("reader"); automatic
+        and atlas ROIs are each their own, never mixed with a reader's.
+        """
+        return "reader" if self in (RoiSource.READER, RoiSource.CARRIED) else self.value

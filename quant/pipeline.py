@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
-from .analysis import NoDixonError, RoiSet, StudyAnalysis
+from .analysis import NoDixonError, RoiReference, RoiSet, StudyAnalysis
 from .compartments import automatic_compartments
 from .dixon import (
     correct_swaps,
@@ -23,11 +23,12 @@ from .dixon import (
     megre_pdff,
     roi_fat_fraction,
 )
-from .enums import Metric, Model, SeriesKind, Tissue
+from .enums import Metric, Model, RoiSource, SeriesKind, Tissue
 from .errors import QuantError, RoiSetError, SeriesError
 from .mese_study import analyse_mese_study
 from .metrics import Measurement, muscle_metrics, partial_volume_weights, roi_groups
 from .reader_rois import rois_from_seg
+from .registration import CarriedRois, carry_rois
 from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
@@ -56,7 +57,8 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, rois: RoiSet | None = None,
-                  compartments: bool = False, reader_segs: Sequence[Dataset] = ()) -> StudyAnalysis:
+                  compartments: bool = False, reader_segs: Sequence[Dataset] = (),
+                  carry_from: Sequence[RoiReference] = ()) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
@@ -68,7 +70,12 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     (:func:`quant.compartments.automatic_compartments`). ``reader_segs``: a reader's DICOM SEGs
     of the study; the newest that references the series segmented becomes the ROI set
     (:func:`quant.reader_rois.rois_from_seg`), and every SEG that cannot be used is listed
-    with the reason in ``StudyAnalysis.roi_refusals``. A T2
+    with the reason in ``StudyAnalysis.roi_refusals``. Without ROIs of its own (``rois`` or a
+    usable reader SEG), a reader's ROI set of another visit of the subject in ``carry_from``
+    (the one of the region found) is carried to this visit by registration
+    (:func:`quant.registration.carry_rois`), measured with source ``carried``, and its
+    registration quality kept in ``StudyAnalysis.carried`` (flag ``roi-registration-review``
+    when it needs a look). A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
     (:func:`quant.mese_study.analyse_mese_study`).
@@ -103,7 +110,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
-        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments, reader_segs)
+        return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments, reader_segs,
+                              carry_from)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -154,7 +162,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     signal = in_phase if in_phase is not None else w_arr + f_arr
     return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
                     t2_options, atoms, flags, in_phase=in_phase, rois=rois, compartments=compartments,
-                    reader_segs=reader_segs)
+                    reader_segs=reader_segs, carry_from=carry_from)
 
 
 def _megre(by_series, infos, notes):
@@ -198,7 +206,7 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
 
 
 def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None, compartments=False,
-                   reader_segs=()) -> StudyAnalysis:
+                   reader_segs=(), carry_from=()) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     anatomy, res = megre
     source = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
@@ -213,14 +221,14 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None,
         return float(np.nanmean(pdff[roi]))
     return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
                     source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [], rois=rois,
-                    compartments=compartments, reader_segs=reader_segs)
+                    compartments=compartments, reader_segs=reader_segs, carry_from=carry_from)
 
 
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
              source: SeriesInfo, model: Model, region_ff: Callable[[np.ndarray], float], notes: list[str],
              t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None,
              rois: RoiSet | None = None, compartments: bool = False,
-             reader_segs: Sequence[Dataset] = ()) -> StudyAnalysis:
+             reader_segs: Sequence[Dataset] = (), carry_from: Sequence[RoiReference] = ()) -> StudyAnalysis:
     """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
@@ -247,6 +255,11 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     refusals: list[tuple[str, str]] = []
     if rois is None and reader_segs:
         rois, refusals = _reader_rois(reader_segs, water, seg, notes)
+    carried = None
+    if rois is None and carry_from:
+        rois, carried = _carry(carry_from, water, seg, notes)
+        if carried is not None and carried.needs_review:
+            flags = [*flags, "roi-registration-review"]
     if rois is None and compartments:
         rois = automatic_compartments(seg, ff, water)
         if rois is None:
@@ -257,7 +270,29 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois)
     return StudyAnalysis(series=infos, anatomy=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
-                         flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals))
+                         flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals), carried=carried)
+
+
+def _carry(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation,
+           notes: list[str]) -> tuple[RoiSet | None, CarriedRois | None]:
+    """The ROI set of the reference of this visit's region carried onto ``anatomy``."""
+    ref = next((r for r in references if r.region == seg.region.value), None)
+    if ref is None:
+        regions = ", ".join(sorted({r.region for r in references}))
+        notes.append(f"no reader ROI set of the {seg.region.value} to carry (the subject has: {regions})")
+        return None, None
+    if anatomy.array.ndim != 3 or ref.anatomy.array.ndim != 3:
+        notes.append("reader ROI set not carried: 3-D images needed")
+        return None, None
+    carried = carry_rois(ref.anatomy, ref.rois.labels, anatomy, moving_side=ref.side, fixed_side=seg.side,
+                         fixed_muscle=seg.tissue == Tissue.MUSCLE)
+    origin = ref.rois.origin
+    drawn = f" drawn on the visit of {origin.study_date or origin.study_instance_uid}" if origin else ""
+    dice = "n/a" if carried.dice_muscle is None else f"{carried.dice_muscle:.3f}"
+    notes.append(f"reader ROI set{drawn} carried by registration in {carried.seconds:.1f} s: Dice with the "
+                 f"muscle {dice}, mismatch {carried.mismatch:.3f}"
+                 + ("; flagged for review" if carried.needs_review else ""))
+    return RoiSet(carried.labels, dict(ref.rois.names), RoiSource.CARRIED, origin), carried
 
 
 def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, seg: Segmentation,

@@ -36,13 +36,14 @@ pixel set; a segment coded as a compartment of another region than ``region``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .analysis import RoiSet
+from .analysis import RoiOrigin, RoiSet
 from .enums import COMPARTMENTS, Region, Roi, RoiSource
 from .errors import RoiSetError
 from .volume import Volume
@@ -197,11 +198,37 @@ def _roi_name(number: int, segment: Dataset, region: Region | None) -> tuple[str
             raise RoiSetError(f"segment {number} ({label or ptype}) is coded as {roi.value}, which is not "
                               f"a compartment of the {region.value if region else ''}")
         return roi.value, ptype, laterality
-    name = label or tracking or (code[2].strip() if code else "")
+    name = _own_label(label) or _canonical(label) or tracking or (code[2].strip() if code else "")
     if not name:
         raise RoiSetError(f"segment {number} has no known property type, no label and no tracking ID: "
                           "its muscle cannot be named")
     return name, ptype, laterality
+
+
+_OWN_LABEL = re.compile(r"^(?:(?:right|left)\s+)?(?:(?:thigh|calf|leg|hand|head_neck|head-neck)\s+)?(.+?)\s*"
+                        r"\((?:" + "|".join(s.value for s in RoiSource) + r")\)$", re.IGNORECASE)
+
+
+def _own_label(label: str) -> str:
+    """The ROI name in a label of the node's own SEG ("right thigh anterior compartment
+    (carried)" -> ``anterior_compartment``), so that a reader's correction of a SEG the node
+    sent names its ROIs as before; "" for any other label (kept as given).
+    """
+    m = _OWN_LABEL.match(label.strip())
+    return _canonical(m.group(1)) if m else ""
+
+
+def _canonical(label: str) -> str:
+    """A label that spells a known ROI (``Roi`` value, any case, spaces or underscores) as
+    that ROI's name, so that "Anterior compartment" and "anterior_compartment" are one ROI;
+    any other label as given (stripped).
+    """
+    words = label.strip()
+    key = "_".join(words.lower().replace("-", " ").split())
+    return key if key in _KNOWN_NAMES else words
+
+
+_KNOWN_NAMES = frozenset(r.value for r in Roi)
 
 
 def _frame_numbers(volume: Volume) -> dict[tuple[str, int | None], int]:
@@ -335,8 +362,10 @@ def rois_from_seg(seg: Dataset, volume: Volume, region: Region | None = None) ->
     rois : quant.analysis.RoiSet
         ``labels``: int32 map on ``volume``'s grid (0 outside every segment, else the segment
         number; overlaps go to the higher segment number); ``names``: segment number -> ROI
-        name (a :class:`~quant.enums.Roi` value for a known property type, else the segment
-        label as given); ``source`` READER.
+        name (a :class:`~quant.enums.Roi` value for a known property type or a label that
+        spells one, e.g. "Anterior compartment"; else the segment label as given; the label of
+        a SEG the node made, "right thigh anterior compartment (carried)", names its ROI;
+        segments of one name become one label); ``source`` READER, ``origin`` this SEG.
     descriptions : dict of str to str
         Segment number (as a string) -> what the segment says: label, property type (code
         meaning, scheme and value), laterality and voxel count.
@@ -408,10 +437,17 @@ def rois_from_seg(seg: Dataset, volume: Volume, region: Region | None = None) ->
                           + ": no pixel set")
     names: dict[int, str] = {}
     descriptions: dict[str, str] = {}
+    first_of: dict[str, int] = {}
     for number in sorted(segments):
         name, ptype, laterality = _roi_name(number, segments[number], region)
-        names[number] = name
         label = str(segments[number].get("SegmentLabel", "") or "").strip()
         descriptions[str(number)] = (f"label {label!r}; property type {ptype}; laterality "
                                      f"{laterality or 'not stated'}; {counts[number]} voxels")
-    return RoiSet(labels=labels, names=names, source=RoiSource.READER), descriptions
+        if name in first_of:   # one ROI drawn as several segments (e.g. one per side): one label
+            labels[labels == number] = first_of[name]
+            continue
+        first_of[name] = number
+        names[number] = name
+    origin = RoiOrigin(str(seg.get("SOPInstanceUID", "")), str(seg.get("SeriesInstanceUID", "")),
+                       str(seg.get("StudyInstanceUID", "")), str(seg.get("StudyDate", "") or ""))
+    return RoiSet(labels=labels, names=names, source=RoiSource.READER, origin=origin), descriptions

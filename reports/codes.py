@@ -110,6 +110,13 @@ SKELETAL_MUSCLE_OF_LOWER_LIMB = _cc(codes.SCT.SkeletalMuscleStructureOfLowerLimb
 
 #: Where an ROI came from (:class:`quant.enums.RoiSource`): a qualitative evaluation of each ROI group.
 ROI_SOURCE = _private("ROISRC", "Region of interest source")
+REGISTRATION_DICE = _private("REGDICE", "Dice of carried regions with the visit's muscle")
+REGISTRATION_MISMATCH = _private("REGMISMATCH", "Residual image mismatch after registration")
+REGISTRATION_REVIEW = _private("REGREVIEW", "Registration of carried regions")
+REGISTRATION_REVIEWS = MappingProxyType({
+    True: _private("REGREVIEW-YES", "Needs review"),
+    False: _private("REGREVIEW-NO", "Within quality thresholds"),
+})
 ROI_SOURCES = MappingProxyType({
     "automatic": _private("ROISRC-AUTO", "Automatic segmentation"),
     "reader": _private("ROISRC-READER", "Drawn by a reader"),

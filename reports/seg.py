@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from quant import __version__
-from quant.enums import Side, Tissue
+from quant.enums import RoiSource, Side, Tissue
 from quant.pipeline import StudyAnalysis
 from quant.volume import Volume
 
@@ -24,6 +24,7 @@ from . import codes
 from .uids import derive_uid, subject_key
 
 #: Tissues written as segments, in segment-number order (within a tissue: right, left).
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SEGMENT_TISSUES: tuple[Tissue, ...] = (Tissue.MUSCLE, Tissue.SUBCUTANEOUS_FAT, Tissue.BONE)
 SEGMENT_SIDES: tuple[Side, ...] = (Side.RIGHT, Side.LEFT)
 
@@ -199,17 +200,18 @@ def _roi_digest(analysis: StudyAnalysis) -> tuple[str, ...]:
 def _roi_tracking_uid(source: Dataset, analysis: StudyAnalysis, label: int, side: Side) -> str:
     assert analysis.rois is not None
     return roi_tracking_uid(subject_key(source), analysis.segmentation.region.value, side,
-                            analysis.rois.names[label], analysis.rois.source.value)
+                            analysis.rois.names[label], analysis.rois.source.lineage)
 
 
 def roi_tracking_uid(subject: str, region: str, side: Side | str, roi: str, source: str) -> str:
     """Tracking UID of one ROI of a subject: the same at every visit for the same ROI and
-    source (automatic compartments and a reader's ROIs never share one).
+    lineage (``RoiSource.lineage``: a reader's ROIs and the same ROIs carried to other visits
+    share one; automatic compartments and a reader's ROIs never do).
 
     Returns
     -------
     str
-        A UID derived from the subject key, region, side, ROI name and source.
+        A UID derived from the subject key, region, side, ROI name and lineage.
     """
     return derive_uid("musclenode-tracking", subject, str(region), Side(side).value, "roi", roi, source)
 
@@ -320,6 +322,10 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
             display_color=hd.color.CIELabColor.from_rgb(*_ROI_RGB[(label - 1) % len(_ROI_RGB)]),
         )
         desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [copy.deepcopy(codes.laterality(side))]
+        origin = analysis.rois.origin
+        if origin is not None:   # the reader's SEG this segment derives from, in words
+            how = "carried by registration from" if analysis.rois.source is RoiSource.CARRIED else "from"
+            desc.SegmentDescription = f"{how} reader SEG {origin.sop_instance_uid}"[:64]
         descriptions.append(desc)
 
     multi_frame = any(f is not None for f in ref.frame_numbers)
@@ -336,7 +342,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
                 raise ValueError(f"source image {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, "
                                  f"the masks are {rows}x{cols}")
         pixel_array = stack
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -353,4 +359,32 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         content_description="Automatic segmentation of leg muscle, subcutaneous fat and bone",
         series_description=series_description,
     )
+    _reference_reader_seg(seg, analysis)
+    return seg
+
+
+def _reference_reader_seg(seg: Dataset, analysis: StudyAnalysis) -> None:
+    """Name the reader's SEG that the ROIs derive from in the Common Instance Reference
+    module (Studies Containing Other Referenced Instances: it lies in the study of the visit
+    it was drawn on, or in this study's Referenced Series when it is this visit's own).
+    """
+    rois = analysis.rois
+    if rois is None or rois.origin is None or rois.source not in (RoiSource.CARRIED, RoiSource.READER):
+        return
+    o = rois.origin
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = SEGMENTATION_STORAGE
+    instance.ReferencedSOPInstanceUID = o.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = o.series_instance_uid
+    series.ReferencedInstanceSequence = [instance]
+    if o.study_instance_uid == str(seg.StudyInstanceUID):
+        seg.ReferencedSeriesSequence.append(series)
+        return
+    study = Dataset()
+    study.StudyInstanceUID = o.study_instance_uid
+    study.ReferencedSeriesSequence = [series]
+    if "StudiesContainingOtherReferencedInstancesSequence" not in seg:
+        seg.StudiesContainingOtherReferencedInstancesSequence = []
+    seg.StudiesContainingOtherReferencedInstancesSequence.append(study)
 

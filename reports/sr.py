@@ -79,19 +79,22 @@ def tracking_uid(subject_key: str, region: Region | str, side: Side | str) -> st
     return derive_uid("musclenode-tracking", subject_key, Region(region).value, Side(side).value, "muscle")
 
 
-def _normalise_comparisons(comparisons) -> dict[tuple[str, Side, str], Comparison]:
+def _normalise_comparisons(comparisons) -> dict[tuple[str, Side, str, str], Comparison]:
+    """Comparisons keyed (region, side, metric, ROI name), "" for the whole region."""
     if comparisons is None:
         return {}
     if not isinstance(comparisons, Mapping):
-        raise ValueError(f"comparisons must be a mapping (region, side, metric) -> Comparison, "
+        raise ValueError(f"comparisons must be a mapping (region, side, metric[, roi]) -> Comparison, "
                          f"got {type(comparisons).__name__}")
     out = {}
     for key, comp in comparisons.items():
-        if not (isinstance(key, tuple) and len(key) == 3):
-            raise ValueError(f"comparisons key must be (region, side, metric), got {key!r}")
-        region, side, metric = key
+        if not (isinstance(key, tuple) and len(key) in (3, 4)):
+            raise ValueError(f"comparisons key must be (region, side, metric) or (region, side, metric, roi), "
+                             f"got {key!r}")
+        region, side, metric = key[:3]
+        roi = str(key[3] or "") if len(key) == 4 else ""
         try:
-            norm = (Region(region).value, Side(side), str(metric))
+            norm = (Region(region).value, Side(side), str(metric), roi)
         except ValueError:
             raise ValueError(f"comparisons key {key!r}: unknown region or side") from None
         if metric not in codes.METRIC_CONCEPTS:
@@ -109,7 +112,7 @@ def _digest(comparisons: dict) -> str:
     """Text that changes whenever the comparisons written into the SR change."""
     def prior(p):
         return None if p is None else (p.study_instance_uid, p.study_date.isoformat(), repr(p.value))
-    items = sorted((k[0], k[1].value, k[2], prior(c.baseline), prior(c.previous), c.current_date.isoformat())
+    items = sorted((k[0], k[1].value, k[2], k[3], prior(c.baseline), prior(c.previous), c.current_date.isoformat())
                    for k, c in comparisons.items())
     return repr(items)
 
@@ -179,19 +182,23 @@ def _group(uid: str, words: str, seg_dataset: Dataset, number: int, analysis: St
 
 
 def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
-                algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept
+                algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept,
+                comps: Mapping[tuple[str, Side, str, str], Comparison]
                 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    """One measurement group per ROI and side of ``analysis.rois`` (no comparison yet: ROI
-    sets are not kept across visits), referencing its SEG segment; the ROI's source is a
-    qualitative evaluation.
+    """One measurement group per ROI and side of ``analysis.rois``, referencing its SEG
+    segment, with the comparison of each metric with the subject's earlier visits where
+    ``comps`` has one (the caller compares only values of the same ROI lineage); the ROI's
+    source is a qualitative evaluation, and carried ROIs carry their registration quality
+    (Dice with the visit's muscle, residual mismatch, whether it needs review).
     """
     if analysis.rois is None:
         return []
     region = analysis.segmentation.region
     numbers = roi_segment_numbers(analysis)
-    source = analysis.rois.source.value
+    source = analysis.rois.source
     by_key = {(m.roi, Side(m.side), m.metric): m for m in analysis.measurements
               if m.roi and m.region == region.value and m.metric in codes.METRIC_CONCEPTS}
+    carried = analysis.carried if source.value == "carried" else None
     out = []
     for (label, side), number in numbers.items():
         name = analysis.rois.names[label]
@@ -203,17 +210,27 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
             concept, unit = codes.METRIC_CONCEPTS[metric]
             items.append(_num(concept, float(m.value), unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
                               algorithm_id=algorithm, method=codes.MODEL_METHODS.get(m.model)))
+            comp = comps.get((region.value, side, metric, name))
+            if comp is not None:
+                items.extend(_comparison_items(metric, comp.with_current(float(m.value))))
         if not items:
             continue
+        evaluations = [hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source.value])]
+        if carried is not None:
+            dice = carried.dice_by_side.get(side, carried.dice_muscle)
+            if dice is not None:
+                items.append(_num(codes.REGISTRATION_DICE, float(dice), codes.UNIT_ONE))
+            items.append(_num(codes.REGISTRATION_MISMATCH, float(carried.mismatch), codes.UNIT_ONE))
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.REGISTRATION_REVIEW,
+                                                           codes.REGISTRATION_REVIEWS[carried.needs_review]))
         words = roi_label(analysis, label, side)
-        out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source), words, seg_dataset,
-                          number, analysis, site, side, algorithm, items,
-                          [hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source])]))
+        out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source.lineage), words,
+                          seg_dataset, number, analysis, site, side, algorithm, items, evaluations))
     return out
 
 
 def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Sequence[Dataset],
-             comparisons: Mapping[tuple[str, Side, str], Comparison] | None = None, *,
+             comparisons: Mapping[tuple, Comparison] | None = None, *,
              subject_key: str | None = None, series_instance_uid: str | None = None,
              sop_instance_uid: str | None = None, series_number: int = 902, instance_number: int = 1,
              manufacturer: str = "musclenode", software_version: str = DEFAULT_SOFTWARE_VERSION,
@@ -232,7 +249,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         The reference (Dixon water) series' datasets, in any order.
     comparisons : mapping, optional
         ``(region, side, metric) -> Comparison`` (see :mod:`reports.longitudinal`) for
-        metrics to compare with earlier visits. ``current_value`` of a comparison may be
+        metrics to compare with earlier visits; ``(region, side, metric, roi)`` for a
+        metric of an ROI of ``analysis.rois``. ``current_value`` of a comparison may be
         None (it is taken from the analysis); if given it must equal the analysis' value.
     subject_key : str, optional
         Stable key of the subject; the tracking UIDs are derived from it, region and
@@ -276,9 +294,11 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     for m in analysis.measurements:
         if m.region == region.value and not m.roi and m.metric in codes.METRIC_CONCEPTS:  # whole-region groups
             by_key[(m.region, Side(m.side), m.metric)] = m
+    rois = {(m.region, Side(m.side), m.metric, m.roi) for m in analysis.measurements if m.roi}
     for key in comps:
-        if key not in by_key:
-            raise ValueError(f"comparison for {key[0]} {key[1].value} {key[2]} has no measurement in the analysis")
+        if key[:3] not in by_key if not key[3] else key not in rois:
+            what = " ".join([key[0], key[1].value, key[2]] + ([key[3]] if key[3] else []))
+            raise ValueError(f"comparison for {what} has no measurement in the analysis")
 
     version = str(analysis.algorithm_version)
     algorithm = hd.sr.AlgorithmIdentification(name="musclenode", version=version)
@@ -307,7 +327,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
                 hd.sr.AlgorithmIdentification(name="musclenode", version=str(m.algorithm_version))
             items.append(_num(concept, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
                               algorithm_id=algo, method=codes.MODEL_METHODS.get(m.model)))
-            comp = comps.get((region.value, side, metric))
+            comp = comps.get((region.value, side, metric, ""))
             if comp is not None:
                 if comp.current_value is None:
                     comp = comp.with_current(value)
@@ -322,7 +342,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
                              side, algorithm, items, swap))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
-    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site)
+    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site, comps)
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),

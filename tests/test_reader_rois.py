@@ -88,8 +88,8 @@ def test_reader_seg_gives_back_the_compartments(thigh):
     assert referenced_instances(seg) <= set(vol.sop_instance_uids)
     rois, desc = rois_from_seg(seg, vol, Region.THIGH)
     np.testing.assert_array_equal(rois.labels, ph.compartment)
-    # a generic code: the label as given names the ROI
-    assert dict(rois.names) == {1: "anterior compartment", 2: "medial compartment", 3: "posterior compartment"}
+    # a generic code: the label names the ROI (one that spells a known compartment as its name)
+    assert dict(rois.names) == {1: "anterior_compartment", 2: "medial_compartment", 3: "posterior_compartment"}
     assert rois.source.value == "reader"
     assert "Skeletal muscle structure of lower limb (SCT 102292000)" in desc["1"]
     assert "laterality not stated" in desc["1"]
@@ -107,7 +107,7 @@ def test_fractional_seg_and_a_known_code_with_laterality(calf):
     seg = _seg(sources, masks, descs, seg_type=hd.seg.SegmentationTypeValues.FRACTIONAL)
     out, desc = rois_from_seg(seg, vol, Region.CALF)
     np.testing.assert_array_equal(out.labels, ph.compartment)
-    assert out.names[3] == Roi.TRICEPS_SURAE.value and out.names[1] == "anterior compartment"
+    assert out.names[3] == Roi.TRICEPS_SURAE.value and out.names[1] == "anterior_compartment"
     assert "laterality right" in desc["3"]
     with pytest.raises(RoiSetError, match="not a compartment of the thigh"):
         rois_from_seg(seg, vol, Region.THIGH)
@@ -127,7 +127,7 @@ def test_reader_rois_are_measured(thigh):
     analysis = analyse_study(dss, rois=rois_from_seg(_thigh_seg(ph, sources), vol, Region.THIGH)[0])
     assert analysis.anatomy.series_instance_uid == vol.series_instance_uid
     rows = [m for m in analysis.measurements if m.roi]
-    assert {m.roi for m in rows} == {"anterior compartment", "medial compartment", "posterior compartment"}
+    assert {m.roi for m in rows} == {"anterior_compartment", "medial_compartment", "posterior_compartment"}
     assert {m.source for m in rows} == {"reader"} and {m.side.value for m in rows} == {"right", "left"}
     csa = {(m.side.value, m.roi): m.value for m in rows if m.metric == "csa_mm2"}
     for (side, roi), value in csa.items():
