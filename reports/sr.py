@@ -183,7 +183,8 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """One measurement group per ROI and side of ``analysis.rois`` (no comparison yet: ROI
     sets are not kept across visits), referencing its SEG segment; the ROI's source is a
-    qualitative evaluation.
+    qualitative evaluation. Finding site: the ROI's own SNOMED CT code where one was verified
+    (:func:`reports.codes.roi_concept`, e.g. Vastus lateralis muscle), else ``site`` (the region).
     """
     if analysis.rois is None:
         return []
@@ -207,7 +208,7 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
             continue
         words = roi_label(analysis, label, side)
         out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source), words, seg_dataset,
-                          number, analysis, site, side, algorithm, items,
+                          number, analysis, codes.roi_concept(name) or site, side, algorithm, items,
                           [hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source])]))
     return out
 
