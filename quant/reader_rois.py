@@ -16,8 +16,9 @@ Reading rules
   it goes to the slice at its position. Either way its position, orientation and pixel
   spacing must match that slice (0.1 mm, 0.001, 0.1 %).
 - The label of a segment in the :class:`~quant.analysis.RoiSet` is its segment number. Its name
-  is the :class:`~quant.enums.Roi` value when the Segmented Property Type is a SNOMED CT code
-  of :data:`KNOWN_PROPERTY_TYPES`; otherwise (a generic code such as SCT 102292000
+  is the canonical ROI name (``vastus_lateralis``; the :class:`~quant.enums.Roi` value for a
+  compartment) when the Segmented Property Type is a code of :data:`KNOWN_PROPERTY_TYPES`
+  (the vocabulary of :mod:`quant.muscles`); otherwise (a generic code such as SCT 102292000
   "Skeletal muscle structure of lower limb", or any other) the Segment Label as given
   (stripped), else the Tracking ID, else the code meaning.
 - Laterality (an anatomic region or property type modifier Right / Left, or a label that
@@ -46,21 +47,18 @@ from pydicom.dataset import Dataset
 from .analysis import RoiOrigin, RoiSet
 from .enums import COMPARTMENTS, Region, Roi, RoiSource
 from .errors import RoiSetError
+from .muscles import KNOWN_CODES, PROPERTY_TYPES
 from .volume import Volume
 
-#: Segmented Property Type codes (coding scheme designator, code value) that name one of
-#: :class:`~quant.enums.Roi`. Kept small on purpose: only codes whose meaning was checked.
-#:
-#: - SCT 53451005 "Triceps surae muscle structure (body structure)": SNOMED International's
-#:   modelling guidance on muscle concepts (http://snomed.info/id/53451005, quoted as
-#:   "(gastrocnemius and/or soleus) muscle structure").
+#: Segmented Property Type codes (coding scheme designator, code value) -> ROI name: the
+#: vocabulary of :mod:`quant.muscles` (SNOMED CT codes of muscles and muscle groups, each
+#: checked against the source cited there), e.g. SCT 1403006 -> ``vastus_lateralis``,
+#: SCT 53451005 "Triceps surae muscle structure" -> ``triceps_surae`` (:class:`~quant.enums.Roi`).
 #:
 #: No SNOMED CT code for the thigh's or calf's anterior, medial, posterior, lateral or deep
 #: posterior compartment could be confirmed from a reliable source, so none is listed: such
 #: segments are named by their label (see :data:`GENERIC_PROPERTY_TYPES`).
-KNOWN_PROPERTY_TYPES: dict[tuple[str, str], Roi] = {
-    ("SCT", "53451005"): Roi.TRICEPS_SURAE,
-}
+KNOWN_PROPERTY_TYPES: dict[tuple[str, str], str] = dict(KNOWN_CODES)
 
 #: Generic property types (the muscle is then named by the segment label, as given):
 #:
@@ -74,6 +72,8 @@ GENERIC_PROPERTY_TYPES: dict[tuple[str, str], str] = {
 #: Laterality codes (DICOM CID 244, pydicom's codedict): SCT 24028007 Right, SCT 7771000 Left,
 #: SCT 51440002 Right and left.
 _LATERALITY = {("SCT", "24028007"): "right", ("SCT", "7771000"): "left", ("SCT", "51440002"): "bilateral"}
+
+_ROIS = {r.value: r for r in Roi}
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -191,13 +191,14 @@ def _roi_name(number: int, segment: Dataset, region: Region | None) -> tuple[str
     code = _code(_first(segment, "SegmentedPropertyTypeCodeSequence"))
     ptype = f"{code[2]} ({code[0]} {code[1]})" if code else "no property type"
     laterality = _laterality(segment, label)
-    roi = KNOWN_PROPERTY_TYPES.get(code[:2]) if code else None
-    if roi is not None:
+    known = KNOWN_PROPERTY_TYPES.get((code[0].strip(), code[1].strip())) if code else None
+    if known is not None:
+        roi = _ROIS.get(known)
         allowed = COMPARTMENTS.get(region) if region is not None else None
-        if allowed is not None and roi not in allowed:
+        if roi is not None and allowed is not None and roi not in allowed:
             raise RoiSetError(f"segment {number} ({label or ptype}) is coded as {roi.value}, which is not "
                               f"a compartment of the {region.value if region else ''}")
-        return roi.value, ptype, laterality
+        return known, ptype, laterality
     name = _own_label(label) or _canonical(label) or tracking or (code[2].strip() if code else "")
     if not name:
         raise RoiSetError(f"segment {number} has no known property type, no label and no tracking ID: "
@@ -228,7 +229,7 @@ def _canonical(label: str) -> str:
     return key if key in _KNOWN_NAMES else words
 
 
-_KNOWN_NAMES = frozenset(r.value for r in Roi)
+_KNOWN_NAMES = frozenset({r.value for r in Roi} | set(PROPERTY_TYPES) | set(KNOWN_CODES.values()))
 
 
 def _frame_numbers(volume: Volume) -> dict[tuple[str, int | None], int]:
@@ -362,10 +363,11 @@ def rois_from_seg(seg: Dataset, volume: Volume, region: Region | None = None) ->
     rois : quant.analysis.RoiSet
         ``labels``: int32 map on ``volume``'s grid (0 outside every segment, else the segment
         number; overlaps go to the higher segment number); ``names``: segment number -> ROI
-        name (a :class:`~quant.enums.Roi` value for a known property type or a label that
-        spells one, e.g. "Anterior compartment"; else the segment label as given; the label of
-        a SEG the node made, "right thigh anterior compartment (carried)", names its ROI;
-        segments of one name become one label); ``source`` READER, ``origin`` this SEG.
+        name (the canonical name of :mod:`quant.muscles` for a known property type, or for a
+        label that spells a known ROI, e.g. "Anterior compartment", "Vastus lateralis"; else
+        the segment label as given; the label of a SEG the node made, "right thigh anterior
+        compartment (carried)", names its ROI; segments of one name become one label);
+        ``source`` READER, ``origin`` this SEG.
     descriptions : dict of str to str
         Segment number (as a string) -> what the segment says: label, property type (code
         meaning, scheme and value), laterality and voxel count.

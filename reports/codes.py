@@ -26,6 +26,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
+from quant import muscles
 from quant.enums import Region, Side
 
 
@@ -104,9 +105,32 @@ SWAP_FINDINGS = MappingProxyType({
     "fat-water-swap-ambiguous": _private("FWSWAP-AMBIG", "Fat-water swap check ambiguous, not corrected"),
 })
 
-#: A muscle or compartment of the leg named by its segment label and tracking identifier
-#: (no reliable SNOMED CT code for each compartment was at hand offline).
+#: A muscle or compartment of the leg without a verified code of its own (see
+#: :func:`roi_property_type`), named by its segment label and tracking identifier.
 SKELETAL_MUSCLE_OF_LOWER_LIMB = _cc(codes.SCT.SkeletalMuscleStructureOfLowerLimb)   # SCT 102292000, codedict
+
+
+def roi_concept(name: str) -> CodedConcept | None:
+    """The SNOMED CT code of an ROI name, where one was verified (:data:`quant.muscles.PROPERTY_TYPES`,
+    sources cited there): e.g. ``vastus_lateralis`` -> SCT 1403006 "Vastus lateralis muscle".
+
+    Returns
+    -------
+    CodedConcept or None
+        A new concept (free to modify); None for a compartment or any muscle without a
+        verified code.
+    """
+    code = muscles.property_type(name)
+    if code is None:
+        return None
+    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def roi_property_type(name: str) -> CodedConcept:
+    """Segmented Property Type of an ROI's SEG segment: :func:`roi_concept` where known, else
+    the generic :data:`SKELETAL_MUSCLE_OF_LOWER_LIMB` (the label then names the ROI).
+    """
+    return roi_concept(name) or SKELETAL_MUSCLE_OF_LOWER_LIMB
 
 #: Where an ROI came from (:class:`quant.enums.RoiSource`): a qualitative evaluation of each ROI group.
 ROI_SOURCE = _private("ROISRC", "Region of interest source")

@@ -2,7 +2,10 @@
 
 One binary SEG instance on the grid of the series segmented (the analysis' anatomy
 volume), in the same study, with one segment per (tissue, side) present among muscle,
-subcutaneous fat and bone (cortex and marrow) of the right and left leg.
+subcutaneous fat and bone (cortex and marrow) of the right and left leg, then one per ROI and
+side (property type: the ROI's SNOMED CT code where one was verified, see
+:func:`reports.codes.roi_property_type`, else the generic "Skeletal muscle structure of lower
+limb" with the label naming the ROI).
 """
 
 from __future__ import annotations
@@ -313,7 +316,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
             segment_number=number,
             segment_label=words,
             segmented_property_category=codes.ANATOMICAL_STRUCTURE,
-            segmented_property_type=codes.SKELETAL_MUSCLE_OF_LOWER_LIMB,
+            segmented_property_type=codes.roi_property_type(analysis.rois.names[label]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues[kind],
             algorithm_identification=None if kind == "MANUAL" else algorithm,
             tracking_id=words,

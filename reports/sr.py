@@ -189,7 +189,9 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
     segment, with the comparison of each metric with the subject's earlier visits where
     ``comps`` has one (the caller compares only values of the same ROI lineage); the ROI's
     source is a qualitative evaluation, and carried ROIs carry their registration quality
-    (Dice with the visit's muscle, residual mismatch, whether it needs review).
+    (Dice with the visit's muscle, residual mismatch, whether it needs review). Finding
+    site: the ROI's own SNOMED CT code where one was verified (:func:`reports.codes.roi_concept`,
+    e.g. Vastus lateralis muscle), else ``site`` (the region).
     """
     if analysis.rois is None:
         return []
@@ -225,7 +227,8 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                                                            codes.REGISTRATION_REVIEWS[carried.needs_review]))
         words = roi_label(analysis, label, side)
         out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source.lineage), words,
-                          seg_dataset, number, analysis, site, side, algorithm, items, evaluations))
+                          seg_dataset, number, analysis, codes.roi_concept(name) or site, side, algorithm, items,
+                          evaluations))
     return out
 
 

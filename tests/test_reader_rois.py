@@ -15,6 +15,7 @@ from pydicom.sr.codedict import codes
 
 from quant.enums import COMPARTMENTS, Region, Roi, SeriesKind
 from quant.errors import RoiSetError
+from quant.muscles import KNOWN_CODES, PROPERTY_TYPES, READ_ONLY_CODES, property_type, roi_of_code
 from quant.pipeline import analyse_study, group_by_series
 from quant.reader_rois import referenced_instances, referenced_series, rois_from_seg
 from quant.series import classify_series
@@ -23,6 +24,10 @@ from quant.volume import Volume, assemble_volume
 
 GENERIC = CodedConcept("102292000", "SCT", "Skeletal muscle structure of lower limb")
 TRICEPS_SURAE = CodedConcept("53451005", "SCT", "Triceps surae muscle structure")
+VASTUS_LATERALIS = CodedConcept("1403006", "SCT", "Vastus lateralis muscle")
+# read-only codes of quant.muscles (Uberon's bridge to SNOMED CT): named, never written
+ADDUCTOR_MAGNUS = CodedConcept("181688002", "SCT", "Adductor magnus")
+SOLEUS = CodedConcept("181702007", "SCT", "Soleus muscle")
 RIGHT = CodedConcept("24028007", "SCT", "Right")
 
 
@@ -111,6 +116,55 @@ def test_fractional_seg_and_a_known_code_with_laterality(calf):
     assert "laterality right" in desc["3"]
     with pytest.raises(RoiSetError, match="not a compartment of the thigh"):
         rois_from_seg(seg, vol, Region.THIGH)
+
+
+def test_coded_muscles_get_their_canonical_names(thigh, calf):
+    """Segments coded with the vocabulary of quant.muscles are named by it (lower snake case),
+    whatever their label; a generic code keeps the label as given (one that spells a known ROI
+    becomes its name)."""
+    ph, _, sources, vol = thigh
+    masks = np.stack([ph.compartment == i for i in (1, 2, 3)], axis=-1).astype(np.uint8)
+    descs = [_description(1, "VL", VASTUS_LATERALIS, RIGHT), _description(2, "AM", ADDUCTOR_MAGNUS),
+             _description(3, "Posterior part", GENERIC)]
+    rois, desc = rois_from_seg(_seg(sources, masks, descs), vol, Region.THIGH)
+    assert dict(rois.names) == {1: "vastus_lateralis", 2: "adductor_magnus", 3: "Posterior part"}
+    np.testing.assert_array_equal(rois.labels, ph.compartment)
+    assert "Vastus lateralis muscle (SCT 1403006)" in desc["1"] and "laterality right" in desc["1"]
+    ph, _, sources, vol = calf
+    sol = ph.compartment == COMPARTMENTS[Region.CALF].index(Roi.TRICEPS_SURAE) + 1
+    rois, _ = rois_from_seg(_seg(sources, sol[..., None].astype(np.uint8), [_description(1, "Sol", SOLEUS)]),
+                            vol, Region.CALF)
+    assert dict(rois.names) == {1: "soleus"}
+
+
+def _verhoeff_ok(digits: str) -> bool:
+    """SNOMED CT identifiers end with a Verhoeff check digit."""
+    d = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0, 6, 7, 8, 9, 5], [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+         [3, 4, 0, 1, 2, 8, 9, 5, 6, 7], [4, 0, 1, 2, 3, 9, 5, 6, 7, 8], [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+         [6, 5, 9, 8, 7, 1, 0, 4, 3, 2], [7, 6, 5, 9, 8, 2, 1, 0, 4, 3], [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+         [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]
+    p = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 5, 7, 6, 2, 8, 3, 0, 9, 4], [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+         [8, 9, 1, 6, 0, 4, 3, 5, 2, 7], [9, 4, 5, 3, 1, 2, 6, 8, 7, 0], [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+         [2, 7, 9, 3, 8, 0, 6, 4, 1, 5], [7, 0, 4, 6, 9, 1, 3, 2, 5, 8]]
+    c = 0
+    for i, ch in enumerate(reversed(digits)):
+        c = d[c][p[i % 8][int(ch)]]
+    return c == 0
+
+
+def test_muscle_vocabulary_is_well_formed():
+    """Every code is a SNOMED CT concept id (partition 00, valid check digit), every name lower
+    snake case; written codes are read back to the same name; compartments have no code."""
+    for (scheme, value), name in KNOWN_CODES.items():
+        assert scheme == "SCT" and value.isdigit() and value[-3:-1] == "00" and _verhoeff_ok(value), value
+        assert name == name.lower() and " " not in name and roi_of_code(scheme, value) == name
+    for name, code in PROPERTY_TYPES.items():
+        assert KNOWN_CODES[(code.scheme, code.value)] == name and code.meaning
+        assert (code.scheme, code.value) not in READ_ONLY_CODES
+    assert property_type("Vastus lateralis") == PROPERTY_TYPES["vastus_lateralis"]
+    assert property_type(Roi.TRICEPS_SURAE.value) is not None
+    assert all(property_type(r.value) is None for r in Roi if r is not Roi.TRICEPS_SURAE)
+    assert roi_of_code("SCT", "102292000") is None   # generic: the label names the ROI
 
 
 def test_frames_matched_by_position_without_source_references(thigh):

@@ -468,3 +468,35 @@ def test_sr_without_a_key_uses_the_node_subject_key(visit):
     explicit = build_sr(visit.analysis, visit.seg, visit.water, subject_key=key)
     assert _groups_uids(implicit) == _groups_uids(explicit)
     assert _groups_uids(implicit) != _groups_uids(build_sr(visit.analysis, visit.seg, visit.water, subject_key="x"))
+
+
+def test_roi_segments_and_groups_carry_the_muscle_codes(tmp_path):
+    """ROIs of the node's SEG and SR: a muscle with a verified code (quant.muscles) gets it as
+    the segment's property type and as the SR group's finding site; a compartment keeps the
+    generic code (SEG) and the region (SR). dciodvfy without errors; highdicom reads both back."""
+    from quant.analysis import RoiSet
+    from quant.enums import RoiSource
+
+    ph = make_leg_phantom(Region.THIGH, shape=(6, 96, 160), compartments=True, seed=5)
+    dss = phantom_datasets(ph)
+    names = {1: "vastus_lateralis", 2: "medial_compartment", 3: "posterior_compartment"}
+    analysis = analyse_study(dss, rois=RoiSet(ph.compartment, names, RoiSource.READER))
+    water = [d for d in dss if d.SeriesInstanceUID == analysis.anatomy.series_instance_uid]
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    build_seg(analysis, water).save_as(seg_path, enforce_file_format=True)
+    seg = hd.seg.segread(seg_path)
+    build_sr(analysis, seg, water, subject_key=SUBJECT).save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
+
+    ptypes = {d.SegmentLabel: d.SegmentedPropertyTypeCodeSequence[0] for d in hd.seg.segread(seg_path).SegmentSequence}
+    vl = ptypes["right thigh vastus lateralis (reader)"]
+    assert (vl.CodingSchemeDesignator, vl.CodeValue, vl.CodeMeaning) == ("SCT", "1403006", "Vastus lateralis muscle")
+    assert ptypes["left thigh vastus lateralis (reader)"].CodeValue == "1403006"
+    assert ptypes["right thigh medial compartment (reader)"].CodeValue == "102292000"
+    assert ptypes["right thigh muscle"].CodeValue == codes.SKELETAL_MUSCLE.value
+
+    groups = {g.tracking_identifier: g for g in hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()}
+    (site,) = groups["right thigh vastus lateralis (reader)"].finding_sites
+    assert site.value.CodeValue == "1403006" and site.laterality.CodeValue == codes.RIGHT.value
+    (site,) = groups["left thigh posterior compartment (reader)"].finding_sites
+    assert site.value.CodeValue == codes.THIGH.value and site.laterality.CodeValue == codes.LEFT.value
