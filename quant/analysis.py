@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +34,7 @@ class RoiSet:
     labels: np.ndarray                # int, 0 outside every ROI
     names: Mapping[int, str]          # label -> ROI name
     source: RoiSource = RoiSource.READER
+    laterality: Mapping[int, str] = field(default_factory=dict)   # label -> "right"/"left" where stated
 
 
 class NoDixonError(QuantError):

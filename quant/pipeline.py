@@ -23,11 +23,12 @@ from .dixon import (
     megre_pdff,
     roi_fat_fraction,
 )
-from .enums import Metric, Model, SeriesKind, Tissue
+from .enums import Metric, Model, Region, SeriesKind, Tissue
 from .errors import QuantError, RoiSetError, SeriesError
 from .mese_study import analyse_mese_study
 from .metrics import Measurement, muscle_metrics, partial_volume_weights, roi_groups
 from .reader_rois import rois_from_seg
+from .roi_only import roi_only_region, roi_segmentation
 from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
@@ -96,10 +97,14 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         if megre is None:
             mese_info = _pick(infos, SeriesKind.MESE)
             if mese_info is not None:   # T2 mapping alone: segment on the MESE fit itself
+                mese_body_part = _body_part(by_series[mese_info.series_instance_uid][0])
+                if (roi_region := roi_only_region(mese_body_part)) is not None:
+                    raise NoDixonError(f"{roi_region.value} exam with a MESE series only: measured in a reader's "
+                                       "ROIs only, and ROIs are not measured on MESE-only studies yet")
                 if rois is not None or compartments or reader_segs:   # the reader's SEG stays stored
                     notes.append("ROIs are not measured on a study with a MESE series only (yet)")
                 return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
-                                          body_part=_body_part(by_series[mese_info.series_instance_uid][0]))
+                                          body_part=mese_body_part)
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
@@ -225,8 +230,17 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
     """
-    seg = segment_legs(water, fat, ff, in_phase=in_phase,
-                       body_part=_body_part(by_series[source.series_instance_uid][0]))
+    header = by_series[source.series_instance_uid][0]
+    body_part = _body_part(header)
+    refusals: list[tuple[str, str]] = []
+    roi_region = roi_only_region(body_part)
+    if roi_region is None:
+        seg = segment_legs(water, fat, ff, in_phase=in_phase, body_part=body_part)
+    else:   # hand, head-neck: the reader's ROIs are the muscle (quant.roi_only)
+        if rois is None and reader_segs:
+            rois, refusals = _reader_rois(reader_segs, water, roi_region, notes)
+        seg = roi_segmentation(water, rois, roi_region, ff=ff, signal=signal, header=header,
+                               body_part=body_part, refusals=tuple(refusals))
     labels, groups = seg.muscle_groups()
     # Partial volume at the muscle's edges: area and fRMA count the muscle content of the
     # edge voxels, estimated from their FF and signal against the neighbouring muscle.
@@ -244,9 +258,8 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     ffs = _core_ffs(labels, groups, core, region_ff)
     measurements = _with_ff(measurements, lambda m: ffs[_group_of(groups, m)], model)
     csa = {groups[g]: v for g, v in per_slice.items()}
-    refusals: list[tuple[str, str]] = []
     if rois is None and reader_segs:
-        rois, refusals = _reader_rois(reader_segs, water, seg, notes)
+        rois, refusals = _reader_rois(reader_segs, water, seg.region, notes)
     if rois is None and compartments:
         rois = automatic_compartments(seg, ff, water)
         if rois is None:
@@ -260,7 +273,7 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
                          flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals))
 
 
-def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, seg: Segmentation,
+def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, region: Region,
                  notes: list[str]) -> tuple[RoiSet | None, list[tuple[str, str]]]:
     """The ROI set of the newest usable reader SEG, and (SOP Instance UID, reason) of each
     one that cannot be used (older usable ones are simply not used).
@@ -272,7 +285,7 @@ def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, seg: Segmentation,
     for ds in sorted(segs, key=newest_first, reverse=True):
         uid = str(ds.get("SOPInstanceUID", ""))
         try:
-            rois, _ = rois_from_seg(ds, anatomy, seg.region)
+            rois, _ = rois_from_seg(ds, anatomy, region)
         except RoiSetError as exc:
             refusals.append((uid, f"reader SEG not used: {exc}"))
             continue
