@@ -123,7 +123,7 @@ def roi_segmentation(anatomy: Volume, rois: RoiSet | None, region: Region, *, ff
     -------
     Segmentation
         Tissue MUSCLE on the ROI voxels, SUBCUTANEOUS_FAT on fat connected to the skin;
-        the side of every body and ROI voxel (module notes); ``region_reason`` and a note
+        the side of every voxel (module notes); ``region_reason`` and a note
         say where the region and the side came from.
 
     Raises
@@ -158,7 +158,7 @@ def roi_segmentation(anatomy: Volume, rois: RoiSet | None, region: Region, *, ff
             cx = float(x_mm[in_roi].mean())
             word = "left" if cx > 0 else "right"
             how = f"from the patient x of the ROIs' centre ({cx:.0f} mm; no laterality in the headers)"
-        side[body] = _SIDE_LABELS[word]
+        side[:] = _SIDE_LABELS[word]   # the ROIs' partial-volume edges may reach past the body outline
         notes.append(f"{what}: {word} side {how}")
     else:
         for k in range(labels.shape[0]):
@@ -167,7 +167,7 @@ def roi_segmentation(anatomy: Volume, rois: RoiSet | None, region: Region, *, ff
                 continue
             xs = x_mm[k][on]
             mid = 0.5 * (float(xs.min()) + float(xs.max()))
-            side[k][on] = np.where(x_mm[k][on] > mid, SideLabel.LEFT, SideLabel.RIGHT)
+            side[k] = np.where(x_mm[k] > mid, SideLabel.LEFT, SideLabel.RIGHT)
         for lab, word in rois.laterality.items():
             if word in _SIDE_LABELS:
                 side[labels == lab] = _SIDE_LABELS[word]

@@ -311,7 +311,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
             segment_number=number,
             segment_label=words,
             segmented_property_category=codes.ANATOMICAL_STRUCTURE,
-            segmented_property_type=codes.SKELETAL_MUSCLE_OF_LOWER_LIMB,
+            segmented_property_type=codes.roi_property_type(segm.region),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues[kind],
             algorithm_identification=None if kind == "MANUAL" else algorithm,
             tracking_id=words,
