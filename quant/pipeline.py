@@ -72,7 +72,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     with the reason in ``StudyAnalysis.roi_refusals``. A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
-    (:func:`quant.mese_study.analyse_mese_study`).
+    (:func:`quant.mese_study.analyse_mese_study`). A hand or head-neck study (headers) is
+    measured in the reader's ROIs only, which are then its muscle (:mod:`quant.roi_only`).
 
     Returns
     -------
@@ -87,6 +88,9 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         was found (a MESE series alone is analysed by :func:`quant.mese_study.analyse_mese_study`).
     SeriesError
         A Dixon series is present but cannot be assembled.
+    NeedsRoisError
+        A hand or head-neck study without ``rois`` and without a usable reader SEG
+        (waiting for ROIs; ``refusals`` lists the SEGs that cannot be used).
     """
     by_series = group_by_series(datasets)
     infos = tuple(classify_series(dss) for dss in by_series.values())
