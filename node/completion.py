@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from . import db
@@ -81,25 +81,30 @@ def requeue_for_roi_set(engine: Engine, subject_key: str, study_uid: str, region
     measured_here = select(db.measurements.c.study_uid).where(db.measurements.c.region == region)
     own = select(db.roi_sets.c.study_uid).where(and_(db.roi_sets.c.subject_key == subject_key,
                                                      db.roi_sets.c.region == region))
-    return _requeue(engine, subject_key, study_uid,
-                    and_(db.studies.c.study_uid.in_(measured_here), db.studies.c.study_uid.not_in(own)),
+    which = or_(and_(db.studies.c.study_uid.in_(measured_here), db.studies.c.study_uid.not_in(own)),
+                db.studies.c.state == StudyState.WAITING_FOR_ROIS)
+    return _requeue(engine, subject_key, study_uid, which,
                     f"ROIs: a reader's ROI set drawn on study {study_uid} is carried to this visit",
-                    "study-carry-rois", f"rois-from={study_uid}")
+                    "study-carry-rois", f"rois-from={study_uid}", waiting=True)
 
 
 def _requeue(engine: Engine, subject_key: str, study_uid: str, which, message: str, event: str,
-             detail: str) -> list[int]:
-    """Queue a new revision of the subject's other processed, measured studies matching ``which``."""
+             detail: str, waiting: bool = False) -> list[int]:
+    """Queue a new revision of the subject's other processed, measured studies matching
+    ``which`` (``waiting``: studies waiting for ROIs too).
+    """
     now = time.time()
     created = []
     with engine.begin() as conn:
         measured = select(db.measurements.c.study_uid).distinct()
+        ready = and_(db.studies.c.state.in_((StudyState.DONE, StudyState.PROCESSING)),
+                     db.studies.c.study_uid.in_(measured))
+        if waiting:
+            ready = or_(ready, db.studies.c.state == StudyState.WAITING_FOR_ROIS)
         rows = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.state)
                             .where(and_(db.studies.c.subject_key == subject_key,
                                         db.studies.c.study_uid != study_uid,
-                                        which,
-                                        db.studies.c.state.in_((StudyState.DONE, StudyState.PROCESSING)),
-                                        db.studies.c.study_uid.in_(measured)))).all()
+                                        which, ready))).all()
         for row in rows:
             res = conn.execute(update(db.studies)
                                .where(and_(db.studies.c.study_uid == row.study_uid,

@@ -35,8 +35,9 @@ from sqlalchemy.exc import IntegrityError
 
 
 class StudyState(StrEnum):
-    """``studies.state``: receiving -> complete (job queued) -> processing -> done | failed;
-    a late instance re-opens a study (back to receiving).
+    """``studies.state``: receiving -> complete (job queued) -> processing -> done | failed |
+    waiting_for_rois (hand, head-neck without a reader's ROIs yet); a late instance (a reader's
+    SEG too) re-opens a study (back to receiving).
     """
 
     RECEIVING = "receiving"
@@ -44,16 +45,20 @@ class StudyState(StrEnum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    WAITING_FOR_ROIS = "waiting_for_rois"   # a hand or head-neck exam: measured once a reader sends ROIs
 
 
 class JobState(StrEnum):
-    """``jobs.state``: pending -> running -> done | skipped (nothing to quantify) | failed."""
+    """``jobs.state``: pending -> running -> done | skipped (nothing to quantify) | failed |
+    waiting_for_rois (measured in a reader's ROIs only, and none yet).
+    """
 
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
     SKIPPED = "skipped"
     FAILED = "failed"
+    WAITING_FOR_ROIS = "waiting_for_rois"
 
 
 class OutboxState(StrEnum):

@@ -18,7 +18,7 @@ import pydicom
 from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
 
-from quant.errors import QuantError
+from quant.errors import NeedsRoisError, QuantError
 from quant.pipeline import NoDixonError
 from quant.t2stage import T2Options
 from reports.longitudinal import PriorValue
@@ -68,6 +68,10 @@ def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
     return dict(out)
 
 
+_STUDY_STATE = {JobState.DONE: StudyState.DONE, JobState.SKIPPED: StudyState.DONE, JobState.FAILED: StudyState.FAILED,
+                JobState.WAITING_FOR_ROIS: StudyState.WAITING_FOR_ROIS}
+
+
 def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: JobState, message: str) -> None:
     now = time.time()
     with engine.begin() as conn:
@@ -76,9 +80,17 @@ def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: J
         conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
                                                    db.studies.c.state == StudyState.PROCESSING,
                                                    db.studies.c.revision == revision))
-                     .values(state=StudyState.DONE if state in (JobState.DONE, JobState.SKIPPED) else StudyState.FAILED,
-                             message=message))
+                     .values(state=_STUDY_STATE[state], message=message))
         db.record_audit(conn, f"job-{state.value}", f"job={job_id} study={study_uid}: {message}")
+
+
+def _quarantine_refused(store: Store, files, refusals, study_uid: str) -> None:
+    """Quarantine each reader's SEG that cannot be used, with the reason."""
+    by_sop = {f.sop_uid: f for f in files}
+    for sop_uid, reason in refusals:
+        refused = by_sop.get(sop_uid)
+        if refused is not None:
+            store.quarantine_stored(refused.id, Path(refused.path), reason, sop_uid=sop_uid, study_uid=study_uid)
 
 
 def execute_job(ctx: JobContext, job_id: int) -> JobState:
@@ -109,6 +121,11 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     try:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
                             atoms=cached_atoms(Path(ctx.data_dir) / "cache"), carry_from=references)
+    except NeedsRoisError as exc:   # hand, head-neck: measured once a reader's ROIs arrive (or are carried)
+        _quarantine_refused(store, files, exc.refusals, job.study_uid)
+        _finish(engine, job_id, job.study_uid, job.revision, JobState.WAITING_FOR_ROIS, str(exc))
+        log.info("job %d: study %s is waiting for ROIs", job_id, job.study_uid)
+        return JobState.WAITING_FOR_ROIS
     except NoDixonError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, str(exc))
         log.warning("job %d: %s", job_id, exc)
@@ -117,11 +134,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.FAILED, f"{type(exc).__name__}: {exc}")
         log.error("job %d failed: %s", job_id, exc)
         return JobState.FAILED
-    by_sop = {f.sop_uid: f for f in files}
-    for sop_uid, reason in out.analysis.roi_refusals:   # a reader's SEG that cannot be used: quarantined
-        refused = by_sop.get(sop_uid)
-        if refused is not None:
-            store.quarantine_stored(refused.id, Path(refused.path), reason, sop_uid=sop_uid, study_uid=job.study_uid)
+    _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
     now = t_built = time.time()
     paths = {}
     for kind, ds in (("seg", out.seg), ("sr", out.sr)):

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,7 @@ class RoiSet:
     names: Mapping[int, str]          # label -> ROI name
     source: RoiSource = RoiSource.READER
     origin: RoiOrigin | None = None   # the reader's SEG the set comes from (reader, carried)
+    laterality: Mapping[int, str] = field(default_factory=dict)   # label -> "right"/"left" where stated
 
 
 @dataclass(frozen=True)

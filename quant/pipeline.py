@@ -23,12 +23,13 @@ from .dixon import (
     megre_pdff,
     roi_fat_fraction,
 )
-from .enums import Metric, Model, RoiSource, SeriesKind, Tissue
+from .enums import Metric, Model, Region, RoiSource, SeriesKind, Tissue
 from .errors import QuantError, RoiSetError, SeriesError
 from .mese_study import analyse_mese_study
 from .metrics import Measurement, muscle_metrics, partial_volume_weights, roi_groups
 from .reader_rois import rois_from_seg
 from .registration import CarriedRois, carry_rois
+from .roi_only import roi_only_region, roi_segmentation
 from .segment import Segmentation, segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
@@ -78,7 +79,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     when it needs a look). A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
-    (:func:`quant.mese_study.analyse_mese_study`).
+    (:func:`quant.mese_study.analyse_mese_study`). A hand or head-neck study (headers) is
+    measured in the reader's ROIs only, which are then its muscle (:mod:`quant.roi_only`).
 
     Returns
     -------
@@ -93,6 +95,9 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         was found (a MESE series alone is analysed by :func:`quant.mese_study.analyse_mese_study`).
     SeriesError
         A Dixon series is present but cannot be assembled.
+    NeedsRoisError
+        A hand or head-neck study without ``rois`` and without a usable reader SEG
+        (waiting for ROIs; ``refusals`` lists the SEGs that cannot be used).
     """
     by_series = group_by_series(datasets)
     infos = tuple(classify_series(dss) for dss in by_series.values())
@@ -103,10 +108,14 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         if megre is None:
             mese_info = _pick(infos, SeriesKind.MESE)
             if mese_info is not None:   # T2 mapping alone: segment on the MESE fit itself
+                mese_body_part = _body_part(by_series[mese_info.series_instance_uid][0])
+                if (roi_region := roi_only_region(mese_body_part)) is not None:
+                    raise NoDixonError(f"{roi_region.value} exam with a MESE series only: measured in a reader's "
+                                       "ROIs only, and ROIs are not measured on MESE-only studies yet")
                 if rois is not None or compartments or reader_segs:   # the reader's SEG stays stored
                     notes.append("ROIs are not measured on a study with a MESE series only (yet)")
                 return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
-                                          body_part=_body_part(by_series[mese_info.series_instance_uid][0]))
+                                          body_part=mese_body_part)
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
@@ -233,8 +242,20 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
     """
-    seg = segment_legs(water, fat, ff, in_phase=in_phase,
-                       body_part=_body_part(by_series[source.series_instance_uid][0]))
+    header = by_series[source.series_instance_uid][0]
+    body_part = _body_part(header)
+    refusals: list[tuple[str, str]] = []
+    roi_region = roi_only_region(body_part)
+    carried: CarriedRois | None = None
+    if roi_region is None:
+        seg = segment_legs(water, fat, ff, in_phase=in_phase, body_part=body_part)
+    else:   # hand, head-neck: the reader's ROIs are the muscle (quant.roi_only)
+        if rois is None and reader_segs:
+            rois, refusals = _reader_rois(reader_segs, water, roi_region, notes)
+        if rois is None and carry_from:   # no muscle mask to check against: outline and intensity only
+            rois, carried = _carry(carry_from, water, None, notes, region=roi_region)
+        seg = roi_segmentation(water, rois, roi_region, ff=ff, signal=signal, header=header,
+                               body_part=body_part, refusals=tuple(refusals))
     labels, groups = seg.muscle_groups()
     # Partial volume at the muscle's edges: area and fRMA count the muscle content of the
     # edge voxels, estimated from their FF and signal against the neighbouring muscle.
@@ -252,14 +273,12 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     ffs = _core_ffs(labels, groups, core, region_ff)
     measurements = _with_ff(measurements, lambda m: ffs[_group_of(groups, m)], model)
     csa = {groups[g]: v for g, v in per_slice.items()}
-    refusals: list[tuple[str, str]] = []
     if rois is None and reader_segs:
-        rois, refusals = _reader_rois(reader_segs, water, seg, notes)
-    carried = None
+        rois, refusals = _reader_rois(reader_segs, water, seg.region, notes)
     if rois is None and carry_from:
         rois, carried = _carry(carry_from, water, seg, notes)
-        if carried is not None and carried.needs_review:
-            flags = [*flags, "roi-registration-review"]
+    if carried is not None and carried.needs_review:
+        flags = [*flags, "roi-registration-review"]
     if rois is None and compartments:
         rois = automatic_compartments(seg, ff, water)
         if rois is None:
@@ -273,29 +292,37 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
                          flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals), carried=carried)
 
 
-def _carry(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation,
-           notes: list[str]) -> tuple[RoiSet | None, CarriedRois | None]:
-    """The ROI set of the reference of this visit's region carried onto ``anatomy``."""
-    ref = next((r for r in references if r.region == seg.region.value), None)
+def _carry(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation | None,
+           notes: list[str], region: Region | None = None) -> tuple[RoiSet | None, CarriedRois | None]:
+    """The ROI set of the reference of this visit's region carried onto ``anatomy``; without
+    ``seg`` (a hand or head-neck, whose muscle is the ROIs), on the whole section.
+    """
+    region = seg.region if seg is not None else region
+    assert region is not None
+    ref = next((r for r in references if r.region == region.value), None)
     if ref is None:
         regions = ", ".join(sorted({r.region for r in references}))
-        notes.append(f"no reader ROI set of the {seg.region.value} to carry (the subject has: {regions})")
+        notes.append(f"no reader ROI set of the {region.value} to carry (the subject has: {regions})")
         return None, None
     if anatomy.array.ndim != 3 or ref.anatomy.array.ndim != 3:
         notes.append("reader ROI set not carried: 3-D images needed")
         return None, None
-    carried = carry_rois(ref.anatomy, ref.rois.labels, anatomy, moving_side=ref.side, fixed_side=seg.side,
-                         fixed_muscle=seg.tissue == Tissue.MUSCLE)
+    if seg is None:
+        carried = carry_rois(ref.anatomy, ref.rois.labels, anatomy)
+    else:
+        carried = carry_rois(ref.anatomy, ref.rois.labels, anatomy, moving_side=ref.side, fixed_side=seg.side,
+                             fixed_muscle=seg.tissue == Tissue.MUSCLE)
     origin = ref.rois.origin
     drawn = f" drawn on the visit of {origin.study_date or origin.study_instance_uid}" if origin else ""
     dice = "n/a" if carried.dice_muscle is None else f"{carried.dice_muscle:.3f}"
     notes.append(f"reader ROI set{drawn} carried by registration in {carried.seconds:.1f} s: Dice with the "
                  f"muscle {dice}, mismatch {carried.mismatch:.3f}"
                  + ("; flagged for review" if carried.needs_review else ""))
-    return RoiSet(carried.labels, dict(ref.rois.names), RoiSource.CARRIED, origin), carried
+    return RoiSet(carried.labels, dict(ref.rois.names), RoiSource.CARRIED, origin,
+                  laterality=dict(ref.rois.laterality)), carried
 
 
-def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, seg: Segmentation,
+def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, region: Region,
                  notes: list[str]) -> tuple[RoiSet | None, list[tuple[str, str]]]:
     """The ROI set of the newest usable reader SEG, and (SOP Instance UID, reason) of each
     one that cannot be used (older usable ones are simply not used).
@@ -307,7 +334,7 @@ def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, seg: Segmentation,
     for ds in sorted(segs, key=newest_first, reverse=True):
         uid = str(ds.get("SOPInstanceUID", ""))
         try:
-            rois, _ = rois_from_seg(ds, anatomy, seg.region)
+            rois, _ = rois_from_seg(ds, anatomy, region)
         except RoiSetError as exc:
             refusals.append((uid, f"reader SEG not used: {exc}"))
             continue

@@ -22,9 +22,11 @@ Reading rules
   "Skeletal muscle structure of lower limb", or any other) the Segment Label as given
   (stripped), else the Tracking ID, else the code meaning.
 - Laterality (an anatomic region or property type modifier Right / Left, or a label that
-  starts with "right" / "left") is reported in the description but not applied to the label
-  map: the node measures every ROI per side with its own side map (left and right legs by
-  patient coordinates), so a segment drawn over both legs, or one per leg, is measured the same way.
+  starts with "right" / "left") is reported in the description and kept in
+  :attr:`~quant.analysis.RoiSet.laterality` (used for a hand or head-neck, :mod:`quant.roi_only`),
+  but not applied to a leg's label map: the node measures every ROI per side with its own
+  side map (left and right legs by patient coordinates), so a segment drawn over both legs,
+  or one per leg, is measured the same way.
 - Overlapping segments are accepted; where segments overlap, the later segment (higher
   segment number) wins. Segment 0 of a label-map SEG is its background.
 
@@ -438,6 +440,7 @@ def rois_from_seg(seg: Dataset, volume: Volume, region: Region | None = None) ->
                           + ", ".join(f"{n} ({str(segments[n].get('SegmentLabel', '')).strip() or '?'})" for n in empty)
                           + ": no pixel set")
     names: dict[int, str] = {}
+    sides: dict[int, str] = {}
     descriptions: dict[str, str] = {}
     first_of: dict[str, int] = {}
     for number in sorted(segments):
@@ -447,9 +450,13 @@ def rois_from_seg(seg: Dataset, volume: Volume, region: Region | None = None) ->
                                      f"{laterality or 'not stated'}; {counts[number]} voxels")
         if name in first_of:   # one ROI drawn as several segments (e.g. one per side): one label
             labels[labels == number] = first_of[name]
+            if sides.get(first_of[name]) != laterality:   # both sides: the side comes from the anatomy
+                sides.pop(first_of[name], None)
             continue
         first_of[name] = number
         names[number] = name
+        if laterality in ("right", "left"):
+            sides[number] = laterality
     origin = RoiOrigin(str(seg.get("SOPInstanceUID", "")), str(seg.get("SeriesInstanceUID", "")),
                        str(seg.get("StudyInstanceUID", "")), str(seg.get("StudyDate", "") or ""))
-    return RoiSet(labels=labels, names=names, source=RoiSource.READER, origin=origin), descriptions
+    return RoiSet(labels=labels, names=names, source=RoiSource.READER, origin=origin, laterality=sides), descriptions

@@ -27,8 +27,19 @@ from .enums import Region, Side, SideLabel, Tissue
 from .errors import SegmentationError
 from .volume import Volume
 
-_THIGH_WORDS = re.compile(r"(?<![a-z])(thigh|thighs|upper[ _]?leg|femur|oberschenkel|cuisse)", re.I)
-_CALF_WORDS = re.compile(r"(?<![a-z])(calf|calves|lower[ _]?leg|tibia|unterschenkel|wade|mollet)", re.I)
+_THIGH_WORDS = re.compile(r"(?<![a-z])(thigh|thighs|upper[ _]?leg|femur|femoral|oberschenkel|cuisse)", re.I)
+_CALF_WORDS = re.compile(r"(?<![a-z])(calf|calves|lower[ _]?leg|tibia|unterschenkel|wade|mollet|jambe)", re.I)
+#: Hand and forearm (Body Part Examined HAND, FOREARM, WRIST, FINGER, THUMB; German Hand,
+#: Mittelhand, Unterarm; French main, avant-bras, poignet). "main" and "hand" must stand as
+#: words on both sides ("domain", "handling" are not hands); the others may start a word
+#: ("Handgelenk" would match "hand" only with a right boundary, so it is listed).
+_HAND_WORDS = re.compile(r"(?<![a-z])(hands?|mittelhand|handgelenk|palm|thenar|hypothenar|fingers?|thumb|wrist|"
+                         r"forearm|fore[ _-]arm|unterarm|mains?|avant[ _-]?bras|poignet|doigts?|pouce)(?![a-z])",
+                         re.I)
+#: Head and neck (Body Part Examined HEAD, NECK, HEADNECK, FACE, JAW; German Kopf, Hals,
+#: Nacken, Zunge; French tête, cou, langue).
+_HEAD_NECK_WORDS = re.compile(r"(?<![a-z])(head|heads|neck|headneck|head[ _&/-]*(and[ _]*)?neck|face|jaw|tongue|"
+                              r"kopf|hals|nacken|zunge|t[eê]te|cou|langue)(?![a-z])", re.I)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,10 +137,29 @@ def _bones_per_slice(bone: np.ndarray, min_area_px: int) -> list[int]:
 
 
 def level_from_text(text: str) -> Region | None:
-    """Thigh or calf from Body Part Examined and series/study descriptions, if they say."""
+    """The region that Body Part Examined, series/study descriptions and protocol names say.
+
+    Parameters
+    ----------
+    text : str
+        The header words (English, German or French; Body Part Examined defined terms).
+
+    Returns
+    -------
+    Region or None
+        Thigh or calf when the leg words name one of them (a leg word wins over hand or
+        head-neck words: "femoral neck" stays a thigh); else hand (with forearm) or head-neck
+        when exactly one of them is named; None when nothing, or thigh and calf, or hand and
+        head-neck are named.
+    """
     thigh, calf = bool(_THIGH_WORDS.search(text)), bool(_CALF_WORDS.search(text))
     if thigh != calf:
         return Region.THIGH if thigh else Region.CALF
+    if thigh:
+        return None
+    hand, head_neck = bool(_HAND_WORDS.search(text)), bool(_HEAD_NECK_WORDS.search(text))
+    if hand != head_neck:
+        return Region.HAND if hand else Region.HEAD_NECK
     return None
 
 
@@ -214,6 +244,8 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
         raise SegmentationError("no muscle found inside the legs")
 
     region = level_from_text(body_part)
+    if region not in (Region.THIGH, Region.CALF):   # hand and head-neck: see quant.roi_only
+        region = None
     if region is not None:
         reason = f"from Body Part Examined/description ({' '.join(body_part.split())[:60]!r})"
     else:

@@ -75,6 +75,8 @@ ALGORITHM_FAMILY = _cc(codes.cid7162.HistogramAnalysis)
 THIGH = _cc(codes.SCT.Thigh)                  # SCT 68367000, codedict (CID 4031)
 LOWER_LEG = _cc(codes.SCT.LowerLeg)           # SCT 30021000, codedict (CID 4031)
 LOWER_LIMB = _cc(codes.SCT.LowerLimb)         # SCT 61685007, codedict (CID 4031): the leg, level unknown
+HAND = _cc(codes.SCT.Hand)                    # SCT 85562004, codedict (CID 4031; Body Part Examined HAND)
+HEAD_AND_NECK = _cc(codes.SCT.HeadAndNeck)    # SCT 774007, codedict (CID 4031; Body Part Examined HEADNECK)
 RIGHT = _cc(codes.SCT.Right)                  # SCT 24028007, codedict (CID 244)
 LEFT = _cc(codes.SCT.Left)                    # SCT 7771000, codedict (CID 244)
 
@@ -108,6 +110,20 @@ SWAP_FINDINGS = MappingProxyType({
 #: A muscle or compartment of the leg without a verified code of its own (see
 #: :func:`roi_property_type`), named by its segment label and tracking identifier.
 SKELETAL_MUSCLE_OF_LOWER_LIMB = _cc(codes.SCT.SkeletalMuscleStructureOfLowerLimb)   # SCT 102292000, codedict
+SKELETAL_MUSCLE_OF_UPPER_LIMB = _cc(codes.SCT.SkeletalMuscleStructureOfUpperLimb)   # SCT 30608006, codedict
+
+
+def generic_roi_type(region: Region | str) -> CodedConcept:
+    """Generic segmented property type of an ROI (a muscle or group named by its label) in
+    ``region``: skeletal muscle of the lower limb (thigh, calf, leg), of the upper limb (hand
+    with forearm), else skeletal muscle (head and neck: no code covers both head and neck muscles).
+    """
+    value = getattr(region, "value", region)
+    if value == "hand":
+        return SKELETAL_MUSCLE_OF_UPPER_LIMB
+    if value == "head_neck":
+        return SKELETAL_MUSCLE
+    return SKELETAL_MUSCLE_OF_LOWER_LIMB
 
 
 def roi_concept(name: str) -> CodedConcept | None:
@@ -126,11 +142,12 @@ def roi_concept(name: str) -> CodedConcept | None:
     return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def roi_property_type(name: str) -> CodedConcept:
+def roi_property_type(name: str, region: Region | str = "thigh") -> CodedConcept:
     """Segmented Property Type of an ROI's SEG segment: :func:`roi_concept` where known, else
-    the generic :data:`SKELETAL_MUSCLE_OF_LOWER_LIMB` (the label then names the ROI).
+    the region's generic type (:func:`generic_roi_type`; the label then names the ROI).
     """
-    return roi_concept(name) or SKELETAL_MUSCLE_OF_LOWER_LIMB
+    return roi_concept(name) or generic_roi_type(region)
+
 
 #: Where an ROI came from (:class:`quant.enums.RoiSource`): a qualitative evaluation of each ROI group.
 ROI_SOURCE = _private("ROISRC", "Region of interest source")
@@ -304,19 +321,21 @@ def laterality(side: Side | str) -> CodedConcept:
 
 def region_concept(region: Region | str) -> CodedConcept:
     """Anatomic region of a :class:`quant.enums.Region` (or its value): thigh -> Thigh,
-    calf -> Lower leg, leg (level unknown) -> Lower limb.
+    calf -> Lower leg, leg (level unknown) -> Lower limb, hand -> Hand, head_neck -> Head and Neck.
 
     Raises
     ------
     ValueError
-        A region that is not part of the leg.
+        An unknown region.
     """
     value = getattr(region, "value", region)
     try:
-        return {"thigh": THIGH, "calf": LOWER_LEG, "leg": LOWER_LIMB}[value]
+        return {"thigh": THIGH, "calf": LOWER_LEG, "leg": LOWER_LIMB, "hand": HAND,
+                "head_neck": HEAD_AND_NECK}[value]
     except (KeyError, TypeError):
-        raise ValueError(f"region must be thigh, calf or leg, got {region!r}") from None
+        raise ValueError(f"region must be thigh, calf, leg, hand or head_neck, got {region!r}") from None
 
 
 #: Words naming a region in labels and tracking identifiers.
-REGION_WORDS: Mapping[str, str] = MappingProxyType({"thigh": "thigh", "calf": "lower leg", "leg": "leg"})
+REGION_WORDS: Mapping[str, str] = MappingProxyType({"thigh": "thigh", "calf": "lower leg", "leg": "leg",
+                                                    "hand": "hand", "head_neck": "head and neck"})

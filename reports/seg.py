@@ -316,7 +316,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
             segment_number=number,
             segment_label=words,
             segmented_property_category=codes.ANATOMICAL_STRUCTURE,
-            segmented_property_type=codes.roi_property_type(analysis.rois.names[label]),
+            segmented_property_type=codes.roi_property_type(analysis.rois.names[label], segm.region),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues[kind],
             algorithm_identification=None if kind == "MANUAL" else algorithm,
             tracking_id=words,

@@ -44,7 +44,7 @@ def _outputs(node, study_uid: str, kind: str):
 
 def _done(node, n_jobs: int) -> bool:
     jobs = _rows(node, db.jobs)
-    return len(jobs) >= n_jobs and all(j.state in ("done", "skipped", "failed") for j in jobs)
+    return len(jobs) >= n_jobs and all(j.state in ("done", "skipped", "failed", "waiting_for_rois") for j in jobs)
 
 
 def _per_side_masks(labels: np.ndarray, side: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -198,3 +198,50 @@ def test_label_of_the_nodes_own_seg_names_the_roi():
     assert _own_label("right thigh vastus lateralis (carried)") == "vastus_lateralis"
     assert _own_label("right thigh Anterior compartment (reader)") == "anterior_compartment"
     assert _own_label("vastus lateralis") == "" and _own_label("right thigh Gluteus X (reader)") == "Gluteus X"
+
+
+def test_a_hand_waits_for_rois_then_is_measured_in_them_at_every_visit(make_node, tmp_path):
+    """A hand exam is measured in a reader's ROIs only: without them the study waits
+    (state and job ``waiting_for_rois``, audit log, status), not skipped nor failed; the
+    reader's SEG (storescu) gets it measured, and the next visit is measured in the same
+    ROIs carried by registration: CSA within 5 %, FF within 1.5 pp of truth."""
+    from test_hand import _reader_seg as hand_seg
+    from test_hand import _water
+
+    from node.service import status_report
+    from quant.synthetic.hand_phantom import hand_exam_datasets, make_hand_phantom
+
+    p1 = make_hand_phantom(seed=11)
+    p2 = make_hand_phantom(seed=12, shift_mm=(4.0, -3.0, 0.0), rotation_deg=5.0)
+    d1 = hand_exam_datasets(p1, uid_seed="node-hand-1", study_date="20260101", patient_id="HAND")
+    d2 = hand_exam_datasets(p2, uid_seed="node-hand-2", study_date="20260701", patient_id="HAND")
+    s1, s2 = str(d1[0].StudyInstanceUID), str(d2[0].StudyInstanceUID)
+    node = make_node(destinations=[], complete_after=0.5)
+    push(d1, "127.0.0.1", node.port, called_ae="MUSCLENODE")
+    wait_until(lambda: _done(node, 1), timeout=120, what="hand job")
+    job = _rows(node, db.jobs)[0]
+    assert job.state == "waiting_for_rois" and "waiting for ROIs" in job.message
+    study = {s["study_uid"]: s for s in status_report(node.engine)["studies"]}[s1]
+    assert study["state"] == "waiting_for_rois"
+    assert any(a.event == "job-waiting_for_rois" for a in _rows(node, db.audit))
+    assert not _outputs(node, s1, "sr")
+
+    reader = hand_seg(p1, _water(d1)[0])
+    reader.save_as(tmp_path / "hand.dcm", enforce_file_format=True)
+    _storescu(tmp_path / "hand.dcm", node.port)
+    wait_until(lambda: _done(node, 2) and _outputs(node, s1, "sr"), timeout=120, what="hand measured")
+    push(d2, "127.0.0.1", node.port, called_ae="MUSCLENODE")
+    wait_until(lambda: _done(node, 3) and _outputs(node, s2, "sr"), timeout=180, what="hand follow-up")
+    assert {r.study_uid: r.source for r in _rows(node, db.study_rois)} == {s1: "reader", s2: "carried"}
+    rows = [r for r in _rows(node, db.measurements) if r.study_uid == s2 and r.roi]
+    assert {r.source for r in rows} == {"carried"} and len({r.roi for r in rows}) == 3
+    for r in rows:
+        truth = p2.compartment_truth.get((r.side, r.roi, r.metric))
+        if truth is None or r.metric not in ("csa_mm2", "ff_percent"):
+            continue
+        err = r.value - truth if r.metric == "ff_percent" else r.value / truth - 1
+        assert abs(err) <= (FF_TOL_PP if r.metric == "ff_percent" else CSA_TOL), (r.roi, r.metric, err)
+    # the SR of the follow-up compares with the baseline's ROI values
+    groups = _sr_groups(max(_outputs(node, s2, "sr"), key=lambda r: r.id).path)
+    carried = [g for k, g in groups.items() if "(carried)" in k]
+    assert carried and all("Area at baseline" in _values(g) for g in carried)
