@@ -9,7 +9,9 @@ are fused voxel by voxel (:data:`FUSIONS`):
 - ``"vote"``: majority vote per ROI name. Each atlas votes for the ROI it carried to the
   voxel; an ROI's share is its votes over the number of atlases that *have* that ROI (an
   atlas without a name neither votes for nor against it, where SimpleITK's
-  ``LabelVotingImageFilter`` would count it as a vote against). The largest share wins.
+  ``LabelVotingImageFilter`` would count it as a vote against). The largest share wins; a
+  tie goes to the lower label (the compartment first in :data:`quant.enums.COMPARTMENTS`),
+  and muscle no atlas labelled stays unlabelled.
 - ``"staple"``: SimpleITK's ``MultiLabelSTAPLEImageFilter`` (simultaneous truth and
   performance level estimation) on the visit's muscle voxels: each atlas is weighted by
   the confusion matrix STAPLE estimates for it.
@@ -31,17 +33,25 @@ voted for the fused label, averaged over the ROI's voxels), the STAPLE sensitivi
 specificity (``"staple"``: averaged over atlases), and per atlas the registration quality
 of :class:`quant.registration.CarriedRois` (Dice with the visit's muscle, mismatch).
 
+Measured on the phantom (``tests/test_atlas.py``: three atlas subjects with other leg sizes,
+gaps, positions and septa): the thigh as the automatic compartments (Dice 0.98, CSA within
+0.6 %); on a calf where the automatic compartments fail (Dice down to 0.68), vote and STAPLE
+Dice 0.92-0.98 and the atlas-seeded watershed 0.93-0.97 (CSA within 3 %, deep posterior
++4 ... +6 %). Vote and STAPLE gave the same labels with three atlases of equal quality.
+
 Node integration (not here): choose atlases from the database (reader ROI sets of other
 subjects, the same region and a comparable series: Dixon water), build each with
 :meth:`Atlas.from_rois`, call::
 
     result = atlas_compartments(atlases, analysis.anatomy, analysis.segmentation,
-                                analysis.fat_fraction)
+                                analysis.fat_fraction, combine="watershed")
     if result.rois is not None:
         analyse_study(datasets, rois=result.rois)   # source "atlas"
 
-and report ``result.agreement`` (and the per-atlas quality) with the measurements. This
-module does no I/O.
+and report ``result.agreement`` (and ``result.atlases``, the per-atlas quality) with the
+measurements. :func:`carry_atlases` and :func:`fuse_atlases` are the two halves (carry
+once, fuse several ways). Registration costs seconds per atlas (1.6-3.6 s at 6 x 160 x 256
+on 2 cores): a few atlases, not the whole database. This module does no I/O.
 """
 
 from __future__ import annotations
@@ -408,7 +418,7 @@ def fuse_atlases(carried: Sequence[CarriedAtlas], anatomy: Volume, seg: Segmenta
         prior = np.bincount(fused_v, minlength=len(names) + 1).astype(np.float64)
         for name, j in ids.items():
             others = np.arange(len(names) + 1) != j
-            if prior[others].sum() == 0:
+            if prior[j] == 0 or prior[others].sum() == 0:     # not in the result, or nothing else
                 continue
             users = has[:, j]
             sens[name] = float(cms[users, j, j].mean())

@@ -196,6 +196,9 @@ def test_unusable_atlases_are_left_out(case):
     assert [q.reason for q in r.atlases] == ["region", "no labels", "", "needs review"]
     assert r.rois is not None and np.array_equal(r.rois.labels, np.where(a.segmentation.tissue == 1,
                                                                            carried[0].labels, 0))
+    own = Atlas.from_rois(a.anatomy, RoiSet(carried[0].labels, _names(region)), a.segmentation, key="own")
+    assert own.region is region and own.side is a.segmentation.side and own.body is not None and own.key == "own"
+    assert Atlas.from_rois(a.anatomy, RoiSet(carried[0].labels, _names(region))).side is None
     none = atlas_compartments([hand], a.anatomy, a.segmentation, a.fat_fraction)
     assert none.rois is None and none.atlases == (AtlasQuality("subject-1", False, "region"),)
     with pytest.raises(ValueError, match="fusion"):
