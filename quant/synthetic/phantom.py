@@ -20,7 +20,7 @@ with the same definitions as :mod:`quant.metrics`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -151,9 +151,19 @@ _SEPTA: dict[Region, tuple[tuple[float, float], tuple[tuple[float, Roi], ...]]] 
 }
 
 
-def _compartment_labels(u: np.ndarray, v: np.ndarray, region: Region) -> np.ndarray:
-    """Compartment label (k + 1 for ``COMPARTMENTS[region][k]``) of leg-local points."""
+def _rays(region: Region, septa_deg: Sequence[float] | None) -> tuple[tuple[float, float], list[tuple[float, Roi]]]:
+    """The septum origin and rays of the region, each turned by ``septa_deg`` (degrees, in ray order)."""
     (bu, bv), rays = _SEPTA[region]
+    turn = [0.0] * len(rays) if septa_deg is None else [float(d) for d in septa_deg]
+    if len(turn) != len(rays):
+        raise ValueError(f"septa_deg: {len(rays)} values for the {region.value}, got {len(turn)}")
+    return (bu, bv), [(ang + float(np.deg2rad(d)), roi) for (ang, roi), d in zip(rays, turn, strict=True)]
+
+
+def _compartment_labels(u: np.ndarray, v: np.ndarray, region: Region,
+                        septa_deg: Sequence[float] | None = None) -> np.ndarray:
+    """Compartment label (k + 1 for ``COMPARTMENTS[region][k]``) of leg-local points."""
+    (bu, bv), rays = _rays(region, septa_deg)
     phi = np.arctan2(v - bv, u - bu)
     labels = np.zeros(np.broadcast_shapes(np.shape(u), np.shape(v)), np.uint8)
     order = COMPARTMENTS[region]
@@ -165,9 +175,10 @@ def _compartment_labels(u: np.ndarray, v: np.ndarray, region: Region) -> np.ndar
     return labels
 
 
-def _septum_rays(u: np.ndarray, v: np.ndarray, region: Region, half_width: float) -> np.ndarray:
+def _septum_rays(u: np.ndarray, v: np.ndarray, region: Region, half_width: float,
+                 septa_deg: Sequence[float] | None = None) -> np.ndarray:
     """Thin bands along the septum rays of the region (leg-local coordinates)."""
-    (bu, bv), rays = _SEPTA[region]
+    (bu, bv), rays = _rays(region, septa_deg)
     du, dv = u - bu, v - bv
     out = np.zeros(np.broadcast_shapes(np.shape(u), np.shape(v)), bool)
     for ang, _ in rays:
@@ -250,7 +261,7 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                      compartment_ff: Mapping[str, float] | None = None,
                      compartment_t2w_ms: Mapping[str, float] | None = None,
                      shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                     rotation_deg: float = 0.0) -> LegPhantom:
+                     rotation_deg: float = 0.0, septa_deg: Sequence[float] | None = None) -> LegPhantom:
     """Make a two-leg Dixon phantom.
 
     Parameters
@@ -289,6 +300,11 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         centre of the field of view (x = y = 0), applied before ``shift_mm``; positive
         turns +x (patient left) towards +y (posterior). An anatomical point p is at
         ``R(rotation) p + shift`` on the grid.
+    septa_deg : with compartments, degrees each septum is turned about its bone (another
+        subject's anatomy; positive from +u lateral towards +v posterior, leg-local), in
+        the order of the rays: thigh (lateral, posteromedial, medial septum), calf
+        (anterior and posterior intermuscular septa, deep transverse septum, interosseous
+        membrane). The compartment truth follows; None: the nominal septa.
 
     Returns
     -------
@@ -371,7 +387,7 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 ffm = ffm + np.where(group, infiltration * patches, 0.0)
             if compartments:  # leg-local coordinates: u lateral, v posterior
                 u, v = (x - cx) * sgn, y - cy
-                labels = np.broadcast_to(_compartment_labels(u, v, region), mus.shape)
+                labels = np.broadcast_to(_compartment_labels(u, v, region, septa_deg), mus.shape)
                 h_comp[mus] = labels[mus]
                 ffm = ffm + ff_luts[code][labels]
             h_ff[mus] = np.clip(ffm, 0, 1)[mus]
@@ -382,7 +398,7 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 h_ff[band] = 0.1
                 h_pd[band] = CORTEX_PD
             if compartments:  # septa: thin pure-fat planes from the bone to the fascia
-                sep = _septum_rays(u, v, region, pixel_mm * 0.6) & mus
+                sep = _septum_rays(u, v, region, pixel_mm * 0.6, septa_deg) & mus
                 h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
                 h_ff[sep] = SEPTUM_FF
             else:  # septa: thin pure-fat lines from the fascia towards the centre
