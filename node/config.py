@@ -133,6 +133,16 @@ class T2Settings:
 
 
 @dataclass(frozen=True)
+class RoiSettings:
+    """``[rois]``: what a thigh or calf visit without a reader's ROIs is measured in besides
+    the whole leg (a reader's own or carried ROIs always come first).
+    """
+
+    compartments: bool = True   # automatic compartments (bone landmarks + watershed on the FF)
+    atlases: int = 3            # up to this many other subjects' reader sets, fused (2 at least); 0: off
+
+
+@dataclass(frozen=True)
 class Destination:
     """One ``[[destinations]]`` entry: a DICOM peer that receives every result."""
 
@@ -151,6 +161,7 @@ class Config:
     jobs: JobSettings = field(default_factory=JobSettings)
     send: SendSettings = field(default_factory=SendSettings)
     t2: T2Settings = field(default_factory=T2Settings)
+    rois: RoiSettings = field(default_factory=RoiSettings)
     destinations: tuple[Destination, ...] = ()
 
     @property
@@ -182,6 +193,7 @@ _SECTIONS: dict[str, type] = {
     "jobs": JobSettings,
     "send": SendSettings,
     "t2": T2Settings,
+    "rois": RoiSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "destinations")
 
@@ -270,6 +282,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("t2", "refocusing_to_excitation_slab_ratio"): _at_least(0),
     ("t2", "refocusing_angle_deg"): _at_least(0),
     ("t2", "fat_t2_ms"): _at_least(0),
+    ("rois", "atlases"): _at_least(0),
     ("destinations", "name"): _check_not_empty,
     ("destinations", "ae_title"): _check_ae_title,
     ("destinations", "host"): _check_not_empty,
@@ -299,7 +312,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-_EXPECTED = {str: "a string", int: "an integer", float: "a number", Path: "a path string"}
+_EXPECTED = {str: "a string", int: "an integer", float: "a number", Path: "a path string", bool: "true or false"}
 
 
 def _coerce(value: Any, kind: type) -> Any:
@@ -314,6 +327,9 @@ def _coerce(value: Any, kind: type) -> Any:
             return float(value)
     elif kind is str:
         if isinstance(value, str):
+            return value
+    elif kind is bool:
+        if isinstance(value, bool):
             return value
     elif kind is Path:
         if isinstance(value, (str, Path)):

@@ -1,10 +1,12 @@
 """``musclenode demo``: a synthetic two-visit thigh exam pushed through a real node.
 
-It makes the phantom (two legs with subcutaneous fat, femur with marrow, muscle whose
-fat fraction rises and whose area falls between visits, Rician noise), starts a node and
-a small PACS on loopback, pushes both visits over DICOM (visit 2 after visit 1's results
-are back, as six months apart), waits for SEG and SR to reach the PACS, and prints the
-measurements against the truth.
+It makes the phantom (two legs with subcutaneous fat, femur with marrow, three muscle
+compartments separated by septa, muscle whose fat fraction rises and whose area falls
+between visits, the anterior compartment fattier, Rician noise, the patient repositioned at
+visit 2), starts a node and a small PACS on loopback, pushes visit 1 over DICOM, has a
+reader send the compartments of visit 1 as a SEG, then pushes visit 2 (as six months later),
+waits for SEG and SR to reach the PACS, and prints the measurements per leg and per
+compartment (visit 2 in the reader's ROIs carried by registration) against the truth.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from quant.enums import Region, Side
+from quant.enums import COMPARTMENTS, Region, Roi, Side
 from quant.synthetic.exam import exam_datasets
 from quant.synthetic.phantom import make_leg_phantom
 
 from . import db
 from .config import Config, Destination, JobSettings, NodeSettings, SendSettings
-from .demo_peers import MiniPACS, push
+from .demo_peers import MiniPACS, push, reader_seg
 from .service import Node
 
-VISITS = (  # (study date, muscle FF, muscle area scale, muscle water T2 ms): ALS-like progression over 6 months
-    ("20260112", 0.06, 1.00, 32.0),
-    ("20260713", 0.11, 0.92, 36.0),
+# ALS-like progression over 6 months: (study date, muscle FF, muscle area scale, muscle water T2 ms,
+# extra FF of the anterior compartment, patient position: shift mm (x, y, z) and rotation degrees)
+VISITS = (
+    ("20260112", 0.06, 1.00, 32.0, 0.00, (0.0, 0.0, 0.0), 0.0),
+    ("20260713", 0.11, 0.92, 36.0, 0.08, (8.0, -5.0, 0.0), 5.0),
 )
+COMPARTMENT_METRICS = ("csa_mm2", "ff_percent", "frma_mm2")
 
 
 def free_port() -> int:
@@ -56,11 +61,14 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     echo(f"musclenode demo in {workdir}")
     echo(f"  node MUSCLENODE on 127.0.0.1:{config.node.port}, PACS DEMOPACS on 127.0.0.1:{pacs_port}")
     truths, study_uids, latencies, outputs = [], [], [], {}
+    compartment_truths: list[dict] = []
     try:
         with Node(config) as node:
-            for n, (date, ff, scale, t2w) in enumerate(VISITS, start=1):
+            for n, (date, ff, scale, t2w, anterior_ff, shift, rotation) in enumerate(VISITS, start=1):
                 ph = make_leg_phantom(Region.THIGH, muscle_ff=ff, muscle_scale=scale, snr=snr, seed=n,
-                                      supersample=3, bias_field=0.3, fascia_mm=1.0)
+                                      supersample=3, bias_field=0.3, fascia_mm=1.0, compartments=True,
+                                      compartment_ff={Roi.ANTERIOR_COMPARTMENT.value: anterior_ff},
+                                      shift_mm=shift, rotation_deg=rotation)
                 dss = exam_datasets(ph, t2w_muscle_ms=t2w, enhanced_mese=(n == 2), patient_id="ALS-0001",
                                     patient_name="Demo^Subject", study_date=date, uid_seed="musclenode-demo")
                 study_uid = str(dss[0].StudyInstanceUID)
@@ -88,13 +96,16 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                     truth[(side, "t2w_ms")] = t2w
                     truth[(side, "ff_t2_percent")] = ph.truth[(side, "ff_percent")]
                 truths.append(truth)
+                compartment_truths.append(ph.compartment_truth)
                 study_uids.append(study_uid)
                 echo(f"  SEG and SR stored in PACS {latencies[-1]:.1f} s after the last instance")
+                if n == 1 and not _reader_draws(dss, ph, node, pacs, study_uid, timeout, echo):
+                    return 1
             with node.engine.begin() as conn:
                 rows = conn.execute(select(db.measurements)).all()
     finally:
         pacs.stop()
-    values = {(r.study_uid, r.side, r.metric): r.value for r in rows}
+    values = {(r.study_uid, r.side, r.metric): r.value for r in rows if not r.roi}
     region = rows[0].region if rows else "?"
     echo("")
     echo(f"Measurements ({region}, per leg): measured [truth]")
@@ -111,6 +122,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
             t1, t2 = truths[0][(side, metric)], truths[1][(side, metric)]
             echo(f"{metric:<14}{side.value:<7}{v1:>12.1f} [{t1:>7.1f}]{v2:>12.1f} [{t2:>7.1f}]"
                  f"{v2 - v1:>12.1f} [{t2 - t1:>7.1f}]")
+    _compartment_table(rows, study_uids, compartment_truths, echo)
     echo("")
     for n, files in outputs.items():
         echo(f"visit {n}: SEG {files['SEG']}")
@@ -121,6 +133,70 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
          + ", ".join(f"visit {i + 1} {t:.1f} s" for i, t in enumerate(latencies))
          + f" (including the {config.node.complete_after_seconds:g} s completion wait)")
     return 0
+
+
+def _reader_draws(dss, ph, node: Node, pacs: MiniPACS, study_uid: str, timeout: float,
+                  echo: Callable[[str], None]) -> bool:
+    """A reader outlines the thigh compartments on visit 1 in a viewer and sends the SEG
+    to the node; the visit is measured again in them (a new SR in PACS). True when it came back.
+    """
+    names = {i + 1: r.value for i, r in enumerate(COMPARTMENTS[Region.THIGH])}
+    water = _water_series(dss)
+    seg = reader_seg(water, ph.compartment, names)
+    echo(f"  a reader outlines the {', '.join(n.replace('_', ' ') for n in names.values())} on visit 1 "
+         "and sends the SEG (C-STORE)")
+    t0 = time.time()
+    statuses = push([seg], "127.0.0.1", node.port, called_ae="MUSCLENODE", calling_ae="READER")
+    if statuses != [0]:
+        echo(f"  the reader's SEG was not accepted (status 0x{statuses[0]:04X})")
+        return False
+    got = pacs.wait_for("SR", study_uid, timeout, after=t0)
+    if got is None:
+        echo("  visit 1 was not measured again in time; see `musclenode status`")
+        return False
+    echo(f"  visit 1 measured again in the reader's ROIs: new SR in PACS {got[0] - t0:.1f} s later; the set is "
+         "kept as the subject's and carried to every other visit by registration")
+    return True
+
+
+def _water_series(dss) -> list:
+    """The Dixon water series of a study, in slice order (what a viewer's SEG references)."""
+    from quant.enums import SeriesKind
+    from quant.pipeline import group_by_series
+    from quant.series import classify_series
+    from quant.volume import assemble_volume
+    for series in group_by_series(dss).values():
+        if classify_series(series).kind is SeriesKind.WATER:
+            by_uid = {str(d.SOPInstanceUID): d for d in series}
+            return [by_uid[u] for u in assemble_volume(series).sop_instance_uids]
+    raise ValueError("the demo study has no Dixon water series")
+
+
+def _compartment_table(rows, study_uids: list[str], truths: list[dict], echo: Callable[[str], None]) -> None:
+    """Per compartment and side: visit 1 in the reader's ROIs, visit 2 in the same ROIs
+    carried by registration, each with its truth, and the change.
+    """
+    values = {(r.study_uid, r.roi, r.side, r.metric): (r.value, r.source) for r in rows if r.roi}
+    if len(study_uids) < 2 or not values:
+        return
+    echo("")
+    echo("Per compartment: visit 1 in the reader's ROIs, visit 2 in the same ROIs carried by registration "
+         "(repositioned 8 mm, -5 mm, 5 degrees): measured [truth]")
+    echo(f"{'compartment':<24}{'side':<7}{'metric':<12}{'visit 1':>20}{'visit 2':>20}{'change':>20}")
+    for roi in (r.value for r in COMPARTMENTS[Region.THIGH]):
+        for side in (Side.RIGHT, Side.LEFT):
+            for metric in COMPARTMENT_METRICS:
+                v1 = values.get((study_uids[0], roi, side.value, metric))
+                v2 = values.get((study_uids[1], roi, side.value, metric))
+                if v1 is None or v2 is None:
+                    continue
+                t1 = truths[0].get((side.value, roi, metric), float("nan"))
+                t2 = truths[1].get((side.value, roi, metric), float("nan"))
+                echo(f"{roi.replace('_', ' '):<24}{side.value:<7}{metric:<12}{v1[0]:>11.1f} [{t1:>6.1f}]"
+                     f"{v2[0]:>11.1f} [{t2:>6.1f}]{v2[0] - v1[0]:>11.1f} [{t2 - t1:>6.1f}]")
+    sources = sorted({src for (st, *_), (_, src) in values.items() if st == study_uids[1]})
+    echo(f"visit 2's ROIs: {', '.join(sources)}; its SR compares each compartment with visit 1 "
+         "(same tracking UID) and gives the registration quality")
 
 
 def _days(a: str, b: str) -> int:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -68,15 +69,39 @@ class MiniPACS:
             self.received.append((time.time(), str(ds.Modality), str(ds.StudyInstanceUID), path))
         return 0x0000
 
-    def wait_for(self, modality: str, study_uid: str, timeout: float) -> tuple[float, Path] | None:
-        """The (arrival time, file) of the first ``modality`` instance of ``study_uid`` received,
-        waiting up to ``timeout`` seconds for it; None if none came.
+    def wait_for(self, modality: str, study_uid: str, timeout: float, *,
+                 after: float = 0.0) -> tuple[float, Path] | None:
+        """The (arrival time, file) of the first ``modality`` instance of ``study_uid`` received
+        (at or after the time ``after``), waiting up to ``timeout`` seconds for it; None if none came.
         """
         end = time.time() + timeout
         while time.time() < end:
             with self._lock:
                 for t, mod, st, p in self.received:
-                    if mod == modality and st == study_uid:
+                    if mod == modality and st == study_uid and t >= after:
                         return t, p
             time.sleep(0.1)
         return None
+
+
+def reader_seg(sources: Sequence[Dataset], labels: np.ndarray, names: Mapping[int, str]) -> Dataset:
+    """A reader's ROIs as a viewer sends them: a binary DICOM SEG (highdicom) of the label map
+    ``labels`` on the series ``sources`` (in slice order), one MANUAL segment per label, with
+    the generic property type "Skeletal muscle structure of lower limb" and ``names`` as labels.
+    """
+    import highdicom as hd
+    from highdicom.sr import CodedConcept
+
+    numbers = sorted(names)
+    masks = np.stack([labels == n for n in numbers], axis=-1).astype(np.uint8)
+    descs = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=names[n].replace("_", " "),
+        segmented_property_category=CodedConcept("91723000", "SCT", "Anatomical Structure"),
+        segmented_property_type=CodedConcept("102292000", "SCT", "Skeletal muscle structure of lower limb"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL, tracking_uid=hd.UID(),
+        tracking_id=names[n].replace("_", " ")) for i, n in enumerate(numbers)]
+    return hd.seg.Segmentation(
+        source_images=list(sources), pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs, series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="Reader viewer", manufacturer_model_name="viewer", software_versions="1",
+        device_serial_number="1", series_description="Reader ROIs")

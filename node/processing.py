@@ -114,10 +114,11 @@ def build_outputs(datasets: Sequence[Dataset],
                   priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]] | None = None,
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, compartments: bool = False,
-                  carry_from: Sequence[RoiReference] = ()) -> StudyOutputs:
+                  carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = ()) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG and SR (``compartments``: measure the
     automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, and without
-    one a reader's ROI set of another visit in ``carry_from`` is carried here, see
+    one a reader's ROI set of another visit in ``carry_from`` is carried here, else other
+    subjects' sets in ``atlases`` are fused here, see
     :func:`quant.pipeline.analyse_study`).
 
     ``priors`` maps :func:`prior_key` to the values of the subject's earlier visits;
@@ -129,7 +130,8 @@ def build_outputs(datasets: Sequence[Dataset],
 
     images = [d for d in datasets if not is_reader_seg(d)]
     analysis = analyse_study(images, t2_options=t2_options, atoms=atoms, compartments=compartments,
-                             reader_segs=[d for d in datasets if is_reader_seg(d)], carry_from=carry_from)
+                             reader_segs=[d for d in datasets if is_reader_seg(d)], carry_from=carry_from,
+                             atlases=atlases)
     datasets = images
     water = {str(d.SOPInstanceUID): d for d in datasets
              if str(d.SeriesInstanceUID) == analysis.anatomy.series_instance_uid}

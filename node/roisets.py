@@ -115,6 +115,30 @@ def references_for(conn: Connection, subject_key: str, study_uid: str) -> list[R
     return list(out.values())
 
 
+def atlases_for(conn: Connection, subject_key: str, limit: int) -> list[RoiReference]:
+    """Up to ``limit`` reader ROI sets of each region from *other* subjects (the newest set of
+    each subject, newest subjects first): the atlases of a visit without ROIs of its own.
+    """
+    if limit <= 0:
+        return []
+    rows = conn.execute(select(db.roi_sets).where(db.roi_sets.c.subject_key != subject_key)
+                        .order_by(db.roi_sets.c.id.desc())).all()
+    seen: set[tuple[str, str]] = set()
+    count: dict[str, int] = {}
+    out = []
+    for r in rows:
+        if (r.subject_key, r.region) in seen or count.get(r.region, 0) >= limit:
+            continue
+        seen.add((r.subject_key, r.region))
+        try:
+            out.append(decode_reference(Path(r.path)))
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("ROI set %s not usable as an atlas: %s", r.seg_sop_uid, exc)
+            continue
+        count[r.region] = count.get(r.region, 0) + 1
+    return out
+
+
 def record_study_rois(conn: Connection, study_uid: str, analysis: StudyAnalysis) -> None:
     """Record which ROIs the study was measured in, with the quality of a carried set."""
     conn.execute(delete(db.study_rois).where(db.study_rois.c.study_uid == study_uid))
@@ -122,6 +146,12 @@ def record_study_rois(conn: Connection, study_uid: str, analysis: StudyAnalysis)
     if rois is None:
         return
     carried = analysis.carried
+    if analysis.atlas is not None and analysis.atlas.agreement:   # an atlas set: its lowest agreement as "dice"
+        conn.execute(insert(db.study_rois).values(
+            study_uid=study_uid, source=rois.source.value, seg_sop_uid="", n_rois=len(rois.names),
+            dice=float(min(analysis.atlas.agreement.values())), mismatch=None, needs_review=False,
+            updated_at=time.time()))
+        return
     conn.execute(insert(db.study_rois).values(
         study_uid=study_uid, source=rois.source.value,
         seg_sop_uid=rois.origin.sop_instance_uid if rois.origin else "", n_rois=len(rois.names),

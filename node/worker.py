@@ -49,6 +49,8 @@ class JobContext:
     data_dir: str
     destinations: tuple[str, ...] = ()
     t2_options: T2Options | None = None
+    compartments: bool = True     # automatic compartments where no reader's ROIs ([rois] compartments)
+    atlases: int = 3              # other subjects' reader sets to fuse ([rois] atlases)
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,13 +116,15 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     with engine.begin() as conn:
         priors = _priors(conn, study.subject_key, job.study_uid, study.study_date)
         references = roisets.references_for(conn, study.subject_key, job.study_uid)
+        atlases = roisets.atlases_for(conn, study.subject_key, ctx.atlases)
         earlier = conn.execute(select(db.outputs.c.path).where(and_(db.outputs.c.study_uid == job.study_uid,
                                                                     db.outputs.c.kind == "sr"))).scalars().all()
     previous_srs = [pydicom.dcmread(p) for p in earlier if Path(p).exists()]
     t_loaded = time.time()
     try:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
-                            atoms=cached_atoms(Path(ctx.data_dir) / "cache"), carry_from=references)
+                            atoms=cached_atoms(Path(ctx.data_dir) / "cache"), carry_from=references,
+                            atlases=atlases, compartments=ctx.compartments)
     except NeedsRoisError as exc:   # hand, head-neck: measured once a reader's ROIs arrive (or are carried)
         _quarantine_refused(store, files, exc.refusals, job.study_uid)
         _finish(engine, job_id, job.study_uid, job.revision, JobState.WAITING_FOR_ROIS, str(exc))

@@ -19,6 +19,7 @@ from .series import SeriesInfo
 from .volume import Volume
 
 if TYPE_CHECKING:
+    from .atlas import AtlasResult
     from .registration import CarriedRois
     from .t2stage import T2Result
 
@@ -89,6 +90,7 @@ class StudyAnalysis:
     rois: RoiSet | None = None        # the ROIs measured besides the whole region, if any
     roi_refusals: tuple[tuple[str, str], ...] = ()   # (SOP Instance UID, reason) of reader SEGs not used
     carried: CarriedRois | None = None   # registration quality when ``rois`` were carried from another visit
+    atlas: AtlasResult | None = None     # fusion and its confidence when ``rois`` came from other subjects' sets
 
     @property
     def dixon_series(self) -> dict[SeriesKind, SeriesInfo]:

@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
 from .analysis import NoDixonError, RoiReference, RoiSet, StudyAnalysis
+from .atlas import Atlas, AtlasResult, atlas_compartments
 from .compartments import automatic_compartments
 from .dixon import (
     correct_swaps,
@@ -59,7 +60,7 @@ def _pick(infos: Sequence[SeriesInfo], kind: SeriesKind) -> SeriesInfo | None:
 def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, rois: RoiSet | None = None,
                   compartments: bool = False, reader_segs: Sequence[Dataset] = (),
-                  carry_from: Sequence[RoiReference] = ()) -> StudyAnalysis:
+                  carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = ()) -> StudyAnalysis:
     """Run the whole pipeline on the datasets of one study.
 
     With a multi-echo spin-echo series in the study, water T2 is measured in the muscle
@@ -76,7 +77,10 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     (the one of the region found) is carried to this visit by registration
     (:func:`quant.registration.carry_rois`), measured with source ``carried``, and its
     registration quality kept in ``StudyAnalysis.carried`` (flag ``roi-registration-review``
-    when it needs a look). A T2
+    when it needs a look). Still without ROIs, at least two reader ROI sets of *other*
+    subjects in ``atlases`` (of the region found) are registered to the visit and fused
+    (:func:`quant.atlas.atlas_compartments`, vote, atlas-seeded watershed; source ``atlas``,
+    the confidence in ``StudyAnalysis.atlas``); then ``compartments``. A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
     (:func:`quant.mese_study.analyse_mese_study`). A hand or head-neck study (headers) is
@@ -120,7 +124,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
         return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments, reader_segs,
-                              carry_from)
+                              carry_from, atlases)
     water = assemble_volume(by_series[water_info.series_instance_uid])
     fat = assemble_volume(by_series[fat_info.series_instance_uid])
     if not water.same_grid(fat):
@@ -171,7 +175,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     signal = in_phase if in_phase is not None else w_arr + f_arr
     return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
                     t2_options, atoms, flags, in_phase=in_phase, rois=rois, compartments=compartments,
-                    reader_segs=reader_segs, carry_from=carry_from)
+                    reader_segs=reader_segs, carry_from=carry_from, atlases=atlases)
 
 
 def _megre(by_series, infos, notes):
@@ -215,7 +219,7 @@ def phase_to_radians(phase: np.ndarray) -> np.ndarray:
 
 
 def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None, compartments=False,
-                   reader_segs=(), carry_from=()) -> StudyAnalysis:
+                   reader_segs=(), carry_from=(), atlases=()) -> StudyAnalysis:
     """The pipeline when the fat fraction comes from a multi-echo gradient echo alone."""
     anatomy, res = megre
     source = _pick(infos, SeriesKind.MEGRE_MAGNITUDE)
@@ -230,14 +234,15 @@ def _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois=None,
         return float(np.nanmean(pdff[roi]))
     return _measure(by_series, infos, anatomy.with_array(w_arr), f_arr, ff_seg, w_arr + f_arr,
                     source, Model.MEGRE_PDFF, region_ff, notes, t2_options, atoms, [], rois=rois,
-                    compartments=compartments, reader_segs=reader_segs, carry_from=carry_from)
+                    compartments=compartments, reader_segs=reader_segs, carry_from=carry_from, atlases=atlases)
 
 
 def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, signal: np.ndarray,
              source: SeriesInfo, model: Model, region_ff: Callable[[np.ndarray], float], notes: list[str],
              t2_options, atoms, flags: list[str], *, in_phase: np.ndarray | None = None,
              rois: RoiSet | None = None, compartments: bool = False,
-             reader_segs: Sequence[Dataset] = (), carry_from: Sequence[RoiReference] = ()) -> StudyAnalysis:
+             reader_segs: Sequence[Dataset] = (), carry_from: Sequence[RoiReference] = (),
+             atlases: Sequence[RoiReference] = ()) -> StudyAnalysis:
     """Segment, measure each leg's muscle (partial volume at its edges), replace the FF
     of each region by ``region_ff`` of its core, add water T2: one sequence for every
     source of fat fraction.
@@ -279,6 +284,9 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
         rois, carried = _carry(carry_from, water, seg, notes)
     if carried is not None and carried.needs_review:
         flags = [*flags, "roi-registration-review"]
+    fused = None
+    if rois is None and atlases and roi_region is None:
+        rois, fused = _atlas(atlases, water, seg, ff, notes)
     if rois is None and compartments:
         rois = automatic_compartments(seg, ff, water)
         if rois is None:
@@ -289,7 +297,7 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois)
     return StudyAnalysis(series=infos, anatomy=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
-                         flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals), carried=carried)
+                         flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals), carried=carried, atlas=fused)
 
 
 def _carry(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation | None,
@@ -320,6 +328,25 @@ def _carry(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentatio
                  + ("; flagged for review" if carried.needs_review else ""))
     return RoiSet(carried.labels, dict(ref.rois.names), RoiSource.CARRIED, origin,
                   laterality=dict(ref.rois.laterality)), carried
+
+
+def _atlas(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation, ff: np.ndarray,
+           notes: list[str]) -> tuple[RoiSet | None, AtlasResult | None]:
+    """Other subjects' reader ROI sets of this region, registered here and fused (two at least)."""
+    mine = [r for r in references if r.region == seg.region.value]
+    if len(mine) < 2 or anatomy.array.ndim != 3:
+        return None, None
+    atlases = [Atlas(r.anatomy, r.rois.labels, dict(r.rois.names), side=r.side, region=seg.region,
+                     key=r.rois.origin.study_instance_uid if r.rois.origin else "") for r in mine]
+    result = atlas_compartments(atlases, anatomy, seg, ff, combine="watershed")
+    used = sum(a.used for a in result.atlases)
+    if result.rois is None:
+        notes.append(f"atlas ROIs not used: none of {len(atlases)} atlases could be carried")
+        return None, None
+    low = min(result.agreement.values()) if result.agreement else float("nan")
+    notes.append(f"ROIs from {used} of {len(atlases)} other subjects' reader sets (atlas, {result.seconds:.1f} s; "
+                 f"lowest agreement {low:.2f})")
+    return result.rois, result
 
 
 def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, region: Region,

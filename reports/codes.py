@@ -153,6 +153,7 @@ def roi_property_type(name: str, region: Region | str = "thigh") -> CodedConcept
 ROI_SOURCE = _private("ROISRC", "Region of interest source")
 REGISTRATION_DICE = _private("REGDICE", "Dice of carried regions with the visit's muscle")
 REGISTRATION_MISMATCH = _private("REGMISMATCH", "Residual image mismatch after registration")
+ATLAS_AGREEMENT = _private("ATLASAGREE", "Mean agreement of fused atlases")
 REGISTRATION_REVIEW = _private("REGREVIEW", "Registration of carried regions")
 REGISTRATION_REVIEWS = MappingProxyType({
     True: _private("REGREVIEW-YES", "Needs review"),

@@ -225,6 +225,8 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
             items.append(_num(codes.REGISTRATION_MISMATCH, float(carried.mismatch), codes.UNIT_ONE))
             evaluations.append(hd.sr.QualitativeEvaluation(codes.REGISTRATION_REVIEW,
                                                            codes.REGISTRATION_REVIEWS[carried.needs_review]))
+        if source.value == "atlas" and analysis.atlas is not None and name in analysis.atlas.agreement:
+            items.append(_num(codes.ATLAS_AGREEMENT, float(analysis.atlas.agreement[name]), codes.UNIT_ONE))
         words = roi_label(analysis, label, side)
         out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source.lineage), words,
                           seg_dataset, number, analysis, codes.roi_concept(name) or site, side, algorithm, items,

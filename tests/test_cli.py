@@ -113,15 +113,17 @@ def test_serve_receives_and_status_reports(thigh_visits, tmp_path):
     try:
         assert "listening on 127.0.0.1" in proc.stdout.readline()
         assert set(push(datasets, "127.0.0.1", port, called_ae="MUSCLENODE")) == {0}
-        end = time.time() + 120
+        end = time.time() + 240
         while time.time() < end:
             r = run("status", "--config", str(cfg), timeout=60)
-            if "done" in r.stdout:
+            if "measurements, region" in r.stdout:
                 break
             time.sleep(0.5)
         assert r.returncode == 0
         assert f"instances stored: {len(datasets)}" in r.stdout
-        assert "done" in r.stdout and "18 measurements, region thigh" in r.stdout
+        # 18 per leg and 9 per compartment and side (automatic compartments by default: [rois])
+        assert "done" in r.stdout and "72 measurements, region thigh" in r.stdout, r.stdout
+        assert "ROIs: 3 automatic" in r.stdout
     finally:
         proc.terminate()
         assert proc.wait(30) == 0

@@ -245,3 +245,46 @@ def test_a_hand_waits_for_rois_then_is_measured_in_them_at_every_visit(make_node
     groups = _sr_groups(max(_outputs(node, s2, "sr"), key=lambda r: r.id).path)
     carried = [g for k, g in groups.items() if "(carried)" in k]
     assert carried and all("Area at baseline" in _values(g) for g in carried)
+
+
+def test_other_subjects_reader_sets_become_atlases(make_node):
+    """Once the node holds reader ROI sets of two other subjects, a new subject's thigh is
+    measured in those sets registered to it and fused (source ``atlas``, the agreement in
+    the SR and status), not in the automatic compartments: CSA within 5 % and FF within
+    1.5 pp of truth."""
+    from node.demo import _water_series
+    from node.demo_peers import reader_seg
+
+    kw = dict(KW, shape=(6, 160, 256))
+    names = {i + 1: r.value for i, r in enumerate(COMPARTMENTS[Region.THIGH])}
+    node = make_node(destinations=[], complete_after=0.5)
+    n_jobs = 0
+    for k, (seed, gap) in enumerate(((21, 30.0), (22, 50.0)), start=1):   # two readers' subjects
+        ph = make_leg_phantom(Region.THIGH, seed=seed, leg_gap_mm=gap, **kw)
+        dss = phantom_datasets(ph, patient_id=f"ATLAS-{k}", uid_seed=f"atlas-{k}")
+        push(dss, "127.0.0.1", node.port, called_ae="MUSCLENODE")
+        wait_until(lambda n=n_jobs + 1: _done(node, n), timeout=180, what=f"atlas subject {k}")
+        push([reader_seg(_water_series(dss), ph.compartment, names)], "127.0.0.1", node.port,
+             called_ae="MUSCLENODE", calling_ae="READER")
+        n_jobs += 2
+        wait_until(lambda n=n_jobs: _done(node, n), timeout=180, what=f"atlas subject {k}'s ROIs")
+    assert len(_rows(node, db.roi_sets)) == 2
+    target = make_leg_phantom(Region.THIGH, seed=23, shift_mm=(6.0, 4.0, 0.0), rotation_deg=-4.0,
+                              compartment_ff={Roi.ANTERIOR_COMPARTMENT.value: 0.08}, **kw)
+    dss = phantom_datasets(target, patient_id="NEW", uid_seed="atlas-target")
+    study = str(dss[0].StudyInstanceUID)
+    push(dss, "127.0.0.1", node.port, called_ae="MUSCLENODE")
+    wait_until(lambda: _done(node, n_jobs + 1) and _outputs(node, study, "sr"), timeout=180, what="target")
+    rois = {r.study_uid: r for r in _rows(node, db.study_rois)}[study]
+    assert rois.source == "atlas" and rois.dice > 0.8   # the lowest voter agreement
+    rows = [r for r in _rows(node, db.measurements) if r.study_uid == study and r.roi]
+    assert {r.source for r in rows} == {"atlas"} and {r.roi for r in rows} == set(names.values())
+    for r in rows:
+        truth = target.compartment_truth.get((r.side, r.roi, r.metric))
+        if truth is None or r.metric not in ("csa_mm2", "ff_percent"):
+            continue
+        err = r.value - truth if r.metric == "ff_percent" else r.value / truth - 1
+        assert abs(err) <= (FF_TOL_PP if r.metric == "ff_percent" else CSA_TOL), (r.side, r.roi, r.metric, err)
+    groups = _sr_groups(_outputs(node, study, "sr")[0].path)
+    atlas = [g for k, g in groups.items() if "(atlas)" in k]
+    assert len(atlas) == 6 and all(_values(g)["Mean agreement of fused atlases"] > 0.8 for g in atlas)

@@ -84,7 +84,7 @@ def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tm
             assert dciodvfy_errors(paths[mod]) == [], f"visit {n} {mod}"
         assert dcmqi_seg_readback(paths["SEG"], tmp_path / f"dcmqi-seg-{n}")
         meta = tid1500_readback(paths["SR"], tmp_path / f"sr-{n}.json")
-        assert len(meta["Measurements"]) == 2
+        assert len(meta["Measurements"]) == 8   # each leg, and each automatic compartment of each leg
         sr = pydicom.dcmread(paths["SR"])
         assert (sr.ConceptNameCodeSequence[0].CodeValue, sr.ConceptNameCodeSequence[0].CodingSchemeDesignator) \
             == ("126000", "DCM")
