@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from quant.analysis import RoiReference
 from quant.enums import RoiSource, SeriesKind, Side
 from quant.epg import MeseParameters
+from quant.metrics import Measurement
 from quant.pipeline import StudyAnalysis, analyse_study
 from quant.t2 import AtomsSource
 from reports.longitudinal import Comparison, PriorValue, compare
@@ -160,12 +161,19 @@ def measurements_csv(rows: Iterable[tuple]) -> str:
 
 def measurement_rows(outputs: StudyOutputs) -> list[tuple]:
     """One row per measurement of the study, in :data:`CSV_COLUMNS` order; Dixon values carry the
-    Dixon series' flags (fat-water swaps).
+    Dixon series' flags (fat-water swaps), carried ROIs' values ``roi-registration-review`` when
+    their registration needs a look.
     """
-    flags = ";".join(outputs.analysis.flags)   # Dixon-series flags (fat-water swaps) apply to Dixon values
+    review = "roi-registration-review"   # applies to the carried ROIs' values only
+    dixon = ";".join(f for f in outputs.analysis.flags if f != review)   # fat-water swaps: Dixon values
+
+    def flags(m: Measurement) -> str:
+        out = [dixon] if dixon and m.model.startswith("dixon") else []
+        if m.source == "carried" and review in outputs.analysis.flags:
+            out.append(review)
+        return ";".join(out)
     return [(outputs.study_uid, m.region, m.roi, m.source, m.side.value, m.metric, f"{m.value:.4f}", m.unit, m.model,
-             flags if m.model.startswith("dixon") else "")
-            for m in outputs.analysis.measurements]
+             flags(m)) for m in outputs.analysis.measurements]
 
 
 def cached_atoms(cache_dir: Path) -> AtomsSource:
