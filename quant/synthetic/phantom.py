@@ -9,6 +9,9 @@ With ``compartments=True`` the septa radiate from the femur (or the fibula) and 
 the muscle into the compartments of :data:`quant.enums.COMPARTMENTS` (thigh: anterior,
 medial, posterior; calf: anterior, lateral, triceps surae, deep posterior), each with
 its own optional extra FF and water T2, and the truth is given per compartment too.
+With ``muscles=True`` the thigh's anterior compartment is further divided, by thin fat
+planes like the septa, into the muscles of :data:`THIGH_MUSCLES` (rectus femoris, the
+three vasti, sartorius), each with its own optional extra FF and its own truth.
 ``shift_mm`` and ``rotation_deg`` reposition the anatomy on the same image grid (another
 visit of the same subject).
 
@@ -61,7 +64,11 @@ class LegPhantom:
     the voxel's muscle), ``compartment_truth`` maps ``(side value, Roi value, metric)``
     to the value (csa_mm2, vol_ml, ff_percent, frma_mm2 with partial volume; t2w_ms
     where given), and ``t2w_ms_map`` holds the given water T2 of muscle voxels by
-    compartment (NaN elsewhere and in compartments without one).
+    compartment (NaN elsewhere and in compartments without one). With muscles,
+    ``muscle_labels`` is a uint8 map (0 outside the muscles, j + 1 for ``muscle_names[j]``:
+    the muscle of most of the voxel's muscle, set exactly where ``compartment`` is the
+    anterior one) and ``muscle_truth`` maps ``(side value, muscle name, metric)`` to the
+    value, as ``compartment_truth``.
     """
 
     water: np.ndarray
@@ -84,6 +91,11 @@ class LegPhantom:
     compartment: np.ndarray | None = None
     compartment_truth: dict = field(default_factory=dict)
     t2w_ms_map: np.ndarray | None = None       # water T2 (ms) of muscle by compartment; NaN elsewhere/unset
+    # muscles of the thigh's anterior compartment (``make_leg_phantom(muscles=True)``): uint8 map,
+    # 0 outside them, j + 1 for muscle_names[j]; truth (side value, muscle name, metric) -> value
+    muscle_labels: np.ndarray | None = None
+    muscle_names: tuple[str, ...] = ()
+    muscle_truth: dict = field(default_factory=dict)
 
 
 def _ellipse(x, y, cx, cy, ax, ay, angle=0.0):
@@ -208,6 +220,99 @@ def _roi_values(region: Region, values: Mapping[str, float] | None, what: str,
     return lut
 
 
+#: The muscles of the thigh's anterior compartment (``make_leg_phantom(muscles=True)``),
+#: named as the ROIs of :mod:`quant.muscles`; label j + 1 is ``THIGH_MUSCLES[j]``.
+THIGH_MUSCLES: tuple[str, ...] = ("rectus_femoris", "vastus_lateralis", "vastus_intermedius", "vastus_medialis",
+                                  "sartorius")
+
+# The muscles, in the same leg-local coordinates and angles about the femur's centre as
+# _SEPTA (anterior is 3 pi / 2; the anterior compartment spans about 203 to 346 degrees),
+# sizes in mm at the nominal leg, scaled with the fascia: vastus intermedius a crescent on
+# the anterior femur out to _VI_RADIUS between the angles _VI_ARC; rectus femoris an ellipse
+# superficial anterior (_RF: axis angle, radial and tangential semi-axes) from just inside
+# the vastus intermedius out past the fascia; sartorius a strap _SARTORIUS_MM thick under
+# the fascia, from the medial septum to _SARTORIUS_END; the rest vastus medialis (medial of
+# _VM_VL) and vastus lateralis (lateral of it).
+_VI_RADIUS = 19.0       # beyond the femur's cortex (radius 14 mm, not scaled)
+_VI_ARC = (np.deg2rad(218.0), np.deg2rad(332.0))
+_RF = (np.deg2rad(268.0), 22.0, 15.0)
+_SARTORIUS_MM = 10.0
+_SARTORIUS_END = np.deg2rad(236.0)
+_VM_VL = np.deg2rad(268.0)
+
+
+def _ellipse_distance(a: np.ndarray, b: np.ndarray, ra: float, rb: float) -> np.ndarray:
+    """Signed distance (mm, first order, positive outside) of points (a, b) from the
+    ellipse of semi-axes (ra, rb) centred at the origin.
+    """
+    q = np.sqrt((a / ra) ** 2 + (b / rb) ** 2)
+    grad = np.sqrt((a / ra ** 2) ** 2 + (b / rb ** 2) ** 2)
+    return (q - 1.0) * q / np.maximum(grad, 1e-9)
+
+
+def _ray_band(du: np.ndarray, dv: np.ndarray, ang: float, half_width: float) -> np.ndarray:
+    """Points within ``half_width`` of the ray from the origin at angle ``ang``."""
+    ca, sa = np.cos(ang), np.sin(ang)
+    return (du * ca + dv * sa > 0) & (np.abs(-du * sa + dv * ca) <= half_width)
+
+
+def _muscle_labels(u: np.ndarray, v: np.ndarray, fx: float, fy: float, scale: float,
+                   half_width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Muscle label (j + 1 for ``THIGH_MUSCLES[j]``) of leg-local points of a thigh whose
+    fascia has semi-axes (fx, fy), sizes scaled by ``scale``, and the thin fat planes
+    between the muscles; both valid inside the anterior compartment only.
+    """
+    (bu, bv), _ = _SEPTA[Region.THIGH]
+    du, dv = u - bu, v - bv
+    r = np.hypot(du, dv)
+    phi = np.mod(np.arctan2(dv, du), 2 * np.pi)
+    # sartorius: under the fascia, medial end of the compartment
+    t = _SARTORIUS_MM * scale
+    d_sar = _ellipse_distance(u, v, fx - t, fy - t)
+    sar = (d_sar > 0) & (phi < _SARTORIUS_END)
+    # rectus femoris: an ellipse from just inside the vastus intermedius out past the fascia
+    r_vi = 14.0 + _VI_RADIUS * scale
+    ang, ra, rb = _RF[0], _RF[1] * scale, _RF[2] * scale
+    centre = r_vi - 2.0 * scale + ra
+    ca, sa = np.cos(ang), np.sin(ang)
+    a, b = du - centre * ca, dv - centre * sa
+    d_rf = _ellipse_distance(a * ca + b * sa, -a * sa + b * ca, ra, rb)
+    rf = (d_rf <= 0) & ~sar
+    in_arc = (phi > _VI_ARC[0]) & (phi < _VI_ARC[1])
+    vi = (r < r_vi) & in_arc & ~rf & ~sar
+    labels = np.where(phi < _VM_VL, THIGH_MUSCLES.index("vastus_medialis") + 1,
+                      THIGH_MUSCLES.index("vastus_lateralis") + 1).astype(np.uint8)
+    labels[vi] = THIGH_MUSCLES.index("vastus_intermedius") + 1
+    labels[rf] = THIGH_MUSCLES.index("rectus_femoris") + 1
+    labels[sar] = THIGH_MUSCLES.index("sartorius") + 1
+    hw = half_width
+    planes = (np.abs(d_sar) <= hw) & (phi < _SARTORIUS_END)                       # sartorius, deep side
+    planes |= _ray_band(du, dv, _SARTORIUS_END, hw) & (d_sar > -hw)               # sartorius, lateral end
+    planes |= np.abs(d_rf) <= hw                                                  # rectus femoris
+    planes |= (np.abs(r - r_vi) <= hw) & in_arc & (d_rf > 0)                      # intermedius, superficial
+    for edge in _VI_ARC:                                                          # intermedius, sides
+        planes |= _ray_band(du, dv, edge, hw) & (r <= r_vi + hw)
+    planes |= _ray_band(du, dv, _VM_VL, hw) & (r >= r_vi) & (d_rf > 0)            # medialis | lateralis
+    return labels, planes
+
+
+def _muscle_values(values: Mapping[str, float] | None, side: Side) -> np.ndarray:
+    """Per-label lookup of extra FF (index 0: no muscle) for one leg: keys are names of
+    :data:`THIGH_MUSCLES` (both legs) or ``"<side>:<name>"`` (that leg, added on top).
+    """
+    lut = np.zeros(len(THIGH_MUSCLES) + 1)
+    for key, val in (values or {}).items():
+        which, _, name = str(key).rpartition(":")
+        if which and Side(which) not in (Side.RIGHT, Side.LEFT):
+            raise ValueError(f"muscles_ff: {key} is not right or left")
+        if name not in THIGH_MUSCLES:
+            raise ValueError(f"muscles_ff: {name} is not one of {', '.join(THIGH_MUSCLES)}")
+        if which and Side(which) is not side:
+            continue
+        lut[THIGH_MUSCLES.index(name) + 1] += float(val)
+    return lut
+
+
 def compartment_truth_metrics(side: np.ndarray, fractions: np.ndarray, fat_weighted: np.ndarray,
                               region: Region, spacing_mm: tuple[float, float, float],
                               t2w_ms: np.ndarray | None = None) -> dict[tuple[str, str, str], float]:
@@ -228,12 +333,20 @@ def compartment_truth_metrics(side: np.ndarray, fractions: np.ndarray, fat_weigh
         ``(side value, Roi value, metric) -> value`` for csa_mm2, vol_ml, ff_percent,
         frma_mm2 and, where given, t2w_ms.
     """
+    return _truth_by_label(side, fractions, fat_weighted, [roi.value for roi in COMPARTMENTS[region]],
+                           spacing_mm, t2w_ms)
+
+
+def _truth_by_label(side: np.ndarray, fractions: np.ndarray, fat_weighted: np.ndarray, names: Sequence[str],
+                    spacing_mm: tuple[float, float, float],
+                    t2w_ms: np.ndarray | None = None) -> dict[tuple[str, str, str], float]:
+    """Truth per leg and labelled part (``names[k]``), see :func:`compartment_truth_metrics`."""
     dz, dy, dx = spacing_mm
     area = dy * dx
     out: dict[tuple[str, str, str], float] = {}
     for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT)):
         on = side == code
-        for k, roi in enumerate(COMPARTMENTS[region]):
+        for k, name in enumerate(names):
             frac = np.where(on, fractions[k], 0.0)
             total = float(frac.sum(dtype=np.float64))
             if total <= 0:
@@ -242,7 +355,7 @@ def compartment_truth_metrics(side: np.ndarray, fractions: np.ndarray, fat_weigh
             per = frac.sum(axis=(1, 2), dtype=np.float64)
             present = per > 0
             frma = (frac - fw).sum(axis=(1, 2), dtype=np.float64) * area
-            key = (s.value, roi.value)
+            key = (s.value, name)
             out[(*key, "csa_mm2")] = float(per[present].mean() * area)
             out[(*key, "vol_ml")] = float(total * area * dz / 1000.0)
             out[(*key, "ff_percent")] = float(fw.sum(dtype=np.float64) / total * 100)
@@ -261,7 +374,8 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                      compartment_ff: Mapping[str, float] | None = None,
                      compartment_t2w_ms: Mapping[str, float] | None = None,
                      shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                     rotation_deg: float = 0.0, septa_deg: Sequence[float] | None = None) -> LegPhantom:
+                     rotation_deg: float = 0.0, septa_deg: Sequence[float] | None = None,
+                     muscles: bool = False, muscles_ff: Mapping[str, float] | None = None) -> LegPhantom:
     """Make a two-leg Dixon phantom.
 
     Parameters
@@ -305,6 +419,18 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         the order of the rays: thigh (lateral, posteromedial, medial septum), calf
         (anterior and posterior intermuscular septa, deep transverse septum, interosseous
         membrane). The compartment truth follows; None: the nominal septa.
+    muscles : thigh only, implies ``compartments``: the anterior compartment divided into
+        the muscles of :data:`THIGH_MUSCLES` by thin pure-fat planes like the septa
+        (vastus intermedius deep on the anterior femur, vastus lateralis lateral, vastus
+        medialis medial, rectus femoris superficial anterior, sartorius a thin strap under
+        the fascia antero-medially); fills :attr:`LegPhantom.muscle_labels`,
+        :attr:`LegPhantom.muscle_names` and :attr:`LegPhantom.muscle_truth`. The planes take
+        their muscle out of the anterior compartment. Implied by ``muscles_ff``. False (the
+        default) leaves every other output as without the option.
+    muscles_ff : muscle name (:data:`THIGH_MUSCLES`) -> extra fat fraction (0..1) added to
+        that muscle's FF in both legs; ``"right:<name>"`` or ``"left:<name>"`` adds to that
+        leg only (on top of a both-legs value). Not to be confused with ``muscle_ff``, the
+        mean FF of all muscle.
 
     Returns
     -------
@@ -322,10 +448,16 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     ff_luts = {code: np.nan_to_num(_roi_values(region, compartment_ff, "compartment_ff", code.side))
                for code in (SideLabel.RIGHT, SideLabel.LEFT)}
     t2_lut = _roi_values(region, compartment_t2w_ms, "compartment_t2w_ms")
-    compartments = bool(compartments or compartment_ff or compartment_t2w_ms)
+    muscles = bool(muscles or muscles_ff)
+    if muscles and region is not Region.THIGH:
+        raise ValueError(f"no individual muscles for the {region.value} (thigh only)")
+    m_luts = {code: _muscle_values(muscles_ff, code.side) for code in (SideLabel.RIGHT, SideLabel.LEFT)}
+    compartments = bool(compartments or compartment_ff or compartment_t2w_ms or muscles)
     if compartments and region not in _SEPTA:
         raise ValueError(f"no compartments for the {region.value}")
     n_comp = len(COMPARTMENTS[region]) if compartments else 0
+    n_mus = len(THIGH_MUSCLES) if muscles else 0
+    anterior = COMPARTMENTS[region].index(Roi.ANTERIOR_COMPARTMENT) + 1 if muscles else 0
     # sub-voxel centres of the hi-res grid (block averages give the voxel grid)
     y = origin[1] - pixel_mm / 2 + hp / 2 + np.arange(ny * f)[:, None] * hp
     x = origin[0] - pixel_mm / 2 + hp / 2 + np.arange(nx * f)[None, :] * hp
@@ -345,6 +477,9 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     cfrac = np.zeros((n_comp, *shape), np.float32)
     cfw = np.zeros((n_comp, *shape), np.float32)
     comp = np.zeros(shape, np.uint8) if compartments else None
+    mfr = np.zeros((n_mus, *shape), np.float32)
+    mfw = np.zeros((n_mus, *shape), np.float32)
+    mlab = np.zeros(shape, np.uint8) if muscles else None
     if region is Region.THIGH:
         fascia = (62.0, 56.0)
         bones = [((6.0, 8.0), 14.0, 8.0)]          # (offset from leg centre), outer radius, marrow radius
@@ -365,6 +500,7 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         h_tissue = np.zeros((ny * f, nx * f), np.uint8)
         h_side = np.zeros_like(h_tissue)
         h_comp = np.zeros_like(h_tissue)
+        h_mus = np.zeros_like(h_tissue)
         h_ff = np.zeros((ny * f, nx * f), np.float64)
         h_pd = np.zeros_like(h_ff)
         for sgn, code in ((-1, SideLabel.RIGHT), (+1, SideLabel.LEFT)):
@@ -390,6 +526,11 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 labels = np.broadcast_to(_compartment_labels(u, v, region, septa_deg), mus.shape)
                 h_comp[mus] = labels[mus]
                 ffm = ffm + ff_luts[code][labels]
+            if muscles:  # the muscles of the anterior compartment
+                m_labels, planes = _muscle_labels(u, v, fx, fy, taper * s, pixel_mm * 0.6)
+                m_labels = np.where(labels == anterior, m_labels, 0)
+                h_mus[mus] = m_labels[mus]
+                ffm = ffm + m_luts[code][m_labels]
             h_ff[mus] = np.clip(ffm, 0, 1)[mus]
             h_pd[mus] = PD
             if fascia_mm > 0:  # dark connective tissue between SAT and muscle
@@ -401,6 +542,10 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 sep = _septum_rays(u, v, region, pixel_mm * 0.6, septa_deg) & mus
                 h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
                 h_ff[sep] = SEPTUM_FF
+                if muscles:  # thin fat planes between the muscles of the anterior compartment
+                    sep = planes & (labels == anterior) & mus
+                    h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
+                    h_ff[sep] = SEPTUM_FF
             else:  # septa: thin pure-fat lines from the fascia towards the centre
                 for ang in (0.6, 2.3, 4.1):
                     px, py = cx + np.cos(ang) * fx * 0.55, cy + np.sin(ang) * fy * 0.55
@@ -436,6 +581,12 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 cfrac[c, k] = _block_mean(is_c, f)
                 cfw[c, k] = _block_mean(is_c * h_ff, f)
             comp[k] = np.where(tissue[k] == Tissue.MUSCLE, np.argmax(cfrac[:, k], axis=0) + 1, 0)
+        if mlab is not None and comp is not None:  # the voxel's muscle: that of most of its muscle sub-voxels
+            for j in range(n_mus):
+                is_j = is_m * (h_mus == j + 1)
+                mfr[j, k] = _block_mean(is_j, f)
+                mfw[j, k] = _block_mean(is_j * h_ff, f)
+            mlab[k] = np.where(comp[k] == anterior, np.argmax(mfr[:, k], axis=0) + 1, 0)
     if bias_field:
         yn = np.linspace(-1, 1, ny)[:, None]
         xn = np.linspace(-1, 1, nx)[None, :]
@@ -458,11 +609,13 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         c_truth = compartment_truth_metrics(side, cfrac, cfw, region, spacing, t2w_ms=t2_lut)
         if compartment_t2w_ms:
             t2_map = np.where(comp > 0, t2_lut[comp], np.nan).astype(np.float32)
+    m_truth = _truth_by_label(side, mfr, mfw, THIGH_MUSCLES, spacing) if mlab is not None else {}
     return LegPhantom(water=mag(w_true), fat=mag(f_true), in_phase=mag(w_true + f_true),
                       opposed_phase=mag(w_true - f_true), tissue=tissue, side=side, ff=ff, region=region,
                       spacing_mm=spacing, origin_mm=origin, truth=truth, snr=snr,
                       pd=pd / PD, muscle_fraction=mfrac, compartment=comp, compartment_truth=c_truth,
-                      t2w_ms_map=t2_map)
+                      t2w_ms_map=t2_map, muscle_labels=mlab, muscle_names=THIGH_MUSCLES if muscles else (),
+                      muscle_truth=m_truth)
 
 
 # --- the phantom as a scanner would send it ------------------------------------------
