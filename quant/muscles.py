@@ -121,6 +121,11 @@ READ_ONLY_CODES: Mapping[tuple[str, str], str] = MappingProxyType({
     (SCT, "181741009"): "sternocleidomastoid",    # UBERON:0001128 sternocleidomastoid
 })
 
+#: Muscles and groups the seed study names for which no code was verified: a segment label
+#: that spells one (any case, spaces or underscores) is named by it, like a coded one.
+UNCODED_NAMES: tuple[str, ...] = ("vastus_medialis", "semimembranosus", "hamstrings", "peroneus_brevis",
+                                  "extensor_digitorum_longus", "flexor_digitorum_longus")
+
 #: Every code read: (scheme, code value) -> ROI name.
 KNOWN_CODES: Mapping[tuple[str, str], str] = MappingProxyType(
     {(c.scheme, c.value): name for name, c in PROPERTY_TYPES.items()} | dict(READ_ONLY_CODES))

@@ -49,7 +49,7 @@ from pydicom.dataset import Dataset
 from .analysis import RoiOrigin, RoiSet
 from .enums import COMPARTMENTS, Region, Roi, RoiSource
 from .errors import RoiSetError
-from .muscles import KNOWN_CODES, PROPERTY_TYPES
+from .muscles import KNOWN_CODES, PROPERTY_TYPES, UNCODED_NAMES
 from .volume import Volume
 
 #: Segmented Property Type codes (coding scheme designator, code value) -> ROI name: the
@@ -231,7 +231,8 @@ def _canonical(label: str) -> str:
     return key if key in _KNOWN_NAMES else words
 
 
-_KNOWN_NAMES = frozenset({r.value for r in Roi} | set(PROPERTY_TYPES) | set(KNOWN_CODES.values()))
+_KNOWN_NAMES = frozenset({r.value for r in Roi} | set(PROPERTY_TYPES) | set(KNOWN_CODES.values())
+                         | set(UNCODED_NAMES))
 
 
 def _frame_numbers(volume: Volume) -> dict[tuple[str, int | None], int]:

@@ -200,11 +200,12 @@ def test_a_database_of_the_previous_schema_gains_the_roi_columns(tmp_path):
 
 
 def test_label_of_the_nodes_own_seg_names_the_roi():
-    from quant.reader_rois import _own_label
+    from quant.reader_rois import _canonical, _own_label
     assert _own_label("right thigh anterior compartment (carried)") == "anterior_compartment"
     assert _own_label("left calf triceps surae (reader)") == "triceps_surae"
     assert _own_label("right thigh vastus lateralis (carried)") == "vastus_lateralis"
     assert _own_label("right thigh Anterior compartment (reader)") == "anterior_compartment"
+    assert _canonical("Vastus medialis") == "vastus_medialis"
     assert _own_label("vastus lateralis") == "" and _own_label("right thigh Gluteus X (reader)") == "Gluteus X"
 
 
