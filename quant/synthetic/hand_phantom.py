@@ -29,7 +29,19 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ..enums import Region, Side, SideLabel, Tissue
-from .phantom import CORTEX_PD, MARROW_FF, PD, SAT_FF, LegPhantom, _block_mean, _ellipse, phantom_datasets
+from .phantom import (
+    CORTEX_PD,
+    MARROW_FF,
+    PD,
+    SAT_FF,
+    LegPhantom,
+    _block_mean,
+    _ellipse,
+    label_fractions,
+    phantom_datasets,
+    to_grid,
+    truth_by_label,
+)
 
 #: The muscle groups of the hand phantom, in label order.
 HAND_ROIS: tuple[str, ...] = ("thenar", "hypothenar", "interossei")
@@ -87,25 +99,7 @@ def hand_truth(side: np.ndarray, fractions: np.ndarray, fat_weighted: np.ndarray
     dict
         ``(side value, name, metric) -> value`` for csa_mm2, vol_ml, ff_percent, frma_mm2.
     """
-    dz, dy, dx = spacing_mm
-    area = dy * dx
-    out: dict[tuple[str, str, str], float] = {}
-    for s, code in ((Side.RIGHT, SideLabel.RIGHT), (Side.LEFT, SideLabel.LEFT)):
-        on = side == code
-        for k, name in enumerate(names):
-            frac = np.where(on, fractions[k], 0.0)
-            total = float(frac.sum(dtype=np.float64))
-            if total <= 0:
-                continue
-            fw = np.where(on, fat_weighted[k], 0.0)
-            per = frac.sum(axis=(1, 2), dtype=np.float64)
-            present = per > 0
-            key = (s.value, name)
-            out[(*key, "csa_mm2")] = float(per[present].mean() * area)
-            out[(*key, "vol_ml")] = float(total * area * dz / 1000.0)
-            out[(*key, "ff_percent")] = float(fw.sum(dtype=np.float64) / total * 100)
-            out[(*key, "frma_mm2")] = float(((frac - fw).sum(axis=(1, 2), dtype=np.float64) * area)[present].mean())
-    return out
+    return truth_by_label(side, fractions, fat_weighted, names, spacing_mm)
 
 
 def make_hand_phantom(side: Side | str = Side.RIGHT, *, shape: tuple[int, int, int] = (10, 96, 144),
@@ -203,22 +197,11 @@ def make_hand_phantom(side: Side | str = Side.RIGHT, *, shape: tuple[int, int, i
             h_pd[cortex] = CORTEX_PD
             h_ff[marrow] = MARROW_FF
             h_pd[marrow] = PD
-        w_true[k] = _block_mean(h_pd * (1 - h_ff), f)
-        f_true[k] = _block_mean(h_pd * h_ff, f)
-        pd[k] = _block_mean(h_pd, f)
-        is_m = (h_tissue == Tissue.MUSCLE).astype(np.float64)
-        mfrac[k] = _block_mean(is_m, f)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mff[k] = np.nan_to_num(_block_mean(is_m * h_ff, f) / mfrac[k])
-            ff[k] = np.nan_to_num(f_true[k] / (w_true[k] + f_true[k]))
-        fractions = np.stack([_block_mean((h_tissue == c).astype(np.float64), f) for c in range(5)])
+        w_true[k], f_true[k], pd[k], mfrac[k], mff[k], ff[k], fractions, is_m = to_grid(h_pd, h_ff, h_tissue, f)
         body = _block_mean(hand.astype(np.float64), f) > 0
         tissue[k] = np.where(body, np.argmax(fractions, axis=0), 0)
         side_map[k][body] = code
-        for c in range(n_roi):
-            is_c = is_m * (h_comp == c + 1)
-            cfrac[c, k] = _block_mean(is_c, f)
-            cfw[c, k] = _block_mean(is_c * h_ff, f)
+        cfrac[:, k], cfw[:, k] = label_fractions(is_m, h_comp, h_ff, n_roi, f)
         comp[k] = np.where(tissue[k] == Tissue.MUSCLE, np.argmax(cfrac[:, k], axis=0) + 1, 0)
     if bias_field:
         yn = np.linspace(-1, 1, ny)[:, None]

@@ -333,11 +333,38 @@ def compartment_truth_metrics(side: np.ndarray, fractions: np.ndarray, fat_weigh
         ``(side value, Roi value, metric) -> value`` for csa_mm2, vol_ml, ff_percent,
         frma_mm2 and, where given, t2w_ms.
     """
-    return _truth_by_label(side, fractions, fat_weighted, [roi.value for roi in COMPARTMENTS[region]],
+    return truth_by_label(side, fractions, fat_weighted, [roi.value for roi in COMPARTMENTS[region]],
                            spacing_mm, t2w_ms)
 
 
-def _truth_by_label(side: np.ndarray, fractions: np.ndarray, fat_weighted: np.ndarray, names: Sequence[str],
+def to_grid(h_pd: np.ndarray, h_ff: np.ndarray, h_tissue: np.ndarray, f: int) -> tuple[np.ndarray, ...]:
+    """One slice's sub-voxel maps onto the voxel grid (``f`` × ``f`` block means): true water
+    and fat signals, proton density, muscle fraction and muscle FF, the voxel FF, the fraction
+    of each tissue (0..4) and the sub-voxel muscle indicator (for per-label fractions).
+    """
+    water = _block_mean(h_pd * (1 - h_ff), f)
+    fat = _block_mean(h_pd * h_ff, f)
+    pd = _block_mean(h_pd, f)
+    is_m = (h_tissue == Tissue.MUSCLE).astype(np.float64)
+    mfrac = _block_mean(is_m, f)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mff = np.nan_to_num(_block_mean(is_m * h_ff, f) / mfrac)
+        ff = np.nan_to_num(fat / (water + fat))
+    fractions = np.stack([_block_mean((h_tissue == c).astype(np.float64), f) for c in range(5)])
+    return water, fat, pd, mfrac, mff, ff, fractions, is_m
+
+
+def label_fractions(is_m: np.ndarray, h_labels: np.ndarray, h_ff: np.ndarray, n: int,
+                    f: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per label 1..n of a sub-voxel label map: the voxel fraction that is muscle of that
+    label, and the same weighted by the muscle FF (block means of ``f`` × ``f``).
+    """
+    frac = np.stack([_block_mean(is_m * (h_labels == c + 1), f) for c in range(n)])
+    fat_weighted = np.stack([_block_mean(is_m * (h_labels == c + 1) * h_ff, f) for c in range(n)])
+    return frac, fat_weighted
+
+
+def truth_by_label(side: np.ndarray, fractions: np.ndarray, fat_weighted: np.ndarray, names: Sequence[str],
                     spacing_mm: tuple[float, float, float],
                     t2w_ms: np.ndarray | None = None) -> dict[tuple[str, str, str], float]:
     """Truth per leg and labelled part (``names[k]``), see :func:`compartment_truth_metrics`."""
@@ -562,30 +589,16 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                 h_ff[marrow] = MARROW_FF
                 h_pd[marrow] = PD
         # to the voxel grid: signals and tissue fractions are block means
-        w_true[k] = _block_mean(h_pd * (1 - h_ff), f)
-        f_true[k] = _block_mean(h_pd * h_ff, f)
-        pd[k] = _block_mean(h_pd, f)
-        is_m = (h_tissue == Tissue.MUSCLE).astype(np.float64)
-        mfrac[k] = _block_mean(is_m, f)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mff[k] = np.nan_to_num(_block_mean(is_m * h_ff, f) / mfrac[k])
-            ff[k] = np.nan_to_num(f_true[k] / (w_true[k] + f_true[k]))
-        fractions = np.stack([_block_mean((h_tissue == c).astype(np.float64), f) for c in range(5)])
+        w_true[k], f_true[k], pd[k], mfrac[k], mff[k], ff[k], fractions, is_m = to_grid(h_pd, h_ff, h_tissue, f)
         tissue[k] = np.argmax(fractions, axis=0)
         side_frac = np.stack([_block_mean((h_side == c).astype(np.float64), f) for c in range(3)])
         side_frac[0] *= 0.0  # a voxel touched by a leg belongs to it
         side[k] = np.where(side_frac.max(axis=0) > 0, np.argmax(side_frac, axis=0), 0)
         if comp is not None:  # the voxel's compartment: that of most of its muscle sub-voxels
-            for c in range(n_comp):
-                is_c = is_m * (h_comp == c + 1)
-                cfrac[c, k] = _block_mean(is_c, f)
-                cfw[c, k] = _block_mean(is_c * h_ff, f)
+            cfrac[:, k], cfw[:, k] = label_fractions(is_m, h_comp, h_ff, n_comp, f)
             comp[k] = np.where(tissue[k] == Tissue.MUSCLE, np.argmax(cfrac[:, k], axis=0) + 1, 0)
         if mlab is not None and comp is not None:  # the voxel's muscle: that of most of its muscle sub-voxels
-            for j in range(n_mus):
-                is_j = is_m * (h_mus == j + 1)
-                mfr[j, k] = _block_mean(is_j, f)
-                mfw[j, k] = _block_mean(is_j * h_ff, f)
+            mfr[:, k], mfw[:, k] = label_fractions(is_m, h_mus, h_ff, n_mus, f)
             mlab[k] = np.where(comp[k] == anterior, np.argmax(mfr[:, k], axis=0) + 1, 0)
     if bias_field:
         yn = np.linspace(-1, 1, ny)[:, None]
@@ -609,7 +622,7 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
         c_truth = compartment_truth_metrics(side, cfrac, cfw, region, spacing, t2w_ms=t2_lut)
         if compartment_t2w_ms:
             t2_map = np.where(comp > 0, t2_lut[comp], np.nan).astype(np.float32)
-    m_truth = _truth_by_label(side, mfr, mfw, THIGH_MUSCLES, spacing) if mlab is not None else {}
+    m_truth = truth_by_label(side, mfr, mfw, THIGH_MUSCLES, spacing) if mlab is not None else {}
     return LegPhantom(water=mag(w_true), fat=mag(f_true), in_phase=mag(w_true + f_true),
                       opposed_phase=mag(w_true - f_true), tissue=tissue, side=side, ff=ff, region=region,
                       spacing_mm=spacing, origin_mm=origin, truth=truth, snr=snr,
