@@ -26,6 +26,15 @@ Not reported: the Dixon ``ff_percent`` (no Dixon) and ``frma_mm2`` (the function
 remaining muscle area is defined with the Dixon fat fraction; the T2-derived FF is
 reported as ``ff_t2_percent``). The analysis' ``anatomy`` is the first-echo volume:
 the masks, the SEG and the SR's "source series for segmentation" are on the MESE series.
+
+ROIs (:func:`quant.roi_stage.find_rois`, as on the Dixon path): the caller's, else a
+reader's SEG that references the MESE series (its frames reference the first echo's
+instances, or lie at their positions: one label map on the first-echo grid), else a
+reader's set of another visit carried onto the first-echo volume, else other subjects'
+sets fused, else the automatic compartments (on the segmentation of step 3, the septa from
+the PD fat fraction of the fit). Every ROI and side gets ``csa_mm2`` (and ``vol_ml``) the
+way a leg does (:func:`quant.roi_stage.measure_rois`) and the water-T2 metrics of
+:func:`quant.t2stage.measure_t2`.
 """
 
 from __future__ import annotations
@@ -37,12 +46,13 @@ from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
-from .analysis import StudyAnalysis
+from .analysis import RoiReference, RoiSet, StudyAnalysis
 from .enums import Model, Tissue
 from .epg import MeseParameters
 from .errors import QuantError, SeriesError
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .noise import estimate_noise_sd
+from .roi_stage import find_rois, measure_rois
 from .segment import otsu_threshold, segment_legs
 from .series import SeriesInfo
 from .t2 import DEFAULT_FAT_T2_MS, build_dictionary, calibrate_fat_t2, fit_water_t2
@@ -147,7 +157,9 @@ def first_pass_fat_t2(images: np.ndarray, params: MeseParameters, noise_sd: floa
 
 def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequence[SeriesInfo],
                        mese_info: SeriesInfo, notes: list[str], t2_options: T2Options | None = None,
-                       atoms: Callable | None = None, *, body_part: str = "") -> StudyAnalysis:
+                       atoms: Callable | None = None, *, body_part: str = "", rois: RoiSet | None = None,
+                       reader_segs: Sequence[Dataset] = (), carry_from: Sequence[RoiReference] = (),
+                       atlases: Sequence[RoiReference] = (), compartments: bool = False) -> StudyAnalysis:
     """Segment, measure CSA (and VOL) and water T2 on a MESE series alone (module notes).
 
     Parameters
@@ -166,6 +178,11 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
         Source of the EPG tables (see :func:`quant.t2.build_dictionary`).
     body_part : str
         Body Part Examined and descriptions, to tell thigh from calf.
+    rois : RoiSet, optional
+        ROIs on the grid of the first echo (the MESE slices), measured as given.
+    reader_segs, carry_from, atlases, compartments
+        Where else the ROIs come from, in that order (:func:`quant.roi_stage.find_rois`;
+        see :func:`quant.pipeline.analyse_study`).
 
     Returns
     -------
@@ -173,7 +190,9 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
         ``anatomy`` is the first-echo volume of the MESE series (masks on its grid),
         ``fat_fraction`` the PD fat fraction of the first-pass fit (NaN where not fitted),
         ``measurements`` ``csa_mm2`` (and ``vol_ml`` with contiguous slices) by model
-        ``epg-bicomponent`` plus the water-T2 metrics, ``t2`` the T2 result.
+        ``epg-bicomponent`` plus the water-T2 metrics, per leg and, with ROIs, per ROI and
+        leg; ``t2`` the T2 result; ``rois``, ``roi_refusals``, ``carried``, ``atlas`` and
+        ``flags`` as on the Dixon path.
 
     Raises
     ------
@@ -233,12 +252,22 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
     measurements: list[Measurement] = [m for m in metrics if m.metric in keep]
     if not contiguous:
         notes.append(f"volume not reported: the MESE slices are not contiguous ({why})")
+    found = find_rois(first, seg, ff, notes, rois=rois, reader_segs=reader_segs, carry_from=carry_from,
+                      atlases=atlases, compartments=compartments)
+    if found.rois is not None:
+        core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
+
+        def region_ff(roi: np.ndarray) -> float:   # not reported (no Dixon FF): ff_percent is dropped
+            return float(np.nanmean(ff[roi])) if roi.any() else float("nan")
+        measurements += [m for m in measure_rois(found.rois, labels_ext, weights, muscle_ff, core, seg, first,
+                                                 MESE_SEGMENTATION_MODEL, region_ff) if m.metric in keep]
     notes.append("no Dixon fat fraction or fRMA: the fat fraction is the T2 fit's (ff_t2_percent)")
     notes.extend(seg.notes)
 
     t2 = None
     try:
-        t2 = measure_t2(datasets, mese, first, seg, options, atoms=atoms, algorithm_version=ALGORITHM_VERSION)
+        t2 = measure_t2(datasets, mese, first, seg, options, atoms=atoms, algorithm_version=ALGORITHM_VERSION,
+                        rois=found.rois)
         measurements.extend(t2.measurements)
         notes.append(f"water T2 ({t2.fit.model}) from series {mese_info.description or mese_info.series_instance_uid}"
                      f", fat T2 {t2.fat_t2_ms:.0f} ms ({t2.fat_t2_source})")
@@ -246,4 +275,6 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
         notes.append(f"water T2 not measured: {exc}")
     csa = {groups[g]: v for g, v in per_slice.items()}
     return StudyAnalysis(series=tuple(infos), anatomy=first, fat_fraction=ff, segmentation=seg,
-                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2)
+                         measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
+                         flags=found.flags, rois=found.rois, roi_refusals=found.refusals, carried=found.carried,
+                         atlas=found.atlas)

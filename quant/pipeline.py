@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -15,8 +14,6 @@ from scipy import ndimage as ndi
 
 from . import ALGORITHM_VERSION
 from .analysis import NoDixonError, RoiReference, RoiSet, StudyAnalysis
-from .atlas import Atlas, AtlasResult, atlas_compartments
-from .compartments import automatic_compartments
 from .dixon import (
     correct_swaps,
     detect_swaps,
@@ -24,14 +21,14 @@ from .dixon import (
     megre_pdff,
     roi_fat_fraction,
 )
-from .enums import Metric, Model, Region, RoiSource, SeriesKind, Tissue
-from .errors import QuantError, RoiSetError, SeriesError
+from .enums import Model, SeriesKind, Tissue
+from .errors import QuantError, SeriesError
 from .mese_study import analyse_mese_study
-from .metrics import Measurement, muscle_metrics, partial_volume_weights, roi_groups
-from .reader_rois import rois_from_seg
-from .registration import CarriedRois, carry_rois
+from .metrics import Measurement, muscle_metrics, partial_volume_weights
+from .registration import CarriedRois
 from .roi_only import roi_only_region, roi_segmentation
-from .segment import Segmentation, segment_legs
+from .roi_stage import carry, core_ffs, find_rois, measure_rois, reader_rois, with_ff
+from .segment import segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
 from .t2stage import T2Options, measure_t2
@@ -83,7 +80,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     the confidence in ``StudyAnalysis.atlas``); then ``compartments``. A T2
     stage that cannot run leaves a note, not an error: the Dixon results stand. A study
     with a MESE series and no Dixon or MEGRE is segmented on the MESE fit itself
-    (:func:`quant.mese_study.analyse_mese_study`). A hand or head-neck study (headers) is
+    (:func:`quant.mese_study.analyse_mese_study`), with its ROIs found and measured the same
+    way on the first echo's grid. A hand or head-neck study (headers) is
     measured in the reader's ROIs only, which are then its muscle (:mod:`quant.roi_only`).
 
     Returns
@@ -115,11 +113,10 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
                 mese_body_part = _body_part(by_series[mese_info.series_instance_uid][0])
                 if (roi_region := roi_only_region(mese_body_part)) is not None:
                     raise NoDixonError(f"{roi_region.value} exam with a MESE series only: measured in a reader's "
-                                       "ROIs only, and ROIs are not measured on MESE-only studies yet")
-                if rois is not None or compartments or reader_segs:   # the reader's SEG stays stored
-                    notes.append("ROIs are not measured on a study with a MESE series only (yet)")
+                                       "ROIs only on a Dixon or MEGRE series (not yet on a MESE series alone)")
                 return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
-                                          body_part=mese_body_part)
+                                          body_part=mese_body_part, rois=rois, reader_segs=reader_segs,
+                                          carry_from=carry_from, atlases=atlases, compartments=compartments)
             found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
@@ -256,9 +253,9 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
         seg = segment_legs(water, fat, ff, in_phase=in_phase, body_part=body_part)
     else:   # hand, head-neck: the reader's ROIs are the muscle (quant.roi_only)
         if rois is None and reader_segs:
-            rois, refusals = _reader_rois(reader_segs, water, roi_region, notes)
+            rois, refusals = reader_rois(reader_segs, water, roi_region, notes)
         if rois is None and carry_from:   # no muscle mask to check against: outline and intensity only
-            rois, carried = _carry(carry_from, water, None, notes, region=roi_region)
+            rois, carried = carry(carry_from, water, None, notes, region=roi_region)
         seg = roi_segmentation(water, rois, roi_region, ff=ff, signal=signal, header=header,
                                body_part=body_part, refusals=tuple(refusals))
     labels, groups = seg.muscle_groups()
@@ -275,139 +272,23 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     # magnitude Dixon a maximum-likelihood estimate, free of the noise-floor bias that a
     # mean of voxel values keeps at low fat fraction.
     core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
-    ffs = _core_ffs(labels, groups, core, region_ff)
-    measurements = _with_ff(measurements, lambda m: ffs[_group_of(groups, m)], model)
+    ffs = core_ffs(labels, groups, core, region_ff)
+    measurements = with_ff(measurements, lambda m: ffs[_group_of(groups, m)], model)
     csa = {groups[g]: v for g, v in per_slice.items()}
-    if rois is None and reader_segs:
-        rois, refusals = _reader_rois(reader_segs, water, seg.region, notes)
-    if rois is None and carry_from:
-        rois, carried = _carry(carry_from, water, seg, notes)
+    fused = None
+    if roi_region is None:
+        found = find_rois(water, seg, ff, notes, rois=rois, reader_segs=reader_segs, carry_from=carry_from,
+                          atlases=atlases, compartments=compartments)
+        rois, refusals, carried, fused = found.rois, list(found.refusals), found.carried, found.atlas
     if carried is not None and carried.needs_review:
         flags = [*flags, "roi-registration-review"]
-    fused = None
-    if rois is None and atlases and roi_region is None:
-        rois, fused = _atlas(atlases, water, seg, ff, notes)
-    if rois is None and compartments:
-        rois = automatic_compartments(seg, ff, water)
-        if rois is None:
-            notes.append(f"no automatic compartments for region {seg.region.value}")
     if rois is not None:
-        measurements += _measure_rois(rois, labels_ext, weights, muscle_ff, core, seg, water, model, region_ff)
+        measurements += measure_rois(rois, labels_ext, weights, muscle_ff, core, seg, water, model, region_ff)
     notes.extend(seg.notes)
     t2, measurements = _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois)
     return StudyAnalysis(series=infos, anatomy=water, fat_fraction=ff, segmentation=seg,
                          measurements=tuple(measurements), csa_per_slice=csa, notes=tuple(notes), t2=t2,
                          flags=tuple(flags), rois=rois, roi_refusals=tuple(refusals), carried=carried, atlas=fused)
-
-
-def _carry(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation | None,
-           notes: list[str], region: Region | None = None) -> tuple[RoiSet | None, CarriedRois | None]:
-    """The ROI set of the reference of this visit's region carried onto ``anatomy``; without
-    ``seg`` (a hand or head-neck, whose muscle is the ROIs), on the whole section.
-    """
-    region = seg.region if seg is not None else region
-    assert region is not None
-    ref = next((r for r in references if r.region == region.value), None)
-    if ref is None:
-        regions = ", ".join(sorted({r.region for r in references}))
-        notes.append(f"no reader ROI set of the {region.value} to carry (the subject has: {regions})")
-        return None, None
-    if anatomy.array.ndim != 3 or ref.anatomy.array.ndim != 3:
-        notes.append("reader ROI set not carried: 3-D images needed")
-        return None, None
-    if seg is None:
-        carried = carry_rois(ref.anatomy, ref.rois.labels, anatomy)
-    else:
-        carried = carry_rois(ref.anatomy, ref.rois.labels, anatomy, moving_side=ref.side, fixed_side=seg.side,
-                             fixed_muscle=seg.tissue == Tissue.MUSCLE)
-    origin = ref.rois.origin
-    drawn = f" drawn on the visit of {origin.study_date or origin.study_instance_uid}" if origin else ""
-    dice = "n/a" if carried.dice_muscle is None else f"{carried.dice_muscle:.3f}"
-    notes.append(f"reader ROI set{drawn} carried by registration in {carried.seconds:.1f} s: Dice with the "
-                 f"muscle {dice}, mismatch {carried.mismatch:.3f}"
-                 + ("; flagged for review" if carried.needs_review else ""))
-    return RoiSet(carried.labels, dict(ref.rois.names), RoiSource.CARRIED, origin,
-                  laterality=dict(ref.rois.laterality)), carried
-
-
-def _atlas(references: Sequence[RoiReference], anatomy: Volume, seg: Segmentation, ff: np.ndarray,
-           notes: list[str]) -> tuple[RoiSet | None, AtlasResult | None]:
-    """Other subjects' reader ROI sets of this region, registered here and fused (two at least)."""
-    mine = [r for r in references if r.region == seg.region.value]
-    if len(mine) < 2 or anatomy.array.ndim != 3:
-        return None, None
-    atlases = [Atlas(r.anatomy, r.rois.labels, dict(r.rois.names), side=r.side, region=seg.region,
-                     key=r.rois.origin.study_instance_uid if r.rois.origin else "") for r in mine]
-    result = atlas_compartments(atlases, anatomy, seg, ff, combine="watershed")
-    used = sum(a.used for a in result.atlases)
-    if result.rois is None:
-        notes.append(f"atlas ROIs not used: none of {len(atlases)} atlases could be carried")
-        return None, None
-    low = min(result.agreement.values()) if result.agreement else float("nan")
-    notes.append(f"ROIs from {used} of {len(atlases)} other subjects' reader sets (atlas, {result.seconds:.1f} s; "
-                 f"lowest agreement {low:.2f})")
-    return result.rois, result
-
-
-def _reader_rois(segs: Sequence[Dataset], anatomy: Volume, region: Region,
-                 notes: list[str]) -> tuple[RoiSet | None, list[tuple[str, str]]]:
-    """The ROI set of the newest usable reader SEG, and (SOP Instance UID, reason) of each
-    one that cannot be used (older usable ones are simply not used).
-    """
-    def newest_first(ds: Dataset) -> tuple[str, str, int]:
-        return (str(ds.get("ContentDate", "")), str(ds.get("ContentTime", "")), int(ds.get("SeriesNumber", 0) or 0))
-    refusals: list[tuple[str, str]] = []
-    chosen = None
-    for ds in sorted(segs, key=newest_first, reverse=True):
-        uid = str(ds.get("SOPInstanceUID", ""))
-        try:
-            rois, _ = rois_from_seg(ds, anatomy, region)
-        except RoiSetError as exc:
-            refusals.append((uid, f"reader SEG not used: {exc}"))
-            continue
-        if chosen is None:
-            chosen = rois
-            notes.append(f"ROIs from the reader's SEG {uid} ({len(rois.names)} segments)")
-    return chosen, refusals
-
-
-def _measure_rois(rois: RoiSet, labels_ext: np.ndarray, weights: np.ndarray, muscle_ff: np.ndarray,
-                  core: np.ndarray, seg: Segmentation, water: Volume, model: Model,
-                  region_ff: Callable[[np.ndarray], float]) -> list[Measurement]:
-    """CSA, VOL, FF and fRMA of each ROI and side, the same way as the whole region's."""
-    if rois.labels.shape != labels_ext.shape:
-        raise SeriesError(f"ROI label map {rois.labels.shape} is not on the grid of the series segmented "
-                          f"{labels_ext.shape}")
-    roi_lab, roi_grp, roi_of = roi_groups(labels_ext, rois.labels, seg.side, rois.names, seg.region.value)
-    out, _ = muscle_metrics(roi_lab, muscle_ff, roi_grp, pixel_area_mm2=water.pixel_area_mm2,
-                            slice_thickness_mm=water.spacing_mm[0], algorithm_version=ALGORITHM_VERSION,
-                            model=model.value, weights=weights, roi_of=roi_of, source=rois.source.value)
-    group = {(roi_of[g], side): g for g, (_, side) in roi_grp.items()}
-    ffs = _core_ffs(roi_lab, roi_grp, core, region_ff)
-    return _with_ff(out, lambda m: ffs[group[(m.roi, m.side)]], model)
-
-
-def _core_ffs(labels: np.ndarray, groups: Iterable[int], core: np.ndarray,
-              region_ff: Callable[[np.ndarray], float]) -> dict[int, float]:
-    """The FF of each labelled group by ``region_ff`` over its voxels away from the muscle's
-    edges (``core``; all its voxels when fewer than 50 are left).
-    """
-    out = {}
-    for g in groups:
-        sel = labels == g
-        inner = sel & core
-        out[g] = region_ff(inner if inner.sum() >= 50 else sel)
-    return out
-
-
-def _with_ff(measurements: Iterable[Measurement], ff_of: Callable[[Measurement], float],
-             model: Model) -> list[Measurement]:
-    """The measurements with each ``ff_percent`` replaced by ``ff_of`` (0..1) where finite."""
-    out = []
-    for m in measurements:
-        ff = ff_of(m) if m.metric == Metric.FF_PERCENT else float("nan")
-        out.append(replace(m, value=100.0 * ff, model=model.value) if np.isfinite(ff) else m)
-    return out
 
 
 def _t2_stage(by_series, infos, water, seg, measurements, notes, t2_options, atoms, rois=None):

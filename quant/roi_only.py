@@ -15,7 +15,7 @@ reader has outlined the muscles (a DICOM SEG, :mod:`quant.reader_rois`, or ``roi
 - **The muscle mask is the ROI voxels themselves** (every ROI, the union of them): the
   region's "muscle" measurements (``roi`` empty) are those of all ROIs together, each ROI's
   its own, with the same partial-volume edges and core fat fraction as a leg's
-  (:func:`quant.pipeline._measure_rois`). Subcutaneous fat is the fat-dominant tissue
+  (:func:`quant.roi_stage.measure_rois`). Subcutaneous fat is the fat-dominant tissue
   connected to the skin, as for a leg (it gives the fat reference of the partial-volume
   weights and the fat T2 calibration of the MESE fit); no bone is segmented.
 - **Side**: a hand is one side: the series' Laterality (or Image Laterality) R / L, else a

@@ -160,14 +160,14 @@ def test_mese_only_through_node_to_orthanc(make_node, orthanc, gap_phantom, tmp_
     assert dcmqi_seg_readback(paths["SEG"], tmp_path / "dcmqi-seg")
     meta = tid1500_readback(paths["SR"], tmp_path / "sr.json")
     mese_uid = str(datasets[0].SeriesInstanceUID)
-    assert len(meta["Measurements"]) == 2
+    assert len(meta["Measurements"]) == 8        # two legs and, [rois] compartments, 3 compartments each
     assert {m["SourceSeriesForImageSegmentation"] for m in meta["Measurements"]} == {mese_uid}
     seg = hd.seg.segread(paths["SEG"])
-    assert seg.number_of_segments == 6
+    assert seg.number_of_segments == 12
     assert {s[1:] for s in seg.get_source_image_uids()} == {(mese_uid, str(datasets[0].SOPInstanceUID))}  # echo 1
     sr = hd.sr.srread(paths["SR"])
     groups = sr.content.get_volumetric_roi_measurement_groups()
-    assert len(groups) == 2
+    assert len(groups) == 8 and "left thigh medial compartment (automatic)" in {g.tracking_identifier for g in groups}
     nums = sr_numbers(pydicom.dcmread(paths["SR"]))
     truth = mese_only_truth(gap_phantom, t2w_muscle_ms=T2_LEFT, right_t2_offset_ms=RIGHT_OFFSET)
     for side in (Side.RIGHT, Side.LEFT):
