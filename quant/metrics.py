@@ -208,8 +208,14 @@ def muscle_metrics(labels: np.ndarray, ff: np.ndarray, groups: dict[int, tuple[s
     return out, per_slice
 
 
+#: ROIs covering less than this share of the muscle are a partial set (a few muscles): they
+#: reach over partial-volume edge voxels only, never over muscle that no ROI holds.
+FULL_COVER = 0.9
+
+
 def roi_groups(muscle_labels: np.ndarray, roi_labels: np.ndarray, side_labels: np.ndarray,
-               names: Mapping[int, str], region: str, *, reach_vox: float = 2.0
+               names: Mapping[int, str], region: str, *, reach_vox: float = 2.0,
+               muscle_core: np.ndarray | None = None,
                ) -> tuple[np.ndarray, dict[int, tuple[str, Side]], dict[int, str]]:
     """Group labels for measuring ROIs with :func:`muscle_metrics`: one group per ROI and side.
 
@@ -231,6 +237,10 @@ def roi_groups(muscle_labels: np.ndarray, roi_labels: np.ndarray, side_labels: n
         Region of the measurements (``"thigh"``...).
     reach_vox : float
         How far (voxels, in-plane) an ROI reaches over unassigned muscle voxels.
+    muscle_core : ndarray of bool, optional
+        The muscle proper (the segmentation's muscle, without the partial-volume edge). When
+        the ROIs cover less than :data:`FULL_COVER` of it (a partial set: the reader drew a
+        few muscles), they reach over edge voxels only, not over neighbouring muscle.
 
     Returns
     -------
@@ -242,7 +252,12 @@ def roi_groups(muscle_labels: np.ndarray, roi_labels: np.ndarray, side_labels: n
     if reach_vox > 0 and rois.any():
         dist, idx = ndi.distance_transform_edt(rois == 0, sampling=(1e6, 1.0, 1.0), return_indices=True)
         near = rois[tuple(idx)]
-        rois = np.where((rois == 0) & muscle & (dist <= reach_vox), near, rois)
+        reach = (rois == 0) & muscle & (dist <= reach_vox)
+        if muscle_core is not None and muscle_core.any():
+            cover = float(((rois > 0) & muscle_core).sum()) / float(muscle_core.sum())
+            if cover < FULL_COVER:
+                reach &= ~muscle_core
+        rois = np.where(reach, near, rois)
     sides = np.asarray(side_labels).astype(np.int64)
     groups: dict[int, tuple[str, Side]] = {}
     roi_of: dict[int, str] = {}

@@ -178,7 +178,8 @@ def measure_rois(rois: RoiSet, labels_ext: np.ndarray, weights: np.ndarray, musc
     if rois.labels.shape != labels_ext.shape:
         raise SeriesError(f"ROI label map {rois.labels.shape} is not on the grid of the series segmented "
                           f"{labels_ext.shape}")
-    roi_lab, roi_grp, roi_of = roi_groups(labels_ext, rois.labels, seg.side, rois.names, seg.region.value)
+    roi_lab, roi_grp, roi_of = roi_groups(labels_ext, rois.labels, seg.side, rois.names, seg.region.value,
+                                          muscle_core=seg.tissue == Tissue.MUSCLE)
     out, _ = muscle_metrics(roi_lab, muscle_ff, roi_grp, pixel_area_mm2=anatomy.pixel_area_mm2,
                             slice_thickness_mm=anatomy.spacing_mm[0], algorithm_version=ALGORITHM_VERSION,
                             model=model.value, weights=weights, roi_of=roi_of, source=rois.source.value)

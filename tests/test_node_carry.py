@@ -203,6 +203,8 @@ def test_label_of_the_nodes_own_seg_names_the_roi():
     from quant.reader_rois import _canonical, _own_label
     assert _own_label("right thigh anterior compartment (carried)") == "anterior_compartment"
     assert _own_label("left calf triceps surae (reader)") == "triceps_surae"
+    assert _own_label("left lower leg anterior compartment (carried)") == "anterior_compartment"
+    assert _own_label("right head and neck paraspinal (carried)") == "paraspinal"
     assert _own_label("right thigh vastus lateralis (carried)") == "vastus_lateralis"
     assert _own_label("right thigh Anterior compartment (reader)") == "anterior_compartment"
     assert _canonical("Vastus medialis") == "vastus_medialis"
@@ -333,7 +335,7 @@ def test_a_calf_readers_triceps_surae_is_carried_to_the_follow_up(make_node, tmp
     assert {(r.roi, r.source) for r in rows} == {("triceps_surae", "carried")}
     _check_truth(rows, v2.compartment_truth)
     sr2 = max(_outputs(node, s2, "sr"), key=lambda r: r.id)
-    g = _sr_groups(sr2.path)["left calf triceps surae (carried)"]
+    g = _sr_groups(sr2.path)["left lower leg triceps surae (carried)"]
     assert float(_values(g)["Change in fat fraction since baseline"]) > 5.0
     seg2 = max(_outputs(node, s2, "seg"), key=lambda r: r.id)
     ds = pydicom.dcmread(seg2.path)
