@@ -144,7 +144,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
     in_phase, opposed = extra.get(SeriesKind.IN_PHASE), extra.get(SeriesKind.OPPOSED_PHASE)
     w_arr, f_arr = water.array, fat.array
     flags: list[str] = []
-    swaps = detect_swaps(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed)
+    swaps = detect_swaps(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed, pixel_mm=water.spacing_mm[1:])
     if swaps.ambiguous:
         flags.append("fat-water-swap-ambiguous")
         notes.append(f"fat-water swap check: {swaps.message}")
@@ -154,6 +154,8 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
                      else "fat-water-swap-corrected-regional")
         notes.append(f"fat-water swap corrected: {swaps.message}")
         water = water.with_array(w_arr)
+    elif not swaps.regional_checked:
+        notes.append(f"fat-water swap check: {swaps.message}")
     dixon = fat_fraction_dixon(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed)
     if megre is not None and megre[0].same_grid(water):
         # multi-echo complex data of the same grid: the PDFF (multi-peak fat, R2*, field

@@ -208,7 +208,8 @@ def _roi_name(number: int, segment: Dataset, region: Region | None) -> tuple[str
     return name, ptype, laterality
 
 
-_OWN_LABEL = re.compile(r"^(?:(?:right|left)\s+)?(?:(?:thigh|calf|lower leg|leg|hand|head and neck|head_neck|head-neck)\s+)?(.+?)\s*"
+_REGION_WORDS = r"thigh|calf|lower leg|leg|hand|head and neck|head_neck|head-neck"
+_OWN_LABEL = re.compile(r"^(?:(?:right|left)\s+)?(?:(?:" + _REGION_WORDS + r")\s+)?(.+?)\s*"
                         r"\((?:" + "|".join(s.value for s in RoiSource) + r")\)$", re.IGNORECASE)
 
 

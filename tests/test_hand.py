@@ -4,6 +4,8 @@ the node's SEG and SR of a hand study; a hand's ROIs carried to a repositioned v
 
 from __future__ import annotations
 
+import copy
+
 import highdicom as hd
 import numpy as np
 import pytest
@@ -109,6 +111,7 @@ def test_hand_rois_against_truth(hand):
     within 0.5 pp of truth (measured: CSA +0.4 … +0.7 %, FF −0.02 … +0.08 pp)."""
     ph, _, _, _, a = hand
     assert a.segmentation.region is Region.HAND
+    assert not any("swap" in flag for flag in a.flags), a.flags   # thin SAT under the skin is no swap
     assert any("right side from the series' laterality" in n for n in a.notes)
     rows = [m for m in a.measurements if m.roi]
     assert {m.roi for m in rows} == set(HAND_ROIS) and {m.side for m in rows} == {Side.RIGHT}
@@ -123,6 +126,40 @@ def test_hand_rois_against_truth(hand):
     whole = {m.metric: m.value for m in a.measurements if not m.roi}
     assert whole["csa_mm2"] == pytest.approx(ph.truth[(Side.RIGHT, "csa_mm2")], rel=0.02)
     assert abs(whole["ff_percent"] - ph.truth[(Side.RIGHT, "ff_percent")]) < 0.5
+
+
+def _swap_water_fat(dss: list[Dataset]) -> list[Dataset]:
+    """The exam with the pixel data of the water and fat series exchanged (copies)."""
+    out = copy.deepcopy(dss)
+    by_kind = {classify_series(d).kind: {ds.InstanceNumber: ds for ds in d} for d in group_by_series(out).values()}
+    for n, w in by_kind[SeriesKind.WATER].items():
+        f = by_kind[SeriesKind.FAT][n]
+        w.PixelData, f.PixelData = f.PixelData, w.PixelData
+    return out
+
+
+@pytest.mark.parametrize("side,ipop", [(Side.RIGHT, True), (Side.LEFT, False)], ids=["right", "left-W+F"])
+def test_hand_swap_check(side, ipop):
+    """The hand's thin SAT under a resolved skin: no swap flag; its water and fat series
+    exchanged: a whole-series swap, corrected, FF per ROI as in the clean exam (measured:
+    identical, within 0.1 pp of truth; before the skin was set aside both read ambiguous and
+    the exchanged exam's FF was 76-90 % against 5-12 %)."""
+    ph = make_hand_phantom(side, seed=13, shape=(4, 96, 144))
+    dss = hand_exam_datasets(ph, uid_seed=f"swap-{side.value}")
+    if not ipop:
+        dss = [ds for d in group_by_series(dss).values()
+               if classify_series(d).kind in (SeriesKind.WATER, SeriesKind.FAT) for ds in d]
+    sources, _ = _water(dss)
+    seg = _reader_seg(ph, sources)
+    for exam, flags in ((dss, ()), (_swap_water_fat(dss), ("fat-water-swap-corrected-whole-series",))):
+        a = analyse_study(exam, reader_segs=[seg])
+        assert a.flags == flags
+        assert any("regional swaps not checked" in n for n in a.notes)
+        rows = [m for m in a.measurements if m.roi and m.metric == "ff_percent"]
+        assert {m.roi for m in rows} == set(HAND_ROIS)
+        for m in rows:
+            truth = ph.compartment_truth[(side.value, m.roi, "ff_percent")]
+            assert abs(m.value - truth) < 1.5, (m.roi, m.value, truth)
 
 
 def test_left_hand_side_from_the_segments_or_patient_x():
