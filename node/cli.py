@@ -43,8 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node.start()
+    web = f"; web on http://{config.web.bind_address}:{node.web.port}" if node.web is not None else ""
     print(f"musclenode {config.node.ae_title} listening on {config.node.bind_address}:{node.port}; "
-          f"data in {config.node.data_dir}", flush=True)
+          f"data in {config.node.data_dir}{web}", flush=True)
     stop.wait()
     node.stop()
     return 0
@@ -177,6 +178,66 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine(args: argparse.Namespace):
+    from .db import make_engine
+    config = load_config(args.config)
+    Path(config.node.data_dir).mkdir(parents=True, exist_ok=True)
+    return config, make_engine(config.database_url)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """``musclenode token create|list|revoke``: bearer tokens of the web API; returns 1 on failure."""
+    from .web.tokens import create_token, list_tokens, revoke_token
+    _, engine = _engine(args)
+    if args.action == "create":
+        try:
+            token = create_token(engine, args.name, args.role)
+        except ValueError as exc:
+            print(f"musclenode: {exc}", file=sys.stderr)
+            return 1
+        print(f"token {args.name!r} ({args.role}) created; it is shown only now, keep it safe:")
+        print(token)
+        return 0
+    if args.action == "list":
+        for t in list_tokens(engine):
+            state = f"revoked {_fmt_time(t['revoked_at'])}" if t["revoked_at"] else "active"
+            print(f"{t['name']:<24} {t['role']:<12} created {_fmt_time(t['created_at'])}  {state}")
+        return 0
+    if not revoke_token(engine, args.name):
+        print(f"musclenode: no active token called {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"token {args.name!r} revoked")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``musclenode export``: the pseudonymised long-format export to a file; returns 0 (2 for a bad date)."""
+    from .web.app import to_csv, to_parquet
+    from .web.pseudonym import site_secret
+    from .web.queries import measurement_rows
+    config, engine = _engine(args)
+    since = (args.since or "").replace("-", "")
+    if since and not (len(since) == 8 and since.isdigit()):
+        print(f"musclenode: --since must be a date YYYY-MM-DD, got {args.since!r}", file=sys.stderr)
+        return 2
+    secret = site_secret(Path(config.node.data_dir))
+    t0 = time.time()
+    rows = []
+    with engine.begin() as conn:
+        for i, r in enumerate(measurement_rows(conn, secret, metric=args.metric, region=args.region,
+                                               since=since or None), start=1):
+            rows.append(r)
+            if i % 20000 == 0 and time.time() - t0 > 1.0:   # a progress line once it takes a moment
+                print(f"\rexport: {i} rows, {i / (time.time() - t0):.0f} rows/s", end="", file=sys.stderr,
+                      flush=True)
+    data = to_parquet(rows) if args.format == "parquet" else to_csv(rows).encode()
+    Path(args.output).write_bytes(data)
+    if time.time() - t0 > 1.0:
+        print(file=sys.stderr)
+    print(f"{len(rows)} rows written to {args.output} ({args.format}, pseudonymised)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; each subcommand sets ``func``, the ``cmd_*`` function that runs it."""
     p = argparse.ArgumentParser(prog="musclenode", description="DICOM node for quantitative muscle MRI.")
@@ -206,6 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("warmup", help="compile and cache the numba kernels (done at install; "
                                       "the node also does it before it accepts associations)")
     s.set_defaults(func=cmd_warmup)
+    s = sub.add_parser("token", help="bearer tokens of the web API (create, list, revoke)")
+    tok = s.add_subparsers(dest="action", required=True)
+    t = tok.add_parser("create", help="create a token; it is printed once, as the last line")
+    t.add_argument("name")
+    t.add_argument("--role", required=True, choices=("coordinator", "admin"))
+    t.add_argument("--config", "-c", help="TOML configuration file")
+    t = tok.add_parser("list", help="list tokens (names and roles, never the tokens)")
+    t.add_argument("--config", "-c", help="TOML configuration file")
+    t = tok.add_parser("revoke", help="revoke a token")
+    t.add_argument("name")
+    t.add_argument("--config", "-c", help="TOML configuration file")
+    s.set_defaults(func=cmd_token)
+    s = sub.add_parser("export", help="write the pseudonymised long-format measurements to a file")
+    s.add_argument("output", help="file to write")
+    s.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    s.add_argument("--metric", help="only this metric (e.g. frma_mm2)")
+    s.add_argument("--region", help="only this region (thigh, calf, hand, head_neck)")
+    s.add_argument("--since", help="only visits on or after this date (YYYY-MM-DD)")
+    s.add_argument("--config", "-c", help="TOML configuration file")
+    s.set_defaults(func=cmd_export)
     return p
 
 

@@ -133,6 +133,15 @@ class T2Settings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """``[web]``: the coordinators' web API and dashboard (FastAPI, uvicorn), in ``musclenode serve``."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class RoiSettings:
     """``[rois]``: what a thigh or calf visit without a reader's ROIs is measured in besides
     the whole leg (a reader's own or carried ROIs always come first).
@@ -162,6 +171,7 @@ class Config:
     send: SendSettings = field(default_factory=SendSettings)
     t2: T2Settings = field(default_factory=T2Settings)
     rois: RoiSettings = field(default_factory=RoiSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     destinations: tuple[Destination, ...] = ()
 
     @property
@@ -194,6 +204,7 @@ _SECTIONS: dict[str, type] = {
     "send": SendSettings,
     "t2": T2Settings,
     "rois": RoiSettings,
+    "web": WebSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "destinations")
 
@@ -283,6 +294,8 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("t2", "refocusing_angle_deg"): _at_least(0),
     ("t2", "fat_t2_ms"): _at_least(0),
     ("rois", "atlases"): _at_least(0),
+    ("web", "bind_address"): _check_not_empty,
+    ("web", "port"): _check_port,
     ("destinations", "name"): _check_not_empty,
     ("destinations", "ae_title"): _check_ae_title,
     ("destinations", "host"): _check_not_empty,

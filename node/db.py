@@ -82,6 +82,7 @@ studies = Table(
     Column("first_received_at", Float, nullable=False),
     Column("last_received_at", Float, nullable=False),
     Column("message", Text, nullable=False, default=""),
+    Column("time_point", String(64), nullable=False, default="", server_default=""),   # Clinical Trial Time Point ID
 )
 
 instances = Table(
@@ -152,6 +153,16 @@ measurements = Table(
     # "" for the whole region; else a muscle or compartment and where it came from
     Column("roi", String(128), nullable=False, default="", server_default=""),
     Column("source", String(16), nullable=False, default="", server_default=""),
+)
+
+tokens = Table(   # bearer tokens of the web API: only a hash is kept
+    "tokens", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),            # coordinator | admin
+    Column("token_hash", String(64), nullable=False, unique=True),   # SHA-256 hex of the token
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
 )
 
 roi_sets = Table(   # a reader's ROI set of a subject: the visit it was drawn on and what carrying it needs
@@ -270,5 +281,5 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
 
 
 __all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "roi_sets",
-           "study_rois", "outputs",
+           "study_rois", "tokens", "outputs",
            "outbox", "audit", "make_engine", "record_audit", "insert_ignore", "select", "update", "Boolean"]

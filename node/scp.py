@@ -125,7 +125,8 @@ class Receiver:
             self.store.store_instance(
                 data, study_uid=study_uid, series_uid=str(ds.SeriesInstanceUID), sop_uid=sop_uid,
                 sop_class_uid=sop_class, subject_key=subject_key(ds),
-                study_date=str(ds.get("StudyDate", "") or ""), calling_ae=calling)
+                study_date=str(ds.get("StudyDate", "") or ""), calling_ae=calling,
+                time_point=str(ds.get("ClinicalTrialTimePointID", "") or "")[:64])
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except OSError as exc:

@@ -46,6 +46,10 @@ class Node:
                               on_done=self.sender.wake)
         self.completion = CompletionMonitor(self.engine, config.node.complete_after_seconds,
                                             poll_seconds=poll_seconds, on_complete=self.jobs.wake)
+        self.web = None
+        if config.web.enabled:
+            from .web.server import WebServer
+            self.web = WebServer(self.engine, data_dir, config.web.bind_address, config.web.port)
 
     @property
     def port(self) -> int:
@@ -63,6 +67,8 @@ class Node:
         self.completion.start()
         self.sender.start()
         self.receiver.start(self.config.node.bind_address, self.config.node.port)
+        if self.web is not None:
+            self.web.start()
         with self.engine.begin() as conn:
             db.record_audit(conn, "node-started", f"ae={self.config.node.ae_title} port={self.port}")
         return self
@@ -70,6 +76,8 @@ class Node:
     def stop(self) -> None:
         """Stop the SCP first (no new instances), then the background threads; dispose of the engine."""
         self.receiver.stop()
+        if self.web is not None:
+            self.web.stop()
         self.completion.stop()
         self.jobs.stop()
         self.sender.stop()

@@ -101,7 +101,7 @@ class Store:
         durable_write(path, data, self.tmp)
 
     def store_instance(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,
-                       subject_key: str, study_date: str, calling_ae: str = "") -> StoredInstance:
+                       subject_key: str, study_date: str, calling_ae: str = "", time_point: str = "") -> StoredInstance:
         """Durably store one received instance and record it; a duplicate is stored once.
 
         A new instance of a study already processed re-opens the study (state
@@ -126,7 +126,8 @@ class Store:
             if row is None:
                 created = db.insert_ignore(conn, db.studies, dict(
                     study_uid=study_uid, subject_key=subject_key, study_date=study_date, state=StudyState.RECEIVING,
-                    revision=0, n_instances=1, first_received_at=now, last_received_at=now, message=""))
+                    revision=0, n_instances=1, first_received_at=now, last_received_at=now, message="",
+                    time_point=time_point))
                 if created:
                     db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
                     return StoredInstance(path, False)

@@ -178,17 +178,16 @@ def test_unknown_key_without_close_match():
     assert "did you mean" not in str(err)
 
 
-@pytest.mark.parametrize("body", [{}, {"enabled": True, "port": 8080}])
-def test_web_table_is_unknown(body, tmp_path):
-    """There is no web server: a [web] table is an error, not a silent no-op."""
-    err = _raises({"web": body}, "web")
-    assert str(err).startswith("web: unknown table")
+def test_web_table(tmp_path):
+    """[web]: the coordinators' web service, off unless enabled; its keys are checked."""
+    assert load_config(None).web.enabled is False
     path = tmp_path / "web.toml"
-    path.write_text("[web]\nenabled = true\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == "web"
-    assert str(info.value).startswith(f"{path}: web: unknown table")
+    path.write_text('[web]\nenabled = true\nport = 8081\n')
+    web = load_config(path).web
+    assert (web.enabled, web.bind_address, web.port) == (True, "127.0.0.1", 8081)
+    err = _raises({"web": {"enabled": "yes"}}, "web.enabled")
+    assert "true or false" in str(err)
+    _raises({"web": {"port": 0}}, "web.port")
 
 
 def test_unknown_table_suggests_the_right_one():

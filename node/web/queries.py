@@ -1,0 +1,151 @@
+"""What the web API and ``musclenode export`` show: the node's studies and measurements,
+pseudonymised (subject codes, visit labels, days and months since the subject's baseline;
+no patient name, patient ID, birth date, accession number or study date), with the change
+of each value since the subject's baseline and previous visit and its annualised rate.
+
+A value is compared only with values of the same region, ROI, side, metric and ROI lineage
+(a reader's drawn or carried ROIs; automatic; atlas), as in the SR.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from quant.enums import RoiSource
+
+from .. import db
+from ..db import JobState, StudyState
+from .pseudonym import subject_code, visit_label
+
+DAYS_PER_YEAR = 365.25
+
+#: Columns of the long-format export, in order.
+EXPORT_COLUMNS = ("subject", "visit", "days_since_baseline", "months_since_baseline", "state", "region", "roi",
+                  "side", "metric", "value", "unit", "model", "source", "algorithm_version",
+                  "change_from_baseline", "change_from_previous", "annualised_change")
+
+_STATES = {StudyState.RECEIVING: "received", StudyState.COMPLETE: "received", StudyState.PROCESSING: "processing",
+           StudyState.DONE: "done", StudyState.FAILED: "failed", StudyState.WAITING_FOR_ROIS: "waiting for ROIs"}
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One study of a subject, as a coordinator may see it."""
+
+    study_uid: str          # internal: never in a coordinator's response
+    subject_key: str        # internal
+    subject: str
+    label: str
+    days: int
+    state: str
+
+
+def _date(value: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def visits(conn: Connection, secret: bytes, subject_keys: Iterable[str] | None = None) -> list[Visit]:
+    """Every study (of ``subject_keys``, default all) as a visit, ordered by subject and date."""
+    q = select(db.studies.c.study_uid, db.studies.c.subject_key, db.studies.c.study_date, db.studies.c.state,
+               db.studies.c.time_point)
+    if subject_keys is not None:
+        q = q.where(db.studies.c.subject_key.in_(list(subject_keys)))
+    rows = conn.execute(q).all()
+    skipped = {r.study_uid for r in conn.execute(
+        select(db.jobs.c.study_uid, db.jobs.c.state, db.jobs.c.id).order_by(db.jobs.c.id)).all()
+        if r.state == JobState.SKIPPED}
+    first: dict[str, dt.date] = {}
+    for r in rows:
+        d = _date(r.study_date)
+        if d is not None and (r.subject_key not in first or d < first[r.subject_key]):
+            first[r.subject_key] = d
+    out = []
+    for r in rows:
+        d, base = _date(r.study_date), first.get(r.subject_key)
+        days = (d - base).days if d is not None and base is not None else 0
+        state = _STATES.get(StudyState(r.state), str(r.state))
+        if state == "done" and r.study_uid in skipped:
+            state = "skipped"
+        out.append(Visit(r.study_uid, r.subject_key, subject_code(r.subject_key, secret),
+                         visit_label(r.time_point or "", days), days, state))
+    return sorted(out, key=lambda v: (v.subject, v.days, v.study_uid))
+
+
+def subject_keys_by_code(conn: Connection, secret: bytes) -> dict[str, str]:
+    """Subject code -> subject key of every subject the node holds."""
+    keys = conn.execute(select(db.studies.c.subject_key).distinct()).scalars().all()
+    return {subject_code(k, secret): k for k in keys}
+
+
+def _lineage(roi: str, source: str) -> str:
+    return RoiSource(source).lineage if roi and source else ""
+
+
+def measurement_rows(conn: Connection, secret: bytes, *, subject_keys: Iterable[str] | None = None,
+                     metric: str | None = None, region: str | None = None, roi: str | None = None,
+                     side: str | None = None, since: str | None = None) -> Iterator[dict]:
+    """The long-format rows (:data:`EXPORT_COLUMNS`): one per subject, visit and measurement,
+    with the change since the subject's baseline and previous visit (same region, ROI, side,
+    metric and lineage) and the annualised change since baseline (per year of 365.25 days).
+    ``roi=""`` selects the whole-leg values; None, every row. ``since`` (YYYYMMDD): only visits
+    on or after that date (changes are still computed from the subject's baseline).
+    """
+    vs = {v.study_uid: v for v in visits(conn, secret, subject_keys)}
+    shown = set(vs)
+    if since:
+        shown = set(conn.execute(select(db.studies.c.study_uid).where(db.studies.c.study_date >= since)).scalars())
+    q = select(db.measurements.c.study_uid, db.measurements.c.region, db.measurements.c.roi,
+               db.measurements.c.side, db.measurements.c.metric, db.measurements.c.value, db.measurements.c.unit,
+               db.measurements.c.model, db.measurements.c.source, db.measurements.c.algorithm_version)
+    if subject_keys is not None:
+        q = q.where(db.measurements.c.subject_key.in_(list(subject_keys)))
+    for column, value in (("metric", metric), ("region", region), ("roi", roi), ("side", side)):
+        if value is not None:
+            q = q.where(getattr(db.measurements.c, column) == value)
+    series: dict[tuple, list] = defaultdict(list)
+    for r in conn.execute(q):
+        v = vs.get(r.study_uid)
+        if v is None:
+            continue
+        series[(v.subject_key, r.region, r.roi, r.side, r.metric, _lineage(r.roi, r.source))].append((v, r))
+    rows = []
+    for items in series.values():
+        items.sort(key=lambda t: (t[0].days, t[0].study_uid))
+        base_v, base = items[0]
+        prev = None
+        for v, r in items:
+            change = None if v is base_v else r.value - base.value
+            years = (v.days - base_v.days) / DAYS_PER_YEAR
+            row = {
+                "subject": v.subject, "visit": v.label, "days_since_baseline": v.days,
+                "months_since_baseline": round(v.days / (DAYS_PER_YEAR / 12), 1), "state": v.state,
+                "region": r.region, "roi": r.roi or None, "side": r.side, "metric": r.metric, "value": r.value,
+                "unit": r.unit, "model": r.model, "source": (r.source or "automatic") if r.roi else "automatic",
+                "algorithm_version": r.algorithm_version, "change_from_baseline": change,
+                "change_from_previous": None if prev is None else r.value - prev.value,
+                "annualised_change": change / years if change is not None and years > 0 else None,
+            }
+            if v.study_uid in shown:
+                rows.append(row)
+            prev = r
+    rows.sort(key=lambda d: (d["subject"], d["days_since_baseline"], d["region"], d["roi"] or "", d["side"],
+                             d["metric"]))
+    return iter(rows)
+
+
+def regions_by_subject(conn: Connection, secret: bytes) -> dict[str, list[str]]:
+    """Subject code -> the regions measured (sorted)."""
+    rows = conn.execute(select(db.measurements.c.subject_key, db.measurements.c.region).distinct()).all()
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        out[subject_code(r.subject_key, secret)].add(r.region)
+    return {k: sorted(v) for k, v in out.items()}
