@@ -165,6 +165,25 @@ tokens = Table(   # bearer tokens of the web API: only a hash is kept
     Column("revoked_at", Float, nullable=True),
 )
 
+scores = Table(   # clinical scores per subject and visit, uploaded by a coordinator (POST /api/v1/scores)
+    "scores", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("subject_key", String(200), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False),        # the visit it was matched to
+    Column("name", String(64), nullable=False),             # alsfrs_r, knee_extension, ...
+    Column("value", Float, nullable=False),
+    Column("unit", String(32), nullable=False, default=""),
+    Column("uploaded_at", Float, nullable=False),
+    UniqueConstraint("study_uid", "name"),
+)
+
+subject_groups = Table(   # a subject's group (trial arm, fast or slow progressor)
+    "subject_groups", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("subject_key", String(200), nullable=False, unique=True),
+    Column("name", String(64), nullable=False),
+)
+
 roi_sets = Table(   # a reader's ROI set of a subject: the visit it was drawn on and what carrying it needs
     "roi_sets", metadata,
     Column("id", Integer, primary_key=True),
@@ -281,5 +300,5 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
 
 
 __all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "roi_sets",
-           "study_rois", "tokens", "outputs",
+           "study_rois", "tokens", "scores", "subject_groups", "outputs",
            "outbox", "audit", "make_engine", "record_audit", "insert_ignore", "select", "update", "Boolean"]

@@ -169,11 +169,43 @@ def test_token_and_export_commands(web_node):
     r = run("export", str(out), "--metric", "ff_percent")
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    assert text.splitlines()[0].startswith("subject,visit,days_since_baseline")
-    assert {line.split(",")[8] for line in text.splitlines()[1:]} == {"ff_percent"}
+    assert text.splitlines()[0].startswith("subject,group,visit,days_since_baseline")
+    assert {line.split(",")[9] for line in text.splitlines()[1:]} == {"ff_percent"}
     assert not any(word in text for word in phi)
     r = run("export", str(tmp / "late.parquet"), "--format", "parquet", "--since", "2026-07-01")
     assert r.returncode == 0 and "rows written" in r.stdout
     import pyarrow.parquet as pq
     assert set(pq.read_table(tmp / "late.parquet").column("days_since_baseline").to_pylist()) == {182}
     assert run("token", "revoke", "cli-coord").returncode == 0
+
+
+def test_score_upload_and_groups(web_node):
+    node, *_ = web_node
+    coord = _token(node, "coord-scores", "coordinator")
+    admin = _token(node, "admin-scores", "admin")
+    with _client(node, coord) as c, _client(node, admin) as a:
+        codes = sorted(s["subject"] for s in c.get("/api/v1/subjects").json())
+        upload = ("subject,visit,date,group,alsfrs_r,knee_extension[N]\n"
+                  f"{codes[0]},baseline,,fast,44,300\n"
+                  f"{codes[0]},,2026-07-08,fast,40,250\n"          # by date, 2 days off
+                  f"{codes[1]},baseline,,slow,46,320\n"
+                  f"{codes[1]},month 12,,slow,45,310\n"            # no such visit
+                  "S-NOBODY,baseline,,,40,200\n"                   # no such subject
+                  f"{codes[1]},month 6,,slow,n/a,305\n")           # not a number: reported, the rest kept
+        r = c.post("/api/v1/scores", files={"file": ("scores.csv", upload, "text/csv")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["stored"] == 7 and body["groups"] == 5
+        reasons = sorted(x["reason"] for x in body["rejected"])
+        assert reasons == ["alsfrs_r: not a number ('n/a')", "no visit 'month 12' for this subject", "unknown subject"]
+        bad = c.post("/api/v1/scores", files={"file": ("x.csv", "who,when\n1,2\n", "text/csv")})
+        assert bad.status_code == 400 and "subject" in bad.json()["detail"]
+        groups = {s["subject"]: s["group"] for s in c.get("/api/v1/subjects").json()}
+        assert groups == {codes[0]: "fast", codes[1]: "slow"}
+        assert c.put(f"/api/v1/admin/groups/{codes[1]}", params={"group": "arm B"}).status_code == 403
+        assert a.put(f"/api/v1/admin/groups/{codes[1]}", params={"group": "arm B"}).json()["group"] == "arm B"
+        rows = c.get("/api/v1/measurements", params={"metric": "csa_mm2", "roi": ""}).json()
+        assert {r["group"] for r in rows if r["subject"] == codes[1]} == {"arm B"}
+    with node.engine.begin() as conn:
+        stored = conn.execute(select(db.scores)).all()
+    assert {(s.name, s.unit) for s in stored} == {("alsfrs_r", "points"), ("knee_extension", "N")}

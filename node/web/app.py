@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
@@ -24,6 +24,7 @@ from quant import __version__
 from .. import db
 from . import queries
 from .pseudonym import site_secret
+from .scores import set_group, upload_scores
 from .tokens import Role, check_token
 
 _bearer = HTTPBearer(auto_error=False)
@@ -81,11 +82,12 @@ def create_app(engine: Engine, data_dir: Path) -> FastAPI:
         with engine.begin() as conn:
             vs = queries.visits(conn, secret)
             regions = queries.regions_by_subject(conn, secret)
+            groups = queries.groups_by_key(conn)
         out: dict[str, dict] = {}
         for v in vs:
-            e = out.setdefault(v.subject, {"subject": v.subject, "visits": 0, "first_visit_days": 0,
-                                           "last_visit_days": 0, "regions": regions.get(v.subject, []),
-                                           "states": []})
+            e = out.setdefault(v.subject, {"subject": v.subject, "group": groups.get(v.subject_key), "visits": 0,
+                                           "first_visit_days": 0, "last_visit_days": 0,
+                                           "regions": regions.get(v.subject, []), "states": []})
             e["visits"] += 1
             e["last_visit_days"] = max(e["last_visit_days"], v.days)
             e["states"].append({"visit": v.label, "days_since_baseline": v.days, "state": v.state})
@@ -137,6 +139,30 @@ def create_app(engine: Engine, data_dir: Path) -> FastAPI:
                                                     f"from={request.client.host if request.client else '?'}")
         kind, issuer, ident = (key.split(":", 2) + ["", ""])[:3]
         return {"subject": subject, "kind": kind, "issuer_or_sponsor": issuer, "id": ident}
+
+    @app.post("/api/v1/scores", tags=["scores"])
+    async def post_scores(who: AnyRole, file: UploadFile) -> dict:
+        """Upload clinical scores (CSV: subject, visit or date, optional group, then alsfrs_r, its
+        subscores, knee_extension, plantar_flexion, grip, mrc_sum as name or name[unit]). Rows
+        that match no subject or visit come back in ``rejected`` with the reason.
+        """
+        text = (await file.read()).decode("utf-8-sig", errors="replace")
+        with engine.begin() as conn:
+            report = upload_scores(conn, secret, text)
+            db.record_audit(conn, "scores-uploaded", f"token={who.name} stored={report.stored} "
+                                                      f"rejected={len(report.rejected)}")
+        return {"stored": report.stored, "groups": report.groups, "rejected": report.rejected}
+
+    @app.put("/api/v1/admin/groups/{subject}", tags=["admin"])
+    def put_group(subject: str, who: AdminRole, group: Annotated[str, Query(max_length=64)] = "") -> dict:
+        """Admin only: put a subject in a group (trial arm, fast or slow progressor); "" takes it out."""
+        with engine.begin() as conn:
+            key = queries.subject_keys_by_code(conn, secret).get(subject)
+            if key is None:
+                raise HTTPException(404, f"no subject {subject!r}")
+            set_group(conn, key, group)
+            db.record_audit(conn, "group-set", f"token={who.name} subject={subject} group={group}")
+        return {"subject": subject, "group": group or None}
 
     @app.exception_handler(ValueError)
     def bad_value(request: Request, exc: ValueError) -> JSONResponse:

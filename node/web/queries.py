@@ -26,7 +26,7 @@ from .pseudonym import subject_code, visit_label
 DAYS_PER_YEAR = 365.25
 
 #: Columns of the long-format export, in order.
-EXPORT_COLUMNS = ("subject", "visit", "days_since_baseline", "months_since_baseline", "state", "region", "roi",
+EXPORT_COLUMNS = ("subject", "group", "visit", "days_since_baseline", "months_since_baseline", "state", "region", "roi",
                   "side", "metric", "value", "unit", "model", "source", "algorithm_version",
                   "change_from_baseline", "change_from_previous", "annualised_change")
 
@@ -100,6 +100,7 @@ def measurement_rows(conn: Connection, secret: bytes, *, subject_keys: Iterable[
     on or after that date (changes are still computed from the subject's baseline).
     """
     vs = {v.study_uid: v for v in visits(conn, secret, subject_keys)}
+    groups = groups_by_key(conn)
     shown = set(vs)
     if since:
         shown = set(conn.execute(select(db.studies.c.study_uid).where(db.studies.c.study_date >= since)).scalars())
@@ -126,7 +127,8 @@ def measurement_rows(conn: Connection, secret: bytes, *, subject_keys: Iterable[
             change = None if v is base_v else r.value - base.value
             years = (v.days - base_v.days) / DAYS_PER_YEAR
             row = {
-                "subject": v.subject, "visit": v.label, "days_since_baseline": v.days,
+                "subject": v.subject, "group": groups.get(v.subject_key), "visit": v.label,
+                "days_since_baseline": v.days,
                 "months_since_baseline": round(v.days / (DAYS_PER_YEAR / 12), 1), "state": v.state,
                 "region": r.region, "roi": r.roi or None, "side": r.side, "metric": r.metric, "value": r.value,
                 "unit": r.unit, "model": r.model, "source": (r.source or "automatic") if r.roi else "automatic",
@@ -149,3 +151,8 @@ def regions_by_subject(conn: Connection, secret: bytes) -> dict[str, list[str]]:
     for r in rows:
         out[subject_code(r.subject_key, secret)].add(r.region)
     return {k: sorted(v) for k, v in out.items()}
+
+
+def groups_by_key(conn: Connection) -> dict[str, str]:
+    """Subject key -> group name (trial arm, fast or slow progressor)."""
+    return {r.subject_key: r.name for r in conn.execute(select(db.subject_groups))}
