@@ -214,7 +214,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``musclenode export``: the pseudonymised long-format export to a file; returns 0 (2 for a bad date)."""
     from .web.app import to_csv, to_parquet
     from .web.pseudonym import site_secret
-    from .web.queries import measurement_rows
+    from .web.queries import measurement_table
     config, engine = _engine(args)
     since = (args.since or "").replace("-", "")
     if since and not (len(since) == 8 and since.isdigit()):
@@ -222,18 +222,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     secret = site_secret(Path(config.node.data_dir))
     t0 = time.time()
-    rows = []
+    print("export: reading the measurements ...", end="", file=sys.stderr, flush=True)
     with engine.begin() as conn:
-        for i, r in enumerate(measurement_rows(conn, secret, metric=args.metric, region=args.region,
-                                               since=since or None), start=1):
-            rows.append(r)
-            if i % 20000 == 0 and time.time() - t0 > 1.0:   # a progress line once it takes a moment
-                print(f"\rexport: {i} rows, {i / (time.time() - t0):.0f} rows/s", end="", file=sys.stderr,
-                      flush=True)
+        rows = measurement_table(conn, secret, metric=args.metric, region=args.region, since=since or None)
+    print(f"\rexport: {len(rows)} rows read in {time.time() - t0:.1f} s, writing {args.format} ...", end="",
+          file=sys.stderr, flush=True)
     data = to_parquet(rows) if args.format == "parquet" else to_csv(rows).encode()
     Path(args.output).write_bytes(data)
-    if time.time() - t0 > 1.0:
-        print(file=sys.stderr)
+    print(f"\rexport: done in {time.time() - t0:.1f} s" + " " * 40, file=sys.stderr)
     print(f"{len(rows)} rows written to {args.output} ({args.format}, pseudonymised)")
     return 0
 

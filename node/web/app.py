@@ -119,14 +119,14 @@ def create_app(engine: Engine, data_dir: Path) -> FastAPI:
                      side: str | None = None) -> Response | list[dict]:
         """The long-format export: one row per subject, visit and measurement."""
         with engine.begin() as conn:
-            rows = list(queries.measurement_rows(conn, secret, metric=metric, region=region, roi=roi, side=side))
+            table = queries.measurement_table(conn, secret, metric=metric, region=region, roi=roi, side=side)
         if format == "csv":
-            return Response(to_csv(rows), media_type="text/csv",
+            return Response(to_csv(table), media_type="text/csv",
                             headers={"Content-Disposition": 'attachment; filename="musclenode-measurements.csv"'})
         if format == "parquet":
-            return Response(to_parquet(rows), media_type="application/vnd.apache.parquet",
+            return Response(to_parquet(table), media_type="application/vnd.apache.parquet",
                             headers={"Content-Disposition": 'attachment; filename="musclenode-measurements.parquet"'})
-        return rows
+        return [dict(zip(queries.EXPORT_COLUMNS, t, strict=True)) for t in table]
 
     @app.get("/api/v1/admin/subjects/{subject}", tags=["admin"])
     def identify(subject: str, who: AdminRole, request: Request) -> dict:
@@ -171,21 +171,21 @@ def create_app(engine: Engine, data_dir: Path) -> FastAPI:
     return app
 
 
-def to_csv(rows: list[dict]) -> str:
-    """The rows as CSV under a :data:`queries.EXPORT_COLUMNS` header (empty cells for none)."""
+def to_csv(table: list[tuple]) -> str:
+    """The rows of :func:`queries.measurement_table` as CSV under a header (empty cells for none)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=queries.EXPORT_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in queries.EXPORT_COLUMNS})
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(queries.EXPORT_COLUMNS)
+    w.writerows(table)   # None is written as an empty cell
     return buf.getvalue()
 
 
-def to_parquet(rows: list[dict]) -> bytes:
-    """The rows as a Parquet file (one column per :data:`queries.EXPORT_COLUMNS`)."""
+def to_parquet(table: list[tuple]) -> bytes:
+    """The rows of :func:`queries.measurement_table` as a Parquet file, one column each."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    table = pa.table({k: [r[k] for r in rows] for k in queries.EXPORT_COLUMNS})
+    columns = list(zip(*table, strict=True)) if table else [()] * len(queries.EXPORT_COLUMNS)
+    table = pa.table({k: list(col) for k, col in zip(queries.EXPORT_COLUMNS, columns, strict=True)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()

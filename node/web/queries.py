@@ -86,62 +86,67 @@ def subject_keys_by_code(conn: Connection, secret: bytes) -> dict[str, str]:
     return {subject_code(k, secret): k for k in keys}
 
 
+_LINEAGE = {s.value: s.lineage for s in RoiSource}
+
+
 def _lineage(roi: str, source: str) -> str:
-    return RoiSource(source).lineage if roi and source else ""
+    return _LINEAGE.get(source, source) if roi and source else ""
 
 
-def measurement_rows(conn: Connection, secret: bytes, *, subject_keys: Iterable[str] | None = None,
-                     metric: str | None = None, region: str | None = None, roi: str | None = None,
-                     side: str | None = None, since: str | None = None) -> Iterator[dict]:
-    """The long-format rows (:data:`EXPORT_COLUMNS`): one per subject, visit and measurement,
-    with the change since the subject's baseline and previous visit (same region, ROI, side,
-    metric and lineage) and the annualised change since baseline (per year of 365.25 days).
-    ``roi=""`` selects the whole-leg values; None, every row. ``since`` (YYYYMMDD): only visits
-    on or after that date (changes are still computed from the subject's baseline).
+def measurement_table(conn: Connection, secret: bytes, *, subject_keys: Iterable[str] | None = None,
+                      metric: str | None = None, region: str | None = None, roi: str | None = None,
+                      side: str | None = None, since: str | None = None) -> list[tuple]:
+    """The long-format rows as tuples in :data:`EXPORT_COLUMNS` order: one per subject, visit
+    and measurement, with the change since the subject's baseline and previous visit (same
+    region, ROI, side, metric and lineage) and the annualised change since baseline (per
+    year of 365.25 days). ``roi=""`` selects the whole-leg values; None, every row.
+    ``since`` (YYYYMMDD): only visits on or after that date (changes are still computed
+    from the subject's baseline).
     """
     vs = {v.study_uid: v for v in visits(conn, secret, subject_keys)}
     groups = groups_by_key(conn)
     shown = set(vs)
     if since:
         shown = set(conn.execute(select(db.studies.c.study_uid).where(db.studies.c.study_date >= since)).scalars())
-    q = select(db.measurements.c.study_uid, db.measurements.c.region, db.measurements.c.roi,
-               db.measurements.c.side, db.measurements.c.metric, db.measurements.c.value, db.measurements.c.unit,
-               db.measurements.c.model, db.measurements.c.source, db.measurements.c.algorithm_version)
+    c = db.measurements.c
+    q = select(c.study_uid, c.region, c.roi, c.side, c.metric, c.value, c.unit, c.model, c.source,
+               c.algorithm_version)
     if subject_keys is not None:
-        q = q.where(db.measurements.c.subject_key.in_(list(subject_keys)))
+        q = q.where(c.subject_key.in_(list(subject_keys)))
     for column, value in (("metric", metric), ("region", region), ("roi", roi), ("side", side)):
         if value is not None:
-            q = q.where(getattr(db.measurements.c, column) == value)
+            q = q.where(getattr(c, column) == value)
     series: dict[tuple, list] = defaultdict(list)
-    for r in conn.execute(q):
-        v = vs.get(r.study_uid)
+    for study_uid, reg, r_roi, r_side, r_metric, value, unit, model, source, version in conn.execute(q).tuples():
+        v = vs.get(study_uid)
         if v is None:
             continue
-        series[(v.subject_key, r.region, r.roi, r.side, r.metric, _lineage(r.roi, r.source))].append((v, r))
+        series[(v.subject_key, reg, r_roi, r_side, r_metric, _lineage(r_roi, source))].append(
+            (v.days, study_uid, v, reg, r_roi, r_side, r_metric, value, unit, model, source, version))
     rows = []
+    month = DAYS_PER_YEAR / 12
     for items in series.values():
-        items.sort(key=lambda t: (t[0].days, t[0].study_uid))
-        base_v, base = items[0]
+        items.sort(key=lambda t: (t[0], t[1]))
+        base_days, base_value = items[0][0], items[0][7]
         prev = None
-        for v, r in items:
-            change = None if v is base_v else r.value - base.value
-            years = (v.days - base_v.days) / DAYS_PER_YEAR
-            row = {
-                "subject": v.subject, "group": groups.get(v.subject_key), "visit": v.label,
-                "days_since_baseline": v.days,
-                "months_since_baseline": round(v.days / (DAYS_PER_YEAR / 12), 1), "state": v.state,
-                "region": r.region, "roi": r.roi or None, "side": r.side, "metric": r.metric, "value": r.value,
-                "unit": r.unit, "model": r.model, "source": (r.source or "automatic") if r.roi else "automatic",
-                "algorithm_version": r.algorithm_version, "change_from_baseline": change,
-                "change_from_previous": None if prev is None else r.value - prev.value,
-                "annualised_change": change / years if change is not None and years > 0 else None,
-            }
-            if v.study_uid in shown:
-                rows.append(row)
-            prev = r
-    rows.sort(key=lambda d: (d["subject"], d["days_since_baseline"], d["region"], d["roi"] or "", d["side"],
-                             d["metric"]))
-    return iter(rows)
+        for k, (days, study_uid, v, reg, r_roi, r_side, r_metric, value, unit, model, source, version) \
+                in enumerate(items):
+            change = None if k == 0 else value - base_value
+            years = (days - base_days) / DAYS_PER_YEAR
+            if study_uid in shown:
+                rows.append((v.subject, groups.get(v.subject_key), v.label, days, round(days / month, 1), v.state,
+                             reg, r_roi or None, r_side, r_metric, value, unit, model,
+                             (source or "automatic") if r_roi else "automatic", version, change,
+                             None if prev is None else value - prev,
+                             change / years if change is not None and years > 0 else None))
+            prev = value
+    rows.sort(key=lambda t: (t[0], t[3], t[6], t[7] or "", t[8], t[9]))
+    return rows
+
+
+def measurement_rows(conn: Connection, secret: bytes, **filters) -> Iterator[dict]:
+    """The rows of :func:`measurement_table` as dicts keyed by :data:`EXPORT_COLUMNS`."""
+    return (dict(zip(EXPORT_COLUMNS, t, strict=True)) for t in measurement_table(conn, secret, **filters))
 
 
 def regions_by_subject(conn: Connection, secret: bytes) -> dict[str, list[str]]:
