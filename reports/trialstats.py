@@ -595,16 +595,16 @@ def _subject_pairs(subject: str, group: str | None, m: list[Visit], s: list[Visi
         return "score baseline is 0: no relative change"
     if labelled:
         s_by_label = {v.visit: v for v in s[1:]}
-        common = [(mv, s_by_label[mv.visit]) for mv in m[1:] if mv.visit in s_by_label]
+        common = [(mv, s_by_label[mv.visit], mv.visit) for mv in m[1:] if mv.visit in s_by_label]
         if not common:
             return "no follow-up visit labelled alike in both series"
         chosen = common if per_visit else common[-1:]
     else:
         if len(m) < 2 or len(s) < 2:
             return "no MRI follow-up visit" if len(m) < 2 else "no score follow-up visit"
-        chosen = [(m[-1], s[-1])]
-    return [Pair(subject, group, mv.visit, mv.days - m[0].days, sv.days - s[0].days,
-                 _change(mv, m[0], relative_mri), _change(sv, s[0], relative_score)) for mv, sv in chosen]
+        chosen = [(m[-1], s[-1], None)]
+    return [Pair(subject, group, label, mv.days - m[0].days, sv.days - s[0].days,
+                 _change(mv, m[0], relative_mri), _change(sv, s[0], relative_score)) for mv, sv, label in chosen]
 
 
 def correlation(mri_changes: Iterable[Visit], score_changes: Iterable[Visit], relative_mri: bool,
