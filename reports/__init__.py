@@ -4,6 +4,9 @@
 - :mod:`reports.sr` -- :func:`~reports.sr.build_sr` (Comprehensive 3D SR, TID 1500)
 - :mod:`reports.longitudinal` -- :class:`~reports.longitudinal.PriorValue`,
   :class:`~reports.longitudinal.Comparison`, :func:`~reports.longitudinal.compare`
+- :mod:`reports.trialstats` -- :func:`~reports.trialstats.annualised_changes`,
+  :func:`~reports.trialstats.cohort_stats`, :func:`~reports.trialstats.correlation`,
+  :func:`~reports.trialstats.by_group` (pure trial statistics for the stats API)
 - :mod:`reports.codes` -- every coded concept written (standard and ``99MUSCLENODE``)
 - :mod:`reports.uids` -- :func:`~reports.uids.derive_uid` (deterministic UIDs)
 
