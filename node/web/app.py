@@ -140,6 +140,23 @@ def create_app(engine: Engine, data_dir: Path) -> FastAPI:
         kind, issuer, ident = (key.split(":", 2) + ["", ""])[:3]
         return {"subject": subject, "kind": kind, "issuer_or_sponsor": issuer, "id": ident}
 
+    @app.get("/api/v1/stats", tags=["statistics"])
+    def get_stats(who: AnyRole, metric: str, region: str, side: Literal["right", "left"],
+                  roi: Annotated[str, Query(description='"" for the whole leg')] = "",
+                  relative: Annotated[bool, Query(description="relative change (% of baseline per year)")] = False,
+                  group: str | None = None,
+                  score: Annotated[str | None, Query(description="an uploaded clinical score, e.g. alsfrs_r")] = None,
+                  relative_score: bool = False) -> dict:
+        """Cohort statistics of one metric (region, ROI, side): n, mean and SD of the annualised
+        change, the SRM with its 95 % CI, patients per arm to detect a 25 % and a 50 % slowing
+        (two-sided alpha 0.05, power 0.8), per group; with ``score``, the correlation of the MRI
+        change with the score's change (Pearson and Spearman with n, 95 % CI and p).
+        """
+        from .stats import stats_response
+        with engine.begin() as conn:
+            return stats_response(conn, secret, metric=metric, region=region, roi=roi, side=side, relative=relative,
+                                  group=group, score=score, relative_score=relative_score)
+
     @app.post("/api/v1/scores", tags=["scores"])
     async def post_scores(who: AnyRole, file: UploadFile) -> dict:
         """Upload clinical scores (CSV: subject, visit or date, optional group, then alsfrs_r, its

@@ -117,7 +117,7 @@ def measurement_table(conn: Connection, secret: bytes, *, subject_keys: Iterable
         if value is not None:
             q = q.where(getattr(c, column) == value)
     series: dict[tuple, list] = defaultdict(list)
-    for study_uid, reg, r_roi, r_side, r_metric, value, unit, model, source, version in conn.execute(q).tuples():
+    for study_uid, reg, r_roi, r_side, r_metric, value, unit, model, source, version in conn.execute(q):
         v = vs.get(study_uid)
         if v is None:
             continue

@@ -1,0 +1,108 @@
+"""``GET /api/v1/stats``: the node's measurements (and uploaded scores) as inputs of
+:mod:`reports.trialstats`, and its results as plain JSON.
+
+One metric of one region, ROI and side: each subject's visits (days since the subject's
+baseline) give its annualised change; the cohort (or each group) gives n, mean and SD, the
+SRM with its 95 % CI and the patients per arm for a 25 % and a 50 % slowing. With
+``score``, the correlation of the MRI change with the score's change. An ROI's values are
+taken from one lineage per subject (a reader's drawn or carried ROIs where the subject has
+them, else the automatic ones), never mixed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from reports import trialstats as ts
+
+from .. import db
+from .queries import _LINEAGE, groups_by_key, measurement_table, visits
+
+_PREFERENCE = {"reader": 0, "automatic": 1, "atlas": 2}
+
+
+def mri_visits(conn: Connection, secret: bytes, *, metric: str, region: str, roi: str, side: str) -> list[ts.Visit]:
+    """The subjects' values of one metric as :class:`reports.trialstats.Visit` records."""
+    table = measurement_table(conn, secret, metric=metric, region=region, roi=roi, side=side)
+    by_subject: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for t in table:
+        lineage = _LINEAGE.get(t[13], t[13]) if roi else ""
+        by_subject[(t[0], lineage)].append(t)
+    chosen: dict[str, list[tuple]] = {}
+    # per subject one lineage: the preferred among those with two visits or more, else the preferred
+    order = sorted(by_subject.items(), key=lambda kv: (len(kv[1]) < 2, _PREFERENCE.get(kv[0][1], 9)))
+    for (subject, _), rows in order:
+        chosen.setdefault(subject, rows)
+    return [ts.Visit(subject=t[0], days=float(t[3]), value=float(t[10]), group=t[1], visit=t[2])
+            for rows in chosen.values() for t in rows]
+
+
+def score_visits(conn: Connection, secret: bytes, score: str) -> list[ts.Visit]:
+    """The subjects' values of one uploaded clinical score, at the days of their visits."""
+    days = {v.study_uid: v for v in visits(conn, secret)}
+    groups = groups_by_key(conn)
+    out = []
+    for r in conn.execute(select(db.scores).where(db.scores.c.name == score)):
+        v = days.get(r.study_uid)
+        if v is not None:
+            out.append(ts.Visit(subject=v.subject, days=float(v.days), value=float(r.value),
+                                group=groups.get(v.subject_key), visit=v.label))
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _plain(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:   # NaN is not JSON
+        return None
+    return obj
+
+
+def cohort(stats: ts.CohortStats) -> dict:
+    """A :class:`reports.trialstats.CohortStats` as the API shows it."""
+    sizes = {f"n_per_arm_{round(s.slowing * 100)}": s.n_per_arm for s in stats.sample_sizes}
+    return {"n": stats.n, "n_left_out": stats.n_left_out, "mean": stats.mean, "sd": stats.sd, "srm": stats.srm,
+            "srm_ci": [stats.srm_ci_low, stats.srm_ci_high], **sizes,
+            "sample_sizes": _plain(stats.sample_sizes), "reason": stats.reason}
+
+
+def stats_response(conn: Connection, secret: bytes, *, metric: str, region: str, roi: str, side: str,
+                   relative: bool, group: str | None, score: str | None, relative_score: bool) -> dict:
+    """The answer of ``GET /api/v1/stats`` (module docstring)."""
+    mri = mri_visits(conn, secret, metric=metric, region=region, roi=roi, side=side)
+    unit = next((t[11] for t in measurement_table(conn, secret, metric=metric, region=region, roi=roi, side=side)),
+                "")
+    changes = ts.annualised_changes(mri)
+    per_group = ts.by_group(ts.cohort_stats, changes, relative=relative)
+    if group is not None:
+        per_group = {k: v for k, v in per_group.items() if k in (ts.ALL, group)}
+    out: dict[str, Any] = {
+        "metric": metric, "region": region, "roi": roi or None, "side": side, "relative": relative,
+        "unit_per_year": "%/year" if relative else f"{unit}/year",
+        "excluded": _plain(changes.excluded),
+        "subjects": [{"subject": c.subject, "group": c.group, "change_per_year": c.change_per_year,
+                      "relative_change_per_year": c.relative_change_per_year, "n_visits": c.n_visits}
+                     for c in changes.changes if group is None or c.group == group],
+        "groups": {k: cohort(v) for k, v in per_group.items()},
+    }
+    selected = per_group.get(group, per_group.get(ts.ALL)) if group else per_group.get(ts.ALL)
+    if selected is not None:
+        out.update(cohort(selected))
+    if score:
+        scores = score_visits(conn, secret, score)
+        pairs_mri = [v for v in mri if group is None or v.group == group]
+        corr = ts.correlation(pairs_mri, scores, relative_mri=relative, relative_score=relative_score)
+        out["score"] = score
+        out["correlation"] = {k: v for k, v in _plain(corr).items() if k not in ("pairs",)}
+        out["correlation"]["pairs"] = [{"subject": p.subject, "mri_change": p.mri_change,
+                                        "score_change": p.score_change, "group": p.group} for p in corr.pairs]
+    return _plain(out)
