@@ -123,7 +123,67 @@ def test_dashboard_in_chromium(web_node, browser, tmp_path):
     # printable: Chromium's print to PDF (the print CSS: A4 landscape)
     pdf = base64.b64decode(browser.print_page())
     (tmp_path / "dashboard.pdf").write_bytes(pdf)
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    browser.execute_script("window.scrollTo(0, 0)")
+    shot("print")
+    assert not browser.find_element(By.ID, "signout").is_displayed()   # no controls on paper
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") >= 3
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
     assert all(p.stat().st_size > 10_000 for p in shots)
+
+
+def test_stats_panels_where_the_node_has_stats(web_node, browser):
+    """With a ``/api/v1/stats`` (a stand-in here, until the node has one) the statistics panel
+    shows its fields, and the correlation panel appears once a score answers a ``correlation``."""
+    from fastapi import HTTPException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from node.web.tokens import create_token
+    node, *_ = web_node
+    app = node.web.app
+    asked: list[dict] = []
+
+    def stats(metric: str, region: str = "", roi: str = "", side: str = "", score: str = "") -> dict:
+        asked.append({"metric": metric, "region": region, "roi": roi, "side": side, "score": score})
+        out: dict = {"n": 2, "mean": -5.0, "sd": 1.25, "srm": -4.0, "srm_ci": [-6.5, -1.5], "n_per_arm_25": 9,
+                     "n_per_arm_50": 3}
+        if score == "nope":
+            raise HTTPException(404, "no such score")
+        if score:
+            points = [{"subject": "A", "mri_change": 5.0, "clinical_change": -30},
+                      {"subject": "B", "mri_change": 4.0, "clinical_change": -20}]
+            out["correlation"] = {"r": -0.8, "n": 2, "points": points}
+        return out
+
+    app.add_api_route("/api/v1/stats", stats, methods=["GET"])
+    app.openapi_schema = None
+    try:
+        token = create_token(node.engine, "coord-stats", "coordinator")
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"http://127.0.0.1:{node.web.port}/")
+        wait.until(lambda d: d.find_element(By.ID, "token").is_displayed())
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, "#signin button[type=submit]").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stats dd[data-field=srm]"))
+        fields = {e.get_attribute("data-field"): e.text for e in browser.find_elements(By.CSS_SELECTOR, "#stats dd")}
+        assert list(fields) == ["n", "mean", "sd", "srm", "srm_ci", "n_per_arm_25", "n_per_arm_50"]
+        assert fields["srm_ci"] == "[-6.50, -1.50]" and fields["n_per_arm_50"] == "3"
+        assert asked[0]["metric"] == "ff_percent" and asked[0]["side"] == "right" and asked[0]["roi"] == ""
+        assert browser.find_element(By.ID, "correlation-section").is_displayed()
+        assert not browser.find_element(By.ID, "correlation-panel").is_displayed()
+        browser.find_element(By.ID, "score").send_keys("6MWT\t")
+        wait.until(lambda d: d.find_element(By.ID, "correlation-panel").is_displayed())
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#correlation-plot .main-svg"))
+        assert asked[-1]["score"] == "6MWT" and "-0.80" in browser.find_element(By.ID, "correlation").text
+        score = browser.find_element(By.ID, "score")
+        score.clear()
+        score.send_keys("nope\t")
+        wait.until(lambda d: not d.find_element(By.ID, "correlation-panel").is_displayed())
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert all("/api/v1/stats" in e["message"] and "404" in e["message"] for e in severe), severe
+    finally:
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", "") != "/api/v1/stats"]
+        app.openapi_schema = None

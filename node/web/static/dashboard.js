@@ -41,6 +41,7 @@ function unitText(u) { return u === "mm2" ? "mm²" : u === "1" ? "" : u || ""; }
 function fmt(x, digits) {
   if (x === null || x === undefined || Number.isNaN(x)) return "–";
   if (typeof x !== "number") return String(x);
+  if (digits === undefined && Number.isInteger(x) && Math.abs(x) < 1e6) return String(x);   // counts: n, n per arm
   const d = digits === undefined ? (Math.abs(x) >= 100 ? 0 : Math.abs(x) >= 10 ? 1 : 2) : digits;
   return x.toFixed(d);
 }
@@ -333,26 +334,29 @@ async function loadStats() {
 
 async function loadCorrelation() {
   const score = $("score").value.trim();
-  const box = $("correlation"), div = $("correlation-plot");
-  if (!state.hasStats || !score) { box.textContent = "Choose a clinical score."; return; }
+  const panel = $("correlation-panel"), box = $("correlation"), div = $("correlation-plot");
   let stats = null;
-  try { stats = await api(statsQuery({ score })); } catch (e) { stats = null; }
-  if (!stats || !("correlation" in stats)) {
-    $("correlation-section").hidden = true;
-    return;
+  if (state.hasStats && score) {
+    try { stats = await api(statsQuery({ score })); } catch (e) { stats = null; }
   }
-  $("correlation-section").hidden = false;
+  /* the panel only where the stats endpoint answers a correlation for this score */
+  panel.hidden = !(stats && "correlation" in stats);
+  $("correlation-hint").hidden = !panel.hidden;
+  if (panel.hidden) return;
   const c = stats.correlation;
   box.replaceChildren(typeof c === "object" && c !== null ? fieldList(c, Object.keys(c).filter((k) => k !== "points"))
     : fieldList({ correlation: c }, ["correlation"]));
   const pts = (c && c.points) || stats.points || [];
   if (pts.length) {
     Plotly.react(div, [{ type: "scatter", mode: "markers", x: pts.map((p) => p.mri_change), y: pts.map((p) => p.clinical_change),
-                         text: pts.map((p) => p.subject || ""), marker: { size: 10, color: "#0072B2" } }], {
-      font: FONT, margin: { l: 70, r: 30, t: 30, b: 60 },
+                         text: pts.map((p) => p.subject || ""), marker: { size: 11, color: "#0072B2" },
+                         hovertemplate: "%{text}<br>MRI %{x:.2f}, clinical %{y:.2f}<extra></extra>" }], {
+      font: FONT, margin: { l: 70, r: 30, t: 30, b: 70 }, hovermode: "closest",
       xaxis: { title: { text: `change in ${metricName($("cohort-metric").value)}` } },
       yaxis: { title: { text: `change in ${score}` } },
     }, PLOT_CONFIG);
+  } else {
+    Plotly.purge(div);
   }
 }
 
