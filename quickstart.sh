@@ -32,7 +32,7 @@ case "$what" in
     exec .venv/bin/musclenode demo "$@"
     ;;
   test)
-    debian_packages dcmtk dicom3tools orthanc
+    debian_packages dcmtk dicom3tools orthanc chromium chromium-driver   # chromium: the dashboard test (Selenium)
     venv test
     export TCP_NODELAY=1
     echo "lint: ruff check, mypy ([tool.ruff] and [tool.mypy] in pyproject.toml)"

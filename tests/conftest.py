@@ -197,3 +197,49 @@ def wait_until(predicate, timeout=60.0, interval=0.2, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+#: The web tests' subjects: (patient ID, name, accession prefix); two visits each, 182 days apart.
+WEB_SUBJECTS = (("WEB-001", "Alpha^Anna", "ACC1001"), ("WEB-002", "Beta^Bert", "ACC2002"))
+WEB_DATES = ("20260105", "20260706")
+
+
+@pytest.fixture(scope="session")
+def web_node(tmp_path_factory):
+    """A node with the web service, two subjects of two visits each processed (shared by
+    ``test_web.py`` and ``test_dashboard.py``): (node, truths, PHI strings, folder)."""
+    from dataclasses import replace
+
+    from sqlalchemy import select
+
+    from node import db
+    from node.config import WebSettings
+    from node.demo_peers import push
+    from node.service import Node
+    from quant.synthetic.phantom import phantom_datasets
+
+    def all_done(n):
+        with node.engine.begin() as conn:
+            jobs = conn.execute(select(db.jobs)).all()
+        return len(jobs) >= n and all(j.state == "done" for j in jobs)
+
+    tmp = tmp_path_factory.mktemp("web")
+    config = node_config(tmp, destinations=[], complete_after=3.0)
+    config = replace(config, web=WebSettings(enabled=True, bind_address="127.0.0.1", port=0))
+    node = Node(config, poll_seconds=0.2).start()
+    truths, phi, everything = {}, [], []
+    try:
+        for k, (pid, name, acc) in enumerate(WEB_SUBJECTS):
+            for n, date in enumerate(WEB_DATES):
+                ph = make_leg_phantom(Region.THIGH, shape=(6, 96, 160), supersample=2, seed=10 * k + n,
+                                      muscle_scale=1.0 - 0.08 * n, muscle_ff=0.06 + 0.05 * n)
+                dss = phantom_datasets(ph, patient_id=pid, patient_name=name, accession=f"{acc}{n}",
+                                       study_date=date, uid_seed=f"web-{k}-{n}")
+                everything += dss
+                truths[(pid, n)] = ph.truth
+                phi += [pid, name.replace("^", " "), name, f"{acc}{n}", date, "19600101"]
+        assert set(push(everything, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}   # one association
+        wait_until(lambda: all_done(4), timeout=300, what="four visits")
+        yield node, truths, sorted(set(phi)), tmp
+    finally:
+        node.stop()

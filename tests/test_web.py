@@ -13,52 +13,13 @@ from pathlib import Path
 import highdicom as hd
 import httpx
 import pytest
-from conftest import node_config, wait_until
+from conftest import WEB_SUBJECTS as SUBJECTS
 from sqlalchemy import select
 
 from node import db
-from node.demo_peers import push
-from node.service import Node
-from quant.enums import Region, Side
-from quant.synthetic.phantom import make_leg_phantom, phantom_datasets
+from quant.enums import Side
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBJECTS = (("WEB-001", "Alpha^Anna", "ACC1001"), ("WEB-002", "Beta^Bert", "ACC2002"))
-DATES = ("20260105", "20260706")   # 182 days apart
-
-
-@pytest.fixture(scope="module")
-def web_node(tmp_path_factory):
-    """A node with the web service, two subjects of two visits each processed."""
-    from dataclasses import replace
-
-    from node.config import WebSettings
-    tmp = tmp_path_factory.mktemp("web")
-    config = node_config(tmp, destinations=[], complete_after=3.0)
-    config = replace(config, web=WebSettings(enabled=True, bind_address="127.0.0.1", port=0))
-    node = Node(config, poll_seconds=0.2).start()
-    truths, phi, everything = {}, [], []
-    try:
-        for k, (pid, name, acc) in enumerate(SUBJECTS):
-            for n, date in enumerate(DATES):
-                ph = make_leg_phantom(Region.THIGH, shape=(6, 96, 160), supersample=2, seed=10 * k + n,
-                                      muscle_scale=1.0 - 0.08 * n, muscle_ff=0.06 + 0.05 * n)
-                dss = phantom_datasets(ph, patient_id=pid, patient_name=name, accession=f"{acc}{n}",
-                                       study_date=date, uid_seed=f"web-{k}-{n}")
-                everything += dss
-                truths[(pid, n)] = ph.truth
-                phi += [pid, name.replace("^", " "), name, f"{acc}{n}", date, "19600101"]
-        assert set(push(everything, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}   # one association
-        wait_until(lambda: _all_done(node, 4), timeout=300, what="four visits")
-        yield node, truths, sorted(set(phi)), tmp
-    finally:
-        node.stop()
-
-
-def _all_done(node, n):
-    with node.engine.begin() as conn:
-        jobs = conn.execute(select(db.jobs)).all()
-    return len(jobs) >= n and all(j.state == "done" for j in jobs)
 
 
 def _token(node, name, role):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
 
 from quant import __version__
@@ -28,6 +30,8 @@ from .scores import set_group, upload_scores
 from .tokens import Role, check_token
 
 _bearer = HTTPBearer(auto_error=False)
+#: The dashboard's page, script and style (package data: an installed wheel ships them).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class Caller:
@@ -181,11 +185,35 @@ def create_app(engine: Engine, data_dir: Path) -> FastAPI:
             db.record_audit(conn, "group-set", f"token={who.name} subject={subject} group={group}")
         return {"subject": subject, "group": group or None}
 
+    _dashboard(app)
+
     @app.exception_handler(ValueError)
     def bad_value(request: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     return app
+
+
+def plotly_js() -> Path:
+    """The ``plotly.min.js`` that the installed :mod:`plotly` package ships (served, never copied)."""
+    return Path(str(files("plotly") / "package_data" / "plotly.min.js"))
+
+
+def _dashboard(app: FastAPI) -> None:
+    """The dashboard: ``/`` (the page), ``/static/...`` (its script and style) and
+    ``/static/plotly.min.js`` from the plotly package; no token needed, none in the OpenAPI document.
+    """
+    plotly = plotly_js()
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_script() -> FileResponse:
+        return FileResponse(plotly, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
 def to_csv(table: list[tuple]) -> str:

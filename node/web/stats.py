@@ -69,7 +69,8 @@ def _plain(obj: Any) -> Any:
 
 def cohort(stats: ts.CohortStats) -> dict:
     """A :class:`reports.trialstats.CohortStats` as the API shows it."""
-    sizes = {f"n_per_arm_{round(s.slowing * 100)}": s.n_per_arm for s in stats.sample_sizes}
+    sizes: dict[str, int | None] = {f"n_per_arm_{round(x * 100)}": None for x in ts.SLOWINGS}
+    sizes.update({f"n_per_arm_{round(s.slowing * 100)}": s.n_per_arm for s in stats.sample_sizes})
     return {"n": stats.n, "n_left_out": stats.n_left_out, "mean": stats.mean, "sd": stats.sd, "srm": stats.srm,
             "srm_ci": [stats.srm_ci_low, stats.srm_ci_high], **sizes,
             "sample_sizes": _plain(stats.sample_sizes), "reason": stats.reason}
