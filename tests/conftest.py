@@ -223,10 +223,15 @@ def web_node(tmp_path_factory):
             jobs = conn.execute(select(db.jobs)).all()
         return len(jobs) >= n and all(j.state == "done" for j in jobs)
 
+    from node.config import Destination
+
     tmp = tmp_path_factory.mktemp("web")
-    config = node_config(tmp, destinations=[], complete_after=3.0)
+    pacs = Orthanc(tmp / "orthanc").start() if _have("/usr/sbin/Orthanc") else None   # the SRs go to a real PACS
+    dests = [Destination("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port)] if pacs is not None else []
+    config = node_config(tmp, destinations=dests, complete_after=3.0)
     config = replace(config, web=WebSettings(enabled=True, bind_address="127.0.0.1", port=0))
     node = Node(config, poll_seconds=0.2).start()
+    node.pacs = pacs   # type: ignore[attr-defined]
     truths, phi, everything = {}, [], []
     try:
         for k, (pid, name, acc) in enumerate(WEB_SUBJECTS):
@@ -243,3 +248,5 @@ def web_node(tmp_path_factory):
         yield node, truths, sorted(set(phi)), tmp
     finally:
         node.stop()
+        if pacs is not None:
+            pacs.stop()

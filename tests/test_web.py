@@ -14,6 +14,7 @@ import highdicom as hd
 import httpx
 import pytest
 from conftest import WEB_SUBJECTS as SUBJECTS
+from conftest import wait_until
 from sqlalchemy import select
 
 from node import db
@@ -95,19 +96,45 @@ def test_subjects_timeline_and_exports(web_node):
     import pyarrow.parquet as pq
     table = pq.read_table(io.BytesIO(parquet))
     assert table.num_rows == csv_text.count("\n") - 1 and "algorithm_version" in table.column_names
-    # the export's values are the SRs' values
+    # the export's values are those of the SRs in PACS (Orthanc), else of the node's own SR files
+    sr_files = []
+    if getattr(node, "pacs", None) is not None:
+        pacs = node.pacs
+        with node.engine.begin() as conn:
+            study_uids = conn.execute(select(db.studies.c.study_uid)).scalars().all()
+
+        def srs_in_pacs():
+            found = []
+            for uid in study_uids:
+                for inst in pacs.instances_of_study(uid):
+                    tags = pacs.get(f"/instances/{inst['ID']}/simplified-tags")
+                    if tags.get("Modality") == "SR":
+                        found.append(inst["ID"])
+            return found if len(found) == len(study_uids) else None
+        for iid in wait_until(srs_in_pacs, timeout=120, what="the SRs in Orthanc"):
+            path = tmp_path_for_sr(node, iid)
+            path.write_bytes(pacs.file(iid))
+            sr_files.append(path)
+    else:
+        with node.engine.begin() as conn:
+            sr_files = [Path(o.path) for o in conn.execute(select(db.outputs).where(db.outputs.c.kind == "sr")).all()]
     sr_values = []
-    with node.engine.begin() as conn:
-        for out in conn.execute(select(db.outputs).where(db.outputs.c.kind == "sr")).all():
-            for g in hd.sr.srread(out.path).content.get_volumetric_roi_measurement_groups():
-                if g.tracking_identifier.endswith("thigh muscle"):
-                    sr_values += [m.value for m in g.get_measurements() if m.name.meaning == "Area"]
+    for path in sr_files:
+        for g in hd.sr.srread(path).content.get_volumetric_roi_measurement_groups():
+            if g.tracking_identifier.endswith("thigh muscle"):
+                sr_values += [m.value for m in g.get_measurements() if m.name.meaning == "Area"]
     export_csa = sorted(r["value"] for r in table.to_pylist() if r["metric"] == "csa_mm2" and r["roi"] is None)
     assert sorted(float(v) for v in sr_values) == pytest.approx(export_csa, rel=1e-6)
     # no patient identifier in anything a coordinator got
     blob = "\n".join(texts) + str(table.to_pylist())
     for word in phi:
         assert word not in blob, word
+
+
+def tmp_path_for_sr(node, instance_id: str) -> Path:
+    folder = Path(node.config.node.data_dir).parent / "from-pacs"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{instance_id}.dcm"
 
 
 def test_token_and_export_commands(web_node):
