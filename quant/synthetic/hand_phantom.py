@@ -39,6 +39,7 @@ from .phantom import (
     _ellipse,
     label_fractions,
     phantom_datasets,
+    section_phantom,
     to_grid,
     truth_by_label,
 )
@@ -203,26 +204,10 @@ def make_hand_phantom(side: Side | str = Side.RIGHT, *, shape: tuple[int, int, i
         side_map[k][body] = code
         cfrac[:, k], cfw[:, k] = label_fractions(is_m, h_comp, h_ff, n_roi, f)
         comp[k] = np.where(tissue[k] == Tissue.MUSCLE, np.argmax(cfrac[:, k], axis=0) + 1, 0)
-    if bias_field:
-        yn = np.linspace(-1, 1, ny)[:, None]
-        xn = np.linspace(-1, 1, nx)[None, :]
-        b = 1.0 + bias_field * (0.7 * xn + 0.3 * (2 * yn ** 2 - 1))
-        w_true = w_true * b[None]
-        f_true = f_true * b[None]
-    sigma = PD / snr
-
-    def mag(a: np.ndarray) -> np.ndarray:
-        return np.abs(a + rng.normal(0, sigma, shape) + 1j * rng.normal(0, sigma, shape)).astype(np.float32)
-
-    spacing = (slice_mm, pixel_mm, pixel_mm)
-    all_frac = cfrac.sum(axis=0, keepdims=True)
-    truth_all = hand_truth(side_map, all_frac, cfw.sum(axis=0, keepdims=True), ("muscle",), spacing)
-    truth = {(Side(s), metric): val for (s, _, metric), val in truth_all.items()}
-    return HandPhantom(water=mag(w_true), fat=mag(f_true), in_phase=mag(w_true + f_true),
-                       opposed_phase=mag(w_true - f_true), tissue=tissue, side=side_map, ff=ff, region=Region.HAND,
-                       spacing_mm=spacing, origin_mm=origin, truth=truth, snr=snr, pd=pd / PD,
-                       muscle_fraction=mfrac, compartment=comp,
-                       compartment_truth=hand_truth(side_map, cfrac, cfw, HAND_ROIS, spacing))
+    return section_phantom(HandPhantom, region=Region.HAND, w_true=w_true, f_true=f_true, tissue=tissue,
+                           side=side_map, ff=ff, pd=pd, mfrac=mfrac, comp=comp, cfrac=cfrac, cfw=cfw, names=HAND_ROIS,
+                           spacing=(slice_mm, pixel_mm, pixel_mm), origin=origin, snr=snr, bias_field=bias_field,
+                           rng=rng)
 
 
 def hand_exam_datasets(phantom: LegPhantom, *, laterality: str | None = None, body_part: str = "HAND",

@@ -47,8 +47,8 @@ from .phantom import (
     _ellipse,
     label_fractions,
     phantom_datasets,
+    section_phantom,
     to_grid,
-    truth_by_label,
 )
 
 #: The muscles of the neck phantom, in label order (each on both sides).
@@ -235,26 +235,10 @@ def make_headneck_phantom(*, shape: tuple[int, int, int] = (6, 136, 144), pixel_
         side_map[k][body] = np.where(left_voxel, SideLabel.LEFT, SideLabel.RIGHT)[body]
         cfrac[:, k], cfw[:, k] = label_fractions(is_m, h_comp, h_ff, n_roi, f)
         comp[k] = np.where(tissue[k] == Tissue.MUSCLE, np.argmax(cfrac[:, k], axis=0) + 1, 0)
-    if bias_field:
-        yn = np.linspace(-1, 1, ny)[:, None]
-        xn = np.linspace(-1, 1, nx)[None, :]
-        bias = 1.0 + bias_field * (0.7 * xn + 0.3 * (2 * yn ** 2 - 1))
-        w_true = w_true * bias[None]
-        f_true = f_true * bias[None]
-    sigma = PD / snr
-
-    def mag(a: np.ndarray) -> np.ndarray:
-        return np.abs(a + rng.normal(0, sigma, shape) + 1j * rng.normal(0, sigma, shape)).astype(np.float32)
-
-    spacing = (slice_mm, pixel_mm, pixel_mm)
-    truth_all = truth_by_label(side_map, cfrac.sum(axis=0, keepdims=True), cfw.sum(axis=0, keepdims=True),
-                               ("muscle",), spacing)
-    truth = {(Side(s), metric): val for (s, _, metric), val in truth_all.items()}
-    return HeadNeckPhantom(water=mag(w_true), fat=mag(f_true), in_phase=mag(w_true + f_true),
-                           opposed_phase=mag(w_true - f_true), tissue=tissue, side=side_map, ff=ff,
-                           region=Region.HEAD_NECK, spacing_mm=spacing, origin_mm=origin, truth=truth, snr=snr,
-                           pd=pd / PD, muscle_fraction=mfrac, compartment=comp,
-                           compartment_truth=truth_by_label(side_map, cfrac, cfw, HEADNECK_ROIS, spacing))
+    return section_phantom(HeadNeckPhantom, region=Region.HEAD_NECK, w_true=w_true, f_true=f_true, tissue=tissue,
+                           side=side_map, ff=ff, pd=pd, mfrac=mfrac, comp=comp, cfrac=cfrac, cfw=cfw,
+                           names=HEADNECK_ROIS, spacing=(slice_mm, pixel_mm, pixel_mm), origin=origin, snr=snr,
+                           bias_field=bias_field, rng=rng)
 
 
 def headneck_exam_datasets(phantom: LegPhantom, *, body_part: str = "NECK", description: str | None = None,
