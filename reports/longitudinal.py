@@ -21,7 +21,8 @@ def _check_date(value, what: str) -> datetime.date:
     return value
 
 
-def _check_number(value, what: str) -> float:
+def check_number(value, what: str) -> float:
+    """``value`` as a finite float; ValueError naming ``what`` otherwise (a bool is not a number)."""
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number, got a bool")
     try:
@@ -56,7 +57,7 @@ class PriorValue:
             raise ValueError(f"PriorValue.study_instance_uid must be a non-empty str, "
                              f"got {self.study_instance_uid!r}")
         object.__setattr__(self, "study_date", _check_date(self.study_date, "PriorValue.study_date"))
-        object.__setattr__(self, "value", _check_number(self.value, "PriorValue.value"))
+        object.__setattr__(self, "value", check_number(self.value, "PriorValue.value"))
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Comparison:
                 raise ValueError(f"Comparison.{name} must be a PriorValue or None, got {type(v).__name__}")
         object.__setattr__(self, "current_date", _check_date(self.current_date, "Comparison.current_date"))
         if self.current_value is not None:
-            object.__setattr__(self, "current_value", _check_number(self.current_value, "Comparison.current_value"))
+            object.__setattr__(self, "current_value", check_number(self.current_value, "Comparison.current_value"))
         for name in ("baseline", "previous"):
             v = getattr(self, name)
             if v is not None and v.study_date >= self.current_date:
@@ -175,7 +176,7 @@ def compare(current_value: float, current_date: datetime.date, priors: Sequence[
     ValueError
         A value or date is malformed, or an item of ``priors`` is not a PriorValue.
     """
-    current_value = _check_number(current_value, "current_value")
+    current_value = check_number(current_value, "current_value")
     current_date = _check_date(current_date, "current_date")
     if isinstance(priors, (str, bytes)) or not hasattr(priors, "__iter__"):
         raise ValueError(f"priors must be a sequence of PriorValue, got {type(priors).__name__}")

@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 import numpy as np
 from scipy import stats
 
+from .longitudinal import check_number as _check_number
+
 DAYS_PER_YEAR = 365.25
 """Days of a year for annualising."""
 MIN_FOLLOW_UP_DAYS = 30.0
@@ -59,18 +61,6 @@ _Z975 = float(stats.norm.ppf(0.975))
 _SD_ZERO_RTOL = 1e-12  # an SD below this times the largest |value| is rounding noise: taken as 0
 
 R = TypeVar("R")
-
-
-def _check_number(value: Any, what: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number, got a bool")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {type(value).__name__}: {value!r}") from None
-    if not math.isfinite(out):
-        raise ValueError(f"{what} must be finite, got {out}")
-    return out
 
 
 def _check_label(value: Any, what: str, optional: bool = True) -> str | None:
