@@ -88,6 +88,9 @@ def test_subjects_timeline_and_exports(web_node):
                 assert follow[(side.value, "ff_percent")]["change_from_baseline"] == pytest.approx(ff_change, abs=1.0)
             assert all(m["change_from_baseline"] is None for m in tl["visits"][0]["measurements"])
         assert c.get("/api/v1/subjects/S-NOSUCH").status_code == 404
+        stats = c.get("/api/v1/stats", params={"metric": "csa_mm2", "region": "thigh", "side": "right"})
+        assert stats.status_code == 200 and stats.json()["n"] == 2
+        texts.append(stats.text)
         csv_text = c.get("/api/v1/measurements", params={"format": "csv"}).text
         parquet = c.get("/api/v1/measurements", params={"format": "parquet"}).content
         rows = c.get("/api/v1/measurements", params={"metric": "csa_mm2", "roi": ""}).json()
