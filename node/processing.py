@@ -95,20 +95,37 @@ def prior_key(region: str, side: str, metric: str, roi: str = "", source: str = 
 
 def comparisons_for(analysis: StudyAnalysis, study_date: str,
                     priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]],
-                    ) -> dict[tuple[str, Side, str, str], Comparison]:
+                    ) -> tuple[dict[tuple[str, Side, str, str], Comparison], set[tuple[str, Side, str]]]:
     """Baseline/previous comparison of every measurement that has priors (``priors`` keyed by
     :func:`prior_key`), keyed by (region, side, metric, ROI name or ""); empty if
-    ``study_date`` is not a date.
+    ``study_date`` is not a date. Earlier values of another algorithm version are never
+    compared: the (region, side, ROI) groups that had some are returned beside.
     """
     current = parse_date(study_date)
     out: dict[tuple[str, Side, str, str], Comparison] = {}
+    excluded: set[tuple[str, Side, str]] = set()
     if current is None:
-        return out
+        return out, excluded
     for m in analysis.measurements:
         key = prior_key(m.region, m.side.value, m.metric, m.roi, m.source)
-        if priors.get(key):
-            out[(m.region, m.side, m.metric, m.roi)] = compare(m.value, current, priors[key])
-    return out
+        same = [p for p in priors.get(key, ()) if p.algorithm_version in ("", m.algorithm_version)]
+        if len(same) < len(priors.get(key, ())):
+            excluded.add((m.region, m.side, m.roi))
+        if same:
+            out[(m.region, m.side, m.metric, m.roi)] = compare(m.value, current, same)
+    return out, excluded
+
+
+def time_point_of(ds: Dataset, study_date: str,
+                  priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]]) -> tuple[str, str]:
+    """The visit's (label, Clinical Trial Time Point ID): the ID where the DICOM carries one,
+    else ``baseline`` or ``day N`` (days since the subject's earliest visit the node holds).
+    """
+    protocol_id = str(ds.get("ClinicalTrialTimePointID", "") or "").strip()
+    current = parse_date(study_date)
+    dates = [p.study_date for values in priors.values() for p in values]
+    days = (current - min(dates)).days if current is not None and dates and min(dates) < current else 0
+    return (protocol_id or ("baseline" if days == 0 else f"day {days}")), protocol_id
 
 
 def build_outputs(datasets: Sequence[Dataset],
@@ -140,12 +157,15 @@ def build_outputs(datasets: Sequence[Dataset],
     ds0 = source[0]
     key = subject_key(ds0)
     study_date = str(ds0.get("StudyDate", "") or "")
-    comparisons = comparisons_for(analysis, study_date, priors or {})
+    comparisons, excluded = comparisons_for(analysis, study_date, priors or {})
+    time_point = time_point_of(ds0, study_date, priors or {})
     seg = build_seg(analysis, source)
-    sr = build_sr(analysis, seg, source, comparisons, subject_key=key)
+    sr = build_sr(analysis, seg, source, comparisons, subject_key=key, time_point=time_point,
+                  version_excluded=excluded)
     replaced = [p for p in previous_srs if str(p.SOPInstanceUID) != str(sr.SOPInstanceUID)]
     if replaced:  # same UID: same inputs, same report; else the new one names what it replaces
-        sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced)
+        sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
+                      time_point=time_point, version_excluded=excluded)
     return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date)
 
 

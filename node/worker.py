@@ -66,7 +66,8 @@ def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
         d = parse_date(r.study_date)
         if d is None or (study_date and r.study_date >= study_date):
             continue
-        out[prior_key(r.region, r.side, r.metric, r.roi, r.source)].append(PriorValue(r.study_uid, d, r.value))
+        out[prior_key(r.region, r.side, r.metric, r.roi, r.source)].append(
+            PriorValue(r.study_uid, d, r.value, r.algorithm_version))
     return dict(out)
 
 

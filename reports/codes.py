@@ -249,6 +249,12 @@ CHANGE_SINCE_PREVIOUS = _private("PV-CHANGE", "Change since previous visit")
 RELATIVE_CHANGE_SINCE_PREVIOUS = _private("PV-RELCHANGE", "Relative change since previous visit")
 INTERVAL_SINCE_BASELINE = _private("BL-INTERVAL", "Interval since baseline")
 INTERVAL_SINCE_PREVIOUS = _private("PV-INTERVAL", "Interval since previous visit")
+ANNUALISED_CHANGE_SINCE_BASELINE = _private("BL-RATE", "Annualised change since baseline")
+#: A group whose earlier values were measured by another algorithm version: not compared.
+VERSION_CHANGE = _private("VERSIONCHG", "Earlier values of another algorithm version")
+VERSION_CHANGES = MappingProxyType({
+    True: _private("VERSIONCHG-YES", "Not compared: measured by another algorithm version"),
+})
 
 #: comparison kind -> (generic concept, code suffix, meaning template, unit or None for
 #: "the metric's own unit"). Kinds are the names used by :func:`comparison_concept`.
@@ -260,6 +266,8 @@ COMPARISON_KINDS: Mapping[str, tuple[CodedConcept, str, str, CodedConcept | None
                                        "Relative change in {m} since baseline", UNIT_PERCENT),
     "days_since_baseline": (INTERVAL_SINCE_BASELINE, "BL-DAYS",
                             "Interval since baseline ({m})", UNIT_DAY),
+    "annualised_change_since_baseline": (ANNUALISED_CHANGE_SINCE_BASELINE, "BL-RATE",
+                                         "Annualised change in {m} since baseline", None),
     "change_since_previous": (CHANGE_SINCE_PREVIOUS, "PV-CHG", "Change in {m} since previous visit", None),
     "relative_change_since_previous": (RELATIVE_CHANGE_SINCE_PREVIOUS, "PV-REL",
                                        "Relative change in {m} since previous visit", UNIT_PERCENT),
@@ -301,6 +309,10 @@ def comparison_concept(metric: str, kind: str) -> tuple[CodedConcept, CodedConce
     capital = words[0].upper() + words[1:] if words.islower() else words  # "fRMA" stays
     meaning = template.format(m=words, M=capital)
     concept = _private(f"{_METRIC_CODE_PREFIX[metric]}-{suffix}", meaning)
+    if kind == "annualised_change_since_baseline":   # the metric's unit per year (UCUM "a")
+        own = METRIC_CONCEPTS[metric][1]
+        return concept, CodedConcept(value=f"{own.value}/a", scheme_designator="UCUM",
+                                     meaning=f"{own.meaning} per year")
     return concept, (unit if unit is not None else METRIC_CONCEPTS[metric][1])
 
 

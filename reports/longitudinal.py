@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+DAYS_PER_YEAR = 365.25
+
 
 def _check_date(value, what: str) -> datetime.date:
     if isinstance(value, datetime.datetime):
@@ -51,6 +53,7 @@ class PriorValue:
     study_instance_uid: str
     study_date: datetime.date
     value: float
+    algorithm_version: str = ""   # the version that measured it ("" unknown)
 
     def __post_init__(self):
         if not isinstance(self.study_instance_uid, str) or not self.study_instance_uid:
@@ -113,6 +116,14 @@ class Comparison:
         baseline or when the baseline value is 0.
         """
         return _relative(self.current_value, self.baseline)
+
+    @property
+    def annualised_change_since_baseline(self) -> float | None:
+        """Change since baseline per year (365.25 days): the metric's unit per year, or None."""
+        change, days = self.change_since_baseline, self.days_since_baseline
+        if change is None or not days:
+            return None
+        return change / (days / DAYS_PER_YEAR)
 
     @property
     def days_since_baseline(self) -> int | None:

@@ -27,7 +27,7 @@ Derivation, so a reader can select by kind as well as by metric.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -60,6 +60,7 @@ _UNIT_ALIASES = {"csa_mm2": {"mm2"}, "vol_ml": {"ml", "mL"}, "ff_percent": {"%"}
 #: prior values themselves first).
 _COMPARISON_ORDER = (
     "baseline_value", "change_since_baseline", "relative_change_since_baseline", "days_since_baseline",
+    "annualised_change_since_baseline",
     "previous_value", "change_since_previous", "relative_change_since_previous", "days_since_previous",
 )
 
@@ -162,12 +163,22 @@ def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
     return out
 
 
+def _time_point_context(time_point: tuple[str, str] | None) -> hd.sr.TimePointContext | None:
+    """TID 1502 of the visit: its label and the Clinical Trial Time Point ID where there is one."""
+    if time_point is None:
+        return None
+    label, protocol_id = time_point
+    return hd.sr.TimePointContext(time_point=label, protocol_time_point_identifier=protocol_id or None)
+
+
 def _group(uid: str, words: str, seg_dataset: Dataset, number: int, analysis: StudyAnalysis,
            site: hd.sr.CodedConcept, side: Side, algorithm: hd.sr.AlgorithmIdentification,
-           items: list[hd.sr.Measurement], evaluations: list[hd.sr.QualitativeEvaluation] | None
+           items: list[hd.sr.Measurement], evaluations: list[hd.sr.QualitativeEvaluation] | None,
+           time_point: tuple[str, str] | None = None
            ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """One volumetric measurement group (TID 1411) on a whole SEG segment."""
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        time_point_context=_time_point_context(time_point),
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=words),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=str(seg_dataset.SOPClassUID), sop_instance_uid=str(seg_dataset.SOPInstanceUID),
@@ -183,7 +194,8 @@ def _group(uid: str, words: str, seg_dataset: Dataset, number: int, analysis: St
 
 def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                 algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept,
-                comps: Mapping[tuple[str, Side, str, str], Comparison]
+                comps: Mapping[tuple[str, Side, str, str], Comparison],
+                time_point: tuple[str, str] | None = None, version_excluded: Collection[tuple] = ()
                 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """One measurement group per ROI and side of ``analysis.rois``, referencing its SEG
     segment, with the comparison of each metric with the subject's earlier visits where
@@ -227,10 +239,12 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                                                            codes.REGISTRATION_REVIEWS[carried.needs_review]))
         if source.value == "atlas" and analysis.atlas is not None and name in analysis.atlas.agreement:
             items.append(_num(codes.ATLAS_AGREEMENT, float(analysis.atlas.agreement[name]), codes.UNIT_ONE))
+        if (region.value, side, name) in version_excluded:
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.VERSION_CHANGE, codes.VERSION_CHANGES[True]))
         words = roi_label(analysis, label, side)
         out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source.lineage), words,
                           seg_dataset, number, analysis, codes.roi_concept(name) or site, side, algorithm, items,
-                          evaluations))
+                          evaluations, time_point))
     return out
 
 
@@ -241,7 +255,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
              manufacturer: str = "musclenode", software_version: str = DEFAULT_SOFTWARE_VERSION,
              manufacturer_model_name: str = "musclenode", institution_name: str | None = None,
              series_description: str = "Muscle measurements (musclenode)",
-             previous_versions: Sequence[Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
+             previous_versions: Sequence[Dataset] | None = None, time_point: tuple[str, str] | None = None,
+             version_excluded: Collection[tuple] = ()) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of an analysis.
 
     Parameters
@@ -268,6 +283,14 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     manufacturer, software_version, manufacturer_model_name, institution_name : str
         General Equipment of the SR.
     series_description : str
+    previous_versions : sequence of pydicom.Dataset, optional
+        Earlier SRs of this study that this one replaces (Predecessor Documents).
+    time_point : (str, str), optional
+        The visit's label (``"baseline"``, ``"day 182"`` or its time point ID) and Clinical
+        Trial Time Point ID (or ""): a Time Point Context (TID 1502) in every group.
+    version_excluded : collection of (region, side, roi)
+        Groups whose earlier values were measured by another algorithm version and are not
+        compared (``roi`` "" for the whole region): flagged with a qualitative evaluation.
 
     Returns
     -------
@@ -342,12 +365,15 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
                 items.extend(_comparison_items(metric, comp))
         words = f"{side.value} {codes.REGION_WORDS[region.value]} muscle"
         # the swap check needs Dixon images: a MEGRE- or MESE-only study makes no claim
-        swap = [hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)] if analysis.dixon_series else None
+        evaluations = [hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)] if analysis.dixon_series \
+            else []
+        if (region.value, side, "") in version_excluded:
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.VERSION_CHANGE, codes.VERSION_CHANGES[True]))
         groups.append(_group(tracking_uid(subject_key, region, side), words, seg_dataset, number, analysis, site,
-                             side, algorithm, items, swap))
+                             side, algorithm, items, evaluations or None, time_point))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
-    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site, comps)
+    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site, comps, time_point, version_excluded)
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -363,7 +389,9 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
 
     study_uid = str(sources[0].StudyInstanceUID)
     parts = (study_uid, "sr", version, subject_key, str(seg_dataset.SOPInstanceUID),
-             *sorted(analysis.anatomy.sop_instance_uids), _digest(comps))
+             *sorted(analysis.anatomy.sop_instance_uids), _digest(comps),
+             *((repr(time_point),) if time_point else ()), *((repr(sorted(map(repr, version_excluded))),)
+                                                            if version_excluded else ()))
     sop_instance_uid = sop_instance_uid or derive_uid(*parts, "instance")
     series_instance_uid = series_instance_uid or derive_uid(*parts, "series")
     return hd.sr.Comprehensive3DSR(
