@@ -90,7 +90,7 @@ def test_dashboard_in_chromium(web_node, browser, tmp_path):
     rows = browser.find_elements(By.CSS_SELECTOR, "#grid tbody tr")
     assert sorted(r.get_attribute("data-subject") for r in rows) == sorted(codes)
     heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#grid thead th")]
-    assert heads[2:] == ["baseline", "month 6"]
+    assert heads[1:] == ["Regions", "Group", "baseline", "month 6"]
     assert len(browser.find_elements(By.CSS_SELECTOR, "#grid td.state-done")) == 4
     # the first subject's trajectories and the cohort plot are drawn
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#trajectories .js-plotly-plot .main-svg")) >= 2)

@@ -120,7 +120,7 @@ function visitColumns() {
 function renderGrid() {
   const labels = visitColumns();
   const head = el("tr", {}, el("th", { scope: "col" }, "Subject"), el("th", { scope: "col" }, "Regions"),
-    ...labels.map((l) => el("th", { scope: "col" }, l)));
+    el("th", { scope: "col" }, "Group"), ...labels.map((l) => el("th", { scope: "col" }, l)));
   const body = state.subjects.map((s) => {
     const cells = labels.map((l) => {
       const vs = s.states.filter((v) => v.visit === l);
@@ -133,7 +133,7 @@ function renderGrid() {
     return el("tr", { "data-subject": s.subject },
       el("th", { scope: "row" }, el("button", { type: "button", class: "subject-link",
         onclick: () => selectSubject(s.subject) }, s.subject)),
-      el("td", {}, (s.regions || []).join(", ") || "–"), ...cells);
+      el("td", {}, (s.regions || []).join(", ") || "–"), el("td", { class: "group" }, s.group || "–"), ...cells);
   });
   $("grid").replaceChildren(el("table", { class: "grid" }, el("thead", {}, head), el("tbody", {}, ...body)));
   $("legend").replaceChildren(...STATES.map((st) => el("li", { class: stateClass(st) }, st)));
@@ -239,7 +239,9 @@ function fillSelect(id, values, label, prefer) {
 
 function cohortRows() {
   const m = $("cohort-metric").value, g = $("cohort-region").value, r = $("cohort-roi").value, s = $("cohort-side").value;
-  return state.rows.filter((x) => x.metric === m && x.region === g && (x.roi || "") === r && x.side === s);
+  const grp = $("cohort-group").value;
+  return state.rows.filter((x) => x.metric === m && x.region === g && (x.roi || "") === r && x.side === s &&
+                                  (!grp || x.group === grp));
 }
 
 function setupCohort() {
@@ -252,9 +254,12 @@ function setupCohort() {
     fillSelect("cohort-roi", uniq(g.map((x) => x.roi || "")).sort(), (v) => v || "whole leg", "");
     const r = g.filter((x) => (x.roi || "") === $("cohort-roi").value);
     fillSelect("cohort-side", uniq(r.map((x) => x.side)).sort(), null, "right");
+    /* every list, plot and statistic can be split by group (trial arm, fast or slow progressors) */
+    fillSelect("cohort-group", [""].concat(uniq(rows.map((x) => x.group).filter((x) => x)).sort()),
+               (v) => v || "all subjects", "");
     renderCohort();
   };
-  for (const id of ["cohort-metric", "cohort-region", "cohort-roi", "cohort-side"]) $(id).onchange = refill;
+  for (const id of ["cohort-metric", "cohort-region", "cohort-roi", "cohort-side", "cohort-group"]) $(id).onchange = refill;
   $("score").onchange = () => loadCorrelation();
   refill();
 }
@@ -293,7 +298,8 @@ function renderCohort() {
                 line: { color: "#D55E00", width: 3 }, marker: { size: 10, color: "#D55E00", symbol: "square" },
                 customdata: summary.map((s) => [s.visit, s.sd, s.n]),
                 hovertemplate: `%{customdata[0]}: mean %{y:.2f} ± %{customdata[1]:.2f} ${unit} (n = %{customdata[2]})<extra></extra>` });
-  const what = [$("cohort-region").value, $("cohort-roi").value || "whole leg", $("cohort-side").value].join(" · ");
+  const what = [$("cohort-region").value, $("cohort-roi").value || "whole leg", $("cohort-side").value,
+                $("cohort-group").value || "all subjects"].join(" · ");
   Plotly.react(div, traces, {
     title: { text: `${metricName($("cohort-metric").value)}${unit ? " (" + unit + ")" : ""}: ${what}`, x: 0.01,
              xanchor: "left" }, font: FONT,
@@ -308,6 +314,7 @@ function renderCohort() {
 function statsQuery(extra) {
   const q = new URLSearchParams({ metric: $("cohort-metric").value, region: $("cohort-region").value,
                                   roi: $("cohort-roi").value, side: $("cohort-side").value, ...(extra || {}) });
+  if ($("cohort-group").value) q.set("group", $("cohort-group").value);
   return "/api/v1/stats?" + q.toString();
 }
 
