@@ -92,6 +92,23 @@ def test_no_mese_no_t2_maps():
     assert [k for k, _ in skipped] == ["t2w", "b1", "ff_t2"]
 
 
+def test_enhanced_mese_maps(tmp_path):
+    """MESE as Enhanced MR (one multi-frame instance per echo): the T2 maps reference the first echo's instance."""
+    phantom = make_leg_phantom(Region.THIGH, shape=(6, 96, 160), supersample=2)
+    datasets = exam_datasets(phantom, enhanced_mese=True, patient_id="PM-0003", uid_seed="pmap3")
+    out = build_outputs(datasets)
+    t2 = out.analysis.t2
+    assert t2 is not None and [str(pm.ContentLabel) for pm in out.pmaps] == ["FF", "T2W", "B1", "FF_T2"]
+    pm = out.pmaps[1]
+    path = tmp_path / "t2w.dcm"
+    path.write_bytes(encode(pm))
+    assert dciodvfy_errors(path) == []
+    values = _values(hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path)), t2.volume)
+    known = t2.fit.success
+    assert np.array_equal(np.isfinite(values), known)
+    np.testing.assert_allclose(values[known], t2.fit.t2w_ms[known], rtol=1e-6)
+
+
 @pytest.mark.skipif(not Path("/usr/bin/storescu").exists() or not Path("/usr/sbin/Orthanc").exists(),
                     reason="needs DCMTK and Orthanc (apt-get install dcmtk orthanc)")
 def test_node_sends_maps_to_orthanc(make_node, orthanc, study, tmp_path):
