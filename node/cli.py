@@ -143,7 +143,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             print(f"study {study_uid}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        for kind, ds in (("seg", result.seg), ("sr", result.sr)):
+        for kind, ds in (("seg", result.seg), ("sr", result.sr), *(("pmap", pm) for pm in result.pmaps)):
             path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
             path.write_bytes(encode(ds))
             print(f"wrote {path}")

@@ -10,7 +10,7 @@ import datetime as dt
 import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,7 @@ class Rejected:
 
 @dataclass(frozen=True, eq=False)
 class StudyOutputs:
-    """One study's analysis with the SEG and SR built from it."""
+    """One study's analysis with the SEG, SR and parametric maps built from it."""
 
     analysis: StudyAnalysis
     seg: Dataset
@@ -54,6 +54,7 @@ class StudyOutputs:
     study_uid: str
     subject_key: str
     study_date: str
+    pmaps: list[Dataset] = field(default_factory=list)   # reports.pmap: FF, T2W, B1, FF_T2 (those made)
 
 
 def is_reader_seg(ds: Dataset) -> bool:
@@ -133,7 +134,7 @@ def build_outputs(datasets: Sequence[Dataset],
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, compartments: bool = False,
                   carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = ()) -> StudyOutputs:
-    """Analyse one study's MR datasets and build its SEG and SR (``compartments``: measure the
+    """Analyse one study's MR datasets and build its SEG, SR and parametric maps (``compartments``: measure the
     automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, and without
     one a reader's ROI set of another visit in ``carry_from`` is carried here, else other
     subjects' sets in ``atlases`` are fused here, see
@@ -143,6 +144,7 @@ def build_outputs(datasets: Sequence[Dataset],
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
     (listed in its Predecessor Documents Sequence).
     """
+    from reports.pmap import build_parametric_maps
     from reports.seg import build_seg
     from reports.sr import build_sr
 
@@ -166,7 +168,8 @@ def build_outputs(datasets: Sequence[Dataset],
     if replaced:  # same UID: same inputs, same report; else the new one names what it replaces
         sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
                       time_point=time_point, version_excluded=excluded)
-    return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date)
+    pmaps = build_parametric_maps(analysis, datasets)
+    return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps)
 
 
 def measurements_csv(rows: Iterable[tuple]) -> str:

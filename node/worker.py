@@ -1,5 +1,5 @@
 """What a worker does with one job: read the study's instances, quantify them, build the
-SEG and SR, store them, and record measurements, outputs and sends in one transaction.
+SEG, SR and parametric maps, store them, and record measurements, outputs and sends in one transaction.
 
 :func:`execute_job` is a plain top-level function of picklable arguments, so any
 executor can run it (the node's process pool, or inline in the runner's thread).
@@ -142,10 +142,10 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
     now = t_built = time.time()
     paths = {}
-    for kind, ds in (("seg", out.seg), ("sr", out.sr)):
+    for kind, ds in (("seg", out.seg), ("sr", out.sr), *(("pmap", pm) for pm in out.pmaps)):
         path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
         store.write_result(path, encode(ds))
-        paths[kind] = (str(ds.SOPInstanceUID), path)
+        paths[str(ds.SOPInstanceUID)] = (kind, path)
     reference = roisets.reference_of(out.analysis)
     new_roi_set = False
     with engine.begin() as conn:
@@ -166,7 +166,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         for uid, kind, reason, desc in series_summary(out.analysis):
             conn.execute(insert(db.series).values(study_uid=job.study_uid, series_uid=uid, kind=kind,
                                                   reason=reason, description=desc))
-        for kind, (sop_uid, path) in paths.items():
+        for sop_uid, (kind, path) in paths.items():
             db.insert_ignore(conn, db.outputs, dict(study_uid=job.study_uid, kind=kind, sop_uid=sop_uid,
                                                     path=str(path), job_id=job_id, created_at=now))
             output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
