@@ -39,6 +39,7 @@ from .phantom import (
     _ellipse,
     label_fractions,
     phantom_datasets,
+    section_grid,
     section_phantom,
     to_grid,
     truth_by_label,
@@ -141,16 +142,7 @@ def make_hand_phantom(side: Side | str = Side.RIGHT, *, shape: tuple[int, int, i
     rng = np.random.default_rng(seed)
     nz, ny, nx = shape
     f = int(supersample)
-    hp = pixel_mm / f
-    origin = (-(nx - 1) * pixel_mm / 2, -(ny - 1) * pixel_mm / 2, -(nz - 1) * slice_mm / 2)
-    y = origin[1] - pixel_mm / 2 + hp / 2 + np.arange(ny * f)[:, None] * hp
-    x = origin[0] - pixel_mm / 2 + hp / 2 + np.arange(nx * f)[None, :] * hp
-    sx, sy, sz = (float(v) for v in shift_mm)
-    if rotation_deg or sx or sy:   # anatomical coordinates of the grid points: R^T (q - shift)
-        th = np.deg2rad(rotation_deg)
-        x, y = (np.cos(th) * (x - sx) + np.sin(th) * (y - sy),
-                -np.sin(th) * (x - sx) + np.cos(th) * (y - sy))
-    x, y = np.broadcast_arrays(x, y)
+    origin, x, y, sz = section_grid(shape, pixel_mm, slice_mm, f, shift_mm, rotation_deg)
     u, v = -sgn * (x - centre_x_mm), y
     texture = 0.01 * np.sin(u / 4.0) * np.cos(v / 3.0)
     n_roi = len(HAND_ROIS)

@@ -354,6 +354,27 @@ def to_grid(h_pd: np.ndarray, h_ff: np.ndarray, h_tissue: np.ndarray, f: int) ->
     return water, fat, pd, mfrac, mff, ff, fractions, is_m
 
 
+def section_grid(shape: tuple[int, int, int], pixel_mm: float, slice_mm: float, supersample: int,
+                 shift_mm: Sequence[float], rotation_deg: float
+                 ) -> tuple[tuple[float, float, float], np.ndarray, np.ndarray, float]:
+    """The sub-voxel grid of a section phantom centred on the origin: (origin of the voxel
+    grid, anatomical x and y of each sub-voxel after the patient's in-plane shift and
+    rotation, through-plane shift in mm).
+    """
+    nz, ny, nx = shape
+    hp = pixel_mm / supersample
+    origin = (-(nx - 1) * pixel_mm / 2, -(ny - 1) * pixel_mm / 2, -(nz - 1) * slice_mm / 2)
+    y = origin[1] - pixel_mm / 2 + hp / 2 + np.arange(ny * supersample)[:, None] * hp
+    x = origin[0] - pixel_mm / 2 + hp / 2 + np.arange(nx * supersample)[None, :] * hp
+    sx, sy, sz = (float(v) for v in shift_mm)
+    if rotation_deg or sx or sy:   # anatomical coordinates of the grid points: R^T (q - shift)
+        th = np.deg2rad(rotation_deg)
+        x, y = (np.cos(th) * (x - sx) + np.sin(th) * (y - sy),
+                -np.sin(th) * (x - sx) + np.cos(th) * (y - sy))
+    x, y = np.broadcast_arrays(x, y)
+    return origin, x, y, sz
+
+
 def section_phantom(cls: type, *, region: Region, w_true: np.ndarray, f_true: np.ndarray, tissue: np.ndarray,
                     side: np.ndarray, ff: np.ndarray, pd: np.ndarray, mfrac: np.ndarray, comp: np.ndarray,
                     cfrac: np.ndarray, cfw: np.ndarray, names: Sequence[str],
