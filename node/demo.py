@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import select
 
 from quant.enums import COMPARTMENTS, Region, Roi, Side
@@ -61,6 +62,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     echo(f"musclenode demo in {workdir}")
     echo(f"  node MUSCLENODE on 127.0.0.1:{config.node.port}, PACS DEMOPACS on 127.0.0.1:{pacs_port}")
     truths, study_uids, latencies, outputs = [], [], [], {}
+    maps: dict[int, list] = {}
     compartment_truths: list[dict] = []
     try:
         with Node(config) as node:
@@ -91,6 +93,10 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                     return 1
                 latencies.append(got["SR"][0] - t_last)
                 outputs[n] = {m: v[1] for m, v in got.items()}
+                pacs.wait_for("OT", study_uid, 30)   # the parametric maps (highdicom writes them as OT)
+                time.sleep(1.0)
+                with pacs._lock:
+                    maps[n] = [p for _, mod, st, p in pacs.received if mod == "OT" and st == study_uid]
                 truth = dict(ph.truth)
                 for side in (Side.RIGHT, Side.LEFT):
                     truth[(side, "t2w_ms")] = t2w
@@ -127,6 +133,9 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     for n, files in outputs.items():
         echo(f"visit {n}: SEG {files['SEG']}")
         echo(f"         SR  {files['SR']}")
+        for path in maps.get(n, []):
+            what = pydicom.dcmread(path, stop_before_pixels=True).get("SeriesDescription", "parametric map")
+            echo(f"         {what}: {path}")
     echo(f"visit 2's SR carries the baseline values and the change since visit 1 "
          f"(interval {_days(VISITS[0][0], VISITS[1][0])} days).")
     echo("Time from last instance received to SR in PACS: "
