@@ -142,6 +142,16 @@ def _check_seg(seg_dataset: Dataset, analysis: StudyAnalysis, sources: list[Data
     return numbers
 
 
+#: Metrics whose value does not depend on the fat-fraction or T2 model (the segmentation's
+#: areas and volumes): no Measurement Method under them, so the method names only what it made.
+_MODEL_FREE = frozenset({"csa_mm2", "vol_ml"})
+
+
+def _method(metric: str, model: str) -> hd.sr.CodedConcept | None:
+    """The Measurement Method of a value: the model that made it, none for an area or volume."""
+    return None if metric in _MODEL_FREE else codes.MODEL_METHODS.get(model)
+
+
 def _num(name, value, unit, *, derivation=None, algorithm_id=None, method=None) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation, algorithm_id=algorithm_id,
                              method=method)
@@ -223,7 +233,7 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                 continue
             concept, unit = codes.METRIC_CONCEPTS[metric]
             items.append(_num(concept, float(m.value), unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
-                              algorithm_id=algorithm, method=codes.MODEL_METHODS.get(m.model)))
+                              algorithm_id=algorithm, method=_method(metric, m.model)))
             comp = comps.get((region.value, side, metric, name))
             if comp is not None:
                 items.extend(_comparison_items(metric, comp.with_current(float(m.value))))
@@ -354,7 +364,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             algo = algorithm if m.algorithm_version == version else \
                 hd.sr.AlgorithmIdentification(name="musclenode", version=str(m.algorithm_version))
             items.append(_num(concept, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
-                              algorithm_id=algo, method=codes.MODEL_METHODS.get(m.model)))
+                              algorithm_id=algo, method=_method(metric, m.model)))
             comp = comps.get((region.value, side, metric, ""))
             if comp is not None:
                 if comp.current_value is None:

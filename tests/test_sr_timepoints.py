@@ -74,3 +74,11 @@ def test_values_of_another_algorithm_version_are_not_compared(visit):
     assert not any("since baseline" in n for n in names)
     flags = [e.value.meaning for e in g.get_qualitative_evaluations()]
     assert "Not compared: measured by another algorithm version" in flags
+
+
+def test_a_method_only_under_what_it_made(visit):
+    out = build_outputs(visit)
+    g = _groups(out.sr)["right thigh muscle"]
+    by_name = {m.name.meaning: m for m in g.get_measurements()}
+    assert by_name["Area"].method is None and by_name["Volume"].method is None
+    assert "Dixon" in by_name["Fat fraction"].method.meaning
