@@ -149,8 +149,12 @@ def test_orthanc_sends_a_study_to_the_node_and_gets_results(make_node, orthanc, 
     study_id = next(f["ID"] for f in orthanc.post("/tools/lookup", study_uid) if f["Type"] == "Study")
     job = orthanc.post("/modalities/musclenode/store", json.dumps({"Resources": [study_id], "Synchronous": True}))
     assert job.get("InstancesCount", len(datasets)) == len(datasets)
-    wait_until(lambda: len(orthanc.instances_of_study(study_uid)) == len(datasets) + 2, timeout=120,
-               what="SEG and SR back in Orthanc")
+    def modalities():
+        return {orthanc.get(f"/instances/{i['ID']}/simplified-tags").get("Modality")
+                for i in orthanc.instances_of_study(study_uid)}
+    # the SEG, the SR and the parametric maps (Modality OT) come back beside the images
+    wait_until(lambda: len(orthanc.instances_of_study(study_uid)) > len(datasets) + 2
+               and {"SEG", "SR", "OT"} <= modalities(), timeout=120, what="SEG, SR and maps back in Orthanc")
     got = measured(node, study_uid)
     for (side, metric), truth in phantom.truth.items():
         if metric == "ff_percent":
