@@ -60,9 +60,11 @@ def visits(conn: Connection, secret: bytes, subject_keys: Iterable[str] | None =
     if subject_keys is not None:
         q = q.where(db.studies.c.subject_key.in_(list(subject_keys)))
     rows = conn.execute(q).all()
-    skipped = {r.study_uid for r in conn.execute(
-        select(db.jobs.c.study_uid, db.jobs.c.state, db.jobs.c.id).order_by(db.jobs.c.id)).all()
-        if r.state == JobState.SKIPPED}
+    jobs = select(db.jobs.c.study_uid, db.jobs.c.state).order_by(db.jobs.c.id)
+    if subject_keys is not None:
+        jobs = jobs.where(db.jobs.c.study_uid.in_([r.study_uid for r in rows]))
+    last = {r.study_uid: r.state for r in conn.execute(jobs)}   # each study's latest job
+    skipped = {uid for uid, state in last.items() if state == JobState.SKIPPED}
     first: dict[str, dt.date] = {}
     for r in rows:
         d = _date(r.study_date)
