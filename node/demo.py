@@ -95,8 +95,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                 outputs[n] = {m: v[1] for m, v in got.items()}
                 pacs.wait_for("OT", study_uid, 30)   # the parametric maps (highdicom writes them as OT)
                 time.sleep(1.0)
-                with pacs._lock:
-                    maps[n] = [p for _, mod, st, p in pacs.received if mod == "OT" and st == study_uid]
+                maps[n] = pacs.received_of("OT", study_uid)
                 truth = dict(ph.truth)
                 for side in (Side.RIGHT, Side.LEFT):
                     truth[(side, "t2w_ms")] = t2w

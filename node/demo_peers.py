@@ -69,6 +69,11 @@ class MiniPACS:
             self.received.append((time.time(), str(ds.Modality), str(ds.StudyInstanceUID), path))
         return 0x0000
 
+    def received_of(self, modality: str, study_uid: str) -> list[Path]:
+        """The files of every ``modality`` instance of ``study_uid`` received so far."""
+        with self._lock:
+            return [p for _, mod, st, p in self.received if mod == modality and st == study_uid]
+
     def wait_for(self, modality: str, study_uid: str, timeout: float, *,
                  after: float = 0.0) -> tuple[float, Path] | None:
         """The (arrival time, file) of the first ``modality`` instance of ``study_uid`` received

@@ -145,17 +145,14 @@ def record_study_rois(conn: Connection, study_uid: str, analysis: StudyAnalysis)
     rois = analysis.rois
     if rois is None:
         return
-    carried = analysis.carried
-    if analysis.atlas is not None and analysis.atlas.agreement:   # an atlas set: its lowest agreement as "dice"
-        conn.execute(insert(db.study_rois).values(
-            study_uid=study_uid, source=rois.source.value, seg_sop_uid="", n_rois=len(rois.names),
-            dice=float(min(analysis.atlas.agreement.values())), mismatch=None, needs_review=False,
-            updated_at=time.time()))
-        return
+    carried, atlas = analysis.carried, analysis.atlas
+    dice = None   # a carried set: its worst Dice; an atlas set: its lowest voter agreement
+    if carried is not None and carried.dice_muscle is not None:
+        dice = float(min([carried.dice_muscle, *carried.dice_by_side.values()]))
+    elif atlas is not None and atlas.agreement:
+        dice = float(min(atlas.agreement.values()))
     conn.execute(insert(db.study_rois).values(
         study_uid=study_uid, source=rois.source.value,
-        seg_sop_uid=rois.origin.sop_instance_uid if rois.origin else "", n_rois=len(rois.names),
-        dice=None if carried is None or carried.dice_muscle is None else float(
-            min([carried.dice_muscle, *carried.dice_by_side.values()])),
+        seg_sop_uid=rois.origin.sop_instance_uid if rois.origin else "", n_rois=len(rois.names), dice=dice,
         mismatch=None if carried is None else float(carried.mismatch),
         needs_review=bool(carried is not None and carried.needs_review), updated_at=time.time()))

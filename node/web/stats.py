@@ -21,24 +21,30 @@ from sqlalchemy.engine import Connection
 from reports import trialstats as ts
 
 from .. import db
-from .queries import _LINEAGE, groups_by_key, measurement_table, visits
+from .queries import _LINEAGE, EXPORT_COLUMNS, groups_by_key, measurement_table, visits
 
 _PREFERENCE = {"reader": 0, "automatic": 1, "atlas": 2}
 
 
-def mri_visits(conn: Connection, secret: bytes, *, metric: str, region: str, roi: str, side: str) -> list[ts.Visit]:
-    """The subjects' values of one metric as :class:`reports.trialstats.Visit` records."""
-    table = measurement_table(conn, secret, metric=metric, region=region, roi=roi, side=side)
+_COL = {name: i for i, name in enumerate(EXPORT_COLUMNS)}
+
+
+def mri_visits(table: list[tuple], roi: str) -> list[ts.Visit]:
+    """The subjects' values in ``table`` (:func:`measurement_table` of one metric, region, ROI
+    and side) as :class:`reports.trialstats.Visit` records, one ROI lineage per subject.
+    """
+    subject, group, visit, days, value, source = (_COL[k] for k in ("subject", "group", "visit",
+                                                                      "days_since_baseline", "value", "source"))
     by_subject: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     for t in table:
-        lineage = _LINEAGE.get(t[13], t[13]) if roi else ""
-        by_subject[(t[0], lineage)].append(t)
+        lineage = _LINEAGE.get(t[source], t[source]) if roi else ""
+        by_subject[(t[subject], lineage)].append(t)
     chosen: dict[str, list[tuple]] = {}
     # per subject one lineage: the preferred among those with two visits or more, else the preferred
     order = sorted(by_subject.items(), key=lambda kv: (len(kv[1]) < 2, _PREFERENCE.get(kv[0][1], 9)))
-    for (subject, _), rows in order:
-        chosen.setdefault(subject, rows)
-    return [ts.Visit(subject=t[0], days=float(t[3]), value=float(t[10]), group=t[1], visit=t[2])
+    for (code, _), rows in order:
+        chosen.setdefault(code, rows)
+    return [ts.Visit(subject=t[subject], days=float(t[days]), value=float(t[value]), group=t[group], visit=t[visit])
             for rows in chosen.values() for t in rows]
 
 
@@ -79,9 +85,9 @@ def cohort(stats: ts.CohortStats) -> dict:
 def stats_response(conn: Connection, secret: bytes, *, metric: str, region: str, roi: str, side: str,
                    relative: bool, group: str | None, score: str | None, relative_score: bool) -> dict:
     """The answer of ``GET /api/v1/stats`` (module docstring)."""
-    mri = mri_visits(conn, secret, metric=metric, region=region, roi=roi, side=side)
-    unit = next((t[11] for t in measurement_table(conn, secret, metric=metric, region=region, roi=roi, side=side)),
-                "")
+    table = measurement_table(conn, secret, metric=metric, region=region, roi=roi, side=side)
+    mri = mri_visits(table, roi)
+    unit = table[0][_COL["unit"]] if table else ""
     changes = ts.annualised_changes(mri)
     per_group = ts.by_group(ts.cohort_stats, changes, relative=relative)
     if group is not None:
