@@ -83,8 +83,30 @@ LEFT = _cc(codes.SCT.Left)                    # SCT 7771000, codedict (CID 244)
 # --- SR: document, procedure, measurement names ----------------------------------------
 
 IMAGING_MEASUREMENT_REPORT = _cc(codes.DCM.ImagingMeasurementReport)  # DCM 126000, codedict (CID 7021)
-#: Procedure reported (TID 1500 row 4): LOINC 25056-3, codedict (CID 100).
+#: Procedure reported (TID 1500 row 4) where no body-region code fits: LOINC 25056-3,
+#: codedict (CID 100).
 MRI_PROCEDURE = _cc(codes.cid100.MRIUnspecifiedBodyRegion)
+# SNOMED CT procedure codes of MRI by body region (not in pydicom's codedict; checked
+# against a published SNOMED CT procedure value set; CID 100 is extensible). The calf
+# and a leg of unknown level take "lower extremity": SNOMED CT has no plain "MRI of lower
+# leg" procedure (only "with contrast"). Head and neck has none that fits: unspecified.
+MRI_OF_THIGH = CodedConcept(value="241640003", scheme_designator="SCT",
+                            meaning="Magnetic resonance imaging of thigh")
+MRI_OF_LOWER_EXTREMITY = CodedConcept(value="113109007", scheme_designator="SCT",
+                                      meaning="Magnetic resonance imaging of lower extremity")
+MRI_OF_HAND = CodedConcept(value="241638008", scheme_designator="SCT",
+                           meaning="Magnetic resonance imaging of hand")
+
+
+def procedure_concept(region: Region | str) -> CodedConcept:
+    """Procedure Reported of a study of ``region``: the MRI procedure of that body region
+    where SNOMED CT has one (thigh, lower extremity, hand), else :data:`MRI_PROCEDURE`.
+    """
+    value = getattr(region, "value", region)
+    return {"thigh": MRI_OF_THIGH, "calf": MRI_OF_LOWER_EXTREMITY, "leg": MRI_OF_LOWER_EXTREMITY,
+            "hand": MRI_OF_HAND}.get(value, MRI_PROCEDURE)
+
+
 AREA = _cc(codes.SCT.Area)                    # SCT 42798000, codedict (CID 7469)
 VOLUME = _cc(codes.SCT.Volume)                # SCT 118565006, codedict (CID 7469)
 FAT_FRACTION = _cc(codes.DCM.FatFraction)     # DCM 129100, codedict (CID 7180, CID 7469)

@@ -34,11 +34,16 @@ def decimals(metric: str, kind: str = "") -> int:
 
 
 def rounded(value: float, metric: str, kind: str = "") -> float:
-    """``value`` rounded to the precision of the metric (or comparison kind); ``-0.0`` is 0."""
+    """``value`` rounded to the precision of the metric (or comparison kind): an ``int``
+    where that is a whole number (so that DICOM text reads ``7273``, not ``7273.0``);
+    ``-0.0`` is 0.
+    """
     if not math.isfinite(value):
         return value
-    out = round(float(value), decimals(metric, kind))
-    return out + 0.0   # -0.0 -> 0.0
+    d = decimals(metric, kind)
+    if d == 0:
+        return int(round(float(value)))
+    return round(float(value), d) + 0.0   # -0.0 -> 0.0
 
 
 def formatted(value: float, metric: str, kind: str = "", *, sign: bool = False) -> str:

@@ -4,21 +4,33 @@ Content tree::
 
     Imaging Measurement Report (126000, DCM)                    [TID 1500]
       Language, Observation Context (device observer "musclenode")
-      Procedure reported: MRI unspecified body region (25056-3, LN)
+      Procedure reported: MRI of the body region (e.g. SCT 241640003 "Magnetic
+          resonance imaging of thigh"; LOINC 25056-3 where SNOMED CT has none)
       Imaging Measurements
-        Measurement Group (one per leg)                         [TID 1411]
+        Measurement Group (one per leg, one per ROI and side)  [TID 1411]
           Tracking Identifier "right thigh muscle" + Tracking UID (stable per subject)
           Referenced Segment -> the SEG's muscle segment of that side (whole segment)
           Finding Type: Skeletal muscle; Finding Site: Thigh, laterality Right
-          Algorithm: musclenode <version>
+          Algorithm: musclenode <version>; Time Point ("baseline", "day 182" or the
+              Clinical Trial Time Point ID)
+          NUM "Interval since baseline" (d), "Interval since previous visit" (d):
+              once, where every compared metric of the group shares it
           NUM Area (mm2, derivation Mean)        = mean muscle CSA
+          [its comparison, private 99MUSCLENODE concepts: "Area at baseline",
+              "Change in area since baseline", "Relative change in area since
+              baseline" (%), "Annualised change in area since baseline" (mm2/a),
+              the same for the previous visit]
           NUM Volume (mL)                         = muscle volume
-          NUM Fat fraction (%, derivation Mean)   = mean muscle fat fraction
-          NUM Functional remaining muscle area (mm2, derivation Mean)
-          [with a comparison for the metric, private 99MUSCLENODE concepts, e.g.]
-          NUM "Area at baseline" (mm2), "Change in area since baseline" (mm2),
-              "Relative change in area since baseline" (%), "Interval since
-              baseline (area)" (d), the same for the previous visit
+          NUM Fat fraction (%, derivation Mean, Measurement Method: the model)
+          NUM Functional remaining muscle area (mm2, derivation Mean, method)
+        Measurement Group (the same legs and ROIs on the key slice)  [TID 1410]
+          Tracking Identifier "right thigh muscle, key slice"
+          SCOORD POLYLINE: the segment's outline on the key slice's source image
+          NUM Area (mm2) and Fat fraction (%) of that slice
+
+Every value is written at the precision of its method (:mod:`reports.precision`: area
+1 mm², FF 0.1 pp, T2 0.1 ms), and every container is SEPARATE, so that a PACS that
+shows an SR as an indented text list shows each value under its name.
 
 Each comparison item also carries the generic kind (e.g. "Change since baseline") as its
 Derivation, so a reader can select by kind as well as by metric.
@@ -30,17 +42,21 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
+from pydicom.valuerep import DSfloat
 
 from quant.enums import Region, Side, Tissue
 from quant.pipeline import StudyAnalysis
 
-from . import codes
+from . import codes, precision
 from .longitudinal import Comparison
+from .outline import key_slice, outline
 from .seg import (
     DEFAULT_SOFTWARE_VERSION,
     roi_label,
+    roi_mask,
     roi_segment_numbers,
     roi_tracking_uid,
     segment_label,
@@ -153,11 +169,24 @@ def _method(metric: str, model: str) -> hd.sr.CodedConcept | None:
 
 
 def _num(name, value, unit, *, derivation=None, algorithm_id=None, method=None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation, algorithm_id=algorithm_id,
-                             method=method)
+    """A NUM item; a whole-number ``int`` value is written as such (``8709``, not ``8709.0``,
+    which claims a decimal the method does not resolve).
+    """
+    out = hd.sr.Measurement(name=name, value=value, unit=unit, derivation=derivation, algorithm_id=algorithm_id,
+                            method=method)
+    if isinstance(value, int):
+        out[0].MeasuredValueSequence[0].NumericValue = DSfloat(str(value))
+    return out
 
 
-def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
+#: Comparison kinds that are intervals: written once per group when every metric of the
+#: group has the same (:func:`_group_items`).
+_INTERVAL_KINDS = {"days_since_baseline": codes.INTERVAL_SINCE_BASELINE,
+                   "days_since_previous": codes.INTERVAL_SINCE_PREVIOUS}
+
+
+def _comparison_items(metric: str, comp: Comparison, skip: Collection[str] = ()) -> list[hd.sr.Measurement]:
+    """The comparison NUM items of one metric, each at its precision, less the kinds in ``skip``."""
     values = {
         "baseline_value": None if comp.baseline is None else comp.baseline.value,
         "previous_value": None if comp.previous is None else comp.previous.value,
@@ -165,12 +194,45 @@ def _comparison_items(metric: str, comp: Comparison) -> list[hd.sr.Measurement]:
     out = []
     for kind in _COMPARISON_ORDER:
         value = values[kind] if kind in values else getattr(comp, kind)
-        if value is None:
+        if value is None or kind in skip:
             continue
         name, unit = codes.comparison_concept(metric, kind)
         generic = codes.COMPARISON_KINDS[kind][0]
-        out.append(_num(name, float(value), unit, derivation=generic))
+        out.append(_num(name, precision.rounded(float(value), metric, kind), unit, derivation=generic))
     return out
+
+
+def _group_items(values: Sequence[tuple[str, float, hd.sr.AlgorithmIdentification | None, str]],
+                 comps: Mapping[str, Comparison]) -> list[hd.sr.Measurement]:
+    """The NUM items of one measurement group: each metric's value at its precision (with
+    its derivation, algorithm where it is not the group's, and, for model-made values, method),
+    then its comparison with
+    earlier visits. An interval since baseline or previous visit that every compared metric
+    shares is stated once, first; only a metric whose interval differs states its own.
+
+    ``values``: (metric, value, algorithm, model) in :data:`METRIC_ORDER`; ``comps``:
+    metric -> comparison (current value filled in).
+    """
+    shared: dict[str, int] = {}
+    for kind in _INTERVAL_KINDS:
+        days = {getattr(c, kind) for c in comps.values()}
+        if len(days) == 1 and None not in days:
+            shared[kind] = int(days.pop())
+    items = [_num(concept, int(days), codes.UNIT_DAY) for kind, days in shared.items()
+             for concept in (_INTERVAL_KINDS[kind],)]
+    for metric, value, algorithm, model in values:
+        concept, unit = codes.METRIC_CONCEPTS[metric]
+        items.append(_num(concept, precision.rounded(value, metric), unit,
+                          derivation=codes.METRIC_DERIVATIONS.get(metric), algorithm_id=algorithm,
+                          method=_method(metric, model)))
+        if metric in comps:
+            items.extend(_comparison_items(metric, comps[metric], skip=shared))
+    return items
+
+
+def _quality(name: hd.sr.CodedConcept, value: float) -> hd.sr.Measurement:
+    """A quality figure (Dice, mismatch, agreement; unit 1) at :data:`precision.QUALITY_DECIMALS`."""
+    return _num(name, round(float(value), precision.QUALITY_DECIMALS) + 0.0, codes.UNIT_ONE)
 
 
 def _time_point_context(time_point: tuple[str, str] | None) -> hd.sr.TimePointContext | None:
@@ -226,35 +288,111 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
     out = []
     for (label, side), number in numbers.items():
         name = analysis.rois.names[label]
-        items: list[hd.sr.Measurement] = []
+        values, group_comps = [], {}
         for metric in METRIC_ORDER:
             m = by_key.get((name, side, metric))
             if m is None or not math.isfinite(float(m.value)):
                 continue
-            concept, unit = codes.METRIC_CONCEPTS[metric]
-            items.append(_num(concept, float(m.value), unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
-                              algorithm_id=algorithm, method=_method(metric, m.model)))
+            values.append((metric, float(m.value), None, m.model))
             comp = comps.get((region.value, side, metric, name))
             if comp is not None:
-                items.extend(_comparison_items(metric, comp.with_current(float(m.value))))
-        if not items:
+                group_comps[metric] = comp.with_current(float(m.value))
+        if not values:
             continue
+        items = _group_items(values, group_comps)
         evaluations = [hd.sr.QualitativeEvaluation(codes.ROI_SOURCE, codes.ROI_SOURCES[source.value])]
         if carried is not None:
             dice = carried.dice_by_side.get(side, carried.dice_muscle)
             if dice is not None:
-                items.append(_num(codes.REGISTRATION_DICE, float(dice), codes.UNIT_ONE))
-            items.append(_num(codes.REGISTRATION_MISMATCH, float(carried.mismatch), codes.UNIT_ONE))
+                items.append(_quality(codes.REGISTRATION_DICE, dice))
+            items.append(_quality(codes.REGISTRATION_MISMATCH, carried.mismatch))
             evaluations.append(hd.sr.QualitativeEvaluation(codes.REGISTRATION_REVIEW,
                                                            codes.REGISTRATION_REVIEWS[carried.needs_review]))
         if source.value == "atlas" and analysis.atlas is not None and name in analysis.atlas.agreement:
-            items.append(_num(codes.ATLAS_AGREEMENT, float(analysis.atlas.agreement[name]), codes.UNIT_ONE))
+            items.append(_quality(codes.ATLAS_AGREEMENT, analysis.atlas.agreement[name]))
         if (region.value, side, name) in version_excluded:
             evaluations.append(hd.sr.QualitativeEvaluation(codes.VERSION_CHANGE, codes.VERSION_CHANGES[True]))
         words = roi_label(analysis, label, side)
         out.append(_group(roi_tracking_uid(subject_key, region.value, side, name, source.lineage), words,
                           seg_dataset, number, analysis, codes.roi_concept(name) or site, side, algorithm, items,
                           evaluations, time_point))
+    return out
+
+
+def _separate(item: Dataset) -> None:
+    """Mark ``item`` and every container below it SEPARATE: a measurement group is a list of
+    items, not one sentence (a CONTINUOUS container is shown as running text: text renderers
+    such as DCMTK's dsr2html then drop each value's name and print "181 d 8709 mm2 ...").
+    """
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
+
+
+def _planar_groups(analysis: StudyAnalysis, sources: list[Dataset], subject_key: str,
+                   algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept,
+                   time_point: tuple[str, str] | None = None
+                   ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One planar measurement group (TID 1410) per leg, and per ROI and side, on the key
+    slice (:func:`reports.outline.key_slice`): the outline of its SEG segment on that
+    slice as a closed POLYLINE on the source image, with that slice's area (segment
+    pixels x pixel area) and mean fat fraction. Viewers that draw no volumetric group
+    (OHIF, 3D Slicer) draw these with their values.
+    """
+    region = analysis.segmentation.region
+    ff_model = {(m.side, m.roi): m.model for m in analysis.measurements if m.metric == "ff_t2_percent"}
+    ff_model.update({(m.side, m.roi): m.model for m in analysis.measurements if m.metric == "ff_percent"})
+    masks: list[tuple[str, str, Side, str, hd.sr.CodedConcept]] = []   # (tracking UID, words, side, ROI, site)
+    for side in (Side.RIGHT, Side.LEFT):
+        mask = analysis.segmentation.mask(Tissue.MUSCLE, side)
+        if mask.any():
+            masks.append((tracking_uid(subject_key, region, side),
+                          f"{side.value} {codes.REGION_WORDS[region.value]} muscle", side, "", site))
+    if analysis.rois is not None:
+        for (label, side) in roi_segment_numbers(analysis):
+            name = analysis.rois.names[label]
+            masks.append((roi_tracking_uid(subject_key, region.value, side, name, analysis.rois.source.lineage),
+                          roi_label(analysis, label, side), side, name, codes.roi_concept(name) or site))
+    if not masks:
+        return []
+
+    def mask_of(side: Side, name: str) -> np.ndarray:
+        if not name:
+            return analysis.segmentation.mask(Tissue.MUSCLE, side)
+        assert analysis.rois is not None
+        label = next(k for k, v in analysis.rois.names.items() if v == name)
+        return roi_mask(analysis, label, side)
+
+    volumes = {(side, name): mask_of(side, name) for _, _, side, name, _ in masks}
+    k = key_slice(analysis.segmentation.tissue == Tissue.MUSCLE, volumes.values())
+    ref = analysis.anatomy
+    uid = ref.sop_instance_uids[k]
+    frame = ref.frame_numbers[k] if ref.frame_numbers and ref.frame_numbers[k] else None
+    source = next(d for d in sources if str(d.SOPInstanceUID) == uid)
+    image = hd.sr.SourceImageForRegion(str(source.SOPClassUID), uid, [frame] if frame else None)
+    ff_slice = analysis.fat_fraction[k]
+    out = []
+    for group_uid, words, side, name, finding in masks:
+        mask = volumes[(side, name)][k]
+        points = outline(mask)
+        if points is None:
+            continue
+        ff = ff_slice[mask]
+        ff = ff[np.isfinite(ff)]
+        items = [_num(codes.AREA, precision.rounded(float(mask.sum()) * ref.pixel_area_mm2, "csa_mm2"), codes.UNIT_MM2)]
+        if ff.size:
+            items.append(_num(codes.FAT_FRACTION, precision.rounded(float(ff.mean()) * 100.0, "ff_percent"),
+                              codes.UNIT_PERCENT, derivation=codes.MEAN,
+                              method=_method("ff_percent", ff_model.get((side, name), ""))))   # the map's model
+        out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            time_point_context=_time_point_context(time_point),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derive_uid(group_uid, "key-slice"),
+                                                         identifier=f"{words}, key slice"),
+            referenced_region=hd.sr.ImageRegion(hd.sr.GraphicTypeValues.POLYLINE, points, image),
+            finding_type=codes.SKELETAL_MUSCLE,
+            finding_sites=[hd.sr.FindingSite(finding, laterality=codes.laterality(side))],
+            algorithm_id=algorithm, measurements=items))
     return out
 
 
@@ -351,7 +489,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         number = numbers.get((Tissue.MUSCLE, side))
         if number is None:
             raise ValueError(f"the analysis has {side.value} measurements but no {side.value} muscle segment")
-        items: list[hd.sr.Measurement] = []
+        values, group_comps = [], {}
         for metric in metrics:
             m = by_key[(region.value, side, metric)]
             if m.unit not in _UNIT_ALIASES[metric]:
@@ -360,11 +498,10 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             value = float(m.value)
             if not math.isfinite(value):
                 raise ValueError(f"{region.value} {side.value} {metric} is not finite ({m.value})")
-            concept, unit = codes.METRIC_CONCEPTS[metric]
-            algo = algorithm if m.algorithm_version == version else \
+            # the group names the algorithm: a value states its own only where it differs
+            algo = None if m.algorithm_version == version else \
                 hd.sr.AlgorithmIdentification(name="musclenode", version=str(m.algorithm_version))
-            items.append(_num(concept, value, unit, derivation=codes.METRIC_DERIVATIONS.get(metric),
-                              algorithm_id=algo, method=_method(metric, m.model)))
+            values.append((metric, value, algo, m.model))
             comp = comps.get((region.value, side, metric, ""))
             if comp is not None:
                 if comp.current_value is None:
@@ -372,7 +509,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
                 elif not math.isclose(comp.current_value, value, rel_tol=1e-9, abs_tol=1e-9):
                     raise ValueError(f"comparison for {region.value} {side.value} {metric} has current value "
                                      f"{comp.current_value}, the analysis {value}")
-                items.extend(_comparison_items(metric, comp))
+                group_comps[metric] = comp
+        items = _group_items(values, group_comps)
         words = f"{side.value} {codes.REGION_WORDS[region.value]} muscle"
         # the swap check needs Dixon images: a MEGRE- or MESE-only study makes no claim
         evaluations = [hd.sr.QualitativeEvaluation(codes.FAT_WATER_SWAP, swap_finding)] if analysis.dixon_series \
@@ -384,6 +522,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
     groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site, comps, time_point, version_excluded)
+    planar = _planar_groups(analysis, sources, subject_key, algorithm, site, time_point)
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -392,11 +531,12 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             name="musclenode", manufacturer_name=manufacturer, model_name=manufacturer_model_name))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.MRI_PROCEDURE,
-        imaging_measurements=groups,
+        procedure_reported=codes.procedure_concept(region),
+        imaging_measurements=[*groups, *planar],
         title=codes.IMAGING_MEASUREMENT_REPORT,
     )
 
+    _separate(report[0])
     study_uid = str(sources[0].StudyInstanceUID)
     parts = (study_uid, "sr", version, subject_key, str(seg_dataset.SOPInstanceUID),
              *sorted(analysis.anatomy.sop_instance_uids), _digest(comps),

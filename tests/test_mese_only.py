@@ -160,8 +160,10 @@ def test_mese_only_through_node_to_orthanc(make_node, orthanc, gap_phantom, tmp_
     assert dcmqi_seg_readback(paths["SEG"], tmp_path / "dcmqi-seg")
     meta = tid1500_readback(paths["SR"], tmp_path / "sr.json")
     mese_uid = str(datasets[0].SeriesInstanceUID)
-    assert len(meta["Measurements"]) == 8        # two legs and, [rois] compartments, 3 compartments each
-    assert {m["SourceSeriesForImageSegmentation"] for m in meta["Measurements"]} == {mese_uid}
+    # two legs and, [rois] compartments, 3 compartments each; volumetric, and planar on the key slice
+    assert len(meta["Measurements"]) == 16
+    assert {m["SourceSeriesForImageSegmentation"] for m in meta["Measurements"]
+            if not m["TrackingIdentifier"].endswith("key slice")} == {mese_uid}
     seg = hd.seg.segread(paths["SEG"])
     assert seg.number_of_segments == 12
     assert {s[1:] for s in seg.get_source_image_uids()} == {(mese_uid, str(datasets[0].SOPInstanceUID))}  # echo 1

@@ -186,11 +186,11 @@ def test_earlier_visit_arriving_late_updates_the_later_visits_comparison(make_no
     assert len(new_sr) == 1
     sr = pydicom.dcmread(next(r.path for r in rows(node, db.outputs) if r.sop_uid in new_sr))
     nums = sr_numbers(sr)
-    assert value(nums, "right thigh muscle", "Interval since baseline (area)") == 182
+    assert value(nums, "right thigh muscle", "Interval since baseline") == 182
     v1 = measured(node, uid1)
     v2 = measured(node, uid2)
     assert value(nums, "right thigh muscle", "Change in area since baseline") == pytest.approx(
-        v2[("right", "csa_mm2")] - v1[("right", "csa_mm2")], abs=0.05)
+        v2[("right", "csa_mm2")] - v1[("right", "csa_mm2")], abs=0.5 + 1e-9)   # written to 1 mm2
     replaced = [i.ReferencedSOPInstanceUID for s in sr.PredecessorDocumentsSequence
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
     assert replaced == list(first_sr)

@@ -118,9 +118,9 @@ def test_reader_rois_are_carried_to_the_follow_up_and_a_correction_replaces_them
     ff_now = next(r.value for r in rows if r.side == "right" and r.roi == "anterior_compartment"
                   and r.metric == "ff_percent")
     assert change is not None, sorted(vals)
-    assert abs(float(change) - (ff_now - baseline[0])) < 1e-3
+    assert abs(float(change) - (ff_now - baseline[0])) <= 0.05 + 1e-9   # the SR writes FF to 0.1 pp
     assert float(change) > 5.0   # the anterior compartment got fattier (3 % -> 10 %)
-    assert float(vals["Fat fraction at baseline"]) == pytest.approx(baseline[0], abs=1e-3)
+    assert float(vals["Fat fraction at baseline"]) == pytest.approx(baseline[0], abs=0.05 + 1e-9)
     # the tracking UID is the same for the reader's ROI at baseline and the carried one
     sr1 = max(_outputs(node, s1, "sr"), key=lambda r: r.id)
     g1 = _sr_groups(sr1.path)["right thigh anterior compartment (reader)"]

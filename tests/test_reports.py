@@ -12,7 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from validators import dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
+from validators import at_precision, dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
 
 from quant.enums import Region, Side, Tissue
 from quant.pipeline import analyse_study, group_by_series
@@ -236,7 +236,8 @@ def test_sr_root_and_header(visit, sr_path):
     assert ds.PatientID == visit.water[0].PatientID
     assert [s.CodingSchemeDesignator for s in ds.CodingSchemeIdentificationSequence] == ["99MUSCLENODE"]
     procedure = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
-    assert procedure[0].ConceptCodeSequence[0].CodeValue == "25056-3"
+    assert (procedure[0].ConceptCodeSequence[0].CodeValue,   # MRI of thigh (SCT), not "unspecified body region"
+            procedure[0].ConceptCodeSequence[0].CodingSchemeDesignator) == ("241640003", "SCT")
     evidence = {r.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
     assert evidence == {visit.seg.SOPInstanceUID, *visit.analysis.anatomy.sop_instance_uids}
@@ -245,7 +246,8 @@ def test_sr_root_and_header(visit, sr_path):
 def test_sr_tid1500reader(visit, sr_path, out):
     doc = tid1500_readback(sr_path, out / "sr.json")
     groups = {g["TrackingIdentifier"]: g for g in doc["Measurements"]}
-    assert set(groups) == {"right thigh muscle", "left thigh muscle"}
+    assert set(groups) == {"right thigh muscle", "left thigh muscle",   # volumetric (TID 1411), planar (TID 1410)
+                           "right thigh muscle, key slice", "left thigh muscle, key slice"}
     for side, number in ((Side.RIGHT, 1), (Side.LEFT, 2)):
         g = groups[f"{side.value} thigh muscle"]
         assert g["ReferencedSegment"] == number
@@ -261,10 +263,11 @@ def test_sr_tid1500reader(visit, sr_path, out):
         for key, (metric, unit) in expected.items():
             item = items[key]
             assert item["units"]["CodeValue"] == unit and item["units"]["CodingSchemeDesignator"] == "UCUM"
-            assert float(item["value"]) == pytest.approx(visit.value(side, metric), abs=1e-3)
+            assert float(item["value"]) == at_precision(visit.value(side, metric), metric)
         assert items[("SCT", "42798000")]["derivationModifier"]["CodeValue"] == "373098007"  # Mean
-        assert items[("SCT", "42798000")]["measurementAlgorithmIdentification"]["AlgorithmVersion"] == \
-            visit.analysis.algorithm_version
+        # the algorithm is named once, by the group (a value names its own only where it differs)
+        assert g["measurementAlgorithmIdentification"]["AlgorithmVersion"] == visit.analysis.algorithm_version
+        assert "measurementAlgorithmIdentification" not in items[("SCT", "42798000")]
 
 
 def test_sr_references_seg_segments(visit, sr_path):
@@ -288,21 +291,23 @@ def test_sr_comparison_values(visit, sr_path):
     right = _values(groups["right thigh muscle"])
     cur = visit.value(Side.RIGHT, "csa_mm2")
     P = codes.PRIVATE_SCHEME
-    assert right[("42798000", "SCT")] == (pytest.approx(cur, abs=1e-3), "mm2")
-    assert right[("CSA-BL", P)] == (pytest.approx(cur * 100 / 95, abs=1e-3), "mm2")
-    assert right[("CSA-BL-CHG", P)] == (pytest.approx(cur - cur * 100 / 95, abs=1e-3), "mm2")
+    assert right[("42798000", "SCT")] == (at_precision(cur, "csa_mm2"), "mm2")
+    assert right[("CSA-BL", P)] == (at_precision(cur * 100 / 95, "csa_mm2"), "mm2")
+    assert right[("CSA-BL-CHG", P)] == (at_precision(cur - cur * 100 / 95, "csa_mm2"), "mm2")
     assert right[("CSA-BL-REL", P)] == (pytest.approx(-5.0, abs=1e-9), "%")
-    assert right[("CSA-BL-DAYS", P)] == (365, "d")
-    assert right[("CSA-PV", P)] == (pytest.approx(cur * 100 / 98, abs=1e-3), "mm2")
+    assert right[("BL-INTERVAL", P)] == (365, "d")      # once per group, not under each metric
+    assert right[("CSA-PV", P)] == (at_precision(cur * 100 / 98, "csa_mm2"), "mm2")
     assert right[("CSA-PV-REL", P)] == (pytest.approx(-2.0, abs=1e-9), "%")
-    assert right[("CSA-PV-DAYS", P)] == (184, "d")
+    assert right[("PV-INTERVAL", P)] == (184, "d")
+    assert not any(k[0].endswith("-DAYS") for k in right)
     assert not any(k[0].startswith(("VOL-", "FF-", "FRMA-")) for k in right)
     left = _values(groups["left thigh muscle"])
     vol = visit.value(Side.LEFT, "vol_ml")
     assert left[("VOL-BL", P)] == (300.0, "mL")
-    assert left[("VOL-BL-CHG", P)] == (pytest.approx(vol - 300.0, abs=1e-6), "mL")
-    assert left[("VOL-BL-REL", P)][0] == pytest.approx((vol - 300) / 300 * 100, abs=1e-6)
-    assert left[("VOL-PV-DAYS", P)] == (365, "d")
+    assert left[("VOL-BL-CHG", P)] == (at_precision(vol - 300.0, "vol_ml"), "mL")
+    relative = at_precision((vol - 300) / 300 * 100, "vol_ml", "relative_change_since_baseline")
+    assert left[("VOL-BL-REL", P)][0] == relative
+    assert left[("PV-INTERVAL", P)] == (365, "d")
     assert not any(k[0].startswith("CSA-") for k in left)
     # each comparison item carries its generic kind as Derivation, the metric as its name
     m = {x.name.value: x for x in groups["right thigh muscle"].get_measurements()}

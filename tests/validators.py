@@ -87,3 +87,13 @@ def tid1500_readback(sr_path, out_json) -> dict:
         raise RuntimeError(f"tid1500reader failed (exit {proc.returncode}): "
                            f"{proc.stderr.strip() or proc.stdout.strip()}")
     return json.loads(out_json.read_text())
+
+
+def at_precision(value: float, metric: str, kind: str = ""):
+    """``value`` as the SR writes it: rounded to the metric's precision (reports.precision),
+    compared within half a unit of the last decimal (a change computed from unrounded
+    values may round the other way).
+    """
+    from reports import precision
+    return pytest.approx(precision.rounded(value, metric, kind), abs=0.5 * 10.0 ** -precision.decimals(metric, kind)
+                         + 1e-9)
