@@ -25,7 +25,8 @@ from node.demo_peers import push
 from reports import codes
 from reports.sr_readback import metric_of, roi_name
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(), reason="needs Orthanc (apt-get install orthanc)")
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(),
+                                reason="needs Orthanc (apt-get install orthanc)")
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Reported precision (reports.precision): FF to 0.1 pp, areas to 1 mm2; half of it for a rounded
