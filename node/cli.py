@@ -234,6 +234,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    """``musclenode history rebuild``: a patient's history from the destinations with ``query``;
+    returns 0 when every one answered, 1 when one did not or none has ``query = true``.
+    """
+    from pydicom.dataset import Dataset
+
+    from .history import rebuild_history
+    from .instances import subject_key
+    config, engine = _engine(args)
+    sources = [d for d in config.destinations if d.query]
+    if not sources:
+        print("musclenode: no destination has query = true in the configuration", file=sys.stderr)
+        return 1
+    ds = Dataset()
+    ds.PatientID = args.patient
+    if args.issuer:
+        ds.IssuerOfPatientID = args.issuer
+    key = args.subject_key or subject_key(ds)
+    result = rebuild_history(engine, sources, key, args.patient, args.issuer or "", calling_ae=config.node.ae_title,
+                             timeout=config.send.query_timeout_seconds, context="on demand (musclenode history)")
+    for a in result.answers:
+        if not a.answered:
+            print(f"{a.destination}: no answer ({a.error})")
+            continue
+        srs, values = result.recorded_by_destination.get(a.destination, (0, 0))
+        print(f"{a.destination}: {a.studies} earlier studies, {a.srs} musclenode SRs retrieved, "
+              f"{srs} SRs recorded with {values} values")
+    print(f"history of {key}: {result.recorded_studies} studies, {result.recorded_values} values recorded")
+    return 1 if result.unanswered else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; each subcommand sets ``func``, the ``cmd_*`` function that runs it."""
     p = argparse.ArgumentParser(prog="musclenode", description="DICOM node for quantitative muscle MRI.")
@@ -283,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--since", help="only visits on or after this date (YYYY-MM-DD)")
     s.add_argument("--config", "-c", help="TOML configuration file")
     s.set_defaults(func=cmd_export)
+    s = sub.add_parser("history", help="a subject's earlier values from the SRs in PACS (destinations with "
+                                       "query = true)")
+    hist = s.add_subparsers(dest="action", required=True)
+    h = hist.add_parser("rebuild", help="C-FIND and C-GET the patient's musclenode SRs from every destination with "
+                                        "query = true and record their values as the subject's history")
+    h.add_argument("--patient", required=True, help="Patient ID to query")
+    h.add_argument("--issuer", help="Issuer of Patient ID (default: none)")
+    h.add_argument("--subject-key", help="the node's subject key to file the values under (default "
+                                         "patient:<issuer>:<patient>; give trial:<sponsor>:<subject> for a trial "
+                                         "subject)")
+    h.add_argument("--config", "-c", help="TOML configuration file (destinations, node AE title, database)")
+    s.set_defaults(func=cmd_history)
     return p
 
 

@@ -110,6 +110,7 @@ class SendSettings:
     retry_initial_seconds: float = 5.0
     retry_max_seconds: float = 600.0
     timeout_seconds: float = 30.0
+    query_timeout_seconds: float = 5.0   # C-FIND and C-GET of a subject's earlier SRs (destinations with query)
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,16 @@ class RoiSettings:
 
 @dataclass(frozen=True)
 class Destination:
-    """One ``[[destinations]]`` entry: a DICOM peer that receives every result."""
+    """One ``[[destinations]]`` entry: a DICOM peer that receives every result; with
+    ``query`` the node also asks it for a subject's earlier musclenode SRs (C-FIND, then
+    C-GET) when it has no earlier visit of that subject itself (see :mod:`node.history`).
+    """
 
     name: str
     ae_title: str
     host: str
     port: int
+    query: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("send", "retry_initial_seconds"): _positive,
     ("send", "retry_max_seconds"): _positive,
     ("send", "timeout_seconds"): _positive,
+    ("send", "query_timeout_seconds"): _positive,
     ("t2", "model"): _one_of(tuple(m.value for m in (Model.EPG_BICOMPONENT, Model.BIEXP_FIXED_FAT))),
     ("t2", "profile"): _one_of(("auto", "sinc", "none")),
     ("t2", "time_bandwidth"): _positive,

@@ -155,6 +155,25 @@ measurements = Table(
     Column("source", String(16), nullable=False, default="", server_default=""),
 )
 
+pacs_history = Table(   # a subject's earlier values read back from the SRs the node (or an earlier one) sent to PACS
+    "pacs_history", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("subject_key", String(200), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("study_date", String(8), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("metric", String(32), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("unit", String(16), nullable=False),
+    Column("algorithm_version", String(64), nullable=False),
+    Column("roi", String(128), nullable=False, default=""),      # "" for the whole region
+    Column("source", String(16), nullable=False, default=""),    # the ROI's source ("" for the whole region)
+    Column("sr_uid", String(64), nullable=False),                # the SR it was read from
+    Column("destination", String(64), nullable=False),          # the [[destinations]] entry that held it
+    Column("fetched_at", Float, nullable=False),
+)
+
 tokens = Table(   # bearer tokens of the web API: only a hash is kept
     "tokens", metadata,
     Column("id", Integer, primary_key=True),
@@ -299,6 +318,7 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
         return False
 
 
-__all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "roi_sets",
+__all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "pacs_history",
+           "roi_sets",
            "study_rois", "tokens", "scores", "subject_groups", "outputs",
            "outbox", "audit", "make_engine", "record_audit", "insert_ignore", "select", "update", "Boolean"]

@@ -133,7 +133,8 @@ def build_outputs(datasets: Sequence[Dataset],
                   priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]] | None = None,
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, compartments: bool = False,
-                  carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = ()) -> StudyOutputs:
+                  carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = (),
+                  history_note: str | None = None) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG, SR and parametric maps (``compartments``: measure the
     automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, and without
     one a reader's ROI set of another visit in ``carry_from`` is carried here, else other
@@ -142,7 +143,8 @@ def build_outputs(datasets: Sequence[Dataset],
 
     ``priors`` maps :func:`prior_key` to the values of the subject's earlier visits;
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
-    (listed in its Predecessor Documents Sequence).
+    (listed in its Predecessor Documents Sequence); ``history_note`` says in the SR why the
+    subject's earlier visits are missing (see :func:`reports.sr.build_sr`).
     """
     from reports.pmap import build_parametric_maps
     from reports.seg import build_seg
@@ -163,11 +165,11 @@ def build_outputs(datasets: Sequence[Dataset],
     time_point = time_point_of(ds0, study_date, priors or {})
     seg = build_seg(analysis, source)
     sr = build_sr(analysis, seg, source, comparisons, subject_key=key, time_point=time_point,
-                  version_excluded=excluded)
+                  version_excluded=excluded, history_note=history_note)
     replaced = [p for p in previous_srs if str(p.SOPInstanceUID) != str(sr.SOPInstanceUID)]
     if replaced:  # same UID: same inputs, same report; else the new one names what it replaces
         sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
-                      time_point=time_point, version_excluded=excluded)
+                      time_point=time_point, version_excluded=excluded, history_note=history_note)
     pmaps = build_parametric_maps(analysis, datasets)
     return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps)
 

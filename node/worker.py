@@ -23,8 +23,9 @@ from quant.pipeline import NoDixonError
 from quant.t2stage import T2Options
 from reports.longitudinal import PriorValue
 
-from . import CHATTY_LOGGERS, db, roisets
+from . import CHATTY_LOGGERS, db, history, roisets
 from .completion import requeue_for_roi_set, requeue_later_visits
+from .config import Destination
 from .db import JobState, OutboxState, StudyState
 from .processing import (
     build_outputs,
@@ -49,6 +50,9 @@ class JobContext:
     data_dir: str
     destinations: tuple[str, ...] = ()
     t2_options: T2Options | None = None
+    history_sources: tuple[Destination, ...] = ()   # destinations with query = true (node.history)
+    calling_ae: str = "MUSCLENODE"
+    query_timeout: float = 5.0
     compartments: bool = True     # automatic compartments where no reader's ROIs ([rois] compartments)
     atlases: int = 3              # other subjects' reader sets to fuse ([rois] atlases)
 
@@ -59,8 +63,15 @@ def _engine(url: str) -> Engine:
 
 
 def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
+    """The subject's earlier values by :func:`prior_key`: the node's own measurements, and
+    those read back from PACS (``pacs_history``) for studies it has not measured itself.
+    """
     rows = conn.execute(select(db.measurements).where(and_(db.measurements.c.subject_key == subject,
                                                            db.measurements.c.study_uid != study_uid))).all()
+    measured = {r.study_uid for r in rows}
+    rows += [r for r in conn.execute(select(db.pacs_history).where(and_(
+        db.pacs_history.c.subject_key == subject, db.pacs_history.c.study_uid != study_uid))).all()
+        if r.study_uid not in measured]
     out: dict = defaultdict(list)
     for r in rows:
         d = parse_date(r.study_date)
@@ -69,6 +80,30 @@ def _priors(conn, subject: str, study_uid: str, study_date: str) -> dict:
         out[prior_key(r.region, r.side, r.metric, r.roi, r.source)].append(
             PriorValue(r.study_uid, d, r.value, r.algorithm_version))
     return dict(out)
+
+
+def _history_from_pacs(engine: Engine, ctx: JobContext, subject: str, study_uid: str, datasets) -> str | None:
+    """For a subject the node has no earlier visit of: its history from the destinations with
+    ``query`` (:func:`node.history.rebuild_history`). Returns the SR's history note
+    (``"pacs-no-answer"`` when a destination did not answer), else None.
+    """
+    if not ctx.history_sources:
+        return None
+    with engine.begin() as conn:
+        if history.has_earlier_visits(conn, subject, study_uid):
+            return None
+    ds = next(d for d in datasets if not is_reader_seg(d))
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    if not patient_id:
+        return None
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    result = history.rebuild_history(engine, ctx.history_sources, subject, patient_id, issuer,
+                                     exclude_study=study_uid, calling_ae=ctx.calling_ae, timeout=ctx.query_timeout,
+                                     context=f"study={study_uid}")
+    log.info("history of study %s's subject from PACS: %d earlier studies, %d values recorded%s", study_uid,
+             result.recorded_studies, result.recorded_values,
+             f"; {len(result.unanswered)} destination(s) did not answer" if result.unanswered else "")
+    return "pacs-no-answer" if result.unanswered else None
 
 
 _STUDY_STATE = {JobState.DONE: StudyState.DONE, JobState.SKIPPED: StudyState.DONE, JobState.FAILED: StudyState.FAILED,
@@ -114,6 +149,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     if not [d for d in datasets if not is_reader_seg(d)]:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, "no MR images in this study")
         return JobState.SKIPPED
+    history_note = _history_from_pacs(engine, ctx, study.subject_key, job.study_uid, datasets)
     with engine.begin() as conn:
         priors = _priors(conn, study.subject_key, job.study_uid, study.study_date)
         references = roisets.references_for(conn, study.subject_key, job.study_uid)
@@ -125,7 +161,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     try:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
                             atoms=cached_atoms(Path(ctx.data_dir) / "cache"), carry_from=references,
-                            atlases=atlases, compartments=ctx.compartments)
+                            atlases=atlases, compartments=ctx.compartments,
+                            history_note=history_note if not priors else None)
     except NeedsRoisError as exc:   # hand, head-neck: measured once a reader's ROIs arrive (or are carried)
         _quarantine_refused(store, files, exc.refusals, job.study_uid)
         _finish(engine, job_id, job.study_uid, job.revision, JobState.WAITING_FOR_ROIS, str(exc))
@@ -173,7 +210,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
             for dest in ctx.destinations:
                 db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
                                                        attempts=0, next_try_at=now, last_error=""))
-    notes = "; ".join(out.analysis.notes)
+    notes = "; ".join([*out.analysis.notes, *(["earlier visits not retrieved: PACS did not answer"]
+                                              if history_note and not priors else [])])
     _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))

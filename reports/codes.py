@@ -278,6 +278,14 @@ VERSION_CHANGES = MappingProxyType({
     True: _private("VERSIONCHG-YES", "Not compared: measured by another algorithm version"),
 })
 
+#: Whether the subject's earlier visits could be looked up (a qualitative evaluation of each
+#: whole-region group, written only when they could not): the node had none of its own and
+#: asked PACS for the SRs it once sent (node.history), and PACS did not answer.
+PRIOR_HISTORY = _private("PRIORHIST", "Earlier visits")
+PRIOR_HISTORY_NOTES = MappingProxyType({
+    "pacs-no-answer": _private("PRIORHIST-NOANSWER", "Not retrieved: PACS did not answer"),
+})
+
 #: comparison kind -> (generic concept, code suffix, meaning template, unit or None for
 #: "the metric's own unit"). Kinds are the names used by :func:`comparison_concept`.
 COMPARISON_KINDS: Mapping[str, tuple[CodedConcept, str, str, CodedConcept | None]] = MappingProxyType({

@@ -404,7 +404,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
              manufacturer_model_name: str = "musclenode", institution_name: str | None = None,
              series_description: str = "Muscle measurements (musclenode)",
              previous_versions: Sequence[Dataset] | None = None, time_point: tuple[str, str] | None = None,
-             version_excluded: Collection[tuple] = ()) -> hd.sr.Comprehensive3DSR:
+             version_excluded: Collection[tuple] = (), history_note: str | None = None
+             ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report of an analysis.
 
     Parameters
@@ -439,6 +440,10 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     version_excluded : collection of (region, side, roi)
         Groups whose earlier values were measured by another algorithm version and are not
         compared (``roi`` "" for the whole region): flagged with a qualitative evaluation.
+    history_note : str, optional
+        Why the subject's earlier visits are missing, a key of
+        :data:`reports.codes.PRIOR_HISTORY_NOTES` (``"pacs-no-answer"``): an "Earlier visits"
+        evaluation in each whole-region group.
 
     Returns
     -------
@@ -517,6 +522,13 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             else []
         if (region.value, side, "") in version_excluded:
             evaluations.append(hd.sr.QualitativeEvaluation(codes.VERSION_CHANGE, codes.VERSION_CHANGES[True]))
+        if history_note is not None:   # earlier visits not retrieved (node.history); changes the UIDs too
+            if history_note not in codes.PRIOR_HISTORY_NOTES:
+                raise ValueError(f"history_note must be one of {sorted(codes.PRIOR_HISTORY_NOTES)}, "
+                                 f"got {history_note!r}")
+            evaluations.append(hd.sr.QualitativeEvaluation(codes.PRIOR_HISTORY,
+                                                           codes.PRIOR_HISTORY_NOTES[history_note]))
+            version_excluded = {*version_excluded, ("history", history_note)}
         groups.append(_group(tracking_uid(subject_key, region, side), words, seg_dataset, number, analysis, site,
                              side, algorithm, items, evaluations or None, time_point))
     if not groups:
