@@ -153,12 +153,15 @@ class RoiSettings:
 
 @dataclass(frozen=True)
 class Destination:
-    """One ``[[destinations]]`` entry: a DICOM peer that receives every result."""
+    """One ``[[destinations]]`` entry: a DICOM peer that receives every result (the summary
+    page as Encapsulated PDF only with ``pdf = true``).
+    """
 
     name: str
     ae_title: str
     host: str
     port: int
+    pdf: bool = False   # also send the summary page as Encapsulated PDF (the Secondary Capture goes to all)
 
 
 @dataclass(frozen=True)

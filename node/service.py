@@ -38,7 +38,8 @@ class Node:
         self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes)
         ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
                          config.t2.options(), compartments=config.rois.compartments,
-                         atlases=config.rois.atlases)
+                         atlases=config.rois.atlases,
+                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf))
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
                              poll_seconds=poll_seconds)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
