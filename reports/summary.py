@@ -36,6 +36,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
@@ -536,7 +537,7 @@ def render_page(analysis: StudyAnalysis, rows: Sequence[SummaryRow], trends: Seq
     canvas.draw()
     rgb = np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
     png, pdf = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
+    Image.fromarray(rgb).save(png, format="PNG", optimize=True)   # RGB, no alpha
     fig.savefig(pdf, format="pdf", metadata={"Creator": "musclenode", "Producer": None, "CreationDate": None,
                                              "Title": TITLE})
     return rgb, png.getvalue(), pdf.getvalue(), truncated
