@@ -154,10 +154,10 @@ def build_outputs(datasets: Sequence[Dataset],
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, compartments: bool = False,
                   carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = ()) -> StudyOutputs:
-    """Analyse one study's MR datasets and build its SEG, SR, parametric maps and summary page (``compartments``: measure the
-    automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, and without
-    one a reader's ROI set of another visit in ``carry_from`` is carried here, else other
-    subjects' sets in ``atlases`` are fused here, see
+    """Analyse one study's MR datasets and build its SEG, SR, parametric maps and summary page
+    (``compartments``: measure the automatic compartments too; a reader's SEG among
+    ``datasets`` gives the ROIs, and without one a reader's ROI set of another visit in
+    ``carry_from`` is carried here, else other subjects' sets in ``atlases`` are fused here, see
     :func:`quant.pipeline.analyse_study`).
 
     ``priors`` maps :func:`prior_key` to the values of the subject's earlier visits;
@@ -266,5 +266,5 @@ def series_summary(analysis: StudyAnalysis) -> list[tuple[str, str, str, str]]:
     return [(s.series_instance_uid, s.kind.value, s.reason, s.description) for s in analysis.series]
 
 
-__all__ = ["build_outputs", "output_datasets", "history_for", "load_datasets", "measurements_csv", "measurement_rows", "encode", "StudyOutputs",
-           "Rejected", "parse_date", "SeriesKind", "series_summary", "CSV_COLUMNS"]
+__all__ = ["build_outputs", "output_datasets", "history_for", "load_datasets", "measurements_csv", "measurement_rows",
+           "encode", "StudyOutputs", "Rejected", "parse_date", "SeriesKind", "series_summary", "CSV_COLUMNS"]

@@ -3,7 +3,7 @@ page as an Encapsulated PDF.
 
 The page (landscape, A4 ratio, :data:`PAGE_PX`) holds
 
-* the key slice (largest muscle area) with the ROIs, or each leg's muscle, outlined in colour
+* the key slice (largest muscle area, see :func:`key_slice`) with the ROIs, or each leg's muscle, outlined in colour
   and named in a legend, and the fat-fraction map of that slice with its colour bar (%);
 * the table of this visit's values per region or ROI and side (CSA, FF, fRMA, VOL, water T2
   where measured), their change since baseline and since the previous visit (absolute,
@@ -213,7 +213,7 @@ def summary_rows(analysis: StudyAnalysis, comparisons: Mapping[tuple, Comparison
     by_key = {(m.roi, Side(m.side), m.metric): m for m in analysis.measurements
               if m.region == region and math.isfinite(float(m.value))}
     rows = []
-    for group, roi, source, side in _groups(analysis):
+    for group, roi, _, side in _groups(analysis):
         metrics = [k for k in TABLE_METRICS if (roi, side, k) in by_key]
         if "ff_percent" not in metrics and (roi, side, "ff_t2_percent") in by_key:
             metrics.insert(min(1, len(metrics)), "ff_t2_percent")
@@ -266,10 +266,15 @@ def trend_lines(analysis: StudyAnalysis, history: Mapping[tuple, Sequence[PriorV
     return out
 
 
-def key_slice(analysis: StudyAnalysis) -> int:
-    """The slice (index on the anatomy grid) with the largest muscle area."""
+def key_slice(analysis: StudyAnalysis, *, within: float = 0.05) -> int:
+    """The slice (index on the anatomy grid) with the largest muscle area; among slices
+    within ``within`` (fraction) of that area, the one nearest the middle of the stack (an
+    end slice of a tapering thigh is often the largest, and the least typical).
+    """
     muscle = analysis.segmentation.tissue == Tissue.MUSCLE
-    return int(np.argmax(muscle.reshape(muscle.shape[0], -1).sum(axis=1)))
+    areas = muscle.reshape(muscle.shape[0], -1).sum(axis=1)
+    near = np.flatnonzero(areas >= (1.0 - within) * areas.max())
+    return int(near[np.argmin(np.abs(near - (len(areas) - 1) / 2))])
 
 
 # --------------------------------------------------------------------------- #
@@ -349,10 +354,11 @@ def _draw_images(fig: Figure, analysis: StudyAnalysis, colours: Mapping[str, str
             ax.text(float(np.nonzero(leg)[1].mean()), 0.5, _SIDE_LETTER[side], color="white", fontsize=18,
                     fontweight="bold", ha="center", va="top")
     ax.set_axis_off()
-    ax.set_title(f"Key slice {k + 1} of {seg.tissue.shape[0]} (largest muscle area)", fontsize=13, loc="left")
-    ncol = 3 if sum(len(h.get_label()) for h in handles[:3]) < 50 else 2
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(left, bottom + legend_h), ncol=min(len(handles), ncol),
-               fontsize=12, frameon=False, handlelength=1.6, columnspacing=1.2, borderaxespad=0.2)
+    ax.set_title(f"Slice {k + 1} of {seg.tissue.shape[0]} (largest muscle area)", fontsize=13, loc="left")
+    ncol = 3 if sum(len(str(h.get_label())) for h in handles[:3]) < 50 else 2
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(left, bottom + legend_h),
+               ncol=min(len(handles), ncol), fontsize=12, frameon=False, handlelength=1.6, columnspacing=1.2,
+               borderaxespad=0.2)
 
     ax2 = fig.add_axes(boxes[1])
     ax2.set_title("Fat fraction", fontsize=13, loc="left")
@@ -639,7 +645,8 @@ def build_summary(analysis: StudyAnalysis, source_images: Sequence[Dataset], sr:
     sc.SourceInstanceSequence = _source_instance_sequence(sr)
     sc.ReferencedSeriesSequence = _referenced_series(sr)
     sc.Laterality = laterality
-    sc.PatientOrientation = None            # General Image: Type 2C, empty (not an image of the patient)
+    # General Image: Patient Orientation is Type 2C, empty here (a page, not an image of the patient)
+    sc.add_new("PatientOrientation", "CS", None)
 
     pdf = hd.base.SOPClass(
         study_instance_uid=study_uid, series_instance_uid=derive_uid(*parts, "pdf", "series"),

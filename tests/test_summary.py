@@ -185,7 +185,9 @@ def test_key_slice_has_the_largest_muscle_area(visits):
     a = out.analysis
     k = key_slice(a)
     areas = [(a.segmentation.tissue[i] == 1).sum() for i in range(a.segmentation.tissue.shape[0])]
-    assert areas[k] == max(areas)
+    assert areas[k] >= 0.95 * max(areas)   # the largest, or within 5 % of it and nearer the middle
+    assert abs(k - (len(areas) - 1) / 2) == min(abs(i - (len(areas) - 1) / 2) for i, a in enumerate(areas)
+                                                if a >= 0.95 * max(areas))
 
 
 def test_pdf_goes_only_where_accepted():
