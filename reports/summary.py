@@ -120,9 +120,9 @@ class SummaryRow:
 
 #: Columns of the table: header, alignment and width share.
 COLUMNS: tuple[tuple[str, str, float], ...] = (
-    ("Region / ROI", "left", 2.3), ("Side", "center", 0.55), ("Metric", "left", 1.2), ("Value", "right", 0.9),
-    ("Δ", "right", 0.85), ("Δ %", "right", 0.8), ("Δ / year", "right", 1.0),
-    ("Δ", "right", 0.85), ("Δ %", "right", 0.8), ("Model", "left", 1.05), ("Flags", "left", 1.6),
+    ("Region / ROI", "left", 2.3), ("Side", "center", 0.6), ("Metric", "left", 1.2), ("Value", "right", 0.9),
+    ("Δ", "right", 0.85), ("Δ %", "right", 0.8), ("Δ/yr", "right", 1.0),
+    ("Δ", "right", 0.85), ("Δ %", "right", 0.8), ("Model", "left", 1.05), ("Flags", "left", 1.55),
 )
 #: Headers over several columns: (first column, last column, words).
 COLUMN_SPANS: tuple[tuple[int, int, str], ...] = ((4, 6, "since baseline"), (7, 8, "since previous"))
@@ -150,9 +150,15 @@ class Summary:
     rows: tuple[SummaryRow, ...]
     trends: tuple[TrendLine, ...]
     rgb: np.ndarray        # (rows, columns, 3) uint8: the SC's pixels
-    png: bytes
     pdf_bytes: bytes
     truncated: int = 0     # table rows left off the page for want of room (all are in the SR)
+
+    @property
+    def png(self) -> bytes:
+        """The page as an RGB PNG (encoded on demand: the node sends the SC and PDF only)."""
+        buf = io.BytesIO()
+        Image.fromarray(self.rgb).save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- #
@@ -440,7 +446,7 @@ def _draw_table(fig: Figure, rows: Sequence[SummaryRow], box: tuple) -> int:
     truncated = len(rows) - len(shown)
     n_lines = len(shown) + (1 if truncated else 0)
     row_px = min(28.0, (px_h - header_px) / max(n_lines, 1))
-    font = max(8.5, min(12.5, row_px * 0.5 * 72 / DPI * 1.25))
+    font = max(8.5, min(11.5, row_px * 0.5 * 72 / DPI * 1.25))
     total = sum(w for _, _, w in COLUMNS)
     x0, edges = 0.0, []
     for _, align, w in COLUMNS:
@@ -513,15 +519,15 @@ def _context_line(analysis: StudyAnalysis) -> str:
 
 def render_page(analysis: StudyAnalysis, rows: Sequence[SummaryRow], trends: Sequence[TrendLine], *,
                 comparisons: Mapping[tuple, Comparison] | None = None, study_date: datetime.date | None = None,
-                time_point: str = "", sr_uid: str = "") -> tuple[np.ndarray, bytes, bytes, int]:
+                time_point: str = "", sr_uid: str = "") -> tuple[np.ndarray, bytes, int]:
     """Draw the page.
 
     Returns
     -------
-    (ndarray, bytes, bytes, int)
+    (ndarray, bytes, int)
         The page's RGB pixels (``PAGE_PX[1]`` x ``PAGE_PX[0]`` x 3, uint8), the same page as
-        PNG and as PDF (matplotlib's PDF backend, vector), and the number of table rows left
-        off for want of room.
+        PDF (matplotlib's PDF backend, vector), and the number of table rows left off for want
+        of room.
     """
     fig = Figure(figsize=(PAGE_PX[0] / DPI, PAGE_PX[1] / DPI), dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(fig)
@@ -536,17 +542,16 @@ def render_page(analysis: StudyAnalysis, rows: Sequence[SummaryRow], trends: Seq
     _draw_trends(fig, trends, colours, (0.005, 0.04, 0.43, 0.46), region=region)
     truncated = _draw_table(fig, rows, (0.44, 0.075, 0.55, 0.83))
     fig.text(0.445, 0.065, "Values as in the SR (rounded to the method's precision). Δ: change; Δ %: relative "
-             "change; Δ per year: since baseline, per 365.25 days. FF and its changes in % / percentage points.",
+             "change; Δ/yr: since baseline, per year of 365.25 days. FF and its changes in % / percentage points.",
              fontsize=10.5, va="top", color="0.25", wrap=True)
     fig.text(0.015, 0.012, f"Algorithm {analysis.algorithm_version} · summarises SR {sr_uid or '(none)'}",
              fontsize=11, va="bottom", color="0.2")
     canvas.draw()
     rgb = np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
-    png, pdf = io.BytesIO(), io.BytesIO()
-    Image.fromarray(rgb).save(png, format="PNG", optimize=True)   # RGB, no alpha
+    pdf = io.BytesIO()
     fig.savefig(pdf, format="pdf", metadata={"Creator": "musclenode", "Producer": None, "CreationDate": None,
                                              "Title": TITLE})
-    return rgb, png.getvalue(), pdf.getvalue(), truncated
+    return rgb, pdf.getvalue(), truncated
 
 
 # --------------------------------------------------------------------------- #
@@ -623,7 +628,7 @@ def build_summary(analysis: StudyAnalysis, source_images: Sequence[Dataset], sr:
     rows = summary_rows(analysis, comparisons, version_excluded=version_excluded)
     trends = trend_lines(analysis, history or {}, study_date)
     whole = {k: c for k, c in (comparisons or {}).items() if len(k) < 4 or not k[3]}
-    rgb, png, pdf_bytes, truncated = render_page(
+    rgb, pdf_bytes, truncated = render_page(
         analysis, rows, trends, comparisons=whole, study_date=study_date,
         time_point=time_point[0] if time_point else "", sr_uid=sr_uid)
     parts = (study_uid, "summary", str(analysis.algorithm_version), sr_uid, _trend_digest(trends))
@@ -665,4 +670,4 @@ def build_summary(analysis: StudyAnalysis, source_images: Sequence[Dataset], sr:
     pdf.MIMETypeOfEncapsulatedDocument = "application/pdf"
     pdf.EncapsulatedDocument = pdf_bytes + (b"\0" if len(pdf_bytes) % 2 else b"")
     pdf.EncapsulatedDocumentLength = len(pdf_bytes)
-    return Summary(sc, pdf, tuple(rows), tuple(trends), rgb, png, pdf_bytes, truncated)
+    return Summary(sc, pdf, tuple(rows), tuple(trends), rgb, pdf_bytes, truncated)
