@@ -119,6 +119,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         load_datasets,
         measurement_rows,
         measurements_csv,
+        output_datasets,
     )
     src, out = Path(args.input), Path(args.out)
     if not src.is_dir():
@@ -143,7 +144,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             print(f"study {study_uid}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        for kind, ds in (("seg", result.seg), ("sr", result.sr), *(("pmap", pm) for pm in result.pmaps)):
+        for kind, ds in output_datasets(result):
             path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
             path.write_bytes(encode(ds))
             print(f"wrote {path}")

@@ -154,9 +154,10 @@ class RoiSettings:
 
 @dataclass(frozen=True)
 class Destination:
-    """One ``[[destinations]]`` entry: a DICOM peer that receives every result; with
-    ``query`` the node also asks it for a subject's earlier musclenode SRs (C-FIND, then
-    C-GET) when it has no earlier visit of that subject itself (see :mod:`node.history`).
+    """One ``[[destinations]]`` entry: a DICOM peer that receives every result (the summary
+    page as Encapsulated PDF only with ``pdf = true``); with ``query`` the node also asks it
+    for a subject's earlier musclenode SRs (C-FIND, then C-GET) when it has no earlier visit
+    of that subject itself (see :mod:`node.history`).
     """
 
     name: str
@@ -164,6 +165,7 @@ class Destination:
     host: str
     port: int
     query: bool = False
+    pdf: bool = False   # also send the summary page as Encapsulated PDF (the Secondary Capture goes to all)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                     return 1
                 latencies.append(got["SR"][0] - t_last)
                 outputs[n] = {m: v[1] for m, v in got.items()}
-                pacs.wait_for("OT", study_uid, 30)   # the parametric maps (highdicom writes them as OT)
+                pacs.wait_for("OT", study_uid, 30)   # the parametric maps and summary page (both OT)
                 time.sleep(1.0)
                 maps[n] = pacs.received_of("OT", study_uid)
                 truth = dict(ph.truth)

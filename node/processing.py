@@ -30,6 +30,7 @@ from .instances import ENHANCED_MR_IMAGE, MR_IMAGE, SEGMENTATION, read_instance,
 
 if TYPE_CHECKING:
     from quant.t2stage import T2Options
+    from reports.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class StudyOutputs:
     subject_key: str
     study_date: str
     pmaps: list[Dataset] = field(default_factory=list)   # reports.pmap: FF, T2W, B1, FF_T2 (those made)
+    summary: Summary | None = None   # reports.summary: the one-page summary (SC and PDF), None if not made
 
 
 def is_reader_seg(ds: Dataset) -> bool:
@@ -117,6 +119,24 @@ def comparisons_for(analysis: StudyAnalysis, study_date: str,
     return out, excluded
 
 
+def history_for(analysis: StudyAnalysis, study_date: str,
+                priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]],
+                ) -> dict[tuple[str, Side, str, str], list[PriorValue]]:
+    """The earlier visits' values of every measurement (``priors`` keyed by :func:`prior_key`),
+    keyed like :func:`comparisons_for` (region, side, metric, ROI name or ""): the values the
+    summary page plots, those of the same algorithm version only, before ``study_date``.
+    """
+    current = parse_date(study_date)
+    out: dict[tuple[str, Side, str, str], list[PriorValue]] = {}
+    for m in analysis.measurements:
+        key = prior_key(m.region, m.side.value, m.metric, m.roi, m.source)
+        same = [p for p in priors.get(key, ()) if p.algorithm_version in ("", m.algorithm_version)
+                and (current is None or p.study_date < current)]
+        if same:
+            out[(m.region, m.side, m.metric, m.roi)] = same
+    return out
+
+
 def time_point_of(ds: Dataset, study_date: str,
                   priors: Mapping[tuple[str, str, str, str], Sequence[PriorValue]]) -> tuple[str, str]:
     """The visit's (label, Clinical Trial Time Point ID): the ID where the DICOM carries one,
@@ -135,10 +155,10 @@ def build_outputs(datasets: Sequence[Dataset],
                   atoms: AtomsSource | None = None, compartments: bool = False,
                   carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = (),
                   history_note: str | None = None) -> StudyOutputs:
-    """Analyse one study's MR datasets and build its SEG, SR and parametric maps (``compartments``: measure the
-    automatic compartments too; a reader's SEG among ``datasets`` gives the ROIs, and without
-    one a reader's ROI set of another visit in ``carry_from`` is carried here, else other
-    subjects' sets in ``atlases`` are fused here, see
+    """Analyse one study's MR datasets and build its SEG, SR, parametric maps and summary page
+    (``compartments``: measure the automatic compartments too; a reader's SEG among
+    ``datasets`` gives the ROIs, and without one a reader's ROI set of another visit in
+    ``carry_from`` is carried here, else other subjects' sets in ``atlases`` are fused here, see
     :func:`quant.pipeline.analyse_study`).
 
     ``priors`` maps :func:`prior_key` to the values of the subject's earlier visits;
@@ -149,6 +169,7 @@ def build_outputs(datasets: Sequence[Dataset],
     from reports.pmap import build_parametric_maps
     from reports.seg import build_seg
     from reports.sr import build_sr
+    from reports.summary import build_summary
 
     images = [d for d in datasets if not is_reader_seg(d)]
     analysis = analyse_study(images, t2_options=t2_options, atoms=atoms, compartments=compartments,
@@ -171,7 +192,13 @@ def build_outputs(datasets: Sequence[Dataset],
         sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
                       time_point=time_point, version_excluded=excluded, history_note=history_note)
     pmaps = build_parametric_maps(analysis, datasets)
-    return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps)
+    summary = None
+    try:   # the page never fails the study: its SEG, SR and maps go out without it
+        summary = build_summary(analysis, source, sr, comparisons, history_for(analysis, study_date, priors or {}),
+                                time_point=time_point, version_excluded=excluded)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        log.error("study %s: summary page not made: %s: %s", ds0.StudyInstanceUID, type(exc).__name__, exc)
+    return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps, summary)
 
 
 def measurements_csv(rows: Iterable[tuple]) -> str:
@@ -218,6 +245,17 @@ def cached_atoms(cache_dir: Path) -> AtomsSource:
     return atoms
 
 
+def output_datasets(outputs: StudyOutputs) -> list[tuple[str, Dataset]]:
+    """(kind, dataset) of every object made for a study, in sending order: ``seg``, ``sr``,
+    ``pmap`` (each map), ``summary`` (the page as Secondary Capture) and ``summary-pdf``
+    (the page as Encapsulated PDF, sent only where a destination accepts it).
+    """
+    out = [("seg", outputs.seg), ("sr", outputs.sr), *(("pmap", pm) for pm in outputs.pmaps)]
+    if outputs.summary is not None:
+        out += [("summary", outputs.summary.sc), ("summary-pdf", outputs.summary.pdf)]
+    return out
+
+
 def encode(ds: Dataset) -> bytes:
     """The bytes of ``ds`` as a DICOM file (preamble and file meta included)."""
     buf = io.BytesIO()
@@ -230,5 +268,5 @@ def series_summary(analysis: StudyAnalysis) -> list[tuple[str, str, str, str]]:
     return [(s.series_instance_uid, s.kind.value, s.reason, s.description) for s in analysis.series]
 
 
-__all__ = ["build_outputs", "load_datasets", "measurements_csv", "measurement_rows", "encode", "StudyOutputs",
-           "Rejected", "parse_date", "SeriesKind", "series_summary", "CSV_COLUMNS"]
+__all__ = ["build_outputs", "output_datasets", "history_for", "load_datasets", "measurements_csv", "measurement_rows",
+           "encode", "StudyOutputs", "Rejected", "parse_date", "SeriesKind", "series_summary", "CSV_COLUMNS"]

@@ -40,7 +40,8 @@ class Node:
                          config.t2.options(), compartments=config.rois.compartments,
                          atlases=config.rois.atlases,
                          history_sources=tuple(d for d in config.destinations if d.query),
-                         calling_ae=config.node.ae_title, query_timeout=config.send.query_timeout_seconds)
+                         calling_ae=config.node.ae_title, query_timeout=config.send.query_timeout_seconds,
+                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf))
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
                              poll_seconds=poll_seconds)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,

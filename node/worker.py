@@ -1,5 +1,5 @@
 """What a worker does with one job: read the study's instances, quantify them, build the
-SEG, SR and parametric maps, store them, and record measurements, outputs and sends in one transaction.
+SEG, SR, parametric maps and summary page, store them, and record measurements, outputs and sends in one transaction.
 
 :func:`execute_job` is a plain top-level function of picklable arguments, so any
 executor can run it (the node's process pool, or inline in the runner's thread).
@@ -33,6 +33,7 @@ from .processing import (
     encode,
     is_reader_seg,
     load_datasets,
+    output_datasets,
     parse_date,
     prior_key,
     series_summary,
@@ -40,6 +41,10 @@ from .processing import (
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+
+#: The output kind of the summary page as Encapsulated PDF (see :func:`node.processing.output_datasets`).
+PDF_KIND = "summary-pdf"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,16 @@ class JobContext:
     query_timeout: float = 5.0
     compartments: bool = True     # automatic compartments where no reader's ROIs ([rois] compartments)
     atlases: int = 3              # other subjects' reader sets to fuse ([rois] atlases)
+    pdf_destinations: tuple[str, ...] = ()   # those of ``destinations`` with pdf = true
+
+    def destinations_for(self, kind: str) -> tuple[str, ...]:
+        """The destinations an output of ``kind`` is sent to: the summary PDF only to those
+        that accept an Encapsulated PDF (``pdf = true``), every other output to all.
+        """
+        if kind == PDF_KIND:
+            return tuple(d for d in self.destinations if d in self.pdf_destinations)
+        return self.destinations
+
 
 
 @functools.lru_cache(maxsize=4)
@@ -179,7 +194,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
     now = t_built = time.time()
     paths = {}
-    for kind, ds in (("seg", out.seg), ("sr", out.sr), *(("pmap", pm) for pm in out.pmaps)):
+    for kind, ds in output_datasets(out):
         path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
         store.write_result(path, encode(ds))
         paths[str(ds.SOPInstanceUID)] = (kind, path)
@@ -207,7 +222,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
             db.insert_ignore(conn, db.outputs, dict(study_uid=job.study_uid, kind=kind, sop_uid=sop_uid,
                                                     path=str(path), job_id=job_id, created_at=now))
             output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
-            for dest in ctx.destinations:
+            for dest in ctx.destinations_for(kind):
                 db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
                                                        attempts=0, next_try_at=now, last_error=""))
     notes = "; ".join([*out.analysis.notes, *(["earlier visits not retrieved: PACS did not answer"]

@@ -7,6 +7,10 @@
 - :mod:`reports.trialstats` -- :func:`~reports.trialstats.annualised_changes`,
   :func:`~reports.trialstats.cohort_stats`, :func:`~reports.trialstats.correlation`,
   :func:`~reports.trialstats.by_group` (pure trial statistics for the stats API)
+- :mod:`reports.pmap` -- :func:`~reports.pmap.build_parametric_maps` (FF, T2W, B1, FF_T2 maps)
+- :mod:`reports.summary` -- :func:`~reports.summary.build_summary` (the one-page summary as
+  Secondary Capture and Encapsulated PDF; :mod:`reports.summary_content` what it shows,
+  :mod:`reports.summary_draw` its drawing)
 - :mod:`reports.codes` -- every coded concept written (standard and ``99MUSCLENODE``)
 - :mod:`reports.uids` -- :func:`~reports.uids.derive_uid` (deterministic UIDs)
 

@@ -9,10 +9,15 @@ from collections.abc import Iterable
 import contourpy
 import numpy as np
 
+from quant.enums import Tissue
+from quant.pipeline import StudyAnalysis
 
-def key_slice(muscle: np.ndarray, required: Iterable[np.ndarray] = ()) -> int:
-    """The slice with the most muscle among those where every mask of ``required`` has a
-    voxel (among all slices where no slice has them all).
+
+def key_slice(muscle: np.ndarray, required: Iterable[np.ndarray] = (), *, within: float = 0.05) -> int:
+    """The key slice: among the slices where every mask of ``required`` has a voxel (all
+    slices where none has them all), those whose muscle area is within ``within`` (a
+    fraction) of the largest, and of those the one nearest the middle of the stack (the end
+    slice of a tapering thigh is often the largest, and the least typical).
 
     Parameters
     ----------
@@ -28,7 +33,17 @@ def key_slice(muscle: np.ndarray, required: Iterable[np.ndarray] = ()) -> int:
         present &= np.asarray(mask, dtype=bool).any(axis=(1, 2))
     if present.any():
         area = np.where(present, area, -1)
-    return int(np.argmax(area))
+    near = np.flatnonzero(area >= (1.0 - within) * area.max())
+    return int(near[np.argmin(np.abs(near - (len(area) - 1) / 2))])
+
+
+def study_key_slice(analysis: StudyAnalysis) -> int:
+    """The key slice of a study (:func:`key_slice` of its muscle, with every ROI on each side
+    required): the slice the SR's planar groups and the summary page show.
+    """
+    from .seg import roi_mask, roi_segment_numbers
+    required = [roi_mask(analysis, label, side) for label, side in roi_segment_numbers(analysis)]
+    return key_slice(analysis.segmentation.tissue == Tissue.MUSCLE, required)
 
 
 def _signed_area(points: np.ndarray) -> float:

@@ -52,7 +52,7 @@ from quant.pipeline import StudyAnalysis
 
 from . import codes, precision
 from .longitudinal import Comparison
-from .outline import key_slice, outline
+from .outline import outline, study_key_slice
 from .seg import (
     DEFAULT_SOFTWARE_VERSION,
     roi_label,
@@ -365,7 +365,7 @@ def _planar_groups(analysis: StudyAnalysis, sources: list[Dataset], subject_key:
         return roi_mask(analysis, label, side)
 
     volumes = {(side, name): mask_of(side, name) for _, _, side, name, _ in masks}
-    k = key_slice(analysis.segmentation.tissue == Tissue.MUSCLE, volumes.values())
+    k = study_key_slice(analysis)
     ref = analysis.anatomy
     uid = ref.sop_instance_uids[k]
     frame = ref.frame_numbers[k] if ref.frame_numbers and ref.frame_numbers[k] else None
@@ -522,13 +522,12 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
             else []
         if (region.value, side, "") in version_excluded:
             evaluations.append(hd.sr.QualitativeEvaluation(codes.VERSION_CHANGE, codes.VERSION_CHANGES[True]))
-        if history_note is not None:   # earlier visits not retrieved (node.history); changes the UIDs too
+        if history_note is not None:   # earlier visits not retrieved (node.history)
             if history_note not in codes.PRIOR_HISTORY_NOTES:
                 raise ValueError(f"history_note must be one of {sorted(codes.PRIOR_HISTORY_NOTES)}, "
                                  f"got {history_note!r}")
             evaluations.append(hd.sr.QualitativeEvaluation(codes.PRIOR_HISTORY,
                                                            codes.PRIOR_HISTORY_NOTES[history_note]))
-            version_excluded = {*version_excluded, ("history", history_note)}
         groups.append(_group(tracking_uid(subject_key, region, side), words, seg_dataset, number, analysis, site,
                              side, algorithm, items, evaluations or None, time_point))
     if not groups:
@@ -553,7 +552,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     parts = (study_uid, "sr", version, subject_key, str(seg_dataset.SOPInstanceUID),
              *sorted(analysis.anatomy.sop_instance_uids), _digest(comps),
              *((repr(time_point),) if time_point else ()), *((repr(sorted(map(repr, version_excluded))),)
-                                                            if version_excluded else ()))
+                                                            if version_excluded else ()),
+             *((f"history:{history_note}",) if history_note else ()))
     sop_instance_uid = sop_instance_uid or derive_uid(*parts, "instance")
     series_instance_uid = series_instance_uid or derive_uid(*parts, "series")
     return hd.sr.Comprehensive3DSR(
