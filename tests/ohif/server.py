@@ -192,9 +192,12 @@ class OhifServer:
                 headers["Host"] = self.headers.get("Host", "")
                 conn = http.client.HTTPConnection(*server.upstream, timeout=120)
                 try:
-                    conn.request(self.command, self.path, body=payload, headers=headers)
-                    r = conn.getresponse()
-                    data = r.read()
+                    try:
+                        conn.request(self.command, self.path, body=payload, headers=headers)
+                        r = conn.getresponse()
+                        data = r.read()
+                    except OSError as e:
+                        return self._send(502, f"Orthanc: {e}".encode(), "text/plain", body, cache=False)
                     extra = {k: v for k, v in r.getheaders()
                              if k.lower() in ("etag", "content-encoding", "content-range", "last-modified")}
                     return self._send(r.status, data, r.getheader("Content-Type", "application/octet-stream"),
@@ -206,7 +209,8 @@ class OhifServer:
 
 
 def main() -> None:
-    from fetch import dist_dir   # tests/ohif/fetch.py, run as a script from this folder
+    # run as a script: tests/ohif/ is on sys.path
+    from fetch import dist_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--orthanc", default="http://127.0.0.1:8042", help="Orthanc's HTTP root (DICOMweb plugin on)")
