@@ -312,6 +312,9 @@ def test_sr_draws_key_slice_outlines_with_values(study, request):
     label = viewer.viewport().locator("svg text", has_text=re.compile(r"Area.*mm"))
     try:
         label.first.wait_for(timeout=WAIT_MS)
+    except Exception as e:   # playwright's TimeoutError
+        pytest.fail(f"OHIF drew no outline with its area ({type(e).__name__}); it shows the image of the SR's "
+                    "first measurement group, so the TID 1410 planar groups must come before the TID 1411 ones")
     finally:
         viewer.shot("5-sr-key-slice")
     assert viewer.viewport().locator("svg path, svg polyline, svg polygon").count() > 0   # the outline
