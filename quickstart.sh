@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up musclenode in ./.venv and run the demo or the test suite.
 #   ./quickstart.sh demo   - a synthetic two-visit exam pushed through a node (embedded defaults)
-#   ./quickstart.sh test   - lint (ruff, mypy), then the whole test suite (installs DCMTK, dicom3tools, Orthanc from Debian)
+#   ./quickstart.sh test   - lint (ruff, mypy), then the whole test suite (installs DCMTK, dicom3tools, Orthanc and its
+#                            DICOMweb plugin, Chromium from Debian; fetches OHIF Viewer 3's dist from npm)
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-demo}"; shift || true
@@ -32,8 +33,11 @@ case "$what" in
     exec .venv/bin/musclenode demo "$@"
     ;;
   test)
-    debian_packages dcmtk dicom3tools orthanc chromium chromium-driver   # chromium: the dashboard test (Selenium)
+    # chromium: the dashboard test (Selenium) and the OHIF test (Playwright); orthanc-dicomweb: OHIF reads Orthanc by DICOMweb
+    debian_packages dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
     venv test
+    # OHIF Viewer 3's prebuilt dist into .cache/ohif/ (pinned, checked, once); without it tests/test_ohif.py skips
+    .venv/bin/python tests/ohif/fetch.py >/dev/null || echo "warning: no OHIF viewer (npm registry unreachable?)" >&2
     export TCP_NODELAY=1
     echo "lint: ruff check, mypy ([tool.ruff] and [tool.mypy] in pyproject.toml)"
     .venv/bin/ruff check .

@@ -68,12 +68,18 @@ def port():
     return free_port()
 
 
-class Orthanc:
-    """A throwaway Orthanc with its own storage, ports and PID (never the system service)."""
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")   # Debian's orthanc-dicomweb
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC"):
+
+class Orthanc:
+    """A throwaway Orthanc with its own storage, ports and PID (never the system service);
+    ``dicomweb=True`` loads Debian's DICOMweb plugin (QIDO-RS, WADO-RS, STOW-RS under
+    ``/dicom-web/``, WADO-URI under ``/wado``) and nothing else."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False):
         self.workdir = workdir
         self.aet = aet
+        self.dicomweb = dicomweb
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -90,6 +96,11 @@ class Orthanc:
             "DicomModalities": modalities or {}, "DicomCheckCalledAet": False, "Plugins": [],
             "HttpServerEnabled": True, "StableAge": 2, "LogExportedResources": False,
         }
+        if self.dicomweb:
+            # no "Host": WADO-RS bulk data URIs then name the Host the request came with (a proxy's)
+            cfg["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                               "Ssl": False}
         path = self.workdir / "orthanc.json"
         self.workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cfg))
