@@ -543,7 +543,9 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.procedure_concept(region),
-        imaging_measurements=[*groups, *planar],
+        # planar groups first: OHIF's SR viewport shows the image of the first group, and a
+        # volumetric group (on SEG segments) has none
+        imaging_measurements=[*planar, *groups],
         title=codes.IMAGING_MEASUREMENT_REPORT,
     )
 
