@@ -93,9 +93,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                     return 1
                 latencies.append(got["SR"][0] - t_last)
                 outputs[n] = {m: v[1] for m, v in got.items()}
-                pacs.wait_for("OT", study_uid, 30)   # the parametric maps and summary page (both OT)
-                time.sleep(1.0)
-                maps[n] = pacs.received_of("OT", study_uid)
+                maps[n] = _maps_and_page(pacs, study_uid, 30.0)   # the parametric maps and summary page (OT)
                 truth = dict(ph.truth)
                 for side in (Side.RIGHT, Side.LEFT):
                     truth[(side, "t2w_ms")] = t2w
@@ -141,6 +139,19 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
          + ", ".join(f"visit {i + 1} {t:.1f} s" for i, t in enumerate(latencies))
          + f" (including the {config.node.complete_after_seconds:g} s completion wait)")
     return 0
+
+
+def _maps_and_page(pacs: MiniPACS, study_uid: str, timeout: float) -> list:
+    """The parametric maps and the summary page of a study received by ``pacs`` (all Modality
+    OT), once the summary page (series 907, made last) is among them or ``timeout`` has passed.
+    """
+    end = time.time() + timeout
+    while True:
+        files = pacs.received_of("OT", study_uid)
+        numbers = {int(pydicom.dcmread(p, stop_before_pixels=True).get("SeriesNumber", 0) or 0) for p in files}
+        if 907 in numbers or time.time() > end:
+            return sorted(files, key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).SeriesNumber or 0))
+        time.sleep(0.2)
 
 
 def _reader_draws(dss, ph, node: Node, pacs: MiniPACS, study_uid: str, timeout: float,
