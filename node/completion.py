@@ -1,5 +1,7 @@
-"""Study completion: a study is complete when no instance arrived for
-``complete_after_seconds``. Completion is a row update plus a job row in one
+"""Study completion: a study is complete, and its job queued, as soon as the series its
+protocol expects are all complete (``[[protocols]]``, :mod:`node.protocols`), or, as the
+fallback for a study that matches no protocol or never completes, when no instance
+arrived for ``complete_after_seconds``. Completion is a row update plus a job row in one
 transaction, so a restart resumes: the quiet time counts from the last instance
 received (a stored time), not from the restart. A visit with new values also re-queues
 the subject's later visits, so that their SRs compare against it.
@@ -9,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from . import db
+from .config import Protocol
 from .db import JobState, StudyState
 from .loop import PollingLoop
+from .protocols import readiness
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +37,78 @@ def queue_job(conn: Connection, study_uid: str, revision: int, now: float) -> in
 def complete_quiet_studies(engine: Engine, quiet_seconds: float, now: float | None = None) -> list[int]:
     """Mark every quiet ``receiving`` study complete and queue a job for it; return the job ids."""
     now = time.time() if now is None else now
-    created = []
     with engine.begin() as conn:
         rows = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.last_received_at)
                             .where(and_(db.studies.c.state == StudyState.RECEIVING,
                                         db.studies.c.last_received_at <= now - quiet_seconds))).all()
+    created = []
     for row in rows:
-        with engine.begin() as conn:
-            # Only if nothing arrived since we looked (the same last_received_at).
-            res = conn.execute(update(db.studies)
-                               .where(and_(db.studies.c.study_uid == row.study_uid,
-                                           db.studies.c.state == StudyState.RECEIVING,
-                                           db.studies.c.last_received_at == row.last_received_at))
-                               .values(state=StudyState.COMPLETE, revision=row.revision + 1))
-            if res.rowcount != 1:
-                continue
-            job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
-            db.record_audit(conn, "study-complete", f"study={row.study_uid} revision={row.revision + 1} job={job_id}")
-        log.info("study %s complete (revision %d): job %d queued", row.study_uid, row.revision + 1, job_id)
-        created.append(job_id)
+        job_id = _complete(engine, row, now, f"quiet for {quiet_seconds:g} s")
+        if job_id is not None:
+            created.append(job_id)
     return created
+
+
+#: The ``instances`` columns :func:`node.protocols.readiness` reads.
+_FACT_COLUMNS = (db.instances.c.series_uid, db.instances.c.sop_class_uid, db.instances.c.header,
+                 db.instances.c.echo_times, db.instances.c.images_in_acquisition, db.instances.c.echo_train_length,
+                 db.instances.c.temporal_positions, db.instances.c.echo_number, db.instances.c.temporal_position,
+                 db.instances.c.slice_key, db.instances.c.n_frames, db.instances.c.received_at)
+
+
+def complete_protocol_studies(engine: Engine, protocols: Sequence[Protocol], now: float | None = None,
+                              checked: dict[str, tuple] | None = None) -> list[int]:
+    """Mark every ``receiving`` study that is ready by its protocol complete and queue a job
+    for it at once; return the job ids. ``checked`` (kept by the caller between calls) holds
+    the studies found not ready, so that one is looked at again only when an instance arrived.
+    """
+    if not protocols:
+        return []
+    now = time.time() if now is None else now
+    checked = {} if checked is None else checked
+    with engine.begin() as conn:
+        studies = conn.execute(select(db.studies.c.study_uid, db.studies.c.revision, db.studies.c.last_received_at,
+                                      db.studies.c.n_instances)
+                               .where(db.studies.c.state == StudyState.RECEIVING)).all()
+    for uid in set(checked) - {s.study_uid for s in studies}:
+        del checked[uid]
+    created = []
+    for study in studies:
+        key = (study.revision, study.n_instances, study.last_received_at)
+        if checked.get(study.study_uid) == key:
+            continue
+        with engine.begin() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(select(*_FACT_COLUMNS)
+                                                           .where(db.instances.c.study_uid == study.study_uid))]
+            reopened_at = conn.execute(select(func.max(db.jobs.c.created_at))
+                                       .where(db.jobs.c.study_uid == study.study_uid)).scalar()
+        verdict = readiness(protocols, rows, reopened_at)
+        if not verdict.ready:
+            checked[study.study_uid] = key
+            continue
+        job_id = _complete(engine, study, now, verdict.reason)
+        if job_id is not None:
+            created.append(job_id)
+    return created
+
+
+def _complete(engine: Engine, row, now: float, why: str) -> int | None:
+    """Mark study ``row`` complete and queue its job, unless an instance arrived since it was
+    read (another ``last_received_at``); returns the job id, or None.
+    """
+    with engine.begin() as conn:
+        res = conn.execute(update(db.studies)
+                           .where(and_(db.studies.c.study_uid == row.study_uid,
+                                       db.studies.c.state == StudyState.RECEIVING,
+                                       db.studies.c.last_received_at == row.last_received_at))
+                           .values(state=StudyState.COMPLETE, revision=row.revision + 1))
+        if res.rowcount != 1:
+            return None
+        job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
+        db.record_audit(conn, "study-complete", f"study={row.study_uid} revision={row.revision + 1} job={job_id} "
+                        f"by={why}")
+    log.info("study %s complete (revision %d, %s): job %d queued", row.study_uid, row.revision + 1, why, job_id)
+    return job_id
 
 
 def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study_date: str) -> list[int]:
@@ -122,19 +178,34 @@ def _requeue(engine: Engine, subject_key: str, study_uid: str, which, message: s
 
 
 class CompletionMonitor(PollingLoop):
-    """The loop that completes quiet studies every ``poll_seconds`` and calls
-    ``on_complete`` (e.g. wake the job runner) when it queued a job.
+    """The loop that completes studies ready by protocol (at once when woken by a new
+    instance) and quiet studies (every ``poll_seconds``), and calls ``on_complete`` (e.g.
+    wake the job runner) when it queued a job. Ticks are at least ``min_interval_seconds``
+    apart, so that a stream of instances does not keep it busy.
     """
 
     thread_name = "musclenode-completion"
 
-    def __init__(self, engine: Engine, quiet_seconds: float, *, poll_seconds: float = 0.5,
+    def __init__(self, engine: Engine, quiet_seconds: float, *, protocols: Sequence[Protocol] = (),
+                 poll_seconds: float = 0.5, min_interval_seconds: float = 0.1,
                  on_complete: Callable[[], None] = lambda: None):
         super().__init__(poll_seconds)
         self.engine, self.quiet = engine, quiet_seconds
+        self.protocols = tuple(protocols)
+        self.min_interval = min_interval_seconds
         self.on_complete = on_complete
+        self._checked: dict[str, tuple] = {}
+        self._last_tick = 0.0
 
     def tick(self) -> None:
-        """Complete the quiet studies; wake whoever waits for jobs if any was queued."""
-        if complete_quiet_studies(self.engine, self.quiet):
+        """Complete the studies ready by protocol, then the quiet ones; wake whoever waits for
+        jobs if any was queued.
+        """
+        pause = self._last_tick + self.min_interval - time.monotonic()
+        if pause > 0 and self._stop.wait(pause):
+            return
+        self._last_tick = time.monotonic()
+        created = complete_protocol_studies(self.engine, self.protocols, checked=self._checked)
+        created += complete_quiet_studies(self.engine, self.quiet)
+        if created:
             self.on_complete()

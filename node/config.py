@@ -32,7 +32,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
-from quant.enums import Model
+from quant.enums import Model, SeriesKind
 
 if TYPE_CHECKING:
     from quant.t2stage import T2Options
@@ -44,6 +44,8 @@ __all__ = [
     "Destination",
     "JobSettings",
     "NodeSettings",
+    "Protocol",
+    "PROTOCOL_SERIES_KINDS",
     "SendSettings",
     "T2Settings",
     "config_from_dict",
@@ -168,6 +170,42 @@ class Destination:
     pdf: bool = False   # also send the summary page as Encapsulated PDF (the Secondary Capture goes to all)
 
 
+#: The series-kind names a protocol's ``expects`` may list, and the kind of
+#: :class:`quant.enums.SeriesKind` each stands for (deploy/CONFIG.md lists them).
+PROTOCOL_SERIES_KINDS: dict[str, SeriesKind] = {
+    "dixon_water": SeriesKind.WATER,
+    "dixon_fat": SeriesKind.FAT,
+    "dixon_in_phase": SeriesKind.IN_PHASE,
+    "dixon_opposed_phase": SeriesKind.OPPOSED_PHASE,
+    "mese": SeriesKind.MESE,                  # multi-echo spin echo (water T2)
+    "megre": SeriesKind.MEGRE_MAGNITUDE,      # multi-echo gradient echo, magnitude images
+    "megre_phase": SeriesKind.MEGRE_PHASE,    # multi-echo gradient echo, phase images
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One ``[[protocols]]`` entry: a study whose Study Description, a Series Description
+    or Body Part Examined matches ``match`` (a regular expression, searched, case-insensitive)
+    is ready, and processed at once, when a complete series of every kind in ``expects``
+    (names of :data:`PROTOCOL_SERIES_KINDS`) has arrived (see :mod:`node.completion`).
+    """
+
+    name: str
+    match: str
+    expects: tuple[str, ...]
+
+    @property
+    def pattern(self) -> re.Pattern:
+        """``match`` compiled (case-insensitive)."""
+        return re.compile(self.match, re.IGNORECASE)
+
+    @property
+    def kinds(self) -> frozenset[SeriesKind]:
+        """The series kinds ``expects`` names."""
+        return frozenset(PROTOCOL_SERIES_KINDS[name] for name in self.expects)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration. ``Config()`` is the all-defaults configuration."""
@@ -180,6 +218,7 @@ class Config:
     rois: RoiSettings = field(default_factory=RoiSettings)
     web: WebSettings = field(default_factory=WebSettings)
     destinations: tuple[Destination, ...] = ()
+    protocols: tuple[Protocol, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -213,7 +252,7 @@ _SECTIONS: dict[str, type] = {
     "rois": RoiSettings,
     "web": WebSettings,
 }
-_TOP_LEVEL = (*_SECTIONS, "destinations")
+_TOP_LEVEL = (*_SECTIONS, "destinations", "protocols")
 
 EXECUTORS = ("process", "inline")
 
@@ -447,7 +486,61 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
             source=src,
         )
 
-    return Config(destinations=tuple(destinations), **sections)
+    protocols = _protocols(data.get("protocols", []), src)
+    return Config(destinations=tuple(destinations), protocols=protocols, **sections)
+
+
+def _protocols(raw: Any, src: str | None) -> tuple[Protocol, ...]:
+    """The ``[[protocols]]`` entries, validated: a name (unique), a regular expression that
+    compiles, and a non-empty list of known series-kind names without repeats.
+    """
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError("protocols", f"expected an array of tables ([[protocols]]), got {_describe(raw)}",
+                          source=src)
+    out: list[Protocol] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(raw):
+        prefix = f"protocols[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(prefix, f"expected a table ([[protocols]]), got {_describe(entry)}", source=src)
+        for key in entry:
+            if key not in ("name", "match", "expects"):
+                raise ConfigError(f"{prefix}.{key}",
+                                  f"unknown key{_did_you_mean(key, ('name', 'match', 'expects'))}", source=src)
+        for key in ("name", "match", "expects"):
+            if key not in entry:
+                raise ConfigError(f"{prefix}.{key}", "required key missing", source=src)
+        for key in ("name", "match"):
+            if not isinstance(entry[key], str):
+                raise ConfigError(f"{prefix}.{key}", f"expected a string, got {_describe(entry[key])}", source=src)
+        name, match, expects = entry["name"], entry["match"], entry["expects"]
+        if not name.strip():
+            raise ConfigError(f"{prefix}.name", "must not be empty", source=src)
+        if name in seen:
+            raise ConfigError(f"{prefix}.name", f"duplicate protocol name {name!r} (also protocols[{seen[name]}].name)",
+                              source=src)
+        if not match.strip():
+            raise ConfigError(f"{prefix}.match", "must not be empty (it would match every study)", source=src)
+        try:
+            re.compile(match, re.IGNORECASE)
+        except re.error as exc:
+            raise ConfigError(f"{prefix}.match", f"not a valid regular expression: {exc} (in {match!r})",
+                              source=src) from None
+        if not isinstance(expects, (list, tuple)) or not expects:
+            raise ConfigError(f"{prefix}.expects", "expected a non-empty array of series-kind names, got "
+                              f"{_describe(expects)}", source=src)
+        for i, kind in enumerate(expects):
+            if not isinstance(kind, str):
+                raise ConfigError(f"{prefix}.expects[{i}]", f"expected a string, got {_describe(kind)}", source=src)
+            if kind not in PROTOCOL_SERIES_KINDS:
+                listed = ", ".join(PROTOCOL_SERIES_KINDS)
+                raise ConfigError(f"{prefix}.expects[{i}]", f"unknown series kind {kind!r}"
+                                  f"{_did_you_mean(kind, PROTOCOL_SERIES_KINDS)}; known kinds: {listed}", source=src)
+            if kind in expects[:i]:
+                raise ConfigError(f"{prefix}.expects[{i}]", f"series kind {kind!r} is listed twice", source=src)
+        seen[name] = index
+        out.append(Protocol(name=name, match=match, expects=tuple(expects)))
+    return tuple(out)
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -489,6 +582,9 @@ def config_to_dict(config: Config) -> dict:
     out["destinations"] = [
         {f.name: _plain(getattr(dest, f.name)) for f in fields(dest)}
         for dest in config.destinations
+    ]
+    out["protocols"] = [
+        {"name": p.name, "match": p.match, "expects": list(p.expects)} for p in config.protocols
     ]
     return out
 

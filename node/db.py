@@ -96,6 +96,17 @@ instances = Table(
     Column("size", Integer, nullable=False),
     Column("received_at", Float, nullable=False),
     Column("calling_ae", String(16), nullable=False, default=""),
+    # What the header declares, recorded at store time (node.instances.instance_facts), so that
+    # node.completion can tell a series complete without reading the files again.
+    Column("header", Text, nullable=False, default="", server_default=""),   # JSON: recognition + protocol match
+    Column("echo_times", String(200), nullable=False, default="", server_default=""),   # "10;20" (ms)
+    Column("images_in_acquisition", Integer, nullable=False, default=0, server_default="0"),
+    Column("echo_train_length", Integer, nullable=False, default=0, server_default="0"),
+    Column("temporal_positions", Integer, nullable=False, default=0, server_default="0"),
+    Column("echo_number", Integer, nullable=False, default=0, server_default="0"),
+    Column("temporal_position", Integer, nullable=False, default=0, server_default="0"),
+    Column("slice_key", String(64), nullable=False, default="", server_default=""),
+    Column("n_frames", Integer, nullable=False, default=1, server_default="1"),
 )
 
 quarantine = Table(

@@ -25,7 +25,7 @@ from quant.synthetic.exam import exam_datasets
 from quant.synthetic.phantom import make_leg_phantom
 
 from . import db
-from .config import Config, Destination, JobSettings, NodeSettings, SendSettings
+from .config import Config, Destination, JobSettings, NodeSettings, Protocol, SendSettings
 from .demo_peers import MiniPACS, push, reader_seg
 from .service import Node
 
@@ -36,6 +36,10 @@ VISITS = (
     ("20260713", 0.11, 0.92, 36.0, 0.08, (8.0, -5.0, 0.0), 5.0),
 )
 COMPARTMENT_METRICS = ("csa_mm2", "ff_percent", "frma_mm2")
+#: The demo's thigh exam: processing starts as soon as these series are complete
+#: (the quiet time is only the fallback).
+THIGH_PROTOCOL = Protocol("thigh", "THIGH", ("dixon_water", "dixon_fat", "dixon_in_phase", "dixon_opposed_phase",
+                                              "mese"))
 
 
 def free_port() -> int:
@@ -55,10 +59,11 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
     pacs = MiniPACS(workdir / "pacs")
     pacs_port = pacs.start()
     config = Config(node=NodeSettings(ae_title="MUSCLENODE", bind_address="127.0.0.1", port=free_port(),
-                                      data_dir=workdir / "node-data", complete_after_seconds=2.0),
+                                      data_dir=workdir / "node-data", complete_after_seconds=10.0),
                     jobs=JobSettings(workers=1, executor="process"),
                     send=SendSettings(retry_initial_seconds=1.0, retry_max_seconds=10.0),
-                    destinations=(Destination("demo-pacs", "DEMOPACS", "127.0.0.1", pacs_port),))
+                    destinations=(Destination("demo-pacs", "DEMOPACS", "127.0.0.1", pacs_port),),
+                    protocols=(THIGH_PROTOCOL,))
     echo(f"musclenode demo in {workdir}")
     echo(f"  node MUSCLENODE on 127.0.0.1:{config.node.port}, PACS DEMOPACS on 127.0.0.1:{pacs_port}")
     truths, study_uids, latencies, outputs = [], [], [], {}
@@ -84,8 +89,8 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
                 if bad:
                     echo(f"  {len(bad)} instances not accepted (status 0x{bad[0]:04X})")
                     return 1
-                echo(f"  sent in {t_last - t0:.1f} s; waiting for completion "
-                     f"({config.node.complete_after_seconds:g} s quiet), processing and sending")
+                echo(f"  sent in {t_last - t0:.1f} s; processing starts when the {THIGH_PROTOCOL.name} protocol's "
+                     f"series are complete (fallback: {config.node.complete_after_seconds:g} s quiet), then sending")
                 waited = {m: pacs.wait_for(m, study_uid, timeout) for m in ("SEG", "SR")}
                 got = {m: v for m, v in waited.items() if v is not None}
                 if len(got) < len(waited):
@@ -137,7 +142,7 @@ def run_demo(workdir: Path | None = None, *, snr: float = 40.0, echo: Callable[[
          f"(interval {_days(VISITS[0][0], VISITS[1][0])} days).")
     echo("Time from last instance received to SR in PACS: "
          + ", ".join(f"visit {i + 1} {t:.1f} s" for i, t in enumerate(latencies))
-         + f" (including the {config.node.complete_after_seconds:g} s completion wait)")
+         + f" (started by the {THIGH_PROTOCOL.name} protocol, no quiet time)")
     return 0
 
 

@@ -8,6 +8,7 @@ in the association thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pydicom import uid
 from pydicom.dataset import Dataset
@@ -17,7 +18,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .errors import InstanceRejected
-from .instances import KEPT_SOP_CLASSES, check_instance, sop_class_name, subject_key
+from .instances import KEPT_SOP_CLASSES, check_instance, instance_facts, sop_class_name, subject_key
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,14 @@ def _status(code: int, comment: str = "") -> Dataset:
 
 
 class Receiver:
-    """Binds the store to a pynetdicom application entity."""
+    """Binds the store to a pynetdicom application entity. ``on_stored`` is called after each
+    new instance is stored (the node wakes its completion monitor with it).
+    """
 
-    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0):
+    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0,
+                 on_stored: Callable[[], None] = lambda: None):
         self.store = store
+        self.on_stored = on_stored
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.add_supported_context(Verification)
@@ -122,16 +127,18 @@ class Receiver:
                                    "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
             return SUCCESS
         try:
-            self.store.store_instance(
+            stored = self.store.store_instance(
                 data, study_uid=study_uid, series_uid=str(ds.SeriesInstanceUID), sop_uid=sop_uid,
                 sop_class_uid=sop_class, subject_key=subject_key(ds),
                 study_date=str(ds.get("StudyDate", "") or ""), calling_ae=calling,
-                time_point=str(ds.get("ClinicalTrialTimePointID", "") or "")[:64])
+                time_point=str(ds.get("ClinicalTrialTimePointID", "") or "")[:64], facts=instance_facts(ds))
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except OSError as exc:
             log.error("C-STORE from %s: cannot store SOP %s: %s", calling, sop_uid, exc)
             return _status(OUT_OF_RESOURCES, "cannot store the instance")
+        if not stored.duplicate:
+            self.on_stored()
         return SUCCESS
 
     def _quarantine(self, data, reason, sop_uid, calling, study_uid="") -> bool:

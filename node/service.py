@@ -48,7 +48,9 @@ class Node:
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
                               on_done=self.sender.wake)
         self.completion = CompletionMonitor(self.engine, config.node.complete_after_seconds,
-                                            poll_seconds=poll_seconds, on_complete=self.jobs.wake)
+                                            protocols=config.protocols, poll_seconds=poll_seconds,
+                                            on_complete=self.jobs.wake)
+        self.receiver.on_stored = self.completion.wake   # a new instance may complete its study's protocol
         self.web = None
         if config.web.enabled:
             from .web.server import WebServer

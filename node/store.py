@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
@@ -101,8 +102,10 @@ class Store:
         durable_write(path, data, self.tmp)
 
     def store_instance(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,
-                       subject_key: str, study_date: str, calling_ae: str = "", time_point: str = "") -> StoredInstance:
-        """Durably store one received instance and record it; a duplicate is stored once.
+                       subject_key: str, study_date: str, calling_ae: str = "", time_point: str = "",
+                       facts: dict[str, Any] | None = None) -> StoredInstance:
+        """Durably store one received instance and record it (with ``facts``, the columns of
+        :func:`node.instances.instance_facts`); a duplicate is stored once.
 
         A new instance of a study already processed re-opens the study (state
         ``receiving``), so that its results are superseded, never silently mixed.
@@ -119,7 +122,7 @@ class Store:
         with self.engine.begin() as conn:
             inserted = db.insert_ignore(conn, db.instances, dict(
                 sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class_uid,
-                path=str(path), size=len(data), received_at=now, calling_ae=calling_ae))
+                path=str(path), size=len(data), received_at=now, calling_ae=calling_ae, **(facts or {})))
             if not inserted:
                 return StoredInstance(path, True)
             row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()

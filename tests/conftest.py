@@ -164,7 +164,7 @@ def orthanc(tmp_path):
 
 
 def node_config(tmp_path: Path, *, destinations=(), executor="inline", complete_after=1.0, database_url="",
-                retry_initial=0.5, retry_max=2.0):
+                retry_initial=0.5, retry_max=2.0, protocols=()):
     from node.config import (
         Config,
         DatabaseSettings,
@@ -178,7 +178,7 @@ def node_config(tmp_path: Path, *, destinations=(), executor="inline", complete_
                   jobs=JobSettings(workers=1, executor=executor),
                   send=SendSettings(retry_initial_seconds=retry_initial, retry_max_seconds=retry_max,
                                     timeout_seconds=10.0),
-                  destinations=tuple(destinations))
+                  destinations=tuple(destinations), protocols=tuple(protocols))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from node.config import (
     Destination,
     JobSettings,
     NodeSettings,
+    Protocol,
     SendSettings,
     config_from_dict,
     config_to_dict,
@@ -131,11 +132,12 @@ def test_deploy_example_loads_with_expected_values():
 
 
 def _all_dotted_keys() -> set[str]:
-    data = config_to_dict(Config(destinations=(Destination(**PACS),)))
+    data = config_to_dict(Config(destinations=(Destination(**PACS),),
+                                 protocols=(Protocol("thigh", "THIGH", ("dixon_water",)),)))
     keys = set()
     for table, body in data.items():
-        if table == "destinations":
-            keys |= {f"destinations.{k}" for k in body[0]}
+        if table in ("destinations", "protocols"):
+            keys |= {f"{table}.{k}" for k in body[0]}
         else:
             keys |= {f"{table}.{k}" for k in body}
     return keys
@@ -147,8 +149,8 @@ def test_deploy_example_sets_every_key():
     data = tomllib.loads(text)
     present = set()
     for table, body in data.items():
-        if table == "destinations":
-            present |= {f"destinations.{k}" for k in body[0]}
+        if table in ("destinations", "protocols"):
+            present |= {f"{table}.{k}" for k in body[0]}
         else:
             present |= {f"{table}.{k}" for k in body}
     assert present == _all_dotted_keys()
@@ -455,7 +457,7 @@ def test_round_trip_through_toml_text(tmp_path):
     data = config_to_dict(_full_config())
     lines = []
     for table, body in data.items():
-        if table == "destinations":
+        if table in ("destinations", "protocols"):
             continue
         lines.append(f"[{table}]")
         for key, value in body.items():

@@ -1,6 +1,7 @@
 """End to end: DCMTK storescu plays the scanner, a real Orthanc is the PACS; two visits of
 one subject go through the node (process pool workers); Orthanc must hold a valid SEG and
-SR for each visit with the right values, and the second SR the change since the first."""
+SR for each visit with the right values, and the second SR the change since the first.
+Processing starts by the thigh protocol (the quiet time is set far longer than the test waits)."""
 
 import subprocess
 import time
@@ -12,6 +13,7 @@ from conftest import VISIT_T2, wait_until, write_datasets
 from validators import dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
 
 from node.config import Destination
+from node.demo import THIGH_PROTOCOL
 from quant.enums import Side
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/storescu").exists() or not Path("/usr/sbin/Orthanc").exists(),
@@ -55,7 +57,7 @@ def value(nums, group, name, derivation=None, method_word=None):
 
 def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tmp_path):
     dest = Destination("pacs", orthanc.aet, "127.0.0.1", orthanc.dicom_port)
-    node = make_node(destinations=[dest], executor="process", complete_after=1.0)
+    node = make_node(destinations=[dest], executor="process", complete_after=60.0, protocols=[THIGH_PROTOCOL])
     results = []
     for n, (phantom, datasets) in enumerate(thigh_visits, start=1):
         files = write_datasets(datasets, tmp_path / f"visit{n}")
@@ -73,6 +75,7 @@ def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tm
             return found if {"SEG", "SR"} <= set(found) else None
         found = wait_until(arrived, timeout=240, interval=0.3, what=f"SEG and SR of visit {n} in Orthanc")
         latency = time.time() - t_last
+        assert latency < 60.0   # started by the protocol, not by the quiet time
         paths = {}
         for mod, iid in found.items():
             paths[mod] = tmp_path / f"visit{n}-{mod}.dcm"
@@ -112,4 +115,4 @@ def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tm
                 t2_change = value(nums, group, "Change in water T2 since baseline")
                 assert t2_change == pytest.approx(VISIT_T2[1] - VISIT_T2[0], abs=0.8)
                 assert value(nums, group, "Interval since baseline") == 182
-        print(f"visit {n}: last instance -> SR in Orthanc {latency:.1f} s")
+        print(f"visit {n}: last instance -> SR in Orthanc {latency:.1f} s (protocol rule)")

@@ -761,6 +761,7 @@ def phantom_datasets(phantom: LegPhantom, *, patient_id: str = "MN-0001", patien
             ds.StudyID = "1"
             ds.SeriesNumber = series_number_base + n
             ds.InstanceNumber = k + 1
+            ds.ImagesInAcquisition = nz   # as Siemens writes it: the slices of the series
             ds.PatientPosition = "FFS"
             ds.ImagePositionPatient = [f"{v:.4f}" for v in (phantom.origin_mm[0], phantom.origin_mm[1],
                                                              phantom.origin_mm[2] + k * dz)]
