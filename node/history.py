@@ -48,6 +48,13 @@ _PENDING = {0xFF00, 0xFF01}
 #: SR storage classes a C-GET may deliver (the node's own SRs are Comprehensive 3D SR).
 _SR_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage)
 _TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: Query/retrieve information models the node proposes as SCU, preferred first
+#: (deploy/CONFORMANCE.md lists them; tests/test_conformance.py checks it).
+FIND_MODELS = (StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind)
+GET_MODELS = (StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet)
+#: SR storage classes the node accepts as the SCP role of a C-GET, and their transfer syntaxes.
+GET_SR_CLASSES = _SR_CLASSES
+GET_TRANSFER_SYNTAXES = tuple(_TRANSFER_SYNTAXES)
 
 
 class PacsNoAnswer(Exception):
@@ -130,12 +137,11 @@ def find_sr_series(dest: Destination, patient_id: str, issuer: str, *, exclude_s
         The destination did not answer.
     """
     ae = _ae(calling_ae, timeout)
-    for model in (StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind):
+    for model in FIND_MODELS:
         ae.add_requested_context(model)
     assoc = _associate(ae, dest)
     try:
-        model = _accepted(assoc, StudyRootQueryRetrieveInformationModelFind,
-                          PatientRootQueryRetrieveInformationModelFind)
+        model = _accepted(assoc, *FIND_MODELS)
         if model is None:
             raise PacsNoAnswer(f"{dest.ae_title} accepts neither Study nor Patient Root C-FIND")
         q = Dataset()
@@ -188,14 +194,14 @@ def get_series(dest: Destination, patient_id: str, series: Sequence[tuple[str, s
         return 0x0000
 
     ae = _ae(calling_ae, timeout)
-    for model in (StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet):
+    for model in GET_MODELS:
         ae.add_requested_context(model)
     for cls in _SR_CLASSES:
         ae.add_requested_context(cls, _TRANSFER_SYNTAXES)
     roles = [build_role(cls, scp_role=True) for cls in _SR_CLASSES]
     assoc = _associate(ae, dest, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        model = _accepted(assoc, StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet)
+        model = _accepted(assoc, *GET_MODELS)
         if model is None:
             raise PacsNoAnswer(f"{dest.ae_title} accepts no C-GET")
         for study_uid, series_uid in series:

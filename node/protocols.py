@@ -7,7 +7,8 @@ its headers declare, as recorded per instance at store time (:func:`node.instanc
    :func:`node.instances.check_instance` refuses a truncated one). A multi-echo series
    (multi-echo spin or gradient echo) that declares Echo Train Length E is complete when E
    distinct echo times have arrived (Siemens XA writes one instance per echo); any other
-   Enhanced MR series is complete with its instance.
+   Enhanced MR series is complete with its instance, and so is a Segmentation (a reader's
+   ROIs: every segment in the one multi-frame instance).
 2. Images in Acquisition (0020,1002) N: complete when N instances arrived.
 3. Number of Temporal Positions (0020,0105) T > 1: complete when every slice has T
    temporal positions (T x slices instances).
@@ -24,8 +25,8 @@ A study is ready for a protocol (:class:`node.config.Protocol`) when its Study
 Description, a Series Description or Body Part Examined matches the first protocol that
 matches, a complete series of every kind the protocol expects has arrived, and no series
 that declares a count is still short of it. A study re-opened by a late series (processed
-before) is ready again when every series that arrived since is complete by count; one that
-declares nothing (a reader's SEG) waits for the quiet time, as before. Series are recognised from the recorded
+before) is ready again when every series that arrived since is complete by count (a
+reader's SEG at once); one that declares nothing waits for the quiet time, as before. Series are recognised from the recorded
 headers by :func:`quant.series.classify_series` itself, so the node and quantification
 agree on what each series is.
 """
@@ -40,7 +41,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import EnhancedMRImageStorage
+from pydicom.uid import EnhancedMRImageStorage, SegmentationStorage
 
 from quant.enums import SeriesKind
 from quant.series import classify_series
@@ -139,14 +140,15 @@ def series_progress(series_uid: str, rows: Sequence[Mapping[str, Any]]) -> Serie
     received = len(rows)
     sop_classes = {str(r["sop_class_uid"]) for r in rows}
     etl = max((int(r["echo_train_length"] or 0) for r in rows), default=0)
-    if sop_classes == {EnhancedMRImageStorage}:
+    if sop_classes in ({EnhancedMRImageStorage}, {SegmentationStorage}):
         if kind in _MULTI_ECHO and etl > 1:
             echoes = len({t for r in rows for t in _echo_times(r)})
             return SeriesProgress(series_uid, kind, echoes, etl,
                                   f"Enhanced MR: {etl} echoes declared (Echo Train Length), {echoes} arrived")
         frames = sum(int(r["n_frames"] or 1) for r in rows)
+        what = "Enhanced MR" if sop_classes == {EnhancedMRImageStorage} else "Segmentation"
         return SeriesProgress(series_uid, kind, frames, frames,
-                              f"Enhanced MR: {frames} frames (Number of Frames), all in the instance")
+                              f"{what}: {frames} frames (Number of Frames), all in the instance")
     declared = {int(r["images_in_acquisition"] or 0) for r in rows} - {0}
     if declared:
         n = max(declared)
@@ -209,7 +211,7 @@ def readiness(protocols: Sequence[Protocol], rows: Sequence[Mapping[str, Any]],
 
     ``reopened_at``: for a study processed before (re-opened by a late series), the time its
     last job was queued. Every series with an instance received after it must then be
-    complete by count: a late series that declares nothing waits for the quiet time.
+    complete by count (a reader's SEG is): a late series that declares nothing waits for the quiet time.
     """
     protocol = matching_protocol(protocols, study_texts(rows))
     if protocol is None:

@@ -13,7 +13,15 @@ import time
 from collections import defaultdict
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 from pynetdicom import AE
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
@@ -25,6 +33,18 @@ from .loop import PollingLoop
 
 log = logging.getLogger(__name__)
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings that mean "stored"
+
+#: What the node sends (reports/), by SOP class: deploy/CONFORMANCE.md lists these, and
+#: tests/test_conformance.py and tests/test_node_e2e.py check it.
+SENT_SOP_CLASSES = {
+    SegmentationStorage: "SEG of the tissues, muscles and compartments (reports/seg.py)",
+    Comprehensive3DSRStorage: "TID 1500 Measurement Report (reports/sr.py)",
+    ParametricMapStorage: "fat fraction, water T2, B1 and T2-fit fat fraction maps (reports/pmap.py)",
+    SecondaryCaptureImageStorage: "one-page summary as an image (reports/summary.py)",
+    EncapsulatedPDFStorage: "one-page summary as PDF, to destinations with pdf = true (reports/summary.py)",
+}
+#: Transfer syntaxes proposed for each of them, preferred first (the files are Explicit VR Little Endian).
+SENT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 def backoff_seconds(attempts: int, settings: SendSettings) -> float:
@@ -39,7 +59,7 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for cls in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
-        ae.add_requested_context(cls, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(cls, list(SENT_TRANSFER_SYNTAXES))
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (destination down?)"

@@ -187,6 +187,8 @@ def build_summary(analysis: StudyAnalysis, source_images: Sequence[Dataset], sr:
         sop_class_uid=ENCAPSULATED_PDF_STORAGE, instance_number=1, modality="DOC", manufacturer="musclenode",
         transfer_syntax_uid=ExplicitVRLittleEndian, series_description="Muscle MRI summary, PDF (musclenode)",
         manufacturer_model_name="musclenode", software_versions=software_version)
+    if ref.get("SpecificCharacterSet"):   # as highdicom does for the other objects: names keep their encoding
+        pdf.SpecificCharacterSet = ref.SpecificCharacterSet
     pdf.copy_patient_and_study_information(ref)
     pdf.ConversionType = "WSD"
     pdf.BurnedInAnnotation = "NO"

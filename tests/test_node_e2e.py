@@ -12,6 +12,7 @@ import pytest
 from conftest import VISIT_T2, wait_until, write_datasets
 from validators import dciodvfy_errors, dcmqi_seg_readback, tid1500_readback
 
+from node import db, send
 from node.config import Destination
 from node.demo import THIGH_PROTOCOL
 from quant.enums import Side
@@ -81,6 +82,12 @@ def test_two_visits_through_node_to_orthanc(make_node, orthanc, thigh_visits, tm
             paths[mod] = tmp_path / f"visit{n}-{mod}.dcm"
             paths[mod].write_bytes(orthanc.file(iid))
         results.append((phantom, paths, latency))
+
+    # what the node sent is what deploy/CONFORMANCE.md lists (tests/test_conformance.py)
+    with node.engine.begin() as conn:
+        made = conn.execute(db.select(db.outputs.c.path)).scalars().all()
+    assert made and {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in made} \
+        <= set(send.SENT_SOP_CLASSES)
 
     for n, (phantom, paths, latency) in enumerate(results, start=1):
         for mod in ("SEG", "SR"):

@@ -174,6 +174,11 @@ def test_reopened_study_waits_for_its_late_series_to_complete():
     verdict = readiness([DIXON_ONLY], first_echo, reopened_at=200.0)   # not yet multi-echo: declares nothing
     assert not verdict.ready and "still arriving (no count declared)" in verdict.reason
     assert readiness([DIXON_ONLY], first_echo).ready                  # on first arrival it would not block
+    # a reader's SEG (one multi-frame instance) re-opens a processed study: ready at once
+    dixon = [r for r, ds in zip(rows, datasets, strict=True) if not is_mese(ds)]
+    seg = dict(dixon[0], series_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", header="",
+               echo_times="", images_in_acquisition=0, n_frames=12, received_at=300.0)
+    assert readiness([DIXON_ONLY], [*dixon, seg], reopened_at=200.0).ready
 
 
 # --------------------------------------------------------------------------- #
