@@ -26,9 +26,9 @@ Description, a Series Description or Body Part Examined matches the first protoc
 matches, a complete series of every kind the protocol expects has arrived, and no series
 that declares a count is still short of it. A study re-opened by a late series (processed
 before) is ready again when every series that arrived since is complete by count (a
-reader's SEG at once); one that declares nothing waits for the quiet time, as before. Series are recognised from the recorded
-headers by :func:`quant.series.classify_series` itself, so the node and quantification
-agree on what each series is.
+reader's SEG at once); one that declares nothing waits for the quiet time, as before.
+Series are recognised from the recorded headers by :func:`quant.series.classify_series`
+itself, so the node and quantification agree on what each series is.
 """
 
 from __future__ import annotations
