@@ -300,3 +300,26 @@ def test_instances_record_what_their_headers_declare(make_node, tmp_path):
         else:
             assert (row.images_in_acquisition, row.n_frames) == (ph.water.shape[0], 1)
             assert row.slice_key.count("\\") == 2 and row.header.startswith("{")
+
+
+def test_database_of_an_earlier_version_gets_the_new_instance_columns(tmp_path):
+    import sqlite3
+
+    from sqlalchemy import inspect
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:   # the instances table as the version before protocols made it
+        conn.execute("CREATE TABLE instances (id INTEGER PRIMARY KEY, sop_uid VARCHAR(64) NOT NULL UNIQUE, "
+                     "study_uid VARCHAR(64) NOT NULL, series_uid VARCHAR(64) NOT NULL, "
+                     "sop_class_uid VARCHAR(64) NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, "
+                     "received_at FLOAT NOT NULL, calling_ae VARCHAR(16) NOT NULL)")
+        conn.execute("INSERT INTO instances VALUES (1, '1.2', '1.2.3', '1.2.3.4', '1.2.840.10008.5.1.4.1.1.4', "
+                     "'x.dcm', 10, 1.0, 'SCANNER')")
+    engine = db.make_engine(f"sqlite:///{path}")
+    columns = {c["name"] for c in inspect(engine).get_columns("instances")}
+    assert {"header", "echo_times", "images_in_acquisition", "echo_train_length", "temporal_positions",
+            "echo_number", "temporal_position", "slice_key", "n_frames"} <= columns
+    with engine.begin() as conn:
+        old = dict(conn.execute(select(db.instances)).one()._mapping)
+    progress = study_progress([old])[0]       # an old row declares nothing: the quiet time decides
+    assert progress.kind is SeriesKind.UNKNOWN and progress.expected is None
+    engine.dispose()
