@@ -82,8 +82,14 @@ def complete_protocol_studies(engine: Engine, protocols: Sequence[Protocol], now
                                                            .where(db.instances.c.study_uid == study.study_uid))]
             reopened_at = conn.execute(select(func.max(db.jobs.c.created_at))
                                        .where(db.jobs.c.study_uid == study.study_uid)).scalar()
-        verdict = readiness(protocols, rows, reopened_at)
+        try:
+            verdict = readiness(protocols, rows, reopened_at)
+        except Exception:   # a header nobody foresaw: this study falls back to the quiet time, the others go on
+            log.exception("study %s: cannot tell whether its protocol's series are complete", study.study_uid)
+            checked[study.study_uid] = key
+            continue
         if not verdict.ready:
+            log.debug("study %s not ready: %s", study.study_uid, verdict.reason)
             checked[study.study_uid] = key
             continue
         job_id = _complete(engine, study, now, verdict.reason)
