@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from . import db
+from .access import AccessPolicy
 from .completion import CompletionMonitor
 from .config import Config
 from .jobs import JobContext, JobRunner, requeue_running
@@ -35,7 +36,8 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = db.make_engine(config.database_url)
         self.store = Store(data_dir, self.engine)
-        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes)
+        access = AccessPolicy(config.node.ae_title, config.node.allowed_calling_aes, config.node.require_called_ae_title)
+        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes, access=access)
         ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
                          config.t2.options(), compartments=config.rois.compartments,
                          atlases=config.rois.atlases,
