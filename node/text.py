@@ -28,16 +28,16 @@ def _visible(ch: str) -> str:
 
 
 def printable(value: object, limit: int | None = DEFAULT_LIMIT) -> str:
-    """``value`` as one line of visible text, at most ``limit`` characters (``None``: no cut).
+    r"""``value`` as one line of visible text, at most ``limit`` characters (``None``: no cut).
 
     Control characters (C0, DEL, C1, line and paragraph separators) are written as escapes
-    (``\\n``, ``\\e`` for ESC, ``\\x07``), so a newline or an ANSI escape sequence cannot forge a
+    (``\n``, ``\e`` for ESC, ``\x07``), so a newline or an ANSI escape sequence cannot forge a
     log line or rewrite a terminal; text longer than ``limit`` is cut and ends with "…".
 
     Examples
     --------
-    >>> printable("THIGH\\x1b[31mRED\\nfake line")
-    'THIGH\\\\e[31mRED\\\\nfake line'
+    >>> printable("THIGH\x1b[31mRED\nfake line")
+    'THIGH\\e[31mRED\\nfake line'
     >>> printable("x" * 100, limit=10)
     'xxxxxxxxx…'
     """
@@ -57,6 +57,7 @@ class SafeFormatter(logging.Formatter):
         self.limit = limit
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        """The formatted record, its message made printable."""
         record.message = printable(record.message, self.limit)
         return super().formatMessage(record)
 
