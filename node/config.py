@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from quant.t2stage import T2Options
 
 __all__ = [
+    "AllowedCaller",
     "Config",
     "ConfigError",
     "DatabaseSettings",
@@ -76,8 +77,22 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class AllowedCaller:
+    """One entry of ``node.allowed_calling_aes``: a calling AE title, and optionally the host
+    (IP address or host name) its associations must come from (``""``: any host).
+    """
+
+    ae: str
+    host: str = ""
+
+
+@dataclass(frozen=True)
 class NodeSettings:
-    """``[node]``: the DICOM storage SCP that receives series."""
+    """``[node]``: the DICOM storage SCP that receives series.
+
+    ``allowed_calling_aes`` lists who may associate (empty: anyone); ``require_called_ae_title``
+    refuses associations whose Called AE Title is not ``ae_title``.
+    """
 
     ae_title: str = "MUSCLENODE"
     bind_address: str = "0.0.0.0"
@@ -85,6 +100,8 @@ class NodeSettings:
     data_dir: Path = Path("musclenode-data")
     complete_after_seconds: float = 10.0
     max_pdu_bytes: int = 0  # 0 = unlimited
+    allowed_calling_aes: tuple[AllowedCaller, ...] = ()   # () = any calling AE from any host
+    require_called_ae_title: bool = True
 
 
 @dataclass(frozen=True)
@@ -311,6 +328,48 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
 }
 
 
+def _parse_allowed_callers(value: Any, dotted: str) -> tuple[AllowedCaller, ...]:
+    """``node.allowed_calling_aes``: AE title strings or ``{ ae = "...", host = "..." }`` tables; an entry
+    at fault raises :class:`ConfigError` naming it (``node.allowed_calling_aes[1].host``).
+    """
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected an array of AE titles or {{ ae = ..., host = ... }} tables, got {_describe(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{dotted}[{i}]"
+        if isinstance(entry, AllowedCaller):
+            entry = {"ae": entry.ae, "host": entry.host} if entry.host else entry.ae
+        if isinstance(entry, str):
+            entry = {"ae": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"expected an AE title or a table {{ ae = ..., host = ... }}, "
+                                     f"got {_describe(entry)}")
+        for key in entry:
+            if key not in ("ae", "host"):
+                raise ConfigError(f"{where}.{key}", f"unknown key{_did_you_mean(key, ('ae', 'host'))}")
+        if "ae" not in entry:
+            raise ConfigError(f"{where}.ae", "required key missing")
+        ae, host = entry["ae"], entry.get("host", "")
+        if not isinstance(ae, str):
+            raise ConfigError(f"{where}.ae", f"expected a string, got {_describe(ae)}")
+        if not isinstance(host, str):
+            raise ConfigError(f"{where}.host", f"expected a string, got {_describe(host)}")
+        problem = _check_ae_title(ae)
+        if problem:
+            raise ConfigError(f"{where}.ae", problem)
+        if "host" in entry and not host.strip():
+            raise ConfigError(f"{where}.host", "must not be empty (leave the key out for any host)")
+        out.append(AllowedCaller(ae.strip(), host.strip()))
+    return tuple(out)
+
+
+# (table, key) -> parser of a value that is not a plain str/int/float/bool/path; raises
+# TypeError or ValueError with the problem.
+_PARSERS: dict[tuple[str, str], Callable[[Any, str], Any]] = {
+    ("node", "allowed_calling_aes"): _parse_allowed_callers,
+}
+
+
 def _did_you_mean(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -381,7 +440,10 @@ def _build(cls: type, table: str, prefix: str, data: Any, source: str | None) ->
                 raise ConfigError(dotted, "required key missing", source=source)
             continue
         try:
-            value = _coerce(data[f.name], hints[f.name])
+            parse = _PARSERS.get((table, f.name))
+            value = parse(data[f.name], dotted) if parse else _coerce(data[f.name], hints[f.name])
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.problem, source=source) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(dotted, str(exc), source=source) from None
         check = _CHECKS.get((table, f.name))
@@ -494,4 +556,8 @@ def config_to_dict(config: Config) -> dict:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, AllowedCaller):
+        return {"ae": value.ae, "host": value.host} if value.host else value.ae
     return str(value) if isinstance(value, Path) else value

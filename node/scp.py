@@ -8,6 +8,9 @@ in the association thread.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import Counter
 
 from pydicom import uid
 from pydicom.dataset import Dataset
@@ -16,9 +19,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import ThreadedAssociationServer
 
+from . import db
+from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
 from .instances import KEPT_SOP_CLASSES, check_instance, sop_class_name, subject_key
 from .store import Store
+from .text import printable
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +55,27 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
-class Receiver:
-    """Binds the store to a pynetdicom application entity."""
+class _Received:
+    """What one association stored: who sent it, from where, when, and how many instances of each study."""
 
-    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0):
+    def __init__(self, calling: str, address: str):
+        self.calling = calling
+        self.address = address
+        self.started = time.time()
+        self.stored: Counter[str] = Counter()
+        self.duplicates: Counter[str] = Counter()
+
+
+class Receiver:
+    """Binds the store to a pynetdicom application entity; ``access`` decides who may associate
+    (default: any calling AE, and the called AE title must be ``ae_title``).
+    """
+
+    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0, access: AccessPolicy | None = None):
         self.store = store
+        self.access = access or AccessPolicy(ae_title)
+        self._received: dict[object, _Received] = {}
+        self._lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.add_supported_context(Verification)
@@ -64,8 +86,10 @@ class Receiver:
 
     def start(self, bind_address: str, port: int) -> ThreadedAssociationServer:
         """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
-        handlers: list[evt.EventHandlerType] = [(evt.EVT_C_STORE, self.handle_store),
-                                                (evt.EVT_C_ECHO, self.handle_echo)]
+        handlers: list[evt.EventHandlerType] = [(evt.EVT_REQUESTED, self.handle_requested),
+                                                (evt.EVT_C_STORE, self.handle_store),
+                                                (evt.EVT_C_ECHO, self.handle_echo),
+                                                (evt.EVT_CONN_CLOSE, self.handle_closed)]
         server = self.ae.start_server((bind_address, port), block=False, evt_handlers=handlers)
         if server is None:   # start_server returns None only when it blocks
             raise RuntimeError("pynetdicom did not start a background server")
@@ -86,6 +110,52 @@ class Receiver:
             self.server.shutdown()
             self.server = None
 
+    def handle_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RQ received: refuse it with A-ASSOCIATE-RJ (rejected-permanent, service-user,
+        reason 3 or 7) and an audit entry unless the access policy allows it.
+        """
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
+        called = str(getattr(rq, "called_ae_title", "") or "").strip()
+        address = str(assoc.requestor.address)
+        refusal = self.access.check(calling, called, address)
+        if refusal is None:
+            return
+        log.warning("association from %s at %s to %s refused (A-ASSOCIATE-RJ reason %d): %s",
+                    printable(calling, 16), address, printable(called, 16), refusal.reason, printable(refusal.why))
+        try:
+            with self.store.engine.begin() as conn:
+                db.record_audit(conn, "association-rejected",
+                                f"calling={printable(calling, 16)} called={printable(called, 16)} from={address} "
+                                f"reason={refusal.reason}: {printable(refusal.why, 120)}")
+        finally:
+            assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.reason)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+    def handle_closed(self, event: evt.Event) -> None:
+        """Connection closed: one ``received`` audit entry per study the association stored
+        (calling AE, address, study UID, instance count, start of the association).
+        """
+        with self._lock:
+            got = self._received.pop(event.assoc, None)
+        if got is None:
+            return
+        started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(got.started))
+        with self.store.engine.begin() as conn:
+            for study_uid in sorted(set(got.stored) | set(got.duplicates)):
+                dup = f" duplicates={got.duplicates[study_uid]}" if got.duplicates[study_uid] else ""
+                db.record_audit(conn, "received", f"study={study_uid} instances={got.stored[study_uid]}{dup} "
+                                                  f"from={got.calling}@{got.address} association-start={started}")
+
+    def _count(self, event: evt.Event, calling: str, study_uid: str, duplicate: bool) -> None:
+        with self._lock:
+            got = self._received.get(event.assoc)
+            if got is None:
+                got = self._received[event.assoc] = _Received(calling, str(event.assoc.requestor.address))
+            (got.duplicates if duplicate else got.stored)[study_uid] += 1
+
     def handle_echo(self, event: evt.Event) -> int:
         """C-ECHO handler: always Success."""
         return SUCCESS
@@ -94,11 +164,11 @@ class Receiver:
         """C-STORE handler: check, store durably and record the instance, then return Success;
         a failure status (with the instance quarantined where possible) otherwise.
         """
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = printable(str(event.assoc.requestor.ae_title).strip(), 16)
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:
-            log.error("C-STORE from %s: cannot encode the received data set: %s", calling, exc)
+            log.error("C-STORE from %s: cannot encode the received data set: %s", calling, printable(exc, 200))
             return _status(CANNOT_UNDERSTAND, "cannot read the data set")
         request = event.request   # a C-STORE request in this handler
         sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
@@ -122,7 +192,7 @@ class Receiver:
                                    "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
             return SUCCESS
         try:
-            self.store.store_instance(
+            stored = self.store.store_instance(
                 data, study_uid=study_uid, series_uid=str(ds.SeriesInstanceUID), sop_uid=sop_uid,
                 sop_class_uid=sop_class, subject_key=subject_key(ds),
                 study_date=str(ds.get("StudyDate", "") or ""), calling_ae=calling,
@@ -130,8 +200,9 @@ class Receiver:
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except OSError as exc:
-            log.error("C-STORE from %s: cannot store SOP %s: %s", calling, sop_uid, exc)
+            log.error("C-STORE from %s: cannot store SOP %s: %s", calling, printable(sop_uid), printable(exc, 200))
             return _status(OUT_OF_RESOURCES, "cannot store the instance")
+        self._count(event, calling, study_uid, stored.duplicate)
         return SUCCESS
 
     def _quarantine(self, data, reason, sop_uid, calling, study_uid="") -> bool:
@@ -139,12 +210,12 @@ class Receiver:
             self.store.quarantine(data, reason, sop_uid=sop_uid, study_uid=study_uid, calling_ae=calling)
             return True
         except OSError as exc:
-            log.error("cannot quarantine SOP %s: %s", sop_uid, exc)
+            log.error("cannot quarantine SOP %s: %s", printable(sop_uid), printable(exc, 200))
             return False
 
     def _reject(self, data, reason, sop_uid, calling, code) -> Dataset:
         kept = self._quarantine(data, reason, sop_uid, calling)
-        log.warning("rejected SOP %s from %s: %s", sop_uid or "?", calling, reason)
+        log.warning("rejected SOP %s from %s: %s", printable(sop_uid or "?"), calling, printable(reason, 200))
         return _status(code if kept else OUT_OF_RESOURCES, reason)
 
 

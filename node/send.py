@@ -67,7 +67,7 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
     now = time.time() if now is None else now
     with engine.begin() as conn:
         rows = conn.execute(select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.attempts,
-                                   db.outputs.c.path, db.outputs.c.sop_uid)
+                                   db.outputs.c.path, db.outputs.c.sop_uid, db.outputs.c.kind, db.outputs.c.study_uid)
                             .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)
                             .where(and_(db.outbox.c.state == OutboxState.PENDING, db.outbox.c.next_try_at <= now))
                             .order_by(db.outbox.c.id)).all()
@@ -92,7 +92,8 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
                     conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
                                  .values(state=OutboxState.SENT, sent_at=time.time(), attempts=r.attempts + 1,
                                          last_error=""))
-                    db.record_audit(conn, "sent", f"sop={r.sop_uid} to={name}")
+                    peer = f" ({dest.ae_title}@{dest.host}:{dest.port})" if dest is not None else ""
+                    db.record_audit(conn, "sent", f"study={r.study_uid} {r.kind}={r.sop_uid} to={name}{peer}")
                     sent += 1
                 else:
                     delay = backoff_seconds(r.attempts + 1, settings)
