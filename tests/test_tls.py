@@ -232,7 +232,7 @@ def test_client_certificate_optional_and_tls_only(make_node, pki, tmp_path):
     node = make_node(tls_node_config(tmp_path, pki, plain=False, require=False))
     assert node.receiver.server is None
     with pytest.raises(RuntimeError):
-        node.port
+        _ = node.port
     assert node.listening() == f"DICOM TLS on 127.0.0.1:{node.tls_port}"
     for who in (None, "client"):                                  # anonymous TLS is allowed now
         r = echo(node.tls_port, *_dcmtk_tls(pki, who))
@@ -300,3 +300,41 @@ def test_study_over_tls_in_and_results_over_tls_out(make_node, pki, tmp_path):
         assert all(str(ds.StudyInstanceUID) == study_uid for ds in pacs.received())
     finally:
         pacs.stop()
+
+
+def test_history_queries_associate_over_tls(pki):
+    """The C-FIND of node.history goes over TLS to a destination with ``tls``: a Query/Retrieve
+    SCP on TLS (pynetdicom, requiring a client certificate of the CA) answers the node, and
+    does not associate with a node presenting the rogue certificate.
+    """
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from node.history import ask_destination
+    from node.tls import server_context
+
+    queries = []
+
+    def on_find(event):
+        queries.append(str(event.identifier.PatientID))
+        yield from ()   # no studies: Success
+
+    scp = AE(ae_title="TLSQR")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server_tls = TLSSettings(pki / "server.crt", pki / "server.key", pki / "ca.crt")
+    server = scp.start_server(("127.0.0.1", 0), block=False, ssl_context=server_context(server_tls),
+                              evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        dest = Destination("qr", "TLSQR", "127.0.0.1", server.server_address[1], tls=True, query=True)
+        tls = tls_settings(pki)
+        answer = ask_destination(dest, "TLS-4", calling_ae="MUSCLENODE", timeout=10, tls=tls)
+        assert answer.answered and answer.studies == 0, answer.error
+        assert queries == ["TLS-4"]
+        rogue = replace(tls, certificate=pki / "rogue.crt", private_key=pki / "rogue.key")
+        answer = ask_destination(dest, "TLS-4", calling_ae="MUSCLENODE", timeout=10, tls=rogue)
+        assert not answer.answered and "no association" in answer.error, answer.error
+        answer = ask_destination(replace(dest, tls=False), "TLS-4", calling_ae="MUSCLENODE", timeout=10, tls=tls)
+        assert not answer.answered
+        assert queries == ["TLS-4"]
+    finally:
+        server.shutdown()
