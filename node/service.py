@@ -72,12 +72,12 @@ class Node:
         return self.receiver.tls_port
 
     def listening(self) -> str:
-        """Where the SCP listens, in words: ``"0.0.0.0:11112, DICOM TLS on 0.0.0.0:2762"``."""
+        """Where the SCP listens, in words: ``"0.0.0.0:11112 and 0.0.0.0:2762 (DICOM TLS)"``."""
         bind = self.config.node.bind_address
         where = [f"{bind}:{self.port}"] if self.receiver.server is not None else []
         if self.receiver.tls_server is not None:
-            where.append(f"DICOM TLS on {bind}:{self.tls_port}")
-        return ", ".join(where)
+            where.append(f"{bind}:{self.tls_port} (DICOM TLS)")
+        return " and ".join(where)
 
     def start(self) -> Node:
         """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;

@@ -193,7 +193,7 @@ def test_node_does_not_start_with_tls_files_that_do_not_load(pki, tmp_path, fiel
 
 def test_echoscu_and_storescu_over_tls_to_the_node(make_node, pki, tmp_path):
     node = make_node(tls_node_config(tmp_path, pki, complete_after=30.0))
-    assert "DICOM TLS on 127.0.0.1:" in node.listening()
+    assert node.listening() == f"127.0.0.1:{node.port} and 127.0.0.1:{node.tls_port} (DICOM TLS)"
     r = echo(node.tls_port, *_dcmtk_tls(pki, "client"))
     assert r.returncode == 0, r.stdout + r.stderr
     datasets = phantom_datasets(small_phantom(shape=(4, 64, 96)), patient_id="TLS-1", uid_seed="tls-store")
@@ -233,7 +233,7 @@ def test_client_certificate_optional_and_tls_only(make_node, pki, tmp_path):
     assert node.receiver.server is None
     with pytest.raises(RuntimeError):
         _ = node.port
-    assert node.listening() == f"DICOM TLS on 127.0.0.1:{node.tls_port}"
+    assert node.listening() == f"127.0.0.1:{node.tls_port} (DICOM TLS)"
     for who in (None, "client"):                                  # anonymous TLS is allowed now
         r = echo(node.tls_port, *_dcmtk_tls(pki, who))
         assert r.returncode == 0, r.stdout + r.stderr
