@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     node.start()
     web = f"; web on http://{config.web.bind_address}:{node.web.port}" if node.web is not None else ""
-    print(f"musclenode {config.node.ae_title} listening on {config.node.bind_address}:{node.port}; "
+    print(f"musclenode {config.node.ae_title} listening on {node.listening()}; "
           f"data in {config.node.data_dir}{web}", flush=True)
     stop.wait()
     node.stop()
@@ -317,7 +317,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         ds.IssuerOfPatientID = args.issuer
     key = args.subject_key or subject_key(ds)
     result = rebuild_history(engine, sources, key, args.patient, args.issuer or "", calling_ae=config.node.ae_title,
-                             timeout=config.send.query_timeout_seconds, context="on demand (musclenode history)")
+                             timeout=config.send.query_timeout_seconds, context="on demand (musclenode history)",
+                             tls=config.node.tls)
     for a in result.answers:
         if not a.answered:
             print(f"{a.destination}: no answer ({a.error})")

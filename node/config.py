@@ -28,7 +28,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -47,6 +47,7 @@ __all__ = [
     "NodeSettings",
     "SendSettings",
     "T2Settings",
+    "TLSSettings",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -87,8 +88,25 @@ class AllowedCaller:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """``[node.tls]``: DICOM TLS (PS3.15 B.1): a second listening port whose associations run over
+    TLS 1.2 or later, and the certificates the node also uses when it associates with a
+    destination marked ``tls = true`` (as its client certificate, and the CA it verifies the
+    destination's certificate against). Files are PEM; they are read when the node starts
+    (see :mod:`node.tls`).
+    """
+
+    certificate: Path               # the node's certificate (chain), PEM
+    private_key: Path               # its private key, PEM, not encrypted
+    ca_certificates: Path           # the CA certificate(s) peers' certificates must chain to, PEM
+    port: int = 2762                # the DICOM TLS port (IANA "dicom-tls")
+    require_client_certificate: bool = True   # refuse a peer without a certificate signed by the CA
+
+
+@dataclass(frozen=True)
 class NodeSettings:
-    """``[node]``: the DICOM storage SCP that receives series.
+    """``[node]``: the DICOM storage SCP that receives series (``port = 0``: no plain port,
+    only the TLS one of ``[node.tls]``).
 
     ``allowed_calling_aes`` lists who may associate (empty: anyone); ``require_called_ae_title``
     refuses associations whose Called AE Title is not ``ae_title``.
@@ -102,6 +120,7 @@ class NodeSettings:
     max_pdu_bytes: int = 0  # 0 = unlimited
     allowed_calling_aes: tuple[AllowedCaller, ...] = ()   # () = any calling AE from any host
     require_called_ae_title: bool = True
+    tls: TLSSettings | None = None   # [node.tls]; None: no TLS port, no TLS to destinations
 
 
 @dataclass(frozen=True)
@@ -183,6 +202,8 @@ class Destination:
     port: int
     query: bool = False
     pdf: bool = False   # also send the summary page as Encapsulated PDF (the Secondary Capture goes to all)
+    tls: bool = False   # associate over DICOM TLS with [node.tls]'s certificate, verifying the peer's
+    tls_server_name: str = ""   # the name its certificate must carry; "": ``host`` (a DNS name or an IP)
 
 
 @dataclass(frozen=True)
@@ -231,6 +252,8 @@ _SECTIONS: dict[str, type] = {
     "web": WebSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "destinations")
+# Tables inside a section: (section, key) -> settings class ([node.tls]).
+_SUBTABLES: dict[tuple[str, str], type] = {("node", "tls"): TLSSettings}
 
 EXECUTORS = ("process", "inline")
 
@@ -252,6 +275,12 @@ def _check_ae_title(value: str) -> str | None:
 def _check_port(value: int) -> str | None:
     if not 1 <= value <= 65535:
         return f"a port must be between 1 and 65535, got {value}"
+    return None
+
+
+def _check_port_or_zero(value: int) -> str | None:
+    if not 0 <= value <= 65535:
+        return f"a port must be between 1 and 65535 (or 0 for none), got {value}"
     return None
 
 
@@ -301,7 +330,8 @@ def _check_database_url(value: str) -> str | None:
 _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("node", "ae_title"): _check_ae_title,
     ("node", "bind_address"): _check_not_empty,
-    ("node", "port"): _check_port,
+    ("node", "port"): _check_port_or_zero,
+    ("node.tls", "port"): _check_port,
     ("node", "complete_after_seconds"): _positive,
     ("node", "max_pdu_bytes"): _at_least(0),
     ("database", "url"): _check_database_url,
@@ -439,6 +469,10 @@ def _build(cls: type, table: str, prefix: str, data: Any, source: str | None) ->
             if f.default is MISSING and f.default_factory is MISSING:
                 raise ConfigError(dotted, "required key missing", source=source)
             continue
+        sub = _SUBTABLES.get((table, f.name))
+        if sub is not None:
+            kwargs[f.name] = _build(sub, f"{table}.{f.name}", dotted, data[f.name], source)
+            continue
         try:
             parse = _PARSERS.get((table, f.name))
             value = parse(data[f.name], dotted) if parse else _coerce(data[f.name], hints[f.name])
@@ -500,6 +534,19 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
         seen[dest.name] = index
         destinations.append(dest)
 
+    node: NodeSettings = sections["node"]
+    if node.tls is None:
+        if node.port == 0:
+            raise ConfigError("node.port", "0 (no plain port) needs a [node.tls] table: the node would not listen",
+                              source=src)
+        for index, dest in enumerate(destinations):
+            if dest.tls:
+                raise ConfigError(f"destinations[{index}].tls",
+                                  "true needs a [node.tls] table (the node's certificate, its private key and "
+                                  "the CA certificates)", source=src)
+    elif node.tls.port == node.port:
+        raise ConfigError("node.tls.port", f"must differ from node.port ({node.port})", source=src)
+
     send: SendSettings = sections["send"]
     if send.retry_max_seconds < send.retry_initial_seconds:
         raise ConfigError(
@@ -544,15 +591,15 @@ def config_to_dict(config: Config) -> dict:
     dicts) that :func:`config_from_dict` turns back into an equal ``Config``.
     Used to hand the configuration to worker processes.
     """
-    out: dict[str, Any] = {}
-    for name in _SECTIONS:
-        settings = getattr(config, name)
-        out[name] = {f.name: _plain(getattr(settings, f.name)) for f in fields(settings)}
-    out["destinations"] = [
-        {f.name: _plain(getattr(dest, f.name)) for f in fields(dest)}
-        for dest in config.destinations
-    ]
+    out: dict[str, Any] = {name: _table(getattr(config, name)) for name in _SECTIONS}
+    out["destinations"] = [_table(dest) for dest in config.destinations]
     return out
+
+
+def _table(settings: Any) -> dict[str, Any]:
+    """One settings object as a TOML table; a sub-table that is not set (None) is left out."""
+    return {f.name: _plain(getattr(settings, f.name)) for f in fields(settings)
+            if getattr(settings, f.name) is not None}
 
 
 def _plain(value: Any) -> Any:
@@ -560,4 +607,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, AllowedCaller):
         return {"ae": value.ae, "host": value.host} if value.host else value.ae
-    return str(value) if isinstance(value, Path) else value
+    if isinstance(value, Path):
+        return str(value)
+    if is_dataclass(value):
+        return _table(value)
+    return value

@@ -1,13 +1,19 @@
-"""The node's DICOM SCP: C-ECHO and C-STORE.
+"""The node's DICOM SCP: C-ECHO and C-STORE, on a plain port, a DICOM TLS port, or both.
 
 The C-STORE handler is thin, as in pynetdicom's examples: it checks the instance,
 stores it durably and records it, and only then returns Success. No processing happens
 in the association thread.
+
+On the TLS port the handshake runs in the connection's own thread with a time limit
+(:class:`TLSAssociationServer`), so a peer that stalls or fails it never holds up the
+acceptor; a refused peer is logged with its address and the reason, and the node goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -55,6 +61,37 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
+class TLSAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved out of the accept loop.
+
+    pynetdicom wraps each accepted socket in the acceptor thread, handshake included; here the
+    socket is wrapped without a handshake, which then runs in the connection's thread under
+    ``handshake_timeout`` seconds. A failed handshake closes that connection only.
+    """
+
+    handshake_timeout = 10.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection and wrap it for TLS (the handshake is left to its thread)."""
+        if self.socket is None or self.ssl_context is None:   # set by the constructor for this server
+            raise RuntimeError("the TLS server has no socket or no SSL context")
+        client, address = self.socket.accept()
+        return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    def process_request_thread(self, request, client_address) -> None:
+        """Complete the TLS handshake (or refuse the peer), then serve the association."""
+        try:
+            request.settimeout(self.handshake_timeout)
+            request.do_handshake()
+            request.settimeout(None)
+        except (OSError, ValueError) as exc:   # ssl.SSLError, a timeout, a reset
+            reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else str(exc)
+            log.warning("DICOM TLS: refused %s:%s: %s", *client_address[:2], reason or type(exc).__name__)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
 class _Received:
     """What one association stored: who sent it, from where, when, and how many instances of each study."""
 
@@ -83,32 +120,57 @@ class Receiver:
             if cx.abstract_syntax is not None:   # always set in pynetdicom's storage contexts
                 self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         self.server: ThreadedAssociationServer | None = None
+        self.tls_server: TLSAssociationServer | None = None
+
+    def _handlers(self) -> list[evt.EventHandlerType]:
+        return [(evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_C_STORE, self.handle_store),
+                (evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_CONN_CLOSE, self.handle_closed)]
 
     def start(self, bind_address: str, port: int) -> ThreadedAssociationServer:
         """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
-        handlers: list[evt.EventHandlerType] = [(evt.EVT_REQUESTED, self.handle_requested),
-                                                (evt.EVT_C_STORE, self.handle_store),
-                                                (evt.EVT_C_ECHO, self.handle_echo),
-                                                (evt.EVT_CONN_CLOSE, self.handle_closed)]
-        server = self.ae.start_server((bind_address, port), block=False, evt_handlers=handlers)
+        server = self.ae.start_server((bind_address, port), block=False, evt_handlers=self._handlers())
         if server is None:   # start_server returns None only when it blocks
             raise RuntimeError("pynetdicom did not start a background server")
         self.server = server
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, port)
+        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, self.port)
+        return server
+
+    def start_tls(self, bind_address: str, port: int, context: ssl.SSLContext) -> TLSAssociationServer:
+        """Listen for DICOM TLS on ``bind_address``:``port`` (0: any free port) with the server
+        ``context`` (see :func:`node.tls.server_context`), in a background thread; returns the server.
+        """
+        server = self.ae.make_server((bind_address, port), ssl_context=context, evt_handlers=self._handlers(),
+                                     server_class=TLSAssociationServer)
+        if not isinstance(server, TLSAssociationServer):   # make_server builds the class it is given
+            raise RuntimeError("pynetdicom did not build the TLS server")
+        thread = threading.Thread(target=server.serve_forever, name=f"musclenode-dicom-tls-{port}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)   # as AE.start_server does: AssociationServer.shutdown removes it
+        self.tls_server = server
+        log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.ae.ae_title, bind_address,
+                 self.tls_port, "required" if context.verify_mode == ssl.CERT_REQUIRED else "optional")
         return server
 
     @property
     def port(self) -> int:
-        """The TCP port the SCP listens on (the one picked when started with port 0)."""
+        """The plain TCP port the SCP listens on (the one picked when started with port 0)."""
         if self.server is None:
-            raise RuntimeError("the SCP is not started")
+            raise RuntimeError("the plain SCP is not started")
         return self.server.server_address[1]
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port the SCP listens on (the one picked when started with port 0)."""
+        if self.tls_server is None:
+            raise RuntimeError("the TLS SCP is not started")
+        return self.tls_server.server_address[1]
 
     def stop(self) -> None:
         """Stop listening (associations in progress are closed); a second call does nothing."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
+        self.server = self.tls_server = None
 
     def handle_requested(self, event: evt.Event) -> None:
         """A-ASSOCIATE-RQ received: refuse it with A-ASSOCIATE-RJ (rejected-permanent, service-user,

@@ -22,6 +22,7 @@ from .jobs import JobContext, JobRunner, requeue_running
 from .scp import Receiver
 from .send import Sender
 from .store import Store
+from .tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,20 @@ class Node:
         access = AccessPolicy(config.node.ae_title, config.node.allowed_calling_aes,
                               config.node.require_called_ae_title)
         self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes, access=access)
+        # TLS files are read now, so that one missing or wrong stops the node before it listens
+        # (ConfigError naming the key); the sender and workers read them again for each association.
+        tls = config.node.tls
+        self.tls_context = server_context(tls) if tls is not None else None
+        if tls is not None and any(d.tls for d in config.destinations):
+            client_context(tls)
         ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
                          config.t2.options(), compartments=config.rois.compartments,
                          atlases=config.rois.atlases,
                          history_sources=tuple(d for d in config.destinations if d.query),
                          calling_ae=config.node.ae_title, query_timeout=config.send.query_timeout_seconds,
-                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf))
+                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf), tls=tls)
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
-                             poll_seconds=poll_seconds)
+                             poll_seconds=poll_seconds, tls=tls)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
                               on_done=self.sender.wake)
@@ -59,8 +66,21 @@ class Node:
 
     @property
     def port(self) -> int:
-        """The TCP port the node's SCP listens on."""
+        """The plain TCP port the node's SCP listens on (``RuntimeError`` with ``node.port = 0``)."""
         return self.receiver.port
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port the node's SCP listens on (``RuntimeError`` without ``[node.tls]``)."""
+        return self.receiver.tls_port
+
+    def listening(self) -> str:
+        """Where the SCP listens, in words: ``"0.0.0.0:11112 and 0.0.0.0:2762 (DICOM TLS)"``."""
+        bind = self.config.node.bind_address
+        where = [f"{bind}:{self.port}"] if self.receiver.server is not None else []
+        if self.receiver.tls_server is not None:
+            where.append(f"{bind}:{self.tls_port} (DICOM TLS)")
+        return " and ".join(where)
 
     def start(self) -> Node:
         """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;
@@ -72,11 +92,17 @@ class Node:
         self.jobs.start()        # returns once the workers have their kernels compiled or loaded
         self.completion.start()
         self.sender.start()
-        self.receiver.start(self.config.node.bind_address, self.config.node.port)
+        node = self.config.node
+        if node.port:
+            self.receiver.start(node.bind_address, node.port)
+        if node.tls is not None and self.tls_context is not None:
+            self.receiver.start_tls(node.bind_address, node.tls.port, self.tls_context)
         if self.web is not None:
             self.web.start()
+        ports = " ".join(([f"port={self.port}"] if node.port else [])
+                         + ([f"tls_port={self.tls_port}"] if node.tls is not None else []))
         with self.engine.begin() as conn:
-            db.record_audit(conn, "node-started", f"ae={self.config.node.ae_title} port={self.port}")
+            db.record_audit(conn, "node-started", f"ae={node.ae_title} {ports}")
         return self
 
     def stop(self) -> None:

@@ -25,7 +25,7 @@ from reports.longitudinal import PriorValue
 
 from . import CHATTY_LOGGERS, db, history, roisets
 from .completion import requeue_for_roi_set, requeue_later_visits
-from .config import Destination
+from .config import Destination, TLSSettings
 from .db import JobState, OutboxState, StudyState
 from .processing import (
     build_outputs,
@@ -62,6 +62,7 @@ class JobContext:
     compartments: bool = True     # automatic compartments where no reader's ROIs ([rois] compartments)
     atlases: int = 3              # other subjects' reader sets to fuse ([rois] atlases)
     pdf_destinations: tuple[str, ...] = ()   # those of ``destinations`` with pdf = true
+    tls: TLSSettings | None = None   # [node.tls]: the certificates for history sources with tls = true
 
     def destinations_for(self, kind: str) -> tuple[str, ...]:
         """The destinations an output of ``kind`` is sent to: the summary PDF only to those
@@ -115,7 +116,7 @@ def _history_from_pacs(engine: Engine, ctx: JobContext, subject: str, study_uid:
     issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
     result = history.rebuild_history(engine, ctx.history_sources, subject, patient_id, issuer,
                                      exclude_study=study_uid, calling_ae=ctx.calling_ae, timeout=ctx.query_timeout,
-                                     context=f"study={study_uid}")
+                                     context=f"study={study_uid}", tls=ctx.tls)
     log.info("history of study %s's subject from PACS: %d earlier studies, %d values recorded%s", study_uid,
              result.recorded_studies, result.recorded_values,
              f"; {len(result.unanswered)} destination(s) did not answer" if result.unanswered else "")
