@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the work failed (see the message); 2 bad usage or confi
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import signal
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from . import CHATTY_LOGGERS
 from .config import ConfigError, load_config
-from .db import OutboxState
+from .db import JobState, OutboxState, StudyState
+from .text import install_safe_formatter, printable
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -29,6 +31,7 @@ log = logging.getLogger("musclenode")
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_safe_formatter()
     if verbosity <= 0:
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -44,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     node.start()
     web = f"; web on http://{config.web.bind_address}:{node.web.port}" if node.web is not None else ""
-    print(f"musclenode {config.node.ae_title} listening on {config.node.bind_address}:{node.port}; "
+    print(f"musclenode {config.node.ae_title} listening on {node.listening()}; "
           f"data in {config.node.data_dir}{web}", flush=True)
     stop.wait()
     node.stop()
@@ -57,7 +60,7 @@ def _fmt_time(t: float | None) -> str:
 
 def _rois_line(r: dict) -> str:
     """One study's ROIs in words, e.g. "5 carried from SEG 1.2.3: Dice 0.95, mismatch 0.08, REVIEW"."""
-    text = f"{r['n_rois']} {r['source']}" + (f" from SEG {r['seg_sop_uid']}" if r["seg_sop_uid"] else "")
+    text = f"{r['n_rois']} {r['source']}" + (f" from SEG {printable(r['seg_sop_uid'])}" if r["seg_sop_uid"] else "")
     if r["source"] == "carried":
         dice = "n/a" if r["dice"] is None else f"{r['dice']:.3f}"
         text += (f": registration Dice {dice}, mismatch {r['mismatch']:.3f}, "
@@ -65,43 +68,103 @@ def _rois_line(r: dict) -> str:
     return text
 
 
+def parse_since(text: str) -> float:
+    """``--since``: a date ``2026-11-26`` (its midnight) or a time ``2026-11-26T10:00`` (ISO 8601, local
+    time unless it carries an offset), as seconds since the epoch; ``ValueError`` otherwise.
+    """
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since must be a date YYYY-MM-DD or a time YYYY-MM-DDTHH:MM, got {text!r}") from None
+    return when.timestamp() if when.tzinfo else when.astimezone().timestamp()
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{state} {n}" for state, n in sorted(counts.items())) or "none"
+
+
+#: Width ``musclenode status`` keeps a study's or job's line to, cutting its message (``--json`` has it whole).
+STATUS_WIDTH = 180
+
+#: States ``musclenode status --state`` accepts: the studies' states, and ``skipped``.
+STATUS_STATES = (*(s.value for s in StudyState), JobState.SKIPPED.value)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """``musclenode status``: print studies, jobs, sends and quarantine; returns 1 if the node has no data."""
+    """``musclenode status``: counts per state and the most recent studies (``--state``, ``--since``,
+    ``--limit``), jobs not done, pending sends and quarantine; returns 1 if the node has no data,
+    2 for a bad ``--since``.
+    """
     from .db import make_engine
     from .service import status_report
     config = load_config(args.config)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
     db_file = Path(config.node.data_dir) / "musclenode.db"
     if not config.database.url and not db_file.exists():
         print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
         return 1
-    report = status_report(make_engine(config.database_url))
+    report = status_report(make_engine(config.database_url), state=args.state, since=since, limit=args.limit)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     print(f"instances stored: {report['n_instances']}")
-    print(f"studies ({len(report['studies'])}):")
+    print(f"studies: {report['n_studies']} ({_counts(report['study_counts'])})")
+    which = "".join([f" {args.state}" if args.state else "", f" received since {args.since}" if args.since else ""])
+    print(f"most recent{which} studies: {len(report['studies'])} of {report['n_studies_matching']}")
     for s in report["studies"]:
-        print(f"  {s['study_uid']}  {s['state']:<10} rev {s['revision']}  {s['n_instances']} instances  "
-              f"{s['study_date']}  {s['message']}")
+        line = (f"  {printable(s['study_uid'])}  {s['state']:<10} rev {s['revision']}  {s['n_instances']} instances  "
+                f"{printable(s['study_date'], 8) or '-'}  received {_fmt_time(s['last_received_at'])}  ")
+        print(line + printable(s["message"], max(STATUS_WIDTH - len(line), 40)))
         if s.get("rois"):
             print(f"      ROIs: {_rois_line(s['rois'])}")
-    print(f"jobs ({len(report['jobs'])}):")
+    print(f"jobs: {_counts(report['job_counts'])}")
     for j in report["jobs"]:
-        print(f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}  study {j['study_uid']}  {j['message']}")
-    pending = [s for s in report["sends"] if s["state"] != OutboxState.SENT]
-    print(f"sends: {len(report['sends']) - len(pending)} sent, {len(pending)} pending")
-    for s in pending:
-        print(f"  {s['kind']} {s['sop_uid']} -> {s['destination']}: attempts {s['attempts']}, "
-              f"next try {_fmt_time(s['next_try_at'])}, last error: {s['last_error'] or '-'}")
+        line = f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}  study {printable(j['study_uid'])}  "
+        print(line + printable(j["message"], max(STATUS_WIDTH - len(line), 40)))
+    sends = report["send_counts"]
+    print(f"sends: {sends.get(OutboxState.SENT, 0)} sent, {sum(sends.values()) - sends.get(OutboxState.SENT, 0)} "
+          "pending")
+    for s in report["sends"]:
+        print(f"  {s['kind']} {printable(s['sop_uid'])} -> {printable(s['destination'])}: attempts {s['attempts']}, "
+              f"next try {_fmt_time(s['next_try_at'])}, last error: {printable(s['last_error'] or '-', 100)}")
     if report["roi_sets"]:
-        print(f"readers' ROI sets ({len(report['roi_sets'])}):")
+        print(f"readers' ROI sets ({report['n_roi_sets']}, latest {len(report['roi_sets'])}):")
         for r in report["roi_sets"]:
-            print(f"  {r['region']} of study {r['study_uid']} ({r['study_date'] or 'no date'}): {r['n_rois']} ROIs, "
-                  f"SEG {r['seg_sop_uid']}")
+            date = printable(r["study_date"], 8) or "no date"
+            print(f"  {r['region']} of study {printable(r['study_uid'])} ({date}): "
+                  f"{r['n_rois']} ROIs, SEG {printable(r['seg_sop_uid'])}")
     if report["quarantine"]:
-        print(f"quarantine ({len(report['quarantine'])}):")
+        print(f"quarantine ({report['n_quarantine']}, latest {len(report['quarantine'])}):")
         for q in report["quarantine"]:
-            print(f"  {q['path']}: {q['reason']}")
+            print(f"  {Path(q['path']).name}: {printable(q['reason'], 100)}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``musclenode audit``: the audit log, one line per entry, oldest first; returns 1 if the node
+    has no data, 2 for a bad ``--since``.
+    """
+    from .db import make_engine
+    from .service import audit_entries
+    config = load_config(args.config)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
+    if not config.database.url and not (Path(config.node.data_dir) / "musclenode.db").exists():
+        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
+        return 1
+    for e in audit_entries(make_engine(config.database_url), since=since, limit=args.limit):
+        print(f"{_iso(e['at'])} {printable(e['event'], 32)} {printable(e['detail'], 400)}")
     return 0
 
 
@@ -254,7 +317,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         ds.IssuerOfPatientID = args.issuer
     key = args.subject_key or subject_key(ds)
     result = rebuild_history(engine, sources, key, args.patient, args.issuer or "", calling_ae=config.node.ae_title,
-                             timeout=config.send.query_timeout_seconds, context="on demand (musclenode history)")
+                             timeout=config.send.query_timeout_seconds, context="on demand (musclenode history)",
+                             tls=config.node.tls)
     for a in result.answers:
         if not a.answered:
             print(f"{a.destination}: no answer ({a.error})")
@@ -266,6 +330,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 1 if result.unanswered else 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; each subcommand sets ``func``, the ``cmd_*`` function that runs it."""
     p = argparse.ArgumentParser(prog="musclenode", description="DICOM node for quantitative muscle MRI.")
@@ -275,10 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the DICOM node (receive, quantify, send)")
     s.add_argument("--config", "-c", help="TOML configuration file (default: built-in defaults)")
     s.set_defaults(func=cmd_serve)
-    s = sub.add_parser("status", help="show studies, jobs, pending sends and quarantine")
+    s = sub.add_parser("status", help="summarise the node: studies per state, the most recent studies, jobs not "
+                                      "done, pending sends and quarantine")
     s.add_argument("--config", "-c", help="TOML configuration file (to find the data directory)")
+    s.add_argument("--state", choices=STATUS_STATES, help="list only studies in this state (skipped: processed, "
+                                                          "nothing to quantify)")
+    s.add_argument("--since", help="list only studies received at or after this date or time "
+                                   "(2026-11-26 or 2026-11-26T10:00, local time)")
+    s.add_argument("--limit", type=_positive_int, default=20,
+                   help="list at most this many studies, jobs, sends and quarantined files (default 20)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("audit", help="print the audit log: who sent which study when, what was made, where it went")
+    s.add_argument("--config", "-c", help="TOML configuration file (to find the database)")
+    s.add_argument("--since", help="only entries at or after this date or time (2026-11-26 or 2026-11-26T10:00, "
+                                   "local time)")
+    s.add_argument("--limit", type=_positive_int, help="only the N most recent entries (still printed oldest first)")
+    s.set_defaults(func=cmd_audit)
     s = sub.add_parser("process", help="run the pipeline offline on a folder of DICOM files")
     s.add_argument("input", help="folder with the DICOM files of one or more studies (searched recursively)")
     s.add_argument("--out", "-o", required=True, help="folder for the SEG, SR and measurements.csv")

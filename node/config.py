@@ -28,7 +28,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from quant.t2stage import T2Options
 
 __all__ = [
+    "AllowedCaller",
     "Config",
     "ConfigError",
     "DatabaseSettings",
@@ -48,6 +49,7 @@ __all__ = [
     "PROTOCOL_SERIES_KINDS",
     "SendSettings",
     "T2Settings",
+    "TLSSettings",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -78,8 +80,39 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class AllowedCaller:
+    """One entry of ``node.allowed_calling_aes``: a calling AE title, and optionally the host
+    (IP address or host name) its associations must come from (``""``: any host).
+    """
+
+    ae: str
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """``[node.tls]``: DICOM TLS (PS3.15 B.1): a second listening port whose associations run over
+    TLS 1.2 or later, and the certificates the node also uses when it associates with a
+    destination marked ``tls = true`` (as its client certificate, and the CA it verifies the
+    destination's certificate against). Files are PEM; they are read when the node starts
+    (see :mod:`node.tls`).
+    """
+
+    certificate: Path               # the node's certificate (chain), PEM
+    private_key: Path               # its private key, PEM, not encrypted
+    ca_certificates: Path           # the CA certificate(s) peers' certificates must chain to, PEM
+    port: int = 2762                # the DICOM TLS port (IANA "dicom-tls")
+    require_client_certificate: bool = True   # refuse a peer without a certificate signed by the CA
+
+
+@dataclass(frozen=True)
 class NodeSettings:
-    """``[node]``: the DICOM storage SCP that receives series."""
+    """``[node]``: the DICOM storage SCP that receives series (``port = 0``: no plain port,
+    only the TLS one of ``[node.tls]``).
+
+    ``allowed_calling_aes`` lists who may associate (empty: anyone); ``require_called_ae_title``
+    refuses associations whose Called AE Title is not ``ae_title``.
+    """
 
     ae_title: str = "MUSCLENODE"
     bind_address: str = "0.0.0.0"
@@ -87,6 +120,9 @@ class NodeSettings:
     data_dir: Path = Path("musclenode-data")
     complete_after_seconds: float = 10.0
     max_pdu_bytes: int = 0  # 0 = unlimited
+    allowed_calling_aes: tuple[AllowedCaller, ...] = ()   # () = any calling AE from any host
+    require_called_ae_title: bool = True
+    tls: TLSSettings | None = None   # [node.tls]; None: no TLS port, no TLS to destinations
 
 
 @dataclass(frozen=True)
@@ -168,6 +204,8 @@ class Destination:
     port: int
     query: bool = False
     pdf: bool = False   # also send the summary page as Encapsulated PDF (the Secondary Capture goes to all)
+    tls: bool = False   # associate over DICOM TLS with [node.tls]'s certificate, verifying the peer's
+    tls_server_name: str = ""   # the name its certificate must carry; "": ``host`` (a DNS name or an IP)
 
 
 #: The series-kind names a protocol's ``expects`` may list, and the kind of
@@ -253,6 +291,8 @@ _SECTIONS: dict[str, type] = {
     "web": WebSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "destinations", "protocols")
+# Tables inside a section: (section, key) -> settings class ([node.tls]).
+_SUBTABLES: dict[tuple[str, str], type] = {("node", "tls"): TLSSettings}
 
 EXECUTORS = ("process", "inline")
 
@@ -274,6 +314,12 @@ def _check_ae_title(value: str) -> str | None:
 def _check_port(value: int) -> str | None:
     if not 1 <= value <= 65535:
         return f"a port must be between 1 and 65535, got {value}"
+    return None
+
+
+def _check_port_or_zero(value: int) -> str | None:
+    if not 0 <= value <= 65535:
+        return f"a port must be between 1 and 65535 (or 0 for none), got {value}"
     return None
 
 
@@ -323,7 +369,8 @@ def _check_database_url(value: str) -> str | None:
 _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("node", "ae_title"): _check_ae_title,
     ("node", "bind_address"): _check_not_empty,
-    ("node", "port"): _check_port,
+    ("node", "port"): _check_port_or_zero,
+    ("node.tls", "port"): _check_port,
     ("node", "complete_after_seconds"): _positive,
     ("node", "max_pdu_bytes"): _at_least(0),
     ("database", "url"): _check_database_url,
@@ -347,6 +394,48 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("destinations", "ae_title"): _check_ae_title,
     ("destinations", "host"): _check_not_empty,
     ("destinations", "port"): _check_port,
+}
+
+
+def _parse_allowed_callers(value: Any, dotted: str) -> tuple[AllowedCaller, ...]:
+    """``node.allowed_calling_aes``: AE title strings or ``{ ae = "...", host = "..." }`` tables; an entry
+    at fault raises :class:`ConfigError` naming it (``node.allowed_calling_aes[1].host``).
+    """
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected an array of AE titles or {{ ae = ..., host = ... }} tables, got {_describe(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{dotted}[{i}]"
+        if isinstance(entry, AllowedCaller):
+            entry = {"ae": entry.ae, "host": entry.host} if entry.host else entry.ae
+        if isinstance(entry, str):
+            entry = {"ae": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(where, f"expected an AE title or a table {{ ae = ..., host = ... }}, "
+                                     f"got {_describe(entry)}")
+        for key in entry:
+            if key not in ("ae", "host"):
+                raise ConfigError(f"{where}.{key}", f"unknown key{_did_you_mean(key, ('ae', 'host'))}")
+        if "ae" not in entry:
+            raise ConfigError(f"{where}.ae", "required key missing")
+        ae, host = entry["ae"], entry.get("host", "")
+        if not isinstance(ae, str):
+            raise ConfigError(f"{where}.ae", f"expected a string, got {_describe(ae)}")
+        if not isinstance(host, str):
+            raise ConfigError(f"{where}.host", f"expected a string, got {_describe(host)}")
+        problem = _check_ae_title(ae)
+        if problem:
+            raise ConfigError(f"{where}.ae", problem)
+        if "host" in entry and not host.strip():
+            raise ConfigError(f"{where}.host", "must not be empty (leave the key out for any host)")
+        out.append(AllowedCaller(ae.strip(), host.strip()))
+    return tuple(out)
+
+
+# (table, key) -> parser of a value that is not a plain str/int/float/bool/path; raises
+# TypeError or ValueError with the problem.
+_PARSERS: dict[tuple[str, str], Callable[[Any, str], Any]] = {
+    ("node", "allowed_calling_aes"): _parse_allowed_callers,
 }
 
 
@@ -419,8 +508,15 @@ def _build(cls: type, table: str, prefix: str, data: Any, source: str | None) ->
             if f.default is MISSING and f.default_factory is MISSING:
                 raise ConfigError(dotted, "required key missing", source=source)
             continue
+        sub = _SUBTABLES.get((table, f.name))
+        if sub is not None:
+            kwargs[f.name] = _build(sub, f"{table}.{f.name}", dotted, data[f.name], source)
+            continue
         try:
-            value = _coerce(data[f.name], hints[f.name])
+            parse = _PARSERS.get((table, f.name))
+            value = parse(data[f.name], dotted) if parse else _coerce(data[f.name], hints[f.name])
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.problem, source=source) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(dotted, str(exc), source=source) from None
         check = _CHECKS.get((table, f.name))
@@ -476,6 +572,19 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
             )
         seen[dest.name] = index
         destinations.append(dest)
+
+    node: NodeSettings = sections["node"]
+    if node.tls is None:
+        if node.port == 0:
+            raise ConfigError("node.port", "0 (no plain port) needs a [node.tls] table: the node would not listen",
+                              source=src)
+        for index, dest in enumerate(destinations):
+            if dest.tls:
+                raise ConfigError(f"destinations[{index}].tls",
+                                  "true needs a [node.tls] table (the node's certificate, its private key and "
+                                  "the CA certificates)", source=src)
+    elif node.tls.port == node.port:
+        raise ConfigError("node.tls.port", f"must differ from node.port ({node.port})", source=src)
 
     send: SendSettings = sections["send"]
     if send.retry_max_seconds < send.retry_initial_seconds:
@@ -575,19 +684,25 @@ def config_to_dict(config: Config) -> dict:
     dicts) that :func:`config_from_dict` turns back into an equal ``Config``.
     Used to hand the configuration to worker processes.
     """
-    out: dict[str, Any] = {}
-    for name in _SECTIONS:
-        settings = getattr(config, name)
-        out[name] = {f.name: _plain(getattr(settings, f.name)) for f in fields(settings)}
-    out["destinations"] = [
-        {f.name: _plain(getattr(dest, f.name)) for f in fields(dest)}
-        for dest in config.destinations
-    ]
-    out["protocols"] = [
-        {"name": p.name, "match": p.match, "expects": list(p.expects)} for p in config.protocols
-    ]
+    out: dict[str, Any] = {name: _table(getattr(config, name)) for name in _SECTIONS}
+    out["destinations"] = [_table(dest) for dest in config.destinations]
+    out["protocols"] = [_table(p) for p in config.protocols]
     return out
 
 
+def _table(settings: Any) -> dict[str, Any]:
+    """One settings object as a TOML table; a sub-table that is not set (None) is left out."""
+    return {f.name: _plain(getattr(settings, f.name)) for f in fields(settings)
+            if getattr(settings, f.name) is not None}
+
+
 def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, AllowedCaller):
+        return {"ae": value.ae, "host": value.host} if value.host else value.ae
+    if isinstance(value, Path):
+        return str(value)
+    if is_dataclass(value):
+        return _table(value)
+    return value

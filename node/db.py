@@ -147,18 +147,25 @@ jobs = Table(
 )
 Index("ix_jobs_state", jobs.c.state)
 
+def _value_columns(*, study_index: bool) -> list[Column]:
+    """The columns of one measured value of one visit (new objects for each table)."""
+    return [
+        Column("id", Integer, primary_key=True),
+        Column("subject_key", String(200), nullable=False, index=True),
+        Column("study_uid", String(64), nullable=False, index=study_index),
+        Column("study_date", String(8), nullable=False),
+        Column("region", String(64), nullable=False),
+        Column("side", String(8), nullable=False),
+        Column("metric", String(32), nullable=False),
+        Column("value", Float, nullable=False),
+        Column("unit", String(16), nullable=False),
+        Column("algorithm_version", String(64), nullable=False),
+    ]
+
+
 measurements = Table(
     "measurements", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("subject_key", String(200), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("study_date", String(8), nullable=False),
-    Column("region", String(64), nullable=False),
-    Column("side", String(8), nullable=False),
-    Column("metric", String(32), nullable=False),
-    Column("value", Float, nullable=False),
-    Column("unit", String(16), nullable=False),
-    Column("algorithm_version", String(64), nullable=False),
+    *_value_columns(study_index=True),
     Column("model", String(64), nullable=False, default=""),
     Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
     # "" for the whole region; else a muscle or compartment and where it came from
@@ -168,16 +175,7 @@ measurements = Table(
 
 pacs_history = Table(   # a subject's earlier values read back from the SRs the node (or an earlier one) sent to PACS
     "pacs_history", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("subject_key", String(200), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False),
-    Column("study_date", String(8), nullable=False),
-    Column("region", String(64), nullable=False),
-    Column("side", String(8), nullable=False),
-    Column("metric", String(32), nullable=False),
-    Column("value", Float, nullable=False),
-    Column("unit", String(16), nullable=False),
-    Column("algorithm_version", String(64), nullable=False),
+    *_value_columns(study_index=False),
     Column("roi", String(128), nullable=False, default=""),      # "" for the whole region
     Column("source", String(16), nullable=False, default=""),    # the ROI's source ("" for the whole region)
     Column("sr_uid", String(64), nullable=False),                # the SR it was read from

@@ -40,7 +40,8 @@ from sqlalchemy.engine import Connection, Engine
 from reports.sr_readback import MANUFACTURER, ReportReadback, is_musclenode_report, latest_per_study, read_report
 
 from . import db
-from .config import Destination
+from .config import ConfigError, Destination, TLSSettings
+from .tls import tls_args
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ def _ae(calling_ae: str, timeout: float) -> AE:
     return ae
 
 
-def _associate(ae: AE, dest: Destination, **kw) -> Association:
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, **kw)
+def _associate(ae: AE, dest: Destination, tls: TLSSettings | None, **kw) -> Association:
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args(dest, tls), **kw)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (PACS down or not answering)"
         raise PacsNoAnswer(f"{why}: {dest.ae_title}@{dest.host}:{dest.port}")
@@ -121,8 +122,9 @@ def _find(assoc: Association, model: str, query: Dataset) -> Iterator[Dataset]:
 
 
 def find_sr_series(dest: Destination, patient_id: str, issuer: str, *, exclude_study: str, calling_ae: str,
-                   timeout: float) -> tuple[int, list[tuple[str, str]]]:
-    """The earlier studies of a patient and the musclenode SR series in them.
+                   timeout: float, tls: TLSSettings | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """The earlier studies of a patient and the musclenode SR series in them (over DICOM TLS
+    with ``tls``, the node's ``[node.tls]``, when ``dest.tls``).
 
     Returns
     -------
@@ -139,7 +141,7 @@ def find_sr_series(dest: Destination, patient_id: str, issuer: str, *, exclude_s
     ae = _ae(calling_ae, timeout)
     for model in FIND_MODELS:
         ae.add_requested_context(model)
-    assoc = _associate(ae, dest)
+    assoc = _associate(ae, dest, tls)
     try:
         model = _accepted(assoc, *FIND_MODELS)
         if model is None:
@@ -176,9 +178,9 @@ def find_sr_series(dest: Destination, patient_id: str, issuer: str, *, exclude_s
 
 
 def get_series(dest: Destination, patient_id: str, series: Sequence[tuple[str, str]], *, calling_ae: str,
-               timeout: float) -> list[Dataset]:
-    """C-GET each (study UID, series UID) of ``series`` over one association; the SR
-    instances received (the node is the storage SCP of the sub-operations).
+               timeout: float, tls: TLSSettings | None = None) -> list[Dataset]:
+    """C-GET each (study UID, series UID) of ``series`` over one association (over DICOM TLS
+    when ``dest.tls``); the SR instances received (the node is the storage SCP of the sub-operations).
 
     Raises
     ------
@@ -199,7 +201,7 @@ def get_series(dest: Destination, patient_id: str, series: Sequence[tuple[str, s
     for cls in _SR_CLASSES:
         ae.add_requested_context(cls, _TRANSFER_SYNTAXES)
     roles = [build_role(cls, scp_role=True) for cls in _SR_CLASSES]
-    assoc = _associate(ae, dest, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = _associate(ae, dest, tls, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         model = _accepted(assoc, *GET_MODELS)
         if model is None:
@@ -223,16 +225,17 @@ def get_series(dest: Destination, patient_id: str, series: Sequence[tuple[str, s
 
 
 def ask_destination(dest: Destination, patient_id: str, issuer: str = "", *, exclude_study: str = "",
-                    calling_ae: str, timeout: float) -> DestinationAnswer:
+                    calling_ae: str, timeout: float, tls: TLSSettings | None = None) -> DestinationAnswer:
     """Query and retrieve one destination's musclenode SRs of a patient, read back; never raises
     for a destination that does not answer (the answer says so).
     """
     answer = DestinationAnswer(dest.name)
     try:
         answer.studies, series = find_sr_series(dest, patient_id, issuer, exclude_study=exclude_study,
-                                                calling_ae=calling_ae, timeout=timeout)
-        datasets = get_series(dest, patient_id, series, calling_ae=calling_ae, timeout=timeout) if series else []
-    except PacsNoAnswer as exc:
+                                                calling_ae=calling_ae, timeout=timeout, tls=tls)
+        datasets = (get_series(dest, patient_id, series, calling_ae=calling_ae, timeout=timeout, tls=tls)
+                    if series else [])
+    except (PacsNoAnswer, ConfigError) as exc:   # ConfigError: the node's TLS files do not load
         answer.error = str(exc)
         return answer
     except (OSError, RuntimeError) as exc:   # a socket error, or pynetdicom's on a lost association
@@ -288,14 +291,14 @@ def record(conn: Connection, subject_key: str, answers: Sequence[DestinationAnsw
 
 def rebuild_history(engine: Engine, destinations: Sequence[Destination], subject_key: str, patient_id: str,
                     issuer: str = "", *, exclude_study: str = "", calling_ae: str, timeout: float,
-                    context: str = "") -> HistoryResult:
+                    context: str = "", tls: TLSSettings | None = None) -> HistoryResult:
     """Ask each destination with ``query`` for the patient's musclenode SRs and record their
     values as the subject's history (see :func:`record`); an audit entry ``history-query``
     per destination with its counts (``context`` names why, e.g. the study of a job), or
     why it did not answer. Never raises for a destination that does not answer.
     """
     answers = [ask_destination(d, patient_id, issuer, exclude_study=exclude_study, calling_ae=calling_ae,
-                               timeout=timeout) for d in destinations if d.query]
+                               timeout=timeout, tls=tls) for d in destinations if d.query]
     with engine.begin() as conn:
         result = record(conn, subject_key, answers)
         for a in answers:

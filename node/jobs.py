@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from . import db
 from .db import JobState, StudyState
 from .loop import PollingLoop
+from .text import printable
 from .warmup import warm_up
 from .worker import JobContext, _finish, _init_worker, execute_job
 
@@ -136,7 +137,7 @@ class JobRunner(PollingLoop):
                 fut.add_done_callback(self._job_ended)
 
     def _crashed(self, job_id: int, exc: BaseException) -> None:
-        log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, exc)
+        log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, printable(exc, 300))
         if isinstance(exc, cf.process.BrokenProcessPool) and self._pool is not None:
             self._pool = _new_pool(self.workers)
         with self.engine.begin() as conn:

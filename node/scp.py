@@ -1,13 +1,22 @@
-"""The node's DICOM SCP: C-ECHO and C-STORE.
+"""The node's DICOM SCP: C-ECHO and C-STORE, on a plain port, a DICOM TLS port, or both.
 
 The C-STORE handler is thin, as in pynetdicom's examples: it checks the instance,
 stores it durably and records it, and only then returns Success. No processing happens
 in the association thread.
+
+On the TLS port the handshake runs in the connection's own thread with a time limit
+(:class:`TLSAssociationServer`), so a peer that stalls or fails it never holds up the
+acceptor; a refused peer is logged with its address and the reason, and the node goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 
 from pydicom import uid
@@ -17,9 +26,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import ThreadedAssociationServer
 
+from . import db
+from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
 from .instances import KEPT_SOP_CLASSES, check_instance, instance_facts, sop_class_name, subject_key
 from .store import Store
+from .text import printable
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +62,61 @@ def _status(code: int, comment: str = "") -> Dataset:
     return status
 
 
-class Receiver:
-    """Binds the store to a pynetdicom application entity. ``on_stored`` is called after each
-    new instance is stored (the node wakes its completion monitor with it).
+class TLSAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved out of the accept loop.
+
+    pynetdicom wraps each accepted socket in the acceptor thread, handshake included; here the
+    socket is wrapped without a handshake, which then runs in the connection's thread under
+    ``handshake_timeout`` seconds. A failed handshake closes that connection only.
     """
 
-    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0,
+    handshake_timeout = 10.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection and wrap it for TLS (the handshake is left to its thread)."""
+        if self.socket is None or self.ssl_context is None:   # set by the constructor for this server
+            raise RuntimeError("the TLS server has no socket or no SSL context")
+        client, address = self.socket.accept()
+        return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    def process_request_thread(self, request, client_address) -> None:
+        """Complete the TLS handshake (or refuse the peer), then serve the association."""
+        try:
+            request.settimeout(self.handshake_timeout)
+            request.do_handshake()
+            request.settimeout(None)
+        except (OSError, ValueError) as exc:   # ssl.SSLError, a timeout, a reset
+            reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else str(exc)
+            log.warning("DICOM TLS: refused %s:%s: %s", *client_address[:2], reason or type(exc).__name__)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+class _Received:
+    """What one association stored: who sent it, from where, when, and how many instances of each study."""
+
+    def __init__(self, calling: str, address: str):
+        self.calling = calling
+        self.address = address
+        self.started = time.time()
+        self.stored: Counter[str] = Counter()
+        self.duplicates: Counter[str] = Counter()
+
+
+class Receiver:
+    """Binds the store to a pynetdicom application entity; ``access`` decides who may associate
+    (default: any calling AE, and the called AE title must be ``ae_title``). ``on_stored`` is
+    called after each new instance is stored (the node wakes its completion monitor with it).
+    """
+
+    def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0, access: AccessPolicy | None = None,
                  on_stored: Callable[[], None] = lambda: None):
         self.store = store
         self.on_stored = on_stored
+        self.access = access or AccessPolicy(ae_title)
+        self._received: dict[object, _Received] = {}
+        self._lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.add_supported_context(Verification)
@@ -66,30 +124,103 @@ class Receiver:
             if cx.abstract_syntax is not None:   # always set in pynetdicom's storage contexts
                 self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         self.server: ThreadedAssociationServer | None = None
+        self.tls_server: TLSAssociationServer | None = None
+
+    def _handlers(self) -> list[evt.EventHandlerType]:
+        return [(evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_C_STORE, self.handle_store),
+                (evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_CONN_CLOSE, self.handle_closed)]
 
     def start(self, bind_address: str, port: int) -> ThreadedAssociationServer:
         """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
-        handlers: list[evt.EventHandlerType] = [(evt.EVT_C_STORE, self.handle_store),
-                                                (evt.EVT_C_ECHO, self.handle_echo)]
-        server = self.ae.start_server((bind_address, port), block=False, evt_handlers=handlers)
+        server = self.ae.start_server((bind_address, port), block=False, evt_handlers=self._handlers())
         if server is None:   # start_server returns None only when it blocks
             raise RuntimeError("pynetdicom did not start a background server")
         self.server = server
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, port)
+        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, self.port)
+        return server
+
+    def start_tls(self, bind_address: str, port: int, context: ssl.SSLContext) -> TLSAssociationServer:
+        """Listen for DICOM TLS on ``bind_address``:``port`` (0: any free port) with the server
+        ``context`` (see :func:`node.tls.server_context`), in a background thread; returns the server.
+        """
+        server = self.ae.make_server((bind_address, port), ssl_context=context, evt_handlers=self._handlers(),
+                                     server_class=TLSAssociationServer)
+        if not isinstance(server, TLSAssociationServer):   # make_server builds the class it is given
+            raise RuntimeError("pynetdicom did not build the TLS server")
+        thread = threading.Thread(target=server.serve_forever, name=f"musclenode-dicom-tls-{port}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)   # as AE.start_server does: AssociationServer.shutdown removes it
+        self.tls_server = server
+        log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.ae.ae_title, bind_address,
+                 self.tls_port, "required" if context.verify_mode == ssl.CERT_REQUIRED else "optional")
         return server
 
     @property
     def port(self) -> int:
-        """The TCP port the SCP listens on (the one picked when started with port 0)."""
+        """The plain TCP port the SCP listens on (the one picked when started with port 0)."""
         if self.server is None:
-            raise RuntimeError("the SCP is not started")
+            raise RuntimeError("the plain SCP is not started")
         return self.server.server_address[1]
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port the SCP listens on (the one picked when started with port 0)."""
+        if self.tls_server is None:
+            raise RuntimeError("the TLS SCP is not started")
+        return self.tls_server.server_address[1]
 
     def stop(self) -> None:
         """Stop listening (associations in progress are closed); a second call does nothing."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
+        self.server = self.tls_server = None
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RQ received: refuse it with A-ASSOCIATE-RJ (rejected-permanent, service-user,
+        reason 3 or 7) and an audit entry unless the access policy allows it.
+        """
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
+        called = str(getattr(rq, "called_ae_title", "") or "").strip()
+        address = str(assoc.requestor.address)
+        refusal = self.access.check(calling, called, address)
+        if refusal is None:
+            return
+        log.warning("association from %s at %s to %s refused (A-ASSOCIATE-RJ reason %d): %s",
+                    printable(calling, 16), address, printable(called, 16), refusal.reason, printable(refusal.why))
+        try:
+            with self.store.engine.begin() as conn:
+                db.record_audit(conn, "association-rejected",
+                                f"calling={printable(calling, 16)} called={printable(called, 16)} from={address} "
+                                f"reason={refusal.reason}: {printable(refusal.why, 120)}")
+        finally:
+            assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.reason)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+    def handle_closed(self, event: evt.Event) -> None:
+        """Connection closed: one ``received`` audit entry per study the association stored
+        (calling AE, address, study UID, instance count, start of the association).
+        """
+        with self._lock:
+            got = self._received.pop(event.assoc, None)
+        if got is None:
+            return
+        started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(got.started))
+        with self.store.engine.begin() as conn:
+            for study_uid in sorted(set(got.stored) | set(got.duplicates)):
+                dup = f" duplicates={got.duplicates[study_uid]}" if got.duplicates[study_uid] else ""
+                db.record_audit(conn, "received", f"study={study_uid} instances={got.stored[study_uid]}{dup} "
+                                                  f"from={got.calling}@{got.address} association-start={started}")
+
+    def _count(self, event: evt.Event, calling: str, study_uid: str, duplicate: bool) -> None:
+        with self._lock:
+            got = self._received.get(event.assoc)
+            if got is None:
+                got = self._received[event.assoc] = _Received(calling, str(event.assoc.requestor.address))
+            (got.duplicates if duplicate else got.stored)[study_uid] += 1
 
     def handle_echo(self, event: evt.Event) -> int:
         """C-ECHO handler: always Success."""
@@ -99,11 +230,11 @@ class Receiver:
         """C-STORE handler: check, store durably and record the instance, then return Success;
         a failure status (with the instance quarantined where possible) otherwise.
         """
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = printable(str(event.assoc.requestor.ae_title).strip(), 16)
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:
-            log.error("C-STORE from %s: cannot encode the received data set: %s", calling, exc)
+            log.error("C-STORE from %s: cannot encode the received data set: %s", calling, printable(exc, 200))
             return _status(CANNOT_UNDERSTAND, "cannot read the data set")
         request = event.request   # a C-STORE request in this handler
         sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
@@ -135,8 +266,9 @@ class Receiver:
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except OSError as exc:
-            log.error("C-STORE from %s: cannot store SOP %s: %s", calling, sop_uid, exc)
+            log.error("C-STORE from %s: cannot store SOP %s: %s", calling, printable(sop_uid), printable(exc, 200))
             return _status(OUT_OF_RESOURCES, "cannot store the instance")
+        self._count(event, calling, study_uid, stored.duplicate)
         if not stored.duplicate:
             self.on_stored()
         return SUCCESS
@@ -146,12 +278,12 @@ class Receiver:
             self.store.quarantine(data, reason, sop_uid=sop_uid, study_uid=study_uid, calling_ae=calling)
             return True
         except OSError as exc:
-            log.error("cannot quarantine SOP %s: %s", sop_uid, exc)
+            log.error("cannot quarantine SOP %s: %s", printable(sop_uid), printable(exc, 200))
             return False
 
     def _reject(self, data, reason, sop_uid, calling, code) -> Dataset:
         kept = self._quarantine(data, reason, sop_uid, calling)
-        log.warning("rejected SOP %s from %s: %s", sop_uid or "?", calling, reason)
+        log.warning("rejected SOP %s from %s: %s", printable(sop_uid or "?"), calling, printable(reason, 200))
         return _status(code if kept else OUT_OF_RESOURCES, reason)
 
 

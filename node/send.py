@@ -27,9 +27,10 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
 
 from . import db
-from .config import Destination, SendSettings
+from .config import Destination, SendSettings, TLSSettings
 from .db import OutboxState
 from .loop import PollingLoop
+from .tls import tls_args
 
 log = logging.getLogger(__name__)
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings that mean "stored"
@@ -52,17 +53,25 @@ def backoff_seconds(attempts: int, settings: SendSettings) -> float:
     return min(settings.retry_initial_seconds * 2 ** max(attempts - 1, 0), settings.retry_max_seconds)
 
 
-def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout: float) -> dict[str, str]:
-    """C-STORE files to one destination over one association; map path -> error ('' if stored)."""
+def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout: float,
+                tls: TLSSettings | None = None) -> dict[str, str]:
+    """C-STORE files to one destination over one association; map path -> error ('' if stored).
+
+    With ``dest.tls`` the association runs over DICOM TLS: the node presents ``tls.certificate``
+    and verifies the destination's certificate against ``tls.ca_certificates`` and its name
+    (see :func:`node.tls.tls_args`); a destination that fails either is not sent to.
+    """
     datasets = {p: pydicom.dcmread(p) for p in paths}
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for cls in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
         ae.add_requested_context(cls, list(SENT_TRANSFER_SYNTAXES))
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args(dest, tls))
     if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
+        why = ("association rejected" if assoc.is_rejected else
+               "no association (destination down, or the TLS handshake failed?)" if dest.tls else
+               "no association (destination down?)")
         return {p: f"{why}: {dest.ae_title}@{dest.host}:{dest.port}" for p in paths}
     result = {}
     try:
@@ -82,12 +91,14 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
 
 
 def send_due(engine: Engine, destinations: dict[str, Destination], settings: SendSettings, *,
-             calling_ae: str, now: float | None = None) -> tuple[int, int]:
-    """Try every outbox row that is due; return (sent, failed)."""
+             calling_ae: str, now: float | None = None, tls: TLSSettings | None = None) -> tuple[int, int]:
+    """Try every outbox row that is due (over DICOM TLS with ``tls`` to destinations marked
+    ``tls``); return (sent, failed).
+    """
     now = time.time() if now is None else now
     with engine.begin() as conn:
         rows = conn.execute(select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.attempts,
-                                   db.outputs.c.path, db.outputs.c.sop_uid)
+                                   db.outputs.c.path, db.outputs.c.sop_uid, db.outputs.c.kind, db.outputs.c.study_uid)
                             .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)
                             .where(and_(db.outbox.c.state == OutboxState.PENDING, db.outbox.c.next_try_at <= now))
                             .order_by(db.outbox.c.id)).all()
@@ -102,7 +113,7 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
         else:
             try:
                 errors = store_files(dest, [r.path for r in items], calling_ae=calling_ae,
-                                     timeout=settings.timeout_seconds)
+                                     timeout=settings.timeout_seconds, tls=tls)
             except Exception as exc:  # an unreadable output or a network error: retried later
                 errors = {r.path: f"{type(exc).__name__}: {exc}" for r in items}
         with engine.begin() as conn:
@@ -112,7 +123,8 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
                     conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
                                  .values(state=OutboxState.SENT, sent_at=time.time(), attempts=r.attempts + 1,
                                          last_error=""))
-                    db.record_audit(conn, "sent", f"sop={r.sop_uid} to={name}")
+                    peer = f" ({dest.ae_title}@{dest.host}:{dest.port})" if dest is not None else ""
+                    db.record_audit(conn, "sent", f"study={r.study_uid} {r.kind}={r.sop_uid} to={name}{peer}")
                     sent += 1
                 else:
                     delay = backoff_seconds(r.attempts + 1, settings)
@@ -134,8 +146,9 @@ class Sender(PollingLoop):
     stop_timeout_seconds = 60.0   # a send in progress
 
     def __init__(self, engine: Engine, destinations: tuple[Destination, ...], settings: SendSettings, *,
-                 calling_ae: str, poll_seconds: float = 0.5):
+                 calling_ae: str, poll_seconds: float = 0.5, tls: TLSSettings | None = None):
         super().__init__(poll_seconds)
+        self.tls = tls
         self.engine = engine
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
@@ -143,4 +156,4 @@ class Sender(PollingLoop):
 
     def tick(self) -> None:
         """Send what is due (see :func:`send_due`)."""
-        send_due(self.engine, self.destinations, self.settings, calling_ae=self.calling_ae)
+        send_due(self.engine, self.destinations, self.settings, calling_ae=self.calling_ae, tls=self.tls)

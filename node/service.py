@@ -11,16 +11,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, literal, select
 from sqlalchemy.engine import Engine
 
 from . import db
+from .access import AccessPolicy
 from .completion import CompletionMonitor
 from .config import Config
 from .jobs import JobContext, JobRunner, requeue_running
 from .scp import Receiver
 from .send import Sender
 from .store import Store
+from .tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,23 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = db.make_engine(config.database_url)
         self.store = Store(data_dir, self.engine)
-        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes)
+        access = AccessPolicy(config.node.ae_title, config.node.allowed_calling_aes,
+                              config.node.require_called_ae_title)
+        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes, access=access)
+        # TLS files are read now, so that one missing or wrong stops the node before it listens
+        # (ConfigError naming the key); the sender and workers read them again for each association.
+        tls = config.node.tls
+        self.tls_context = server_context(tls) if tls is not None else None
+        if tls is not None and any(d.tls for d in config.destinations):
+            client_context(tls)
         ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
                          config.t2.options(), compartments=config.rois.compartments,
                          atlases=config.rois.atlases,
                          history_sources=tuple(d for d in config.destinations if d.query),
                          calling_ae=config.node.ae_title, query_timeout=config.send.query_timeout_seconds,
-                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf))
+                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf), tls=tls)
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
-                             poll_seconds=poll_seconds)
+                             poll_seconds=poll_seconds, tls=tls)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
                               on_done=self.sender.wake)
@@ -58,8 +68,21 @@ class Node:
 
     @property
     def port(self) -> int:
-        """The TCP port the node's SCP listens on."""
+        """The plain TCP port the node's SCP listens on (``RuntimeError`` with ``node.port = 0``)."""
         return self.receiver.port
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port the node's SCP listens on (``RuntimeError`` without ``[node.tls]``)."""
+        return self.receiver.tls_port
+
+    def listening(self) -> str:
+        """Where the SCP listens, in words: ``"0.0.0.0:11112 and 0.0.0.0:2762 (DICOM TLS)"``."""
+        bind = self.config.node.bind_address
+        where = [f"{bind}:{self.port}"] if self.receiver.server is not None else []
+        if self.receiver.tls_server is not None:
+            where.append(f"{bind}:{self.tls_port} (DICOM TLS)")
+        return " and ".join(where)
 
     def start(self) -> Node:
         """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;
@@ -71,11 +94,17 @@ class Node:
         self.jobs.start()        # returns once the workers have their kernels compiled or loaded
         self.completion.start()
         self.sender.start()
-        self.receiver.start(self.config.node.bind_address, self.config.node.port)
+        node = self.config.node
+        if node.port:
+            self.receiver.start(node.bind_address, node.port)
+        if node.tls is not None and self.tls_context is not None:
+            self.receiver.start_tls(node.bind_address, node.tls.port, self.tls_context)
         if self.web is not None:
             self.web.start()
+        ports = " ".join(([f"port={self.port}"] if node.port else [])
+                         + ([f"tls_port={self.tls_port}"] if node.tls is not None else []))
         with self.engine.begin() as conn:
-            db.record_audit(conn, "node-started", f"ae={self.config.node.ae_title} port={self.port}")
+            db.record_audit(conn, "node-started", f"ae={node.ae_title} {ports}")
         return self
 
     def stop(self) -> None:
@@ -97,34 +126,101 @@ class Node:
         self.stop()
 
 
-def status_report(engine: Engine) -> dict[str, Any]:
-    """Studies (with the ROIs each was measured in and a carried set's registration quality),
-    jobs, pending sends, quarantine and readers' ROI sets, as plain data (for ``musclenode status``).
+#: What ``musclenode status`` lists of each kind by default (counts always cover everything).
+STATUS_LIMIT = 20
+
+
+def _shown_state():
+    """A study's state as shown: ``skipped`` where the study is done but its latest job was skipped
+    (the study row says ``done``, as the web API expects; see :func:`node.web.queries.visits`).
     """
+    latest = (select(db.jobs.c.study_uid, func.max(db.jobs.c.id).label("job_id"))
+              .group_by(db.jobs.c.study_uid).subquery())
+    shown = case((and_(db.studies.c.state == db.StudyState.DONE, db.jobs.c.state == db.JobState.SKIPPED),
+                  literal(db.JobState.SKIPPED.value)), else_=db.studies.c.state).label("shown_state")
+    joined = (db.studies.outerjoin(latest, latest.c.study_uid == db.studies.c.study_uid)
+              .outerjoin(db.jobs, db.jobs.c.id == latest.c.job_id))
+    return shown, joined
+
+
+def status_report(engine: Engine, *, state: str | None = None, since: float | None = None,
+                  limit: int = STATUS_LIMIT) -> dict[str, Any]:
+    """A summary of the node for ``musclenode status``, as plain data.
+
+    ``study_counts``, ``job_counts`` and ``send_counts`` count every row per state (a study whose
+    latest job was skipped counts as ``skipped``). ``studies`` are the ``limit`` most recently
+    received studies (state ``state`` only, received at or after ``since`` if given, a time in
+    seconds since the epoch), newest first, each with the ROIs it was measured in;
+    ``n_studies_matching`` is how many match. ``jobs`` lists the latest ``limit`` jobs not done,
+    ``sends`` the first ``limit`` pending sends, ``quarantine`` and ``roi_sets`` the latest ``limit``
+    entries, with their totals in ``n_quarantine`` and ``n_roi_sets``.
+    """
+    shown, joined = _shown_state()
+    where = []
+    if state:
+        where.append(shown == state)
+    if since is not None:
+        where.append(db.studies.c.last_received_at >= since)
     with engine.begin() as conn:
+        study_counts = {str(r[0]): int(r[1]) for r in conn.execute(
+            select(shown, func.count()).select_from(joined).group_by(shown)).all()}
+        n_matching = conn.execute(select(func.count()).select_from(joined).where(*where)).scalar_one()
         studies = [dict(r._mapping) for r in conn.execute(
-            select(db.studies.c.study_uid, db.studies.c.state, db.studies.c.revision, db.studies.c.n_instances,
-                   db.studies.c.study_date, db.studies.c.message).order_by(db.studies.c.id)).all()]
+            select(db.studies.c.study_uid, shown.label("state"), db.studies.c.revision, db.studies.c.n_instances,
+                   db.studies.c.study_date, db.studies.c.last_received_at, db.studies.c.message,
+                   db.jobs.c.message.label("job_message"))
+            .select_from(joined).where(*where)
+            .order_by(db.studies.c.last_received_at.desc(), db.studies.c.id.desc()).limit(limit)).all()]
+        job_counts = {str(r[0]): int(r[1]) for r in conn.execute(
+            select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)).all()}
         jobs = [dict(r._mapping) for r in conn.execute(
             select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.state, db.jobs.c.attempts,
-                   db.jobs.c.message).order_by(db.jobs.c.id)).all()]
+                   db.jobs.c.message).where(db.jobs.c.state != db.JobState.DONE)
+            .order_by(db.jobs.c.id.desc()).limit(limit)).all()]
+        send_counts = {str(r[0]): int(r[1]) for r in conn.execute(
+            select(db.outbox.c.state, func.count()).group_by(db.outbox.c.state)).all()}
         sends = [dict(r._mapping) for r in conn.execute(
             select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.state, db.outbox.c.attempts,
                    db.outbox.c.next_try_at, db.outbox.c.last_error, db.outputs.c.kind, db.outputs.c.study_uid,
                    db.outputs.c.sop_uid)
-            .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id).order_by(db.outbox.c.id)).all()]
+            .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)
+            .where(db.outbox.c.state != db.OutboxState.SENT).order_by(db.outbox.c.id).limit(limit)).all()]
+        n_quarantine = conn.execute(select(func.count()).select_from(db.quarantine)).scalar_one()
         quarantined = [dict(r._mapping) for r in conn.execute(
             select(db.quarantine.c.path, db.quarantine.c.reason, db.quarantine.c.sop_uid,
-                   db.quarantine.c.calling_ae).order_by(db.quarantine.c.id)).all()]
+                   db.quarantine.c.calling_ae).order_by(db.quarantine.c.id.desc()).limit(limit)).all()]
         n_instances = conn.execute(select(func.count()).select_from(db.instances)).scalar_one()
+        listed = [s["study_uid"] for s in studies]
         rois = {r.study_uid: dict(r._mapping) for r in conn.execute(
             select(db.study_rois.c.study_uid, db.study_rois.c.source, db.study_rois.c.seg_sop_uid,
                    db.study_rois.c.n_rois, db.study_rois.c.dice, db.study_rois.c.mismatch,
-                   db.study_rois.c.needs_review)).all()}
+                   db.study_rois.c.needs_review).where(db.study_rois.c.study_uid.in_(listed))).all()}
+        n_roi_sets = conn.execute(select(func.count()).select_from(db.roi_sets)).scalar_one()
         roi_sets = [dict(r._mapping) for r in conn.execute(
             select(db.roi_sets.c.subject_key, db.roi_sets.c.region, db.roi_sets.c.study_uid, db.roi_sets.c.study_date,
-                   db.roi_sets.c.seg_sop_uid, db.roi_sets.c.n_rois).order_by(db.roi_sets.c.id)).all()]
+                   db.roi_sets.c.seg_sop_uid, db.roi_sets.c.n_rois)
+            .order_by(db.roi_sets.c.id.desc()).limit(limit)).all()]
     for s in studies:
         s["rois"] = rois.get(s["study_uid"])
-    return dict(studies=studies, jobs=jobs, sends=sends, quarantine=quarantined, n_instances=n_instances,
-                roi_sets=roi_sets)
+        if s["state"] == db.JobState.SKIPPED and s["job_message"]:
+            s["message"] = s["job_message"]
+        del s["job_message"]
+    return dict(n_instances=n_instances, study_counts=study_counts, n_studies=sum(study_counts.values()),
+                n_studies_matching=n_matching, studies=studies, job_counts=job_counts, jobs=jobs,
+                send_counts=send_counts, sends=sends, n_quarantine=n_quarantine, quarantine=quarantined,
+                n_roi_sets=n_roi_sets, roi_sets=roi_sets)
+
+
+def audit_entries(engine: Engine, *, since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """The audit log, oldest first: ``at`` (seconds since the epoch), ``event`` and ``detail`` of each
+    entry made at or after ``since``; with ``limit``, only the ``limit`` most recent of them.
+    """
+    q = select(db.audit.c.id, db.audit.c.at, db.audit.c.event, db.audit.c.detail)
+    if since is not None:
+        q = q.where(db.audit.c.at >= since)
+    q = q.order_by(db.audit.c.id.desc())
+    if limit is not None:
+        q = q.limit(limit)
+    with engine.begin() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(q).all()]
+    return rows[::-1]

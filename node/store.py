@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from . import db
 from .db import StudyState
+from .text import printable
 
 log = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -165,6 +166,7 @@ class Store:
             conn.execute(insert(db.quarantine).values(path=str(path), reason=reason, sop_uid=sop_uid,
                                                      study_uid=study_uid, received_at=time.time(),
                                                      calling_ae=calling_ae))
-            db.record_audit(conn, "quarantined", f"sop={sop_uid or '?'} from={calling_ae}: {reason}")
-        log.warning("quarantined %s (SOP %s): %s", path.name, sop_uid or "?", reason)
+            db.record_audit(conn, "quarantined",
+                            f"sop={printable(sop_uid or '?')} from={calling_ae}: {printable(reason, 200)}")
+        log.warning("quarantined %s (SOP %s): %s", path.name, printable(sop_uid or "?"), printable(reason, 200))
         return path

@@ -25,7 +25,7 @@ from reports.longitudinal import PriorValue
 
 from . import CHATTY_LOGGERS, db, history, roisets
 from .completion import requeue_for_roi_set, requeue_later_visits
-from .config import Destination
+from .config import Destination, TLSSettings
 from .db import JobState, OutboxState, StudyState
 from .processing import (
     build_outputs,
@@ -39,6 +39,7 @@ from .processing import (
     series_summary,
 )
 from .store import Store
+from .text import install_safe_formatter, printable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class JobContext:
     compartments: bool = True     # automatic compartments where no reader's ROIs ([rois] compartments)
     atlases: int = 3              # other subjects' reader sets to fuse ([rois] atlases)
     pdf_destinations: tuple[str, ...] = ()   # those of ``destinations`` with pdf = true
+    tls: TLSSettings | None = None   # [node.tls]: the certificates for history sources with tls = true
 
     def destinations_for(self, kind: str) -> tuple[str, ...]:
         """The destinations an output of ``kind`` is sent to: the summary PDF only to those
@@ -114,7 +116,7 @@ def _history_from_pacs(engine: Engine, ctx: JobContext, subject: str, study_uid:
     issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
     result = history.rebuild_history(engine, ctx.history_sources, subject, patient_id, issuer,
                                      exclude_study=study_uid, calling_ae=ctx.calling_ae, timeout=ctx.query_timeout,
-                                     context=f"study={study_uid}")
+                                     context=f"study={study_uid}", tls=ctx.tls)
     log.info("history of study %s's subject from PACS: %d earlier studies, %d values recorded%s", study_uid,
              result.recorded_studies, result.recorded_values,
              f"; {len(result.unanswered)} destination(s) did not answer" if result.unanswered else "")
@@ -134,7 +136,7 @@ def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: J
                                                    db.studies.c.state == StudyState.PROCESSING,
                                                    db.studies.c.revision == revision))
                      .values(state=_STUDY_STATE[state], message=message))
-        db.record_audit(conn, f"job-{state.value}", f"job={job_id} study={study_uid}: {message}")
+        db.record_audit(conn, f"job-{state.value}", f"job={job_id} study={study_uid}: {printable(message, 300)}")
 
 
 def _quarantine_refused(store: Store, files, refusals, study_uid: str) -> None:
@@ -185,11 +187,11 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         return JobState.WAITING_FOR_ROIS
     except NoDixonError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.SKIPPED, str(exc))
-        log.warning("job %d: %s", job_id, exc)
+        log.warning("job %d: %s", job_id, printable(exc, 300))
         return JobState.SKIPPED
     except QuantError as exc:
         _finish(engine, job_id, job.study_uid, job.revision, JobState.FAILED, f"{type(exc).__name__}: {exc}")
-        log.error("job %d failed: %s", job_id, exc)
+        log.error("job %d failed: %s", job_id, printable(exc, 300))
         return JobState.FAILED
     _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
     now = t_built = time.time()
@@ -225,6 +227,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
             for dest in ctx.destinations_for(kind):
                 db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
                                                        attempts=0, next_try_at=now, last_error=""))
+        made = " ".join(f"{kind}={sop_uid}" for sop_uid, (kind, _) in paths.items())
+        db.record_audit(conn, "made", f"study={job.study_uid} job={job_id} revision={job.revision}: {made}")
     notes = "; ".join([*out.analysis.notes, *(["earlier visits not retrieved: PACS did not answer"]
                                               if history_note and not priors else [])])
     _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
@@ -247,5 +251,6 @@ def _init_worker(level: int) -> None:
     format, so that what a job logs reaches the node's log (stderr, journald).
     """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    install_safe_formatter()
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))

@@ -38,6 +38,11 @@ _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
+def _cut(text: str, limit: int = 64) -> str:
+    """``text`` (a Series Description: LO, 64 characters, though some are longer) cut to ``limit``."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
     """The datasets of a study by Series Instance UID, in the order given."""
     groups: dict[str, list[Dataset]] = defaultdict(list)
@@ -117,7 +122,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
                 return analyse_mese_study(by_series, infos, mese_info, notes, t2_options, atoms,
                                           body_part=mese_body_part, rois=rois, reader_segs=reader_segs,
                                           carry_from=carry_from, atlases=atlases, compartments=compartments)
-            found = ", ".join(f"{s.description or s.series_instance_uid}: {s.kind.value}" for s in infos)
+            found = ", ".join(f"{_cut(s.description or s.series_instance_uid)}: {s.kind.value}" for s in infos)
             raise NoDixonError("no Dixon water and fat series and no multi-echo spin echo in this study "
                                f"(series found: {found or 'none'})")
         return _analyse_megre(by_series, infos, megre, notes, t2_options, atoms, rois, compartments, reader_segs,

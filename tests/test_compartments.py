@@ -190,4 +190,5 @@ def test_compartments_in_seg_and_sr_validate_and_read_back(studies, tmp_path):
     truth = ph.compartment_truth[("right", "medial_compartment", "csa_mm2")]
     assert abs(area["Area"] / truth - 1) < 0.01
     meta = tid1500_readback(sr_path, tmp_path / "sr.json")
-    assert len(meta["Measurements"]) == 8
+    ids = [m["TrackingIdentifier"] for m in meta["Measurements"]]   # volumetric, and planar on the key slice
+    assert len(ids) == 16 and len([i for i in ids if not i.endswith(", key slice")]) == 8

@@ -21,6 +21,7 @@ from node.config import (
     NodeSettings,
     Protocol,
     SendSettings,
+    TLSSettings,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -131,36 +132,46 @@ def test_deploy_example_loads_with_expected_values():
         config.destination("nowhere")
 
 
-def _all_dotted_keys() -> set[str]:
-    data = config_to_dict(Config(destinations=(Destination(**PACS),),
-                                 protocols=(Protocol("thigh", "THIGH", ("dixon_water",)),)))
+TLS = TLSSettings(Path("/etc/musclenode/tls/node.crt"), Path("/etc/musclenode/tls/node.key"),
+                  Path("/etc/musclenode/tls/ca.crt"), 2762, True)
+
+
+def _dotted(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys of a TOML document (the first entry of an array of tables)."""
     keys = set()
-    for table, body in data.items():
-        if table in ("destinations", "protocols"):
-            keys |= {f"{table}.{k}" for k in body[0]}
-        else:
-            keys |= {f"{table}.{k}" for k in body}
+    for key, value in data.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            value = value[0]
+        keys |= _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
     return keys
 
 
+def _all_dotted_keys(*, tls: bool = False) -> set[str]:
+    """Every key, with those of [node.tls] when ``tls`` (a table left out by default)."""
+    node = NodeSettings(tls=TLS) if tls else NodeSettings()
+    return _dotted(config_to_dict(Config(node=node, destinations=(Destination(**PACS),),
+                                         protocols=(Protocol("thigh", "THIGH", ("dixon_water",)),))))
+
+
 def test_deploy_example_sets_every_key():
-    """The example is 'fully commented': every key appears in it, set."""
+    """The example is 'fully commented': every key appears in it, set ([node.tls] as a
+    commented table: a node copied from the example must start without certificates).
+    """
     text = EXAMPLE.read_text()
-    data = tomllib.loads(text)
-    present = set()
-    for table, body in data.items():
-        if table in ("destinations", "protocols"):
-            present |= {f"{table}.{k}" for k in body[0]}
-        else:
-            present |= {f"{table}.{k}" for k in body}
-    assert present == _all_dotted_keys()
+    assert _dotted(tomllib.loads(text)) == _all_dotted_keys()
+    start = text.index("\n# [node.tls]\n") + 1
+    block = text[start:text.index("\n\n", start)]
+    tls = tomllib.loads("\n".join(line.removeprefix("# ") for line in block.splitlines()
+                                  if line.startswith("# ") and "=" in line or line == "# [node.tls]"))
+    assert _dotted(tls) == {k for k in _all_dotted_keys(tls=True) if k.startswith("node.tls.")}
+    assert config_from_dict(tls).node.tls == TLS
 
 
 def test_config_md_documents_every_key():
     text = CONFIG_MD.read_text()
-    documented = set(re.findall(r"^\|\s*`([a-z0-9_\[\]]+\.[a-z0-9_]+)`", text, flags=re.M))
+    documented = set(re.findall(r"^\|\s*`([a-z0-9_\[\]]+(?:\.[a-z0-9_]+)+)`", text, flags=re.M))
     documented = {k.replace("[]", "") for k in documented}
-    assert documented == _all_dotted_keys()
+    assert documented == _all_dotted_keys(tls=True)
 
 
 # --------------------------------------------------------------------------- #
@@ -281,7 +292,8 @@ def test_good_ae_titles(title):
 @pytest.mark.parametrize("port", [0, -1, 65536, 100000])
 def test_bad_ports(port):
     err = _raises({"node": {"port": port}}, "node.port")
-    assert "between 1 and 65535" in str(err)
+    # 0 is "no plain port", which needs [node.tls]
+    assert ("[node.tls]" if port == 0 else "between 1 and 65535") in str(err)
     _raises({"destinations": [dict(PACS, port=port)]}, "destinations[0].port")
 
 
@@ -419,13 +431,13 @@ def test_file_errors_name_the_file_and_key(tmp_path):
 
 def _full_config() -> Config:
     return Config(
-        node=NodeSettings("NODE1", "127.0.0.1", 4006, Path("rel/data"), 2.5, 65536),
+        node=NodeSettings("NODE1", "127.0.0.1", 4006, Path("rel/data"), 2.5, 65536, tls=TLS),
         database=DatabaseSettings("postgresql+psycopg://u@127.0.0.1:5432/db"),
         jobs=JobSettings(workers=4, executor="inline", lease_seconds=30.0),
         send=SendSettings(1.0, 60.0, 5.0),
         destinations=(
             Destination(**PACS),
-            Destination("archive", "ARCHIVE", "pacs.example.org", 104),
+            Destination("archive", "ARCHIVE", "pacs.example.org", 104, tls=True, tls_server_name="archive.example"),
         ),
     )
 
@@ -460,8 +472,13 @@ def test_round_trip_through_toml_text(tmp_path):
         if table in ("destinations", "protocols"):
             continue
         lines.append(f"[{table}]")
+        subtables = {k: v for k, v in body.items() if isinstance(v, dict)}
         for key, value in body.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if key not in subtables:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, sub in subtables.items():
+            lines.append(f"[{table}.{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
     for dest in data["destinations"]:
         lines.append("[[destinations]]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in dest.items()]

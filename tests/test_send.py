@@ -30,7 +30,7 @@ def test_pacs_down_then_up_across_restart(make_node, thigh_visits, tmp_path):
     config = node_config(tmp_path, destinations=[dest], retry_initial=0.5, retry_max=1.0)
     node = make_node(config)
     assert all(s == 0 for s in push(datasets, "127.0.0.1", node.port, called_ae="MUSCLENODE"))
-    rows = wait_until(lambda: [r for r in _outbox(node) if r.attempts >= 2] if len(_outbox(node)) == 6 else None,
+    rows = wait_until(lambda: [r for r in _outbox(node) if r.attempts >= 2] if len(_outbox(node)) == 7 else None,
                       timeout=120, what="two failed send attempts")
     assert all(r.state == "pending" and "no association" in r.last_error for r in rows)
     node.stop()
@@ -41,8 +41,8 @@ def test_pacs_down_then_up_across_restart(make_node, thigh_visits, tmp_path):
         study_uid = str(datasets[0].StudyInstanceUID)
         modalities = sorted(pacs.get(f"/instances/{i['ID']}/simplified-tags")["Modality"]
                             for i in pacs.instances_of_study(study_uid))
-        assert modalities == ["OT"] * 4 + ["SEG", "SR"]   # OT: the parametric maps (FF, T2W, B1, FF_T2)
-        # nothing is delivered twice: the outbox has one row per output and destination
-        assert len(_outbox(node2)) == 6
+        assert modalities == ["OT"] * 5 + ["SEG", "SR"]   # OT: the parametric maps (FF, T2W, B1, FF_T2), summary page
+        # nothing is delivered twice: the outbox has one row per output and destination (no PDF: pdf = false)
+        assert len(_outbox(node2)) == 7
     finally:
         pacs.stop()
