@@ -90,7 +90,7 @@ def _strings(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         return value.split("\\")
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, bytes):   # MultiValue, list
         return [str(v) for v in value]
     return [str(value)]
 
@@ -114,7 +114,7 @@ def _echo_time(value: object, keyword: str) -> float | None:
 
 def _items(value: object) -> list[Dataset]:
     """The items of a sequence value; [] when the value is not a sequence of items."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):   # a pydicom Sequence
         return [item for item in value if isinstance(item, Dataset)]
     return []
 
