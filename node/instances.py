@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import zlib
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import (
@@ -195,17 +195,17 @@ def parse_instance(data: bytes) -> Dataset:
     wrong with the bytes, the only exception is :class:`InstanceRejected`, with the reason.
     """
     try:
-        fp = DicomBytesIO(data)
+        fp = io.BytesIO(data)
         read_preamble(fp, False)
         meta = read_dataset(fp, False, True, stop_when=_stop_after_meta)
         ts = str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
         if ts == DeflatedExplicitVRLittleEndian:
             start = fp.tell()
-            ds = read_dataset(DicomBytesIO(inflate(data[start:])), False, True)
+            ds = read_dataset(io.BytesIO(inflate(data[start:])), False, True)
             ds.file_meta = FileMetaDataset(meta)
             ds.set_original_encoding(False, True, ds._character_set)
         else:
-            ds = pydicom.dcmread(DicomBytesIO(data))
+            ds = pydicom.dcmread(io.BytesIO(data))
     except InstanceRejected:
         raise
     except Exception as exc:  # pydicom raises many types on a corrupt stream

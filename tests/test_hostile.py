@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 from dicom_builders import mr_series
 from fuzz_mutations import encode, make_seeds, random_mutant, with_transfer_syntax
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
@@ -30,6 +28,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     MRImageStorage,
 )
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from node import db
