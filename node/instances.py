@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
     EnhancedSRStorage,
     ExplicitVRBigEndian,
@@ -26,6 +30,7 @@ from pydicom.uid import (
 from reports.uids import subject_key  # noqa: F401  (re-exported: the node's one subject key)
 
 from .errors import InstanceRejected
+from .text import printable
 
 MR_IMAGE = MRImageStorage
 ENHANCED_MR_IMAGE = EnhancedMRImageStorage
@@ -45,34 +50,170 @@ def sop_class_name(uid: str) -> str:
         return uid
 
 
+#: The most bytes of decoded pixels one instance may declare (Rows x Columns x Samples per
+#: Pixel x Bits Allocated x Number of Frames): 1 GiB, e.g. 2,000 frames of 512 x 512 at 16 bits.
+#: An instance that declares more is refused before anything is decoded.
+MAX_PIXEL_BYTES = 1 << 30
+#: A deflated data set may inflate to at most this many times its compressed size (but always
+#: to :data:`MIN_INFLATE_LIMIT` bytes): MR images deflate by 2 to 10, a deflate bomb by 1,000.
+MAX_INFLATE_RATIO = 32
+MIN_INFLATE_LIMIT = 32 << 20
+#: Limits of the attributes that size the pixel data (DICOM's own ranges, or what MR uses).
+_PIXEL_LIMITS = {"Rows": (1, 65535), "Columns": (1, 65535), "NumberOfFrames": (1, 1_000_000),
+                 "SamplesPerPixel": (1, 4), "BitsAllocated": (1, 64)}
+_DEFAULTS = {"NumberOfFrames": 1, "SamplesPerPixel": 1, "BitsAllocated": 16}
+
+
+def _pixel_count(ds: Dataset, keyword: str) -> int:
+    """One attribute that sizes the pixel data, as an int within its limits, or InstanceRejected."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            if keyword not in _DEFAULTS:
+                raise InstanceRejected(f"{keyword} is missing from an image with Pixel Data")
+            return _DEFAULTS[keyword]
+        number = int(value)
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # a corrupt value: ValueError, TypeError, OverflowError...
+        raise InstanceRejected(f"{keyword} cannot be read as a number: {printable(exc, 100)}") from exc
+    low, high = _PIXEL_LIMITS[keyword]
+    if not low <= number <= high:
+        raise InstanceRejected(f"{keyword} is {number}, outside {low}..{high}")
+    return number
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """The bytes of pixels ``ds`` declares (Rows x Columns x Number of Frames x Samples per
+    Pixel x Bits Allocated / 8, rounded up); :class:`InstanceRejected` if one of them is
+    missing, unreadable or out of range, or if the total is more than :data:`MAX_PIXEL_BYTES`.
+    """
+    counts = {k: _pixel_count(ds, k) for k in _PIXEL_LIMITS}
+    bits = counts["Rows"] * counts["Columns"] * counts["NumberOfFrames"] * counts["SamplesPerPixel"] \
+        * counts["BitsAllocated"]
+    size = (bits + 7) // 8
+    if size > MAX_PIXEL_BYTES:
+        raise InstanceRejected(
+            f"the image declares {size:,} bytes of pixels ({counts['Rows']}x{counts['Columns']}x"
+            f"{counts['NumberOfFrames']} frames x {counts['SamplesPerPixel']} samples x "
+            f"{counts['BitsAllocated']} bits), more than the node decodes ({MAX_PIXEL_BYTES:,})")
+    return size
+
+
+def _decode_elements(ds: Dataset) -> None:
+    """Decode every public element of ``ds`` (sequences included) now, so that a value pydicom
+    cannot convert (a wrong VR, a bad length) is refused here and not met later by the analysis.
+    Private elements are left as they are: the node never reads them.
+    """
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        try:
+            elem = ds[tag]
+            value = elem.value
+        except Exception as exc:  # pydicom raises many types for a value it cannot convert
+            raise InstanceRejected(f"element {tag} cannot be read: {type(exc).__name__}: "
+                                   f"{printable(exc, 120)}") from exc
+        if elem.VR == "SQ":
+            for item in value or ():
+                if isinstance(item, Dataset):
+                    _decode_elements(item)
+
+
 def check_instance(ds: Dataset, transfer_syntax: str | None = None) -> None:
     """Raise :class:`InstanceRejected` with a clear reason if ``ds`` cannot be used.
 
-    Checks the identifying UIDs and, for uncompressed images, that the pixel data is
-    complete (a truncated transfer or file).
+    Checks the identifying UIDs; for images, that the attributes sizing the pixel data are
+    readable and within range and that the declared size is at most :data:`MAX_PIXEL_BYTES`
+    (a memory bomb is refused before it is decoded); for uncompressed images, that the
+    length of Pixel Data is the declared one (a truncated transfer, or a mismatch).
     """
+    _decode_elements(ds)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         try:
             value = ds.get(keyword)
+            text = str(value or "")
         except Exception as exc:
-            raise InstanceRejected(f"{keyword} cannot be read: {exc}") from exc
-        if not value:
+            raise InstanceRejected(f"{keyword} cannot be read: {printable(exc, 100)}") from exc
+        if not text.strip():
             raise InstanceRejected(f"{keyword} is missing")
     try:
         pixel = ds.get("PixelData")
     except Exception as exc:  # truncated streams fail while parsing the element
-        raise InstanceRejected(f"the data set is truncated or corrupt: {exc}") from exc
-    if pixel is None or "Rows" not in ds:
+        raise InstanceRejected(f"the data set is truncated or corrupt: {printable(exc, 100)}") from exc
+    if pixel is None:
         return
+    expected = declared_pixel_bytes(ds)
     ts = str(transfer_syntax or getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if ts and ts not in _UNCOMPRESSED:
         return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1))
-                * int(ds.get("BitsAllocated", 16)) + 7) // 8
+    if not isinstance(pixel, bytes):
+        raise InstanceRejected("Pixel Data of an uncompressed image is not a byte string")
     if len(pixel) < expected:
         raise InstanceRejected(f"pixel data is truncated: {len(pixel)} bytes of {expected} expected "
-                               f"({ds.Rows}x{ds.Columns}x{frames} frames)")
+                               f"({ds.Rows}x{ds.Columns}x{ds.get('NumberOfFrames', 1)} frames)")
+    if len(pixel) > expected + 1:   # one byte of padding to an even length
+        raise InstanceRejected(f"pixel data has {len(pixel)} bytes where Rows, Columns, Number of Frames, "
+                               f"Samples per Pixel and Bits Allocated declare {expected}")
+
+
+def _stop_after_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
+
+
+def inflate(data: bytes, limit: int | None = None) -> bytes:
+    """``data`` (raw deflate, as Deflated Explicit VR Little Endian stores a data set) inflated,
+    at most ``limit`` bytes (default: :data:`MAX_INFLATE_RATIO` times ``len(data)``, at least
+    :data:`MIN_INFLATE_LIMIT`); :class:`InstanceRejected` when it would inflate to more (a
+    deflate bomb) or is not complete deflate data. Memory stays within ``limit`` plus one chunk.
+    """
+    if limit is None:
+        limit = max(MIN_INFLATE_LIMIT, MAX_INFLATE_RATIO * len(data))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending = data
+    try:
+        while pending and not inflater.eof:
+            out += inflater.decompress(pending, 1 << 20)
+            pending = inflater.unconsumed_tail
+            if len(out) > limit:
+                raise InstanceRejected(f"the deflated data set inflates to more than {limit:,} bytes "
+                                       f"from {len(data):,} (a deflate bomb): refused")
+        if not inflater.eof:
+            out += inflater.flush()
+    except zlib.error as exc:
+        raise InstanceRejected(f"the deflated data set cannot be inflated: {exc}") from exc
+    if not inflater.eof:
+        raise InstanceRejected("the deflated data set is incomplete (the deflate stream does not end)")
+    if len(out) > limit:
+        raise InstanceRejected(f"the deflated data set inflates to more than {limit:,} bytes: refused")
+    return bytes(out)
+
+
+def parse_instance(data: bytes) -> Dataset:
+    """Parse one DICOM Part 10 byte string (preamble, file meta, data set) and check it.
+
+    A deflated data set is inflated by :func:`inflate`, bounded, never by pydicom. Whatever is
+    wrong with the bytes, the only exception is :class:`InstanceRejected`, with the reason.
+    """
+    try:
+        fp = io.BytesIO(data)
+        read_preamble(fp, False)
+        meta = read_dataset(fp, False, True, stop_when=_stop_after_meta)
+        ts = str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+        if ts == DeflatedExplicitVRLittleEndian:
+            start = fp.tell()
+            ds = read_dataset(io.BytesIO(inflate(data[start:])), False, True)
+            ds.file_meta = FileMetaDataset(meta)
+            ds.set_original_encoding(False, True, ds._character_set)
+        else:
+            ds = pydicom.dcmread(io.BytesIO(data))
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # pydicom raises many types on a corrupt stream
+        raise InstanceRejected(f"not a readable DICOM file: {type(exc).__name__}: {printable(exc, 120)}") from exc
+    check_instance(ds)
+    return ds
 
 
 #: Top-level attributes that series recognition (:func:`quant.series.classify_series`) and a
@@ -199,8 +340,7 @@ def instance_facts(ds: Dataset) -> dict[str, Any]:
 def read_instance(path: Path) -> Dataset:
     """Read and check one file; :class:`InstanceRejected` says why it cannot be used."""
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        data = Path(path).read_bytes()
+    except OSError as exc:
         raise InstanceRejected(f"not a readable DICOM file: {exc}") from exc
-    check_instance(ds)
-    return ds
+    return parse_instance(data)

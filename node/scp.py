@@ -24,12 +24,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from . import db
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
-from .instances import KEPT_SOP_CLASSES, check_instance, instance_facts, sop_class_name, subject_key
+from .instances import KEPT_SOP_CLASSES, instance_facts, parse_instance, sop_class_name, subject_key
 from .store import Store
 from .text import printable
 
@@ -48,6 +48,18 @@ TRANSFER_SYNTAXES = [
     uid.RLELossless,
 ]
 
+#: Time limits of an association (seconds): the A-ASSOCIATE-RQ must come within ACSE_TIMEOUT of
+#: the connection (a half-open connection that says nothing is closed then), a DIMSE message within
+#: DIMSE_TIMEOUT, and a connection silent for NETWORK_TIMEOUT is aborted.
+ACSE_TIMEOUT = 30.0
+DIMSE_TIMEOUT = 60.0
+NETWORK_TIMEOUT = 120.0
+#: The longest PDU read when the node's maximum PDU length is 0 (unlimited); with a maximum set,
+#: PDUs up to max(that maximum, MIN_PDU_RECEIVE) are read. A longer PDU length field aborts the
+#: association before anything is allocated for it.
+MAX_PDU_RECEIVE = 64 << 20
+MIN_PDU_RECEIVE = 1 << 20
+
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
@@ -57,9 +69,40 @@ CANNOT_UNDERSTAND = 0xC000
 def _status(code: int, comment: str = "") -> Dataset:
     status = Dataset()
     status.Status = code
-    if comment:
-        status.ErrorComment = comment[:64]
+    if comment:   # LO, default character repertoire: text from the data set is escaped and cut
+        status.ErrorComment = printable(comment, 64).encode("ascii", "replace").decode("ascii")
     return status
+
+
+class BoundedSocket(AssociationSocket):
+    """pynetdicom's association socket, refusing a PDU whose length field is over the limit.
+
+    pynetdicom reads a PDU by its 4-byte length field, whatever it says (up to 4 GiB); here a
+    length over :data:`MAX_PDU_RECEIVE` (or the node's maximum PDU length, when set) is a
+    transport error: the association is aborted and the connection closed, nothing read.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` from the peer; OSError if that is more than one PDU may hold."""
+        agreed = int(self.assoc.acceptor.maximum_length or 0)
+        limit = max(agreed, MIN_PDU_RECEIVE) if agreed else MAX_PDU_RECEIVE
+        if nr_bytes > limit:
+            log.warning("association from %s: PDU length %d is over the limit of %d bytes: aborted",
+                        self.assoc.requestor.address, nr_bytes, limit)
+            raise OSError(f"PDU length {nr_bytes} is over the limit of {limit} bytes")
+        return super().recv(nr_bytes)
+
+
+class BoundedRequestHandler(RequestHandler):
+    """pynetdicom's request handler with a :class:`BoundedSocket` for each association."""
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        # the socket pynetdicom made has already queued its connection event: give it the
+        # bounded read rather than a second socket (which would queue the event twice)
+        if type(assoc.dul.socket) is AssociationSocket:
+            assoc.dul.socket.__class__ = BoundedSocket
+        return assoc
 
 
 class TLSAssociationServer(ThreadedAssociationServer):
@@ -119,6 +162,9 @@ class Receiver:
         self._lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
+        self.ae.acse_timeout = ACSE_TIMEOUT
+        self.ae.dimse_timeout = DIMSE_TIMEOUT
+        self.ae.network_timeout = NETWORK_TIMEOUT
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:   # always set in pynetdicom's storage contexts
@@ -132,9 +178,11 @@ class Receiver:
 
     def start(self, bind_address: str, port: int) -> ThreadedAssociationServer:
         """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
-        server = self.ae.start_server((bind_address, port), block=False, evt_handlers=self._handlers())
-        if server is None:   # start_server returns None only when it blocks
-            raise RuntimeError("pynetdicom did not start a background server")
+        server = self.ae.make_server((bind_address, port), evt_handlers=self._handlers(),
+                                     request_handler=BoundedRequestHandler)
+        thread = threading.Thread(target=server.serve_forever, name=f"musclenode-dicom-{port}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)   # as AE.start_server does: AssociationServer.shutdown removes it
         self.server = server
         log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, self.port)
         return server
@@ -144,7 +192,7 @@ class Receiver:
         ``context`` (see :func:`node.tls.server_context`), in a background thread; returns the server.
         """
         server = self.ae.make_server((bind_address, port), ssl_context=context, evt_handlers=self._handlers(),
-                                     server_class=TLSAssociationServer)
+                                     server_class=TLSAssociationServer, request_handler=BoundedRequestHandler)
         if not isinstance(server, TLSAssociationServer):   # make_server builds the class it is given
             raise RuntimeError("pynetdicom did not build the TLS server")
         thread = threading.Thread(target=server.serve_forever, name=f"musclenode-dicom-tls-{port}", daemon=True)
@@ -239,19 +287,23 @@ class Receiver:
         request = event.request   # a C-STORE request in this handler
         sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            check_instance(ds, str(event.context.transfer_syntax))
+            # parse_instance inflates a deflated data set within bounds, never pydicom
+            ds = parse_instance(data)
             if str(ds.SOPInstanceUID) != sop_uid:
                 raise InstanceRejected("SOPInstanceUID of the data set differs from the request's "
                                        "Affected SOP Instance UID")
+            sop_class = str(ds.SOPClassUID)
+            study_uid = str(ds.StudyInstanceUID)
+            series_uid = str(ds.SeriesInstanceUID)
+            key = subject_key(ds)
+            study_date = str(ds.get("StudyDate", "") or "")
+            time_point = str(ds.get("ClinicalTrialTimePointID", "") or "")[:64]
+            facts = instance_facts(ds)   # header counts for completion by protocol (never decodes pixels)
         except InstanceRejected as exc:
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
-        except Exception as exc:  # pydicom raises many types on a corrupt stream
-            return self._reject(data, f"the data set cannot be decoded: {exc}", sop_uid, calling,
-                                CANNOT_UNDERSTAND)
-        sop_class = str(ds.SOPClassUID)
-        study_uid = str(ds.StudyInstanceUID)
+        except Exception as exc:  # a value that pydicom decodes only now, of any type
+            return self._reject(data, f"the data set cannot be decoded: {type(exc).__name__}: {printable(exc, 120)}",
+                                sop_uid, calling, CANNOT_UNDERSTAND)
         if sop_class not in KEPT_SOP_CLASSES:
             # Kept (nothing is lost) but not processed: the sender is told Success.
             self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
@@ -259,10 +311,9 @@ class Receiver:
             return SUCCESS
         try:
             stored = self.store.store_instance(
-                data, study_uid=study_uid, series_uid=str(ds.SeriesInstanceUID), sop_uid=sop_uid,
-                sop_class_uid=sop_class, subject_key=subject_key(ds),
-                study_date=str(ds.get("StudyDate", "") or ""), calling_ae=calling,
-                time_point=str(ds.get("ClinicalTrialTimePointID", "") or "")[:64], facts=instance_facts(ds))
+                data, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                sop_class_uid=sop_class, subject_key=key, study_date=study_date, calling_ae=calling,
+                time_point=time_point, facts=facts)
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except OSError as exc:

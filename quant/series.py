@@ -8,6 +8,7 @@ Description (0008,103E) marks a kind. Image Type is trusted before the descripti
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 from .enums import SeriesKind
+from .errors import SeriesError
 
 MR_IMAGE_SOP_CLASSES = {MRImageStorage: "MR Image Storage", EnhancedMRImageStorage: "Enhanced MR Image Storage"}
 
@@ -82,26 +84,55 @@ class SeriesInfo:
         return self.kind is not SeriesKind.UNKNOWN
 
 
-def _image_type(ds: Dataset) -> list[str]:
-    value = ds.get("ImageType") or ds.get("FrameType") or []
+def _strings(value: object) -> list[str]:
+    """A CS value (one string, or several) as a list of strings; [] for anything else."""
+    if value is None:
+        return []
     if isinstance(value, str):
-        value = value.split("\\")
-    return [str(v).strip().upper() for v in value]
+        return value.split("\\")
+    if isinstance(value, Sequence) and not isinstance(value, bytes):   # MultiValue, list
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    return [v.strip().upper() for v in _strings(ds.get("ImageType") or ds.get("FrameType"))]
+
+
+def _echo_time(value: object, keyword: str) -> float | None:
+    """An echo time in ms, or None when absent; SeriesError when it is not a finite number."""
+    if value is None or value == "":
+        return None
+    try:
+        te = float(value)  # type: ignore[arg-type]  # a DS or FD value; anything else is refused below
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SeriesError(f"{keyword} is not a number: {str(value)[:40]!r}") from exc
+    if not math.isfinite(te):
+        raise SeriesError(f"{keyword} is not finite: {te}")
+    return te
+
+
+def _items(value: object) -> list[Dataset]:
+    """The items of a sequence value; [] when the value is not a sequence of items."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):   # a pydicom Sequence
+        return [item for item in value if isinstance(item, Dataset)]
+    return []
 
 
 def _echo_times(datasets: Iterable[Dataset]) -> tuple[float, ...]:
     tes: set[float] = set()
     for ds in datasets:
-        if ds.get("EchoTime") not in (None, ""):
-            tes.add(round(float(ds.EchoTime), 3))
+        te = _echo_time(ds.get("EchoTime"), "EchoTime")
+        if te is not None:
+            tes.add(round(te, 3))
         # Enhanced MR: MR Echo is per-frame, or shared when every frame of the instance
         # has the same echo time (one instance per echo).
-        groups = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
-        groups += list(ds.get("SharedFunctionalGroupsSequence", []) or [])
+        groups = _items(ds.get("PerFrameFunctionalGroupsSequence")) + _items(ds.get("SharedFunctionalGroupsSequence"))
         for group in groups:
-            echo = group.get("MREchoSequence")
-            if echo and echo[0].get("EffectiveEchoTime") not in (None, ""):
-                tes.add(round(float(echo[0].EffectiveEchoTime), 3))
+            echo = _items(group.get("MREchoSequence"))
+            te = _echo_time(echo[0].get("EffectiveEchoTime"), "EffectiveEchoTime") if echo else None
+            if te is not None:
+                tes.add(round(te, 3))
     return tuple(sorted(tes))
 
 
@@ -128,10 +159,7 @@ def _is_spin_echo(ds: Dataset) -> bool | None:
     """True for spin echo, False for gradient echo / EPI, None when the header does not say
     (no Scanning Sequence nor Echo Pulse Sequence, research mode "RM", GRASE "BOTH").
     """
-    scanning = ds.get("ScanningSequence") or ""
-    if isinstance(scanning, str):
-        scanning = scanning.split("\\")
-    scanning = {str(s).strip().upper() for s in scanning} - {""}
+    scanning = {s.strip().upper() for s in _strings(ds.get("ScanningSequence"))} - {""}
     echo_pulse = str(ds.get("EchoPulseSequence", "") or "").strip().upper()  # Enhanced MR
     if "SE" in scanning or echo_pulse == "SPIN":
         return True
@@ -154,20 +182,29 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesInfo:
     """Recognise one series from the headers of its instances.
 
     Returns a :class:`SeriesInfo` whose ``kind`` is :attr:`SeriesKind.UNKNOWN`, with the
-    reason in words, when the series is not one musclenode quantifies.
+    reason in words, when the series is not one musclenode quantifies (an echo time that is
+    not a finite number included). :class:`SeriesError` if ``datasets`` is empty.
     """
+    if not datasets:
+        raise SeriesError("series has no instances")
     ds0 = datasets[0]
     uid = str(ds0.get("SeriesInstanceUID", ""))
     desc = str(ds0.get("SeriesDescription", "")).strip()
     number = ds0.get("SeriesNumber")
-    base = _Common(series_instance_uid=uid, description=desc,
-                   series_number=int(number) if number not in (None, "") else None,
+    try:
+        series_number = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):   # a corrupt Series Number is only a label
+        series_number = None
+    base = _Common(series_instance_uid=uid, description=desc, series_number=series_number,
                    n_instances=len(datasets))
     sop_class = str(ds0.get("SOPClassUID", ""))
     if sop_class not in MR_IMAGE_SOP_CLASSES:
         return SeriesInfo(kind=SeriesKind.UNKNOWN, reason=f"not an MR image series (SOP Class {sop_class}, "
                           f"Modality {ds0.get('Modality', '?')})", **base)
-    tes = _echo_times(datasets)
+    try:
+        tes = _echo_times(datasets)
+    except SeriesError as exc:
+        return SeriesInfo(kind=SeriesKind.UNKNOWN, reason=f"not quantified: {exc}", **base)
     base["echo_times_ms"] = tes
     if len(tes) >= MIN_MESE_ECHOES:
         # The description only decides when the header does not state the sequence type:
@@ -176,8 +213,7 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesInfo:
         if spin or (spin is None and _MESE_DESCRIPTION.search(desc)):
             how = "spin echo" if spin else f"series description {desc!r}"
             return SeriesInfo(kind=SeriesKind.MESE, reason=f"{len(tes)} echo times, {how}", **base)
-        value = ds0.get("ScanningSequence") or ds0.get("EchoPulseSequence") or "absent"
-        seq = value if isinstance(value, str) else "\\".join(str(v) for v in value)
+        seq = "\\".join(_strings(ds0.get("ScanningSequence") or ds0.get("EchoPulseSequence"))) or "absent"
         component = _complex_component(ds0)
         if component is not None:
             kind = SeriesKind.MEGRE_PHASE if component == "PHASE" else SeriesKind.MEGRE_MAGNITUDE

@@ -12,6 +12,7 @@ sorted by increasing position along ``normal``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,9 @@ from .errors import GeometryError, SeriesError
 
 _ORIENTATION_TOL = 1e-3
 _SPACING_REL_TOL = 0.05
+#: No coordinate, spacing or echo time of an MR series is a kilometre (or 1,000 s) or more: larger
+#: values are corrupt and would overflow the geometry.
+_MAX_ABS = 1e6
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,14 +132,76 @@ def _require(ds: Dataset, keyword: str, where: str = "") -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
 def _floats(value: Any, n: int, keyword: str) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)):
+        value = [value] if n == 1 else str(value).split("\\") if isinstance(value, str) else [value]
     try:
         out = tuple(float(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise SeriesError(f"{keyword} is not numeric: {value!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SeriesError(f"{keyword} is not numeric: {_shown(value)}") from exc
     if len(out) != n:
         raise SeriesError(f"{keyword} has {len(out)} values, expected {n}")
+    if not all(math.isfinite(v) and abs(v) < _MAX_ABS for v in out):
+        raise SeriesError(f"{keyword} is not a finite number below {_MAX_ABS:g}: {_shown(value)}")
     return out
+
+
+def _number(value: Any, keyword: str) -> float:
+    """One DS/FD value as a finite float; SeriesError naming ``keyword`` otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SeriesError(f"{keyword} is not a number: {_shown(value)}") from exc
+    if not (math.isfinite(number) and abs(number) < _MAX_ABS):
+        raise SeriesError(f"{keyword} is {number:g}, not a finite number below {_MAX_ABS:g}")
+    return number
+
+
+def _positive(value: Any, keyword: str) -> float:
+    number = _number(value, keyword)
+    if number <= 0:
+        raise SeriesError(f"{keyword} is {number:g}, not a positive number")
+    return number
+
+
+def _orientation(value: Any) -> tuple[float, ...]:
+    """ImageOrientationPatient as six floats: two orthogonal unit vectors, or GeometryError."""
+    out = _floats(value, 6, "ImageOrientationPatient")
+    row, col = np.asarray(out[:3]), np.asarray(out[3:])
+    if (abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01
+            or abs(float(np.dot(row, col))) > 0.01):
+        raise GeometryError(f"ImageOrientationPatient {out} is not two orthogonal unit vectors")
+    return out
+
+
+def _pixel_spacing(value: Any) -> tuple[float, float]:
+    dy, dx = _pair(value, "PixelSpacing")
+    if dy <= 0 or dx <= 0:
+        raise SeriesError(f"PixelSpacing {dy:g}\\{dx:g} is not positive")
+    return dy, dx
+
+
+def _rescale(value: Any, keyword: str, default: float) -> float:
+    if value is None or value == "":
+        return default
+    number = _number(value, keyword)
+    if not np.isfinite(np.float32(number)):
+        raise SeriesError(f"{keyword} {number:g} overflows 32-bit floats")
+    return number
+
+
+def _echo_ms(value: Any, keyword: str) -> float | None:
+    if value is None or value == "":
+        return None
+    te = _number(value, keyword)
+    if te < 0:
+        raise SeriesError(f"{keyword} is {te:g} ms, a negative echo time")
+    return te
 
 
 def _xyz(value: Any, keyword: str) -> tuple[float, float, float]:
@@ -157,7 +223,9 @@ def _first_item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
     if seq_owner is None:
         return None
     seq = seq_owner.get(keyword)
-    return seq[0] if seq else None
+    if not isinstance(seq, Sequence) or isinstance(seq, (str, bytes)) or not seq:
+        return None
+    return seq[0] if isinstance(seq[0], Dataset) else None
 
 
 def frames_of(ds: Dataset) -> list[Frame]:
@@ -165,18 +233,29 @@ def frames_of(ds: Dataset) -> list[Frame]:
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds)
     position = _xyz(_require(ds, "ImagePositionPatient"), "ImagePositionPatient")
-    orientation = _floats(_require(ds, "ImageOrientationPatient"), 6, "ImageOrientationPatient")
-    spacing = _pair(_require(ds, "PixelSpacing"), "PixelSpacing")
-    te = ds.get("EchoTime")
-    return [Frame(ds, None, position, orientation, spacing,
-                  float(te) if te not in (None, "") else None,
-                  float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))]
+    orientation = _orientation(_require(ds, "ImageOrientationPatient"))
+    spacing = _pixel_spacing(_require(ds, "PixelSpacing"))
+    return [Frame(ds, None, position, orientation, spacing, _echo_ms(ds.get("EchoTime"), "EchoTime"),
+                  _rescale(ds.get("RescaleSlope") or None, "RescaleSlope", 1.0),
+                  _rescale(ds.get("RescaleIntercept"), "RescaleIntercept", 0.0))]
 
 
 def _enhanced_frames(ds: Dataset) -> list[Frame]:
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    items = ds.PerFrameFunctionalGroupsSequence
+    uid = ds.get("SOPInstanceUID", "?")
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) \
+            or not all(isinstance(item, Dataset) for item in items):
+        raise SeriesError(f"PerFrameFunctionalGroupsSequence is not a sequence of items (SOP Instance UID {uid})")
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SeriesError(f"NumberOfFrames is not a number (SOP Instance UID {uid})") from exc
+    if len(items) != n_frames:
+        raise SeriesError(f"PerFrameFunctionalGroupsSequence has {len(items)} items for {n_frames} frames "
+                          f"(SOP Instance UID {uid})")
     frames = []
-    for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence):
+    for i, per in enumerate(items):
         def item(keyword: str, per: Dataset = per) -> Dataset | None:
             return _first_item(per, keyword) or _first_item(shared, keyword)
         pos_item = item("PlanePositionSequence")
@@ -195,11 +274,11 @@ def _enhanced_frames(ds: Dataset) -> list[Frame]:
         frames.append(Frame(
             ds, i,
             _xyz(_require(pos_item, "ImagePositionPatient", where), "ImagePositionPatient"),
-            _floats(_require(ori_item, "ImageOrientationPatient", where), 6, "ImageOrientationPatient"),
-            _pair(_require(pix_item, "PixelSpacing", where), "PixelSpacing"),
-            float(te) if te not in (None, "") else None,
-            float(pvt.get("RescaleSlope", 1)) if pvt is not None else 1.0,
-            float(pvt.get("RescaleIntercept", 0)) if pvt is not None else 0.0))
+            _orientation(_require(ori_item, "ImageOrientationPatient", where)),
+            _pixel_spacing(_require(pix_item, "PixelSpacing", where)),
+            _echo_ms(te, "EffectiveEchoTime"),
+            _rescale(pvt.get("RescaleSlope"), "RescaleSlope", 1.0) if pvt is not None else 1.0,
+            _rescale(pvt.get("RescaleIntercept"), "RescaleIntercept", 0.0) if pvt is not None else 0.0))
     return frames
 
 
@@ -216,6 +295,12 @@ def _pixels(frames: Sequence[Frame]) -> np.ndarray:
                                   f"{f.sop_instance_uid}): {exc}") from exc
         arr = cache[key]
         img = arr[f.frame_index] if f.frame_index is not None and arr.ndim == 3 else arr
+        if f.frame_index is not None and arr.ndim == 3 and f.frame_index >= arr.shape[0]:
+            raise SeriesError(f"pixel data has {arr.shape[0]} frames, frame {f.frame_index + 1} is missing "
+                              f"(SOP Instance UID {f.sop_instance_uid})")
+        if img.shape != (int(f.dataset.Rows), int(f.dataset.Columns)):
+            raise SeriesError(f"pixel data decodes to shape {img.shape}, not Rows x Columns "
+                              f"(one sample per pixel; SOP Instance UID {f.sop_instance_uid})")
         out.append(img.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept))
     return np.stack(out)
 
@@ -246,8 +331,9 @@ def _stack(frames: Sequence[Frame]) -> tuple[list[Frame], tuple[float, float, fl
         if np.any(np.abs(gaps - dz) > _SPACING_REL_TOL * dz):
             raise GeometryError(f"slice spacing is irregular (gaps {np.round(gaps, 2).tolist()} mm)")
     else:
-        dz = float(frames[0].dataset.get("SpacingBetweenSlices", 0)
-                   or frames[0].dataset.get("SliceThickness", 1) or 1)
+        ds = frames[0].dataset
+        keyword = "SpacingBetweenSlices" if ds.get("SpacingBetweenSlices") not in (None, "") else "SliceThickness"
+        dz = _positive(ds.get(keyword), keyword) if ds.get(keyword) not in (None, "") else 1.0
     dy, dx = frames[0].pixel_spacing
     return frames, (dz, float(dy), float(dx)), np.asarray(frames[0].position)
 
@@ -268,6 +354,8 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
     if not datasets:
         raise SeriesError("series has no instances")
     frames = [f for ds in datasets for f in frames_of(ds)]
+    if not frames:
+        raise SeriesError("series has no frames (an empty PerFrameFunctionalGroupsSequence)")
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) != 1:
         raise SeriesError(f"instances of {len(series_uids)} series were given as one")
