@@ -305,6 +305,19 @@ def _pixels(frames: Sequence[Frame]) -> np.ndarray:
     return np.stack(out)
 
 
+def _matrix(f: Frame) -> tuple[int, int]:
+    """(Rows, Columns) of a frame's image; SeriesError where either is missing or not a size."""
+    try:
+        shape = (int(f.dataset.Rows), int(f.dataset.Columns))
+    except (AttributeError, TypeError, ValueError):
+        raise SeriesError(f"the image has no valid Rows and Columns (SOP Instance UID {f.sop_instance_uid})") \
+            from None
+    if min(shape) < 1:
+        raise SeriesError(f"the image has {shape[0]} Rows and {shape[1]} Columns "
+                          f"(SOP Instance UID {f.sop_instance_uid})")
+    return shape
+
+
 def _stack(frames: Sequence[Frame]) -> tuple[list[Frame], tuple[float, float, float], np.ndarray]:
     """Sort frames of one echo along the slice normal and check they form a regular grid."""
     ori0 = np.asarray(frames[0].orientation)
@@ -314,8 +327,7 @@ def _stack(frames: Sequence[Frame]) -> tuple[list[Frame], tuple[float, float, fl
                                 f"({frames[0].orientation} and {f.orientation})")
         if not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, rtol=1e-4):
             raise GeometryError("slices have different PixelSpacing")
-        shape = (int(f.dataset.Rows), int(f.dataset.Columns))
-        if shape != (int(frames[0].dataset.Rows), int(frames[0].dataset.Columns)):
+        if _matrix(f) != _matrix(frames[0]):
             raise GeometryError("slices have different Rows/Columns")
     normal = np.cross(ori0[:3], ori0[3:])
     proj = np.array([np.dot(f.position, normal) for f in frames])
