@@ -319,7 +319,8 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
         from sqlalchemy.dialects.postgresql import insert as pg_insert
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
         make = sqlite_insert if dialect == "sqlite" else pg_insert
-        return conn.execute(make(table).values(**values).on_conflict_do_nothing()).rowcount == 1
+        stmt = make(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        return conn.execute(stmt).first() is not None
     try:
         with conn.begin_nested():
             conn.execute(insert(table).values(**values))

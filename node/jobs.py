@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import db
 from .db import JobState, StudyState
@@ -125,6 +126,7 @@ class JobRunner(PollingLoop):
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
+        self._unrecorded: list[tuple[int, BaseException]] = []   # crashes the database did not take yet
 
     def start(self) -> None:
         """Start the worker pool and the runner thread; with process workers, returns once each
@@ -153,6 +155,9 @@ class JobRunner(PollingLoop):
 
     def tick(self) -> None:
         """Collect finished jobs, then claim and start jobs while a worker is free."""
+        for job_id, lost in self._unrecorded[:]:   # the database was away when they crashed
+            self._unrecorded.remove((job_id, lost))
+            self._crashed(job_id, lost)
         for fut in [f for f in self._running if f.done()]:
             job_id = self._running.pop(fut)
             exc = fut.exception()
@@ -183,6 +188,13 @@ class JobRunner(PollingLoop):
         log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, printable(exc, 300))
         if isinstance(exc, cf.process.BrokenProcessPool) and self._pool is not None:
             self._pool = _new_pool(self.workers)
+        try:
+            self._record_crash(job_id, exc)
+        except SQLAlchemyError:   # the database is away (PostgreSQL restarting): recorded on a later tick
+            log.warning("job %d: its crash is recorded once the database answers", job_id)
+            self._unrecorded.append((job_id, exc))
+
+    def _record_crash(self, job_id: int, exc: BaseException) -> None:
         with self.engine.begin() as conn:
             job = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).one()
         if job.attempts < self.max_attempts:

@@ -160,7 +160,7 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
 def test_sigkill_of_the_node_during_a_parallel_push(tmp_path):
     data = tmp_path / "data"
     port = free_port()
-    cfg = write_config(tmp_path / "node.toml", port, data, complete_after=12.0)
+    cfg = write_config(tmp_path / "node.toml", port, data, complete_after=8.0)
     studies = [generate_uid(), generate_uid()]
     groups = [tiny_series(125, study_uid=studies[k // 2], series_number=k + 1) for k in range(4)]
     everything = [ds for g in groups for ds in g]
@@ -501,8 +501,12 @@ def test_postgres_restarted_under_load(make_node, tmp_path, private_pg):
     if refused:                                               # what was refused is sent again, as a scanner does
         assert set(push(refused, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}
     # the work goes on: every study completes and is processed once
-    wait_until(lambda: len([j for j in table(node.engine, db.jobs) if j.state in ("done", "skipped")]) == 4,
-               timeout=90, what="four studies processed after the restarts")
+    try:
+        wait_until(lambda: len([j for j in table(node.engine, db.jobs) if j.state in ("done", "skipped")]) == 4,
+                   timeout=60, what="four studies processed after the restarts")
+    except AssertionError:
+        print("jobs", table(node.engine, db.jobs), "studies", table(node.engine, db.studies))
+        raise
     assert len(table(node.engine, db.instances)) == 240
     assert sorted(j.study_uid for j in table(node.engine, db.jobs)) == sorted(studies)
     assert all(s.n_instances == 60 for s in table(node.engine, db.studies))
