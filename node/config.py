@@ -139,6 +139,7 @@ class JobSettings:
     workers: int = 1
     executor: str = "process"  # "process" or "inline"
     lease_seconds: float = 600.0
+    max_attempts: int = 3   # a job whose worker dies (or that crashes) this many times is failed
 
 
 @dataclass(frozen=True)
@@ -377,6 +378,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("jobs", "workers"): _at_least(1),
     ("jobs", "executor"): _one_of(EXECUTORS),
     ("jobs", "lease_seconds"): _positive,
+    ("jobs", "max_attempts"): _at_least(1),
     ("send", "retry_initial_seconds"): _positive,
     ("send", "retry_max_seconds"): _positive,
     ("send", "timeout_seconds"): _positive,

@@ -318,7 +318,20 @@ def record_audit(conn: Connection, event_name: str, detail: str) -> None:
 
 
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
-    """Insert a row unless a unique key already holds it; True if inserted."""
+    """Insert a row unless a unique key already holds it; True if inserted.
+
+    SQLite and PostgreSQL get ``INSERT ... ON CONFLICT DO NOTHING``, which stays inside the
+    caller's transaction: with Python's sqlite3 module a SAVEPOINT opened before any other
+    statement starts a transaction of its own, and its RELEASE commits the row on its own
+    (a row recorded although the rest of the transaction then failed, on a full disk say).
+    """
+    dialect = conn.dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        make = sqlite_insert if dialect == "sqlite" else pg_insert
+        stmt = make(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        return conn.execute(stmt).first() is not None
     try:
         with conn.begin_nested():
             conn.execute(insert(table).values(**values))

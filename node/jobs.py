@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import db
 from .db import JobState, StudyState
@@ -30,19 +31,51 @@ def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
                                   initializer=_init_worker, initargs=(logging.getLogger().getEffectiveLevel(),))
 
 
-def claim_job(engine: Engine, lease_seconds: float, now: float | None = None) -> tuple[int, str] | None:
-    """Atomically claim the oldest pending job (or one whose lease ran out)."""
-    now = time.time() if now is None else now
+def _lost_message(attempts: int) -> str:
+    return (f"gave up after {attempts} attempt(s): the worker (or the node) died during each "
+            "([jobs] max_attempts)")
+
+
+def _give_up(engine: Engine, job_id: int, study_uid: str, revision: int, attempts: int, still_running) -> bool:
+    """Mark a job whose every attempt was lost ``failed`` (only while ``still_running`` holds
+    for its row); its study too. True if this call failed it.
+    """
+    message = _lost_message(attempts)
     with engine.begin() as conn:
-        cands = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision)
-                             .where(or_(db.jobs.c.state == JobState.PENDING,
-                                        and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now)))
+        res = conn.execute(update(db.jobs).where(and_(db.jobs.c.id == job_id, still_running))
+                           .values(state=JobState.FAILED, finished_at=time.time(), lease_until=None, message=message))
+        if res.rowcount != 1:
+            return False
+        conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
+                                                   db.studies.c.revision == revision,
+                                                   db.studies.c.state.in_((StudyState.COMPLETE,
+                                                                           StudyState.PROCESSING))))
+                     .values(state=StudyState.FAILED, message=message))
+        db.record_audit(conn, "job-failed", f"job={job_id} study={study_uid}: {message}")
+    log.error("job %d (study %s): %s", job_id, study_uid, message)
+    return True
+
+
+def claim_job(engine: Engine, lease_seconds: float, now: float | None = None,
+              max_attempts: int = MAX_ATTEMPTS) -> tuple[int, str] | None:
+    """Atomically claim the oldest pending job (or one whose lease ran out); a job whose lease
+    ran out on its ``max_attempts``-th attempt is failed instead of run again.
+    """
+    now = time.time() if now is None else now
+    lost = and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now)
+    with engine.begin() as conn:
+        cands = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.state,
+                                    db.jobs.c.attempts)
+                             .where(or_(db.jobs.c.state == JobState.PENDING, lost))
                              .order_by(db.jobs.c.id).limit(5)).all()
     for c in cands:
+        if c.state == JobState.RUNNING and c.attempts >= max_attempts:
+            _give_up(engine, c.id, c.study_uid, c.revision, c.attempts, lost)
+            continue
         with engine.begin() as conn:
             res = conn.execute(update(db.jobs).where(and_(
                 db.jobs.c.id == c.id, or_(db.jobs.c.state == JobState.PENDING,
-                                          and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now))))
+                                          and_(lost, db.jobs.c.attempts < max_attempts))))
                 .values(state=JobState.RUNNING, attempts=db.jobs.c.attempts + 1, started_at=now,
                         lease_until=now + lease_seconds))
             if res.rowcount == 1:
@@ -54,10 +87,20 @@ def claim_job(engine: Engine, lease_seconds: float, now: float | None = None) ->
     return None
 
 
-def requeue_running(engine: Engine) -> int:
-    """On start of a single node: jobs left running by a previous process run again."""
+def requeue_running(engine: Engine, max_attempts: int = MAX_ATTEMPTS) -> int:
+    """On start of a single node: jobs left running by a previous process run again, unless
+    that was their ``max_attempts``-th attempt (the node, or the worker, died each time):
+    those are failed with the reason. Returns how many were queued again.
+    """
     with engine.begin() as conn:
-        res = conn.execute(update(db.jobs).where(db.jobs.c.state == JobState.RUNNING)
+        left = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.attempts)
+                            .where(db.jobs.c.state == JobState.RUNNING)).all()
+    for job in left:
+        if job.attempts >= max_attempts:
+            _give_up(engine, job.id, job.study_uid, job.revision, job.attempts, db.jobs.c.state == JobState.RUNNING)
+    with engine.begin() as conn:
+        res = conn.execute(update(db.jobs).where(and_(db.jobs.c.state == JobState.RUNNING,
+                                                      db.jobs.c.attempts < max_attempts))
                            .values(state=JobState.PENDING, lease_until=None))
         if res.rowcount:
             db.record_audit(conn, "jobs-resumed", f"{res.rowcount} job(s) left running by a previous start")
@@ -73,15 +116,17 @@ class JobRunner(PollingLoop):
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
                  lease_seconds: float = 600.0, poll_seconds: float = 0.5,
                  on_done: Callable[[], None] | None = None,
-                 warm_up_timeout: float = 600.0):
+                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS):
         super().__init__(poll_seconds)
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
         self.lease = lease_seconds
+        self.max_attempts = max_attempts
         self.warm_up_timeout = warm_up_timeout
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
+        self._unrecorded: list[tuple[int, BaseException]] = []   # crashes the database did not take yet
 
     def start(self) -> None:
         """Start the worker pool and the runner thread; with process workers, returns once each
@@ -110,13 +155,16 @@ class JobRunner(PollingLoop):
 
     def tick(self) -> None:
         """Collect finished jobs, then claim and start jobs while a worker is free."""
+        for job_id, lost in self._unrecorded[:]:   # the database was away when they crashed
+            self._unrecorded.remove((job_id, lost))
+            self._crashed(job_id, lost)
         for fut in [f for f in self._running if f.done()]:
             job_id = self._running.pop(fut)
             exc = fut.exception()
             if exc is not None:
                 self._crashed(job_id, exc)
         while len(self._running) < self.workers and not self.stopping:
-            claimed = claim_job(self.engine, self.lease)
+            claimed = claim_job(self.engine, self.lease, max_attempts=self.max_attempts)
             if claimed is None:
                 return
             job_id, study_uid = claimed
@@ -140,13 +188,21 @@ class JobRunner(PollingLoop):
         log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, printable(exc, 300))
         if isinstance(exc, cf.process.BrokenProcessPool) and self._pool is not None:
             self._pool = _new_pool(self.workers)
+        try:
+            self._record_crash(job_id, exc)
+        except SQLAlchemyError:   # the database is away (PostgreSQL restarting): recorded on a later tick
+            log.warning("job %d: its crash is recorded once the database answers", job_id)
+            self._unrecorded.append((job_id, exc))
+
+    def _record_crash(self, job_id: int, exc: BaseException) -> None:
         with self.engine.begin() as conn:
             job = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).one()
-        if job.attempts < MAX_ATTEMPTS:
+        if job.attempts < self.max_attempts:
             with self.engine.begin() as conn:
                 conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
                              .values(state=JobState.PENDING, lease_until=None,
                                      message=f"attempt {job.attempts} crashed: {type(exc).__name__}: {exc}"))
         else:
+            lost = " (the worker process died)" if isinstance(exc, cf.process.BrokenProcessPool) else ""
             _finish(self.engine, job_id, job.study_uid, job.revision, JobState.FAILED,
-                    f"crashed {job.attempts} times; last: {type(exc).__name__}: {exc}")
+                    f"crashed {job.attempts} times{lost}; last: {type(exc).__name__}: {exc} ([jobs] max_attempts)")

@@ -25,6 +25,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import db
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
@@ -305,10 +306,10 @@ class Receiver:
             return self._reject(data, f"the data set cannot be decoded: {type(exc).__name__}: {printable(exc, 120)}",
                                 sop_uid, calling, CANNOT_UNDERSTAND)
         if sop_class not in KEPT_SOP_CLASSES:
-            # Kept (nothing is lost) but not processed: the sender is told Success.
-            self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
-                                   "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
-            return SUCCESS
+            # Kept (nothing is lost) but not processed: the sender is told Success, if it was kept.
+            kept = self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
+                                          "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
+            return SUCCESS if kept else _status(OUT_OF_RESOURCES, "cannot keep the instance")
         try:
             stored = self.store.store_instance(
                 data, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
@@ -316,7 +317,8 @@ class Receiver:
                 time_point=time_point, facts=facts)
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
-        except OSError as exc:
+        except (OSError, SQLAlchemyError) as exc:   # a full disk, a database that stays away
+            # nothing of it was kept (Store.store_instance removes the file again): Out of Resources
             log.error("C-STORE from %s: cannot store SOP %s: %s", calling, printable(sop_uid), printable(exc, 200))
             return _status(OUT_OF_RESOURCES, "cannot store the instance")
         self._count(event, calling, study_uid, stored.duplicate)
@@ -328,7 +330,7 @@ class Receiver:
         try:
             self.store.quarantine(data, reason, sop_uid=sop_uid, study_uid=study_uid, calling_ae=calling)
             return True
-        except OSError as exc:
+        except (OSError, SQLAlchemyError) as exc:
             log.error("cannot quarantine SOP %s: %s", printable(sop_uid), printable(exc, 200))
             return False
 

@@ -4,6 +4,11 @@ Each output x destination is a row with a state, attempts and the next try time.
 failed send is retried with exponential backoff (``retry_initial_seconds`` doubling up
 to ``retry_max_seconds``) for as long as it takes: nothing is dropped because PACS was
 down, and the rows survive a restart.
+
+Per destination, a subject's outputs go in study order (study date, then the order the
+studies were received, then the order the outputs were made): an output waits while an
+earlier one of the same subject to the same destination is still pending and not yet due,
+and within one association a failed C-STORE holds back the rest of that subject's outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from . import db
@@ -53,9 +58,15 @@ def backoff_seconds(attempts: int, settings: SendSettings) -> float:
     return min(settings.retry_initial_seconds * 2 ** max(attempts - 1, 0), settings.retry_max_seconds)
 
 
+#: The error of an output not tried because an earlier one of its subject failed (its row is left as it is).
+HELD_BACK = "held back: an earlier output of the same subject was not sent"
+
+
 def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout: float,
-                tls: TLSSettings | None = None) -> dict[str, str]:
-    """C-STORE files to one destination over one association; map path -> error ('' if stored).
+                tls: TLSSettings | None = None, groups: dict[str, str] | None = None) -> dict[str, str]:
+    """C-STORE files to one destination over one association, in order; map path -> error ('' if
+    stored). With ``groups`` (path -> a subject), once a file of a group fails, the group's later
+    files are not sent (error :data:`HELD_BACK`), so that they never arrive before it.
 
     With ``dest.tls`` the association runs over DICOM TLS: the node presents ``tls.certificate``
     and verifies the destination's certificate against ``tls.ca_certificates`` and its name
@@ -73,9 +84,14 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
                "no association (destination down, or the TLS handshake failed?)" if dest.tls else
                "no association (destination down?)")
         return {p: f"{why}: {dest.ae_title}@{dest.host}:{dest.port}" for p in paths}
-    result = {}
+    result: dict[str, str] = {}
+    failed_groups: set[str] = set()
     try:
         for p, ds in datasets.items():
+            group = (groups or {}).get(p, p)
+            if group in failed_groups:
+                result[p] = HELD_BACK
+                continue
             try:
                 status = assoc.send_c_store(ds)
             except Exception as exc:  # pynetdicom raises on a lost association
@@ -84,6 +100,8 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
             code = getattr(status, "Status", None)
             result[p] = "" if code in _OK else (f"C-STORE status 0x{code:04X}" if code is not None
                                                  else "no C-STORE response (association lost)")
+            if result[p]:
+                failed_groups.add(group)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -93,18 +111,31 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
 def send_due(engine: Engine, destinations: dict[str, Destination], settings: SendSettings, *,
              calling_ae: str, now: float | None = None, tls: TLSSettings | None = None) -> tuple[int, int]:
     """Try every outbox row that is due (over DICOM TLS with ``tls`` to destinations marked
-    ``tls``); return (sent, failed).
+    ``tls``); return (sent, failed). Each subject's outputs go in study order (see the module's
+    docstring): one not yet due holds back the subject's later ones to the same destination.
     """
     now = time.time() if now is None else now
     with engine.begin() as conn:
         rows = conn.execute(select(db.outbox.c.id, db.outbox.c.destination, db.outbox.c.attempts,
-                                   db.outputs.c.path, db.outputs.c.sop_uid, db.outputs.c.kind, db.outputs.c.study_uid)
+                                   db.outbox.c.next_try_at, db.outputs.c.path, db.outputs.c.sop_uid,
+                                   db.outputs.c.kind, db.outputs.c.study_uid, db.studies.c.subject_key)
                             .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)
-                            .where(and_(db.outbox.c.state == OutboxState.PENDING, db.outbox.c.next_try_at <= now))
-                            .order_by(db.outbox.c.id)).all()
+                            .outerjoin(db.studies, db.studies.c.study_uid == db.outputs.c.study_uid)
+                            .where(db.outbox.c.state == OutboxState.PENDING)
+                            .order_by(db.studies.c.study_date, db.studies.c.first_received_at, db.outputs.c.id,
+                                      db.outbox.c.id)).all()
     by_dest = defaultdict(list)
+    waiting: set[tuple[str, str]] = set()   # (destination, subject) with an earlier output not yet due
+    group: dict[str, str] = {}
     for r in rows:
+        key = (r.destination, r.subject_key or r.study_uid)
+        if key in waiting:
+            continue
+        if r.next_try_at > now:
+            waiting.add(key)
+            continue
         by_dest[r.destination].append(r)
+        group[r.path] = key[1]
     sent = failed = 0
     for name, items in by_dest.items():
         dest = destinations.get(name)
@@ -113,12 +144,14 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
         else:
             try:
                 errors = store_files(dest, [r.path for r in items], calling_ae=calling_ae,
-                                     timeout=settings.timeout_seconds, tls=tls)
+                                     timeout=settings.timeout_seconds, tls=tls, groups=group)
             except Exception as exc:  # an unreadable output or a network error: retried later
                 errors = {r.path: f"{type(exc).__name__}: {exc}" for r in items}
         with engine.begin() as conn:
             for r in items:
                 err = errors.get(r.path, "not sent")
+                if err == HELD_BACK:   # not tried: due again at once, after the one that failed
+                    continue
                 if not err:
                     conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
                                  .values(state=OutboxState.SENT, sent_at=time.time(), attempts=r.attempts + 1,
@@ -131,9 +164,10 @@ def send_due(engine: Engine, destinations: dict[str, Destination], settings: Sen
                     conn.execute(update(db.outbox).where(db.outbox.c.id == r.id)
                                  .values(attempts=r.attempts + 1, next_try_at=time.time() + delay, last_error=err))
                     failed += 1
-        if any(errors.values()):
+        tried = [e for e in errors.values() if e != HELD_BACK]
+        if any(tried):
             log.warning("sending to %s: %d failed, retry with backoff (first error: %s)", name,
-                        sum(1 for e in errors.values() if e), next(e for e in errors.values() if e))
+                        sum(1 for e in tried if e), next(e for e in tried if e))
     return sent, failed
 
 

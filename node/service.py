@@ -56,7 +56,7 @@ class Node:
                              poll_seconds=poll_seconds, tls=tls)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
-                              on_done=self.sender.wake)
+                              max_attempts=config.jobs.max_attempts, on_done=self.sender.wake)
         self.completion = CompletionMonitor(self.engine, config.node.complete_after_seconds,
                                             protocols=config.protocols, poll_seconds=poll_seconds,
                                             on_complete=self.jobs.wake)
@@ -88,7 +88,7 @@ class Node:
         """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;
         returns the node.
         """
-        resumed = requeue_running(self.engine)
+        resumed = requeue_running(self.engine, self.config.jobs.max_attempts)
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
         self.jobs.start()        # returns once the workers have their kernels compiled or loaded

@@ -21,12 +21,14 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from . import db
 from .db import StudyState
@@ -35,6 +37,7 @@ from .text import printable
 log = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _counter = itertools.count()
+T = TypeVar("T")
 
 
 def durable_write(path: Path, data: bytes, tmp_dir: Path) -> None:
@@ -102,6 +105,26 @@ class Store:
         """Write ``data`` to ``path`` atomically and durably."""
         durable_write(path, data, self.tmp)
 
+    #: Pauses between tries of a database write that failed for want of a connection (PostgreSQL
+    #: restarted, a backend terminated): the C-STORE waits this long (8 s in all) before it is refused.
+    db_retry_delays: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+    def _with_retries(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (one transaction) again after a lost database connection; a server
+        database (PostgreSQL) gets ``db_retry_delays``; SQLite errors other than a lost
+        connection (a full disk, say) are raised at once.
+        """
+        for delay in (*self.db_retry_delays, None):
+            try:
+                return work()
+            except DBAPIError as exc:
+                retry = exc.connection_invalidated or self.engine.dialect.name != "sqlite"
+                if delay is None or not retry:
+                    raise
+                log.warning("database write failed (%s); trying again in %.2f s", printable(exc.orig, 120), delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
     def store_instance(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str,
                        subject_key: str, study_date: str, calling_ae: str = "", time_point: str = "",
                        facts: dict[str, Any] | None = None) -> StoredInstance:
@@ -110,36 +133,69 @@ class Store:
 
         A new instance of a study already processed re-opens the study (state
         ``receiving``), so that its results are superseded, never silently mixed.
+
+        Raises OSError (the file cannot be written: a full disk) or a SQLAlchemy error (the
+        database cannot record it, after retries): then nothing of the instance is kept (a file
+        written for it is removed again), and the sender must be told it was not stored.
         """
         path = self.instance_path(study_uid, series_uid, sop_uid)
         now = time.time()
-        with self.engine.begin() as conn:
-            seen = conn.execute(select(db.instances.c.id).where(db.instances.c.sop_uid == sop_uid)).first()
-        if seen is not None and path.exists():
+
+        def seen() -> bool:
+            with self.engine.begin() as conn:
+                found = conn.execute(select(db.instances.c.id).where(db.instances.c.sop_uid == sop_uid)).first()
+            return found is not None
+
+        def record_duplicate() -> None:
             with self.engine.begin() as conn:
                 db.record_audit(conn, "duplicate", f"sop={sop_uid} study={study_uid} from={calling_ae}")
+
+        if self._with_retries(seen) and path.exists():
+            self._with_retries(record_duplicate)
             return StoredInstance(path, True)
+        existed = path.exists()   # a file without its row: left by a crash between the write and the commit
         durable_write(path, data, self.tmp)
-        with self.engine.begin() as conn:
-            inserted = db.insert_ignore(conn, db.instances, dict(
-                sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class_uid,
-                path=str(path), size=len(data), received_at=now, calling_ae=calling_ae, **(facts or {})))
-            if not inserted:
-                return StoredInstance(path, True)
-            row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
-            if row is None:
-                created = db.insert_ignore(conn, db.studies, dict(
-                    study_uid=study_uid, subject_key=subject_key, study_date=study_date, state=StudyState.RECEIVING,
-                    revision=0, n_instances=1, first_received_at=now, last_received_at=now, message="",
-                    time_point=time_point))
-                if created:
-                    db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
-                    return StoredInstance(path, False)
-            values = dict(n_instances=db.studies.c.n_instances + 1, last_received_at=now)
-            if row is not None and row.state != StudyState.RECEIVING:
-                values.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
-                db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
-            conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
+
+        def record() -> StoredInstance:
+            with self.engine.begin() as conn:
+                return self._record(conn, path, len(data), now, study_uid=study_uid, series_uid=series_uid,
+                                    sop_uid=sop_uid, sop_class_uid=sop_class_uid, subject_key=subject_key,
+                                    study_date=study_date, calling_ae=calling_ae, time_point=time_point,
+                                    facts=facts)
+        try:
+            return self._with_retries(record)
+        except BaseException:
+            if not existed:    # no row for it: no file either
+                try:
+                    os.unlink(path)
+                except OSError as exc:
+                    log.error("cannot remove %s after a failed database write: %s", path, exc)
+            raise
+
+    @staticmethod
+    def _record(conn, path: Path, size: int, now: float, *, study_uid: str, series_uid: str, sop_uid: str,
+                sop_class_uid: str, subject_key: str, study_date: str, calling_ae: str,
+                time_point: str, facts: dict[str, Any] | None = None) -> StoredInstance:
+        """The rows of a stored instance (in the caller's transaction)."""
+        inserted = db.insert_ignore(conn, db.instances, dict(
+            sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class_uid,
+            path=str(path), size=size, received_at=now, calling_ae=calling_ae, **(facts or {})))
+        if not inserted:
+            return StoredInstance(path, True)
+        row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
+        if row is None:
+            created = db.insert_ignore(conn, db.studies, dict(
+                study_uid=study_uid, subject_key=subject_key, study_date=study_date, state=StudyState.RECEIVING,
+                revision=0, n_instances=1, first_received_at=now, last_received_at=now, message="",
+                time_point=time_point))
+            if created:
+                db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
+                return StoredInstance(path, False)
+        values = dict(n_instances=db.studies.c.n_instances + 1, last_received_at=now)
+        if row is not None and row.state != StudyState.RECEIVING:
+            values.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
+            db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
+        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
         return StoredInstance(path, False)
 
     def quarantine_stored(self, instance_id: int, path: Path, reason: str, *, sop_uid: str, study_uid: str) -> None:
