@@ -94,6 +94,22 @@ STATUS_WIDTH = 180
 STATUS_STATES = (*(s.value for s in StudyState), JobState.SKIPPED.value)
 
 
+def _node_data(args: argparse.Namespace):
+    """(config, ``--since`` as a time or None) for a verb that reads the node's records, or the exit
+    code: 2 for a bad ``--since``, 1 when the node has no data yet (nothing received).
+    """
+    config = load_config(args.config)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
+    if not config.database.url and not (Path(config.node.data_dir) / "musclenode.db").exists():
+        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
+        return 1
+    return config, since
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``musclenode status``: counts per state and the most recent studies (``--state``, ``--since``,
     ``--limit``), jobs not done, pending sends and quarantine; returns 1 if the node has no data,
@@ -101,16 +117,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """
     from .db import make_engine
     from .service import status_report
-    config = load_config(args.config)
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        print(f"musclenode: {exc}", file=sys.stderr)
-        return 2
-    db_file = Path(config.node.data_dir) / "musclenode.db"
-    if not config.database.url and not db_file.exists():
-        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
-        return 1
+    opened = _node_data(args)
+    if isinstance(opened, int):
+        return opened
+    config, since = opened
     report = status_report(make_engine(config.database_url), state=args.state, since=since, limit=args.limit)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -154,15 +164,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """
     from .db import make_engine
     from .service import audit_entries
-    config = load_config(args.config)
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        print(f"musclenode: {exc}", file=sys.stderr)
-        return 2
-    if not config.database.url and not (Path(config.node.data_dir) / "musclenode.db").exists():
-        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
-        return 1
+    opened = _node_data(args)
+    if isinstance(opened, int):
+        return opened
+    config, since = opened
     for e in audit_entries(make_engine(config.database_url), since=since, limit=args.limit):
         print(f"{_iso(e['at'])} {printable(e['event'], 32)} {printable(e['detail'], 400)}")
     return 0
