@@ -1,8 +1,20 @@
-"""Ingest throughput: DCMTK storescu pushes N MR instances over one association to
-(a) DCMTK storescp (baseline, writes files, no fsync) and (b) the musclenode SCP (checks,
-fsync'd file, database row, then Success). Prints instances/s and the ratio.
+"""Ingest throughput: DCMTK ``storescu`` pushes the same N MR instances over loopback
+(``TCP_NODELAY=1``) to three receivers, in one run, and prints instances per second and
+the ratios:
 
-    python bench/ingest.py [--n 300] [--repeat 3]
+- DCMTK ``storescp`` (writes each file, no fsync),
+- Orthanc (Debian's package, a throwaway one with its own config and storage),
+- the musclenode SCP (checks, fsync'd file renamed into place, database row, then Success),
+
+each on one association (one ``storescu``) and on four parallel associations (four
+``storescu`` processes, each sending a quarter). Then the node once more while it
+quantifies a study: a demo thigh exam is pushed first, its job (executor ``process``) starts
+at once by the protocol rule, and the N instances are pushed while it runs.
+
+    python bench/ingest.py [--n 500] [--repeat 3]
+
+Each figure is the median of ``--repeat`` runs; the receivers alternate within each run, so
+that the load of a shared machine falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -15,75 +27,175 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import free_port, node_config, write_datasets  # noqa: E402
+from conftest import Orthanc, free_port, node_config, write_datasets  # noqa: E402
 
+from quant.synthetic.exam import exam_datasets  # noqa: E402
 from quant.synthetic.phantom import make_leg_phantom, phantom_datasets  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"
+ENV = dict(os.environ, TCP_NODELAY="1")
 
 
 def make_files(n: int, folder: Path) -> list[Path]:
-    slices = max(1, n // 4)
-    ph = make_leg_phantom(shape=(slices, 256, 256), pixel_mm=1.5, snr=40)   # 128 KiB per instance
+    """``n`` Dixon MR instances of 256 x 256 (128 KiB each) written to ``folder``."""
+    slices = max(1, -(-n // 4))
+    ph = make_leg_phantom(shape=(slices, 256, 256), pixel_mm=1.5, snr=40)
     return write_datasets(phantom_datasets(ph, uid_seed="bench")[:n], folder)
 
 
-def push(files, port, aec) -> float:
+def push(files: list[Path], port: int, aec: str, associations: int = 1) -> float:
+    """Seconds to push ``files`` to ``port`` with ``associations`` parallel ``storescu`` processes."""
+    parts = [files[i::associations] for i in range(associations)]
     t0 = time.perf_counter()
-    subprocess.run(["/usr/bin/storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-                   check=True, capture_output=True, env=dict(os.environ, TCP_NODELAY="1"))
-    return time.perf_counter() - t0
+    procs = [subprocess.Popen([STORESCU, "-aec", aec, "127.0.0.1", str(port), *map(str, part)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV) for part in parts]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - t0
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0 or b"E:" in err:
+            raise RuntimeError(f"storescu failed ({p.returncode}): {err.decode(errors='replace')[-500:]}")
+    return elapsed
 
 
-def bench_storescp(files, work: Path) -> float:
+def bench_storescp(files: list[Path], work: Path, associations: int) -> float:
     port = free_port()
     out = work / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"))
+    out.mkdir(parents=True)
+    proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "-aet", "STORESCP", str(port)], env=ENV)
     time.sleep(0.5)
     try:
-        return push(files, port, "STORESCP")
+        return push(files, port, "STORESCP", associations)
     finally:
         proc.terminate()
         proc.wait()
 
 
-def bench_node(files, work: Path) -> float:
+def bench_orthanc(files: list[Path], work: Path, associations: int) -> float:
+    orthanc = Orthanc(work / "orthanc").start()
+    try:
+        return push(files, orthanc.dicom_port, "ORTHANC", associations)
+    finally:
+        orthanc.stop()
+
+
+def bench_node(files: list[Path], work: Path, associations: int) -> float:
     from node.service import Node
-    config = node_config(work, complete_after=3600)
+    with Node(node_config(work, complete_after=3600)) as node:
+        elapsed = push(files, node.port, "MUSCLENODE", associations)
+        _check_stored(node, len(files))
+        return elapsed
+
+
+def _check_stored(node, n: int) -> None:
+    from sqlalchemy import func, select
+
+    from node import db
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(db.instances)).scalar_one()
+    if rows < n:
+        raise RuntimeError(f"the node recorded {rows} of {n} instances")
+
+
+def bench_node_during_job(files: list[Path], work: Path, associations: int) -> tuple[float, str]:
+    """Push ``files`` while the node quantifies a demo exam; returns the seconds and how the
+    job overlapped the push.
+    """
+    from sqlalchemy import select
+
+    from node import db
+    from node.demo import THIGH_PROTOCOL
+    from node.demo_peers import push as push_datasets
+    from node.service import Node
+    config = node_config(work, executor="process", complete_after=3600, protocols=(THIGH_PROTOCOL,))
+    ph = make_leg_phantom(muscle_ff=0.08, snr=40, seed=5, supersample=3, bias_field=0.3, fascia_mm=1.0)
+    exam = exam_datasets(ph, patient_id="BENCH-JOB", study_date="20260110", uid_seed="bench-job")
     with Node(config) as node:
-        return push(files, node.port, "MUSCLENODE")
+        statuses = push_datasets(exam, "127.0.0.1", node.port, called_ae="MUSCLENODE")
+        if any(s != 0 for s in statuses):
+            raise RuntimeError("the job's exam was not accepted")
+        end = time.time() + 60
+        while time.time() < end:   # the protocol rule queues the job once its series are complete
+            with node.engine.connect() as conn:
+                state = conn.execute(select(db.jobs.c.state)).scalar()
+            if state == db.JobState.RUNNING:
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError("the job did not start")
+        t0 = time.time()
+        elapsed = push(files, node.port, "MUSCLENODE", associations)
+        t1 = time.time()
+        _check_stored(node, len(files) + len(exam))
+        while time.time() < end + 120:
+            with node.engine.connect() as conn:
+                job = conn.execute(select(db.jobs.c.state, db.jobs.c.finished_at)).first()
+            if job is not None and job.finished_at is not None:
+                break
+            time.sleep(0.1)
+        finished = job.finished_at if job is not None and job.finished_at else float("inf")
+        overlap = "job ran during the whole push" if finished >= t1 else \
+            f"job ended {t1 - finished:.1f} s before the push ({(finished - t0) / (t1 - t0):.0%} overlap)"
+        return elapsed, overlap
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--n", type=int, default=500, help="instances pushed (default 500)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs; the medians are printed (default 3)")
+    ap.add_argument("--no-job", action="store_true", help="skip the measurement during a job")
     args = ap.parse_args()
-    if not Path("/usr/bin/storescu").exists():
-        print("needs DCMTK (apt-get install dcmtk)")
+    if not Path(STORESCU).exists() or not (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists()):
+        print("needs DCMTK and Orthanc (apt-get install dcmtk orthanc)")
         return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    receivers: dict[str, Callable[[list[Path], Path, int], float]] = {
+        "DCMTK storescp": bench_storescp, "Orthanc": bench_orthanc, "musclenode": bench_node}
+    results: dict[tuple[str, int], list[float]] = {}
+    during: list[float] = []
+    overlaps: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         files = make_files(args.n, tmp / "files")
         size_kib = files[0].stat().st_size / 1024
-        results = {"DCMTK storescp": [], "musclenode SCP": []}
         for i in range(args.repeat):
-            for name, fn in (("DCMTK storescp", bench_storescp), ("musclenode SCP", bench_node)):
-                work = tmp / f"{name.split()[0]}-{i}"
-                work.mkdir()
-                results[name].append(len(files) / fn(files, work))
-                shutil.rmtree(work)
-    print(f"{len(files)} MR instances of {size_kib:.0f} KiB, one association, loopback, median of {args.repeat}")
+            for associations in (1, 4):
+                for name, fn in receivers.items():
+                    work = tmp / f"run-{i}-{associations}-{name.split()[-1]}"
+                    results.setdefault((name, associations), []).append(len(files) / fn(files, work, associations))
+                    shutil.rmtree(work, ignore_errors=True)
+            if not args.no_job:
+                work = tmp / f"run-{i}-job"
+                elapsed, overlap = bench_node_during_job(files, work, 1)
+                during.append(len(files) / elapsed)
+                overlaps.append(overlap)
+                shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    for k, v in med.items():
-        print(f"  {k:<16} {v:8.0f} instances/s   (runs: {', '.join(f'{x:.0f}' for x in results[k])})")
-    print(f"  ratio musclenode / storescp: {med['musclenode SCP'] / med['DCMTK storescp']:.2f}")
+    print(f"{len(files)} MR instances of {size_kib:.0f} KiB, loopback, TCP_NODELAY=1, median of {args.repeat} runs "
+          f"(instances/s)")
+    for associations in (1, 4):
+        print(f"{associations} association{'s' if associations > 1 else ''}:")
+        for name in receivers:
+            runs = ", ".join(f"{x:.0f}" for x in results[(name, associations)])
+            print(f"  {name:<16} {med[(name, associations)]:7.0f}   (runs: {runs})")
+    node1, node4 = med[("musclenode", 1)], med[("musclenode", 4)]
+    print("ratios:")
+    for associations in (1, 4):
+        ours = med[("musclenode", associations)]
+        print(f"  {associations} assoc.: musclenode / Orthanc {ours / med[('Orthanc', associations)]:.2f}, "
+              f"musclenode / storescp {ours / med[('DCMTK storescp', associations)]:.2f}"
+              + ("   (targets on one association: >= 1.5 and >= 0.5)" if associations == 1 else ""))
+    print(f"  musclenode 4 associations / 1 association: {node4 / node1:.2f} (target >= 2.5)")
+    if during:
+        d = statistics.median(during)
+        print(f"  musclenode on 1 association while a job runs: {d:.0f} instances/s "
+              f"(runs: {', '.join(f'{x:.0f}' for x in during)}; {'; '.join(overlaps)}); "
+              f"/ without a job: {d / node1:.2f}")
     return 0
 
 

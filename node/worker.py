@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -246,11 +247,20 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     return JobState.DONE
 
 
+#: How much lower than the node's the CPU priority of its worker processes is (``nice``).
+WORKER_NICENESS = 10
+
+
 def _init_worker(level: int) -> None:
     """Spawned workers start with no logging set up: give them the parent's level and
-    format, so that what a job logs reaches the node's log (stderr, journald).
+    format, so that what a job logs reaches the node's log (stderr, journald). They run
+    :data:`WORKER_NICENESS` below the node's priority.
     """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     install_safe_formatter()
+    try:   # below the node's priority: the SCP's threads get a busy CPU first (ingest during a job)
+        os.nice(WORKER_NICENESS)
+    except (AttributeError, OSError):   # no nice() on this platform
+        pass
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
