@@ -522,8 +522,6 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     rng = np.random.default_rng(seed)
     nz, ny, nx = shape
     f = int(supersample)
-    hp = pixel_mm / f
-    origin = (-(nx - 1) * pixel_mm / 2, -(ny - 1) * pixel_mm / 2, -(nz - 1) * slice_mm / 2)
     ff_luts = {code: np.nan_to_num(_roi_values(region, compartment_ff, "compartment_ff", code.side))
                for code in (SideLabel.RIGHT, SideLabel.LEFT)}
     t2_lut = _roi_values(region, compartment_t2w_ms, "compartment_t2w_ms")
@@ -537,14 +535,8 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
     n_comp = len(COMPARTMENTS[region]) if compartments else 0
     n_mus = len(THIGH_MUSCLES) if muscles else 0
     anterior = COMPARTMENTS[region].index(Roi.ANTERIOR_COMPARTMENT) + 1 if muscles else 0
-    # sub-voxel centres of the hi-res grid (block averages give the voxel grid)
-    y = origin[1] - pixel_mm / 2 + hp / 2 + np.arange(ny * f)[:, None] * hp
-    x = origin[0] - pixel_mm / 2 + hp / 2 + np.arange(nx * f)[None, :] * hp
-    sx, sy, sz = (float(v) for v in shift_mm)
-    if rotation_deg or sx or sy:  # anatomical coordinates of the grid points: R^T (q - shift)
-        th = np.deg2rad(rotation_deg)
-        x, y = (np.cos(th) * (x - sx) + np.sin(th) * (y - sy),
-                -np.sin(th) * (x - sx) + np.cos(th) * (y - sy))
+    # sub-voxel centres of the hi-res grid (block averages give the voxel grid), in anatomical coordinates
+    origin, x, y, sz = section_grid(shape, pixel_mm, slice_mm, f, shift_mm, rotation_deg)
     tissue = np.zeros(shape, np.uint8)
     side = np.zeros(shape, np.uint8)
     ff = np.zeros(shape, np.float32)
@@ -626,9 +618,9 @@ def make_leg_phantom(region: Region | str = Region.THIGH, *, shape: tuple[int, i
                     h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
                     h_ff[sep] = SEPTUM_FF
             else:  # septa: thin pure-fat lines from the fascia towards the centre
-                for ang in (0.6, 2.3, 4.1):
-                    px, py = cx + np.cos(ang) * fx * 0.55, cy + np.sin(ang) * fy * 0.55
-                    sep = _ellipse(x, y, px, py, fx * 0.42, pixel_mm * 0.6, ang) & mus
+                for theta in (0.6, 2.3, 4.1):
+                    px, py = cx + np.cos(theta) * fx * 0.55, cy + np.sin(theta) * fy * 0.55
+                    sep = _ellipse(x, y, px, py, fx * 0.42, pixel_mm * 0.6, theta) & mus
                     h_tissue[sep] = Tissue.INTERMUSCULAR_FAT
                     h_ff[sep] = SEPTUM_FF
             for (ox, oy), r_out, r_marrow in bones:
