@@ -202,7 +202,8 @@ def _delete(keyword: str) -> Callable[[Dataset], None]:
 
 def _pixels(fn: Callable[[bytes], bytes], name: str) -> Callable[[Dataset], None]:
     def apply(ds: Dataset) -> None:
-        ds.PixelData = fn(bytes(ds.PixelData))
+        if "PixelData" in ds:   # an earlier mutation may have removed it
+            ds.PixelData = fn(bytes(ds.PixelData))
     apply.__name__ = name
     return apply
 
