@@ -143,6 +143,13 @@ jobs = Table(
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("message", Text, nullable=False, default=""),
+    # Several nodes on one database (issue 14): who holds the claim ("host:pid", "" when none),
+    # why the job exists ("" a completed study, "reprocess" musclenode reprocess), whether its
+    # outputs are sent to the destinations, and the operator's note for a reprocessing run.
+    Column("claimed_by", String(128), nullable=False, default="", server_default=""),
+    Column("trigger", String(16), nullable=False, default="", server_default=""),
+    Column("send", Boolean, nullable=False, default=True, server_default="1"),
+    Column("version_note", Text, nullable=False, default="", server_default=""),
     UniqueConstraint("study_uid", "revision"),
 )
 Index("ix_jobs_state", jobs.c.state)
@@ -259,6 +266,9 @@ outbox = Table(
     Column("next_try_at", Float, nullable=False),
     Column("last_error", Text, nullable=False, default=""),
     Column("sent_at", Float, nullable=True),
+    # a sender claims due rows until then (several nodes sending from one database), 0 = unclaimed
+    Column("claimed_until", Float, nullable=False, default=0.0, server_default="0"),
+    Column("claimed_by", String(128), nullable=False, default="", server_default=""),
     UniqueConstraint("output_id", "destination"),
 )
 Index("ix_outbox_state", outbox.c.state, outbox.c.next_try_at)
