@@ -9,8 +9,8 @@ import csv
 import datetime as dt
 import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,15 @@ class StudyOutputs:
     study_date: str
     pmaps: list[Dataset] = field(default_factory=list)   # reports.pmap: FF, T2W, B1, FF_T2 (those made)
     summary: Summary | None = None   # reports.summary: the one-page summary (SC and PDF), None if not made
+    #: builds the summary page later (``build_outputs(..., summary=False)``): see :func:`with_summary`
+    page: Callable[[], Summary | None] | None = field(default=None, repr=False, compare=False)
+
+
+def with_summary(outputs: StudyOutputs) -> StudyOutputs:
+    """``outputs`` with its summary page, built now if :func:`build_outputs` deferred it."""
+    if outputs.summary is not None or outputs.page is None:
+        return outputs
+    return replace(outputs, summary=outputs.page(), page=None)
 
 
 def is_reader_seg(ds: Dataset) -> bool:
@@ -154,7 +163,7 @@ def build_outputs(datasets: Sequence[Dataset],
                   previous_srs: Sequence[Dataset] = (), *, t2_options: T2Options | None = None,
                   atoms: AtomsSource | None = None, compartments: bool = False,
                   carry_from: Sequence[RoiReference] = (), atlases: Sequence[RoiReference] = (),
-                  history_note: str | None = None) -> StudyOutputs:
+                  history_note: str | None = None, summary: bool = True) -> StudyOutputs:
     """Analyse one study's MR datasets and build its SEG, SR, parametric maps and summary page
     (``compartments``: measure the automatic compartments too; a reader's SEG among
     ``datasets`` gives the ROIs, and without one a reader's ROI set of another visit in
@@ -164,7 +173,8 @@ def build_outputs(datasets: Sequence[Dataset],
     ``priors`` maps :func:`prior_key` to the values of the subject's earlier visits;
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
     (listed in its Predecessor Documents Sequence); ``history_note`` says in the SR why the
-    subject's earlier visits are missing (see :func:`reports.sr.build_sr`).
+    subject's earlier visits are missing (see :func:`reports.sr.build_sr`). With ``summary``
+    false the page is left for :func:`with_summary` (the node sends SEG, SR and maps first).
     """
     from reports.pmap import build_parametric_maps
     from reports.seg import build_seg
@@ -192,13 +202,16 @@ def build_outputs(datasets: Sequence[Dataset],
         sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
                       time_point=time_point, version_excluded=excluded, history_note=history_note)
     pmaps = build_parametric_maps(analysis, datasets)
-    summary = None
-    try:   # the page never fails the study: its SEG, SR and maps go out without it
-        summary = build_summary(analysis, source, sr, comparisons, history_for(analysis, study_date, priors or {}),
-                                time_point=time_point, version_excluded=excluded)
-    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        log.error("study %s: summary page not made: %s: %s", ds0.StudyInstanceUID, type(exc).__name__, exc)
-    return StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps, summary)
+
+    def page() -> Summary | None:
+        try:   # the page never fails the study: its SEG, SR and maps go out without it
+            return build_summary(analysis, source, sr, comparisons, history_for(analysis, study_date, priors or {}),
+                                 time_point=time_point, version_excluded=excluded)
+        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+            log.error("study %s: summary page not made: %s: %s", ds0.StudyInstanceUID, type(exc).__name__, exc)
+            return None
+    out = StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps, page=page)
+    return with_summary(out) if summary else out
 
 
 def measurements_csv(rows: Iterable[tuple]) -> str:
@@ -268,5 +281,6 @@ def series_summary(analysis: StudyAnalysis) -> list[tuple[str, str, str, str]]:
     return [(s.series_instance_uid, s.kind.value, s.reason, s.description) for s in analysis.series]
 
 
-__all__ = ["build_outputs", "output_datasets", "history_for", "load_datasets", "measurements_csv", "measurement_rows",
+__all__ = ["build_outputs", "with_summary", "output_datasets", "history_for", "load_datasets", "measurements_csv",
+           "measurement_rows",
            "encode", "StudyOutputs", "Rejected", "parse_date", "SeriesKind", "series_summary", "CSV_COLUMNS"]

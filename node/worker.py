@@ -38,6 +38,7 @@ from .processing import (
     parse_date,
     prior_key,
     series_summary,
+    with_summary,
 )
 from .store import Store
 from .text import install_safe_formatter, printable
@@ -149,6 +150,35 @@ def _quarantine_refused(store: Store, files, refusals, study_uid: str) -> None:
             store.quarantine_stored(refused.id, Path(refused.path), reason, sop_uid=sop_uid, study_uid=study_uid)
 
 
+def _write_outputs(store: Store, out, kinds: tuple[str, ...] | None = None) -> dict[str, tuple[str, Path]]:
+    """Write the study's objects (those of ``kinds``, default all but the summary page) to the
+    store; returns ``{SOP Instance UID: (kind, path)}``.
+    """
+    page = ("summary", PDF_KIND)
+    paths = {}
+    for kind, ds in output_datasets(out):
+        if (kind in kinds) if kinds is not None else (kind not in page):
+            path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
+            store.write_result(path, encode(ds))
+            paths[str(ds.SOPInstanceUID)] = (kind, path)
+    return paths
+
+
+def _record_outputs(conn, ctx: JobContext, job, paths: dict[str, tuple[str, Path]]) -> None:
+    """Record the written objects of ``job`` and queue each for its destinations (same transaction)."""
+    now = time.time()
+    for sop_uid, (kind, path) in paths.items():
+        db.insert_ignore(conn, db.outputs, dict(study_uid=job.study_uid, kind=kind, sop_uid=sop_uid,
+                                                path=str(path), job_id=job.id, created_at=now))
+        output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
+        for dest in ctx.destinations_for(kind):
+            db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
+                                                   attempts=0, next_try_at=now, last_error=""))
+    if paths:
+        made = " ".join(f"{kind}={sop_uid}" for sop_uid, (kind, _) in paths.items())
+        db.record_audit(conn, "made", f"study={job.study_uid} job={job.id} revision={job.revision}: {made}")
+
+
 def execute_job(ctx: JobContext, job_id: int) -> JobState:
     """Process the study of one job and record everything it made; returns the final state."""
     t_start = time.time()
@@ -180,7 +210,7 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         out = build_outputs(datasets, priors, previous_srs, t2_options=ctx.t2_options,
                             atoms=cached_atoms(Path(ctx.data_dir) / "cache"), carry_from=references,
                             atlases=atlases, compartments=ctx.compartments,
-                            history_note=history_note if not priors else None)
+                            history_note=history_note if not priors else None, summary=False)
     except NeedsRoisError as exc:   # hand, head-neck: measured once a reader's ROIs arrive (or are carried)
         _quarantine_refused(store, files, exc.refusals, job.study_uid)
         _finish(engine, job_id, job.study_uid, job.revision, JobState.WAITING_FOR_ROIS, str(exc))
@@ -195,12 +225,11 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         log.error("job %d failed: %s", job_id, printable(exc, 300))
         return JobState.FAILED
     _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
-    now = t_built = time.time()
-    paths = {}
-    for kind, ds in output_datasets(out):
-        path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
-        store.write_result(path, encode(ds))
-        paths[str(ds.SOPInstanceUID)] = (kind, path)
+    t_built = time.time()
+    # SEG, SR and maps are recorded (and so sent) first; the summary page follows in a second
+    # step, so that PACS has the results about a second sooner. A crash between the two runs
+    # the job again: the same inputs make the same UIDs, so nothing is recorded or sent twice.
+    paths = _write_outputs(store, out)
     reference = roisets.reference_of(out.analysis)
     new_roi_set = False
     with engine.begin() as conn:
@@ -221,15 +250,12 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         for uid, kind, reason, desc in series_summary(out.analysis):
             conn.execute(insert(db.series).values(study_uid=job.study_uid, series_uid=uid, kind=kind,
                                                   reason=reason, description=desc))
-        for sop_uid, (kind, path) in paths.items():
-            db.insert_ignore(conn, db.outputs, dict(study_uid=job.study_uid, kind=kind, sop_uid=sop_uid,
-                                                    path=str(path), job_id=job_id, created_at=now))
-            output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
-            for dest in ctx.destinations_for(kind):
-                db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
-                                                       attempts=0, next_try_at=now, last_error=""))
-        made = " ".join(f"{kind}={sop_uid}" for sop_uid, (kind, _) in paths.items())
-        db.record_audit(conn, "made", f"study={job.study_uid} job={job_id} revision={job.revision}: {made}")
+        _record_outputs(conn, ctx, job, paths)
+    t_sent = time.time()
+    out = with_summary(out)
+    page = _write_outputs(store, out, kinds=("summary", PDF_KIND))
+    with engine.begin() as conn:
+        _record_outputs(conn, ctx, job, page)
     notes = "; ".join([*out.analysis.notes, *(["earlier visits not retrieved: PACS did not answer"]
                                               if history_note and not priors else [])])
     _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
@@ -241,9 +267,9 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         requeue_for_roi_set(engine, study.subject_key, job.study_uid, reference.region)
     if after != before:  # new or changed values: later visits compare against them
         requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date)
-    log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s)",
-             job_id, job.study_uid, time.time() - t_start, t_loaded - t_start, t_built - t_loaded,
-             time.time() - t_built)
+    log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s, "
+             "summary page %.1f s)", job_id, job.study_uid, time.time() - t_start, t_loaded - t_start,
+             t_built - t_loaded, t_sent - t_built, time.time() - t_sent)
     return JobState.DONE
 
 
