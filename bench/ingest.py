@@ -103,6 +103,20 @@ def _check_stored(node, n: int) -> None:
         raise RuntimeError(f"the node recorded {rows} of {n} instances")
 
 
+def durable_write_seconds(files: list[Path], work: Path) -> float:
+    """Seconds per instance of the node's durable write alone (temporary file, fsync, rename, folder
+    fsync: :func:`node.store.durable_write`) of ``files``, one after the other. On one association
+    each C-STORE waits for its own write before Success, so one over this is the most any receiver
+    that acknowledges after a durable write reaches on this disk.
+    """
+    from node.store import durable_write
+    blobs = [f.read_bytes() for f in files]
+    t0 = time.perf_counter()
+    for i, blob in enumerate(blobs):
+        durable_write(work / "store" / f"{i}.dcm", blob, work / "tmp")
+    return (time.perf_counter() - t0) / len(blobs)
+
+
 def bench_node_during_job(files: list[Path], work: Path, associations: int) -> tuple[float, str]:
     """Push ``files`` while the node quantifies a demo exam; returns the seconds and how the
     job overlapped the push.
@@ -159,6 +173,7 @@ def main() -> int:
     results: dict[tuple[str, int], list[float]] = {}
     during: list[float] = []
     overlaps: list[str] = []
+    writes: list[float] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         files = make_files(args.n, tmp / "files")
@@ -169,6 +184,8 @@ def main() -> int:
                     work = tmp / f"run-{i}-{associations}-{name.split()[-1]}"
                     results.setdefault((name, associations), []).append(len(files) / fn(files, work, associations))
                     shutil.rmtree(work, ignore_errors=True)
+            writes.append(durable_write_seconds(files, tmp / f"run-{i}-fsync"))
+            shutil.rmtree(tmp / f"run-{i}-fsync", ignore_errors=True)
             if not args.no_job:
                 work = tmp / f"run-{i}-job"
                 elapsed, overlap = bench_node_during_job(files, work, 1)
@@ -191,6 +208,12 @@ def main() -> int:
               f"musclenode / storescp {ours / med[('DCMTK storescp', associations)]:.2f}"
               + ("   (targets on one association: >= 1.5 and >= 0.5)" if associations == 1 else ""))
     print(f"  musclenode 4 associations / 1 association: {node4 / node1:.2f} (target >= 2.5)")
+    write = statistics.median(writes)
+    print(f"durable write alone (tmp file, fsync, rename, folder fsync): {write * 1e3:.2f} ms per instance "
+          f"(runs: {', '.join(f'{x * 1e3:.2f}' for x in writes)}), so at most {1 / write:.0f} instances/s on one "
+          f"association for any receiver that acknowledges after a durable write on this disk;\n"
+          f"  that ceiling / Orthanc {1 / write / med[('Orthanc', 1)]:.2f}, / storescp "
+          f"{1 / write / med[('DCMTK storescp', 1)]:.2f}; musclenode reaches {node1 * write:.0%} of it")
     if during:
         d = statistics.median(during)
         print(f"  musclenode on 1 association while a job runs: {d:.0f} instances/s "

@@ -303,6 +303,29 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def ingest_engine(engine: Engine) -> Engine:
+    """The engine the SCP records received instances with. On SQLite, a second engine on the same
+    file whose connections commit with ``synchronous=NORMAL``: a commit does not wait for the WAL
+    to reach the disk (the next checkpoint, or any other connection's commit, syncs it). A power
+    cut may so lose the last rows, never the files: each is fsync'd before its row is written, and
+    :meth:`node.store.Store.recover_rows` records files without a row at the next start (a power
+    cut stops the node too). PostgreSQL gets ``engine`` itself, committing synchronously: its
+    server may crash and restart while the node runs on, and nothing would recover the rows then.
+    """
+    if engine.dialect.name != "sqlite":
+        return engine
+    ingest = create_engine(engine.url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(ingest, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+    return ingest
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """Add the columns a database made by an earlier version lacks (each new column has a
     server default, so old rows stay valid). Schema migrations proper are Alembic's job.

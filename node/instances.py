@@ -344,3 +344,15 @@ def read_instance(path: Path) -> Dataset:
     except OSError as exc:
         raise InstanceRejected(f"not a readable DICOM file: {exc}") from exc
     return parse_instance(data)
+
+
+def received_fields(ds: Dataset) -> dict[str, Any]:
+    """What the node records of a received instance, from its parsed data set: its UIDs, the
+    subject key, study date, Clinical Trial Time Point ID and :func:`instance_facts`
+    (the SCP records them at store time; :meth:`node.store.Store.recover_rows` again from the file).
+    """
+    return dict(sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID), subject_key=subject_key(ds),
+                study_date=str(ds.get("StudyDate", "") or ""),
+                time_point=str(ds.get("ClinicalTrialTimePointID", "") or "")[:64], facts=instance_facts(ds))
+

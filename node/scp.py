@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import db
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
-from .instances import KEPT_SOP_CLASSES, instance_facts, parse_instance, sop_class_name, subject_key
+from .instances import KEPT_SOP_CLASSES, parse_instance, received_fields, sop_class_name
 from .store import Store
 from .text import printable
 
@@ -293,28 +293,20 @@ class Receiver:
             if str(ds.SOPInstanceUID) != sop_uid:
                 raise InstanceRejected("SOPInstanceUID of the data set differs from the request's "
                                        "Affected SOP Instance UID")
-            sop_class = str(ds.SOPClassUID)
-            study_uid = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            key = subject_key(ds)
-            study_date = str(ds.get("StudyDate", "") or "")
-            time_point = str(ds.get("ClinicalTrialTimePointID", "") or "")[:64]
-            facts = instance_facts(ds)   # header counts for completion by protocol (never decodes pixels)
+            fields = received_fields(ds)   # header counts for completion by protocol (never decodes pixels)
         except InstanceRejected as exc:
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except Exception as exc:  # a value that pydicom decodes only now, of any type
             return self._reject(data, f"the data set cannot be decoded: {type(exc).__name__}: {printable(exc, 120)}",
                                 sop_uid, calling, CANNOT_UNDERSTAND)
+        sop_class, study_uid = fields["sop_class_uid"], fields["study_uid"]
         if sop_class not in KEPT_SOP_CLASSES:
             # Kept (nothing is lost) but not processed: the sender is told Success, if it was kept.
             kept = self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
                                           "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
             return SUCCESS if kept else _status(OUT_OF_RESOURCES, "cannot keep the instance")
         try:
-            stored = self.store.store_instance(
-                data, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                sop_class_uid=sop_class, subject_key=key, study_date=study_date, calling_ae=calling,
-                time_point=time_point, facts=facts)
+            stored = self.store.store_instance(data, calling_ae=calling, **fields)
         except ValueError as exc:  # an invalid UID cannot name a file
             return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
         except (OSError, SQLAlchemyError) as exc:   # a full disk, a database that stays away

@@ -88,6 +88,7 @@ class Node:
         """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;
         returns the node.
         """
+        self.store.recover_rows()   # files whose row a power cut took (rows are committed without a WAL sync)
         resumed = requeue_running(self.engine, self.config.jobs.max_attempts)
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
@@ -117,6 +118,7 @@ class Node:
         self.sender.stop()
         with self.engine.begin() as conn:
             db.record_audit(conn, "node-stopped", f"ae={self.config.node.ae_title}")
+        self.store.close()
         self.engine.dispose()
 
     def __enter__(self) -> Node:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -88,6 +88,7 @@ class Store:
     def __init__(self, data_dir: Path, engine: Engine):
         self.root = Path(data_dir)
         self.engine = engine
+        self._ingest: Engine | None = None   # db.ingest_engine(engine), made when the first instance is stored
         self.tmp = self.root / "tmp"
         for d in ("store", "quarantine", "results", "tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ class Store:
         durable_write(path, data, self.tmp)
 
         def record() -> StoredInstance:
-            with self.engine.begin() as conn:
+            with self.ingest_engine.begin() as conn:
                 return self._record(conn, path, len(data), now, study_uid=study_uid, series_uid=series_uid,
                                     sop_uid=sop_uid, sop_class_uid=sop_class_uid, subject_key=subject_key,
                                     study_date=study_date, calling_ae=calling_ae, time_point=time_point,
@@ -172,6 +173,65 @@ class Store:
                     log.error("cannot remove %s after a failed database write: %s", path, exc)
             raise
 
+    @property
+    def ingest_engine(self) -> Engine:
+        """The engine instance rows are recorded with (:func:`node.db.ingest_engine`)."""
+        if self._ingest is None:
+            self._ingest = db.ingest_engine(self.engine)
+        return self._ingest
+
+    def close(self) -> None:
+        """Close the ingest engine's connections (the caller disposes of ``engine``)."""
+        if self._ingest is not None and self._ingest is not self.engine:
+            self._ingest.dispose()
+        self._ingest = None
+
+    #: Series folders changed up to this long before the newest recorded instance are looked at
+    #: by :meth:`recover_rows` (rows lost to a power cut are those of the last seconds).
+    recovery_margin_seconds = 600.0
+
+    def recover_rows(self) -> int:
+        """Record the received files that have no database row (their commit was lost to a power
+        cut: rows are committed without waiting for the disk, files are fsync'd first); a file
+        that cannot be read is quarantined. Looks only at series folders changed since shortly
+        before the newest recorded instance. Returns how many rows were recovered.
+        """
+        from .errors import InstanceRejected
+        from .instances import parse_instance, received_fields
+        with self.engine.begin() as conn:
+            newest = conn.execute(select(func.max(db.instances.c.received_at))).scalar()
+        since = None if newest is None else newest - self.recovery_margin_seconds
+        recovered = 0
+        for study_dir in sorted(p for p in (self.root / "store").iterdir() if p.is_dir()):
+            for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
+                if since is not None and series_dir.stat().st_mtime < since:
+                    continue
+                files = {p.stem: p for p in series_dir.glob("*.dcm")}
+                with self.engine.begin() as conn:
+                    known = set(conn.execute(select(db.instances.c.sop_uid)
+                                             .where(db.instances.c.sop_uid.in_(list(files)))).scalars())
+                for sop_uid in sorted(set(files) - known):
+                    path = files[sop_uid]
+                    try:
+                        fields = received_fields(parse_instance(path.read_bytes()))
+                        if fields["sop_uid"] != sop_uid or path != self.instance_path(
+                                fields["study_uid"], fields["series_uid"], sop_uid):
+                            raise InstanceRejected("its UIDs do not match where it is stored")
+                    except (InstanceRejected, ValueError, OSError, EOFError, KeyError, AttributeError) as exc:
+                        self.quarantine(None, f"found in the store without its database row and unreadable: "
+                                              f"{type(exc).__name__}: {printable(exc, 120)}", sop_uid=sop_uid,
+                                        source=path)
+                        continue
+                    with self.engine.begin() as conn:
+                        self._record(conn, path, path.stat().st_size, path.stat().st_mtime, calling_ae="",
+                                     **fields)
+                        db.record_audit(conn, "row-recovered", f"sop={sop_uid} study={fields['study_uid']}")
+                    recovered += 1
+        if recovered:
+            log.warning("recovered the database rows of %d stored instance(s) (lost to a crash before their "
+                        "commit reached the disk)", recovered)
+        return recovered
+
     @staticmethod
     def _record(conn, path: Path, size: int, now: float, *, study_uid: str, series_uid: str, sop_uid: str,
                 sop_class_uid: str, subject_key: str, study_date: str, calling_ae: str,
@@ -183,10 +243,12 @@ class Store:
         if not inserted:
             return StoredInstance(path, True)
         row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
-        if row is None:
+        if row is None:   # its first instance (or its row was lost: then it counts those recorded)
+            count = conn.execute(select(func.count()).select_from(db.instances)
+                                 .where(db.instances.c.study_uid == study_uid)).scalar_one()
             created = db.insert_ignore(conn, db.studies, dict(
                 study_uid=study_uid, subject_key=subject_key, study_date=study_date, state=StudyState.RECEIVING,
-                revision=0, n_instances=1, first_received_at=now, last_received_at=now, message="",
+                revision=0, n_instances=count, first_received_at=now, last_received_at=now, message="",
                 time_point=time_point))
             if created:
                 db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")

@@ -108,3 +108,46 @@ def test_instance_without_study_uid_is_rejected(make_node, thigh_visits):
     assert push([ds], "127.0.0.1", node.port, called_ae="MUSCLENODE") == [0xA900]
     with node.engine.begin() as conn:
         assert "StudyInstanceUID is missing" in conn.execute(select(db.quarantine.c.reason)).scalar_one()
+
+
+def test_rows_lost_to_a_power_cut_are_recovered_from_the_store(make_node, tmp_path):
+    """Instance rows are committed without waiting for the disk (the files are fsync'd first): a
+    power cut may take the last rows. At the next start the node records every stored file that
+    has no row, and quarantines one it cannot read; the study then completes with all its instances.
+    """
+    from conftest import node_config, small_phantom, wait_until
+
+    from quant.synthetic.phantom import phantom_datasets
+    datasets = phantom_datasets(small_phantom(shape=(4, 64, 96), seed=11), uid_seed="power-cut")
+    config = node_config(tmp_path, complete_after=3600)
+    node = make_node(config)
+    assert set(push(datasets, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}
+    with node.engine.begin() as conn:
+        rows = conn.execute(select(db.instances.c.sop_uid, db.instances.c.path)
+                            .order_by(db.instances.c.received_at)).all()
+    node.stop()
+    assert len(rows) == len(datasets)
+    lost = rows[len(rows) // 2:]           # the tail of the push: rows gone, files kept
+    engine = db.make_engine(config.database_url)
+    with engine.begin() as conn:
+        conn.execute(db.instances.delete().where(db.instances.c.sop_uid.in_([r.sop_uid for r in lost])))
+        conn.execute(db.studies.delete())   # the study row was made in the lost tail too, say
+    engine.dispose()
+    torn = Path(lost[0].path)                # and one file was cut short (it was never acknowledged)
+    torn.write_bytes(torn.read_bytes()[:2000])
+    node = make_node(node_config(tmp_path, complete_after=1.0))
+    with node.engine.begin() as conn:
+        n_rows = conn.execute(select(func.count()).select_from(db.instances)).scalar_one()
+        quarantined = conn.execute(select(db.quarantine.c.sop_uid, db.quarantine.c.reason)).all()
+        recovered = conn.execute(select(func.count()).select_from(db.audit)
+                                 .where(db.audit.c.event == "row-recovered")).scalar_one()
+    assert n_rows == len(datasets) - 1 and recovered == len(lost) - 1
+    assert [q.sop_uid for q in quarantined] == [lost[0].sop_uid]
+    assert "without its database row and unreadable" in quarantined[0].reason
+    assert not torn.exists()
+    def processed():
+        with node.engine.connect() as conn:
+            s = conn.execute(select(db.studies)).first()
+        return s if s is not None and s.state == "done" else None
+    study = wait_until(processed, timeout=120, what="the recovered study processed")
+    assert study.n_instances == len(datasets) - 1
