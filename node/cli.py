@@ -348,7 +348,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     engine = make_engine(config.database_url, migrate=False)
     if args.action == "current":
         rev, target = migrations.current(engine), migrations.head()
-        state = "head" if rev == target else f"head is {target}: musclenode db upgrade, or the node at start, upgrades"
+        if rev == target:
+            state = "head"
+        elif rev is not None and not migrations.known(rev):
+            state = f"unknown to this version, whose head is {target}: a newer version made it"
+        else:
+            state = f"head is {target}: musclenode db upgrade, or the node at start, upgrades"
         print(f"{rev or 'none (empty, or made before schema migrations)'} ({state})")
         return 0
     result = migrations.upgrade(engine)   # SchemaError: main() says so, exit code 2

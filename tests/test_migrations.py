@@ -246,6 +246,18 @@ def test_database_from_before_the_baseline_is_adopted(tmp_path):
                                                                                                   0, 1)
 
 
+def test_database_with_other_tables_only_is_treated_as_empty(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with create_engine(url).begin() as conn:
+        conn.execute(text("CREATE TABLE other_app (id INTEGER PRIMARY KEY)"))
+    result = migrations.upgrade(db.make_engine(url, migrate=False))
+    assert result == (None, HEAD, False)
+    engine = db.make_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(select(db.audit.c.detail)).scalars().all() == [f"empty -> {HEAD}"]
+        assert conn.execute(text("SELECT count(*) FROM other_app")).scalar() == 0   # left alone
+
+
 def test_missing_column_without_default_is_an_error(tmp_path):
     url = f"sqlite:///{tmp_path / 'bad.db'}"
     with create_engine(url).begin() as conn:
@@ -261,8 +273,12 @@ def test_newer_revision_is_refused(url, tmp_path):
     with pytest.raises(SchemaError, match=f"revision 0099, which this version of musclenode does not know "
                                           f"\\(its newest is {HEAD}\\)"):
         db.make_engine(url)
-    r = cli(_config(tmp_path, url), "db", "upgrade")
+    cfg = _config(tmp_path, url)
+    r = cli(cfg, "db", "upgrade")
     assert r.returncode == 2 and "revision 0099" in r.stderr and "Traceback" not in r.stderr
+    r = cli(cfg, "db", "current")
+    assert (r.returncode, r.stdout) == (0, f"0099 (unknown to this version, whose head is {HEAD}: a newer version "
+                                           "made it)\n")
     assert migrations.current(engine) == "0099"
 
 

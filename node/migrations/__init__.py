@@ -4,7 +4,7 @@ The revisions are in ``versions/`` (shipped with the package); Alembic is config
 no ``alembic.ini``. :func:`upgrade` brings a database to the newest revision ("head"):
 
 - an empty database gets every revision from the baseline (0001) on;
-- a database an earlier version made, before Alembic (tables but no ``alembic_version``), is adopted:
+- a database an earlier version made, before Alembic (its tables but no ``alembic_version``), is adopted:
   the baseline tables, indexes and columns it lacks are added (columns with their server defaults, as
   earlier versions did at start), it is stamped 0001, and the later revisions run;
 - a database at a revision this version does not know (made by a newer version) raises
@@ -116,7 +116,7 @@ def upgrade(engine: Engine) -> UpgradeResult:
         before = _current(conn)   # again: another node may have migrated meanwhile
         _check_known(before, target)
         adopted = False
-        if before is None and inspect(conn).get_table_names():
+        if before is None and set(baseline.metadata.tables) & set(inspect(conn).get_table_names()):
             _adopt(conn)
             MigrationContext.configure(conn).stamp(script_directory(), BASELINE)
             adopted = True
@@ -138,8 +138,13 @@ def _lock(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")   # the write lock, waited for up to busy_timeout
 
 
+def known(revision: str) -> bool:
+    """Whether this version has ``revision`` (a database made by a newer version may be at one it has not)."""
+    return revision in {s.revision for s in script_directory().walk_revisions()}
+
+
 def _check_known(revision: str | None, target: str) -> None:
-    if revision is not None and revision not in {s.revision for s in script_directory().walk_revisions()}:
+    if revision is not None and not known(revision):
         raise SchemaError(f"database schema is at revision {revision}, which this version of musclenode does not "
                           f"know (its newest is {target}): a newer version made it; run that version or a newer one")
 
