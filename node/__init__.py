@@ -2,4 +2,4 @@
 
 #: Libraries whose INFO is per-association / per-module chatter: WARNING and up only,
 #: in the CLI unless verbose, in the worker processes always.
-CHATTY_LOGGERS = ("pynetdicom", "highdicom")
+CHATTY_LOGGERS = ("pynetdicom", "highdicom", "alembic")   # alembic: "Context impl ..." on every start

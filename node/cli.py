@@ -1,6 +1,7 @@
 """The ``musclenode`` command.
 
-Exit codes: 0 success; 1 the work failed (see the message); 2 bad usage or configuration.
+Exit codes: 0 success; 1 the work failed (see the message); 2 bad usage or configuration (a database
+made by a newer version, too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from . import CHATTY_LOGGERS
 from .config import ConfigError, load_config
 from .db import JobState, OutboxState, StudyState
+from .errors import SchemaError
 from .text import install_safe_formatter, printable
 
 if TYPE_CHECKING:
@@ -335,6 +337,36 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 1 if result.unanswered else 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``musclenode db upgrade|current``: the database's schema revision (Alembic); returns 0, or 2 when
+    the database was made by a newer version (a revision this version does not know).
+    """
+    from . import migrations
+    from .db import make_engine
+    config = load_config(args.config)
+    Path(config.node.data_dir).mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.database_url, migrate=False)
+    if args.action == "current":
+        rev, target = migrations.current(engine), migrations.head()
+        if rev == target:
+            state = "head"
+        elif rev is not None and not migrations.known(rev):
+            state = f"unknown to this version, whose head is {target}: a newer version made it"
+        else:
+            state = f"head is {target}: musclenode db upgrade, or the node at start, upgrades"
+        print(f"{rev or 'none (empty, or made before schema migrations)'} ({state})")
+        return 0
+    result = migrations.upgrade(engine)   # SchemaError: main() says so, exit code 2
+    if result.before == result.after:
+        print(f"database schema already at {result.after} (head)")
+    elif result.adopted:
+        print(f"database schema upgraded from {result.before} (adopted: made before schema migrations) "
+              f"to {result.after}")
+    else:
+        print(f"database schema upgraded from {result.before or 'none (empty database)'} to {result.after}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -419,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
                                          "subject)")
     h.add_argument("--config", "-c", help="TOML configuration file (destinations, node AE title, database)")
     s.set_defaults(func=cmd_history)
+    s = sub.add_parser("db", help="the database's schema (Alembic migrations; the node also applies them at start)")
+    dbs = s.add_subparsers(dest="action", required=True)
+    d = dbs.add_parser("upgrade", help="upgrade the schema to this version's newest revision and print from which "
+                                       "revision to which")
+    d.add_argument("--config", "-c", help="TOML configuration file (to find the database)")
+    d = dbs.add_parser("current", help="print the database's schema revision and whether it is this version's newest")
+    d.add_argument("--config", "-c", help="TOML configuration file (to find the database)")
+    s.set_defaults(func=cmd_db)
     return p
 
 
@@ -431,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"musclenode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except SchemaError as exc:   # the database was made by a newer version
+        print(f"musclenode: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -25,9 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -282,9 +280,15 @@ audit = Table(
 )
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` with the schema created. SQLite gets WAL and a busy timeout
-    so that the SCP threads, the node and its worker processes can share the file.
+def make_engine(url: str, *, migrate: bool = True) -> Engine:
+    """An engine for ``url``, its schema brought to the newest revision (:func:`node.migrations.upgrade`)
+    unless ``migrate`` is False. SQLite gets WAL and a busy timeout so that the SCP threads, the node
+    and its worker processes can share the file.
+
+    Raises
+    ------
+    node.errors.SchemaError
+        The database was made by a newer version (a revision this version does not know).
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
@@ -298,8 +302,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
-    _add_missing_columns(engine)
+    if migrate:
+        from .migrations import upgrade
+        upgrade(engine)
     return engine
 
 
@@ -324,25 +329,6 @@ def ingest_engine(engine: Engine) -> Engine:
         cur.execute("PRAGMA busy_timeout=60000")
         cur.close()
     return ingest
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Add the columns a database made by an earlier version lacks (each new column has a
-    server default, so old rows stay valid). Schema migrations proper are Alembic's job.
-    """
-    found = inspect(engine)
-    for table in metadata.sorted_tables:
-        have = {c["name"] for c in found.get_columns(table.name)}
-        for col in table.columns:
-            if col.name in have:
-                continue
-            if col.server_default is None:
-                raise RuntimeError(f"database table {table.name} lacks column {col.name}, which has no default")
-            kind = col.type.compile(dialect=engine.dialect)
-            default = col.server_default.arg   # type: ignore[attr-defined]
-            with engine.begin() as conn:
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {kind} NOT NULL '
-                                  f"DEFAULT '{default}'"))
 
 
 def record_audit(conn: Connection, event_name: str, detail: str) -> None:

@@ -7,3 +7,9 @@ class NodeError(Exception):
 
 class InstanceRejected(NodeError):
     """An incoming instance cannot be accepted; the message says why (it is quarantined)."""
+
+
+class SchemaError(NodeError):
+    """The database's schema cannot be brought to the one this version needs (a revision newer
+    than this version knows, or an earlier version's table that lacks a column without a default).
+    """
