@@ -7,6 +7,7 @@ its subject's later outputs for the others."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 import uuid
@@ -173,7 +174,6 @@ def test_lease_renewed_while_alive_taken_over_once_dead(engine):
 def test_start_requeues_only_dead_local_holders(engine):
     """A worker on a shared database frees what a dead process of its own host held, at once;
     a job held by a live process or by another host waits for its lease."""
-    import socket
     import subprocess
     import sys
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -198,3 +198,38 @@ def test_start_requeues_only_dead_local_holders(engine):
 def _states(engine):
     with engine.begin() as conn:
         return conn.execute(select(db.jobs.c.state)).all()
+
+
+def test_role_is_configured_and_checked():
+    from node.config import ConfigError, config_from_dict
+    assert config_from_dict({}).node.role == "all"
+    assert config_from_dict({"node": {"role": "worker", "port": 0}}).node.role == "worker"   # no port: fine
+    for bad, key in (({"role": "sender"}, "node.role"), ({"role": "receiver", "port": 0}, "node.port")):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"node": bad})
+        assert info.value.key == key
+
+
+def test_a_worker_opens_no_dicom_port_and_a_receiver_runs_no_jobs(tmp_path):
+    from dataclasses import replace
+
+    from conftest import node_config
+
+    from node.service import Node
+    config = node_config(tmp_path)
+    for role, listens, works in (("worker", False, True), ("receiver", True, False)):
+        node = Node(replace(config, node=replace(config.node, role=role)), poll_seconds=0.2).start()
+        try:
+            assert (node.receiver.server is not None) == listens
+            assert node.jobs._thread.is_alive() == node.sender._thread.is_alive() == works
+            assert node.completion._thread.is_alive()
+            if not listens:
+                assert node.listening() == ""
+                with socket.socket() as s, pytest.raises(ConnectionRefusedError):   # nothing listens there
+                    s.connect(("127.0.0.1", config.node.port))
+        finally:
+            node.stop()
+    with node.engine.begin() as conn:
+        started = conn.execute(select(db.audit.c.detail).where(db.audit.c.event == "node-started")).scalars().all()
+    assert started == ["ae=MUSCLENODE role=worker", f"ae=MUSCLENODE port={config.node.port} role=receiver"]
+
