@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import CHATTY_LOGGERS
-from .config import ConfigError, load_config
+from .config import ROLES, ConfigError, load_config
 from .db import JobState, OutboxState, StudyState
 from .errors import SchemaError
 from .text import install_safe_formatter, printable
@@ -41,16 +41,24 @@ def _setup_logging(verbosity: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``musclenode serve``: run the node until SIGINT or SIGTERM; returns 0."""
+    from dataclasses import replace
+
     from .service import Node
     config = load_config(args.config)
+    if getattr(args, "role", None):   # --role wins over [node] role
+        config = replace(config, node=replace(config.node, role=args.role))
     node = Node(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node.start()
     web = f"; web on http://{config.web.bind_address}:{node.web.port}" if node.web is not None else ""
-    print(f"musclenode {config.node.ae_title} listening on {node.listening()}; "
-          f"data in {config.node.data_dir}{web}", flush=True)
+    role = config.node.role
+    if node.receives:
+        where = f"listening on {node.listening()}" + (f" (role {role})" if role != "all" else "")
+    else:
+        where = f"running jobs and sends (role {role}, no DICOM port)"
+    print(f"musclenode {config.node.ae_title} {where}; data in {config.node.data_dir}{web}", flush=True)
     stop.wait()
     node.stop()
     return 0
@@ -385,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the DICOM node (receive, quantify, send)")
     s.add_argument("--config", "-c", help="TOML configuration file (default: built-in defaults)")
+    s.add_argument("--role", choices=ROLES,
+                   help="what this process runs: receiver (DICOM SCP and study completion), worker (jobs and "
+                        "sends, no DICOM port) or all (everything, a single node); overrides [node] role")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("status", help="summarise the node: studies per state, the most recent studies, jobs not "
                                       "done, pending sends and quarantine")

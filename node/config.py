@@ -123,6 +123,9 @@ class NodeSettings:
     allowed_calling_aes: tuple[AllowedCaller, ...] = ()   # () = any calling AE from any host
     require_called_ae_title: bool = True
     tls: TLSSettings | None = None   # [node.tls]; None: no TLS port, no TLS to destinations
+    # what this process runs: "receiver" (SCP + completion), "worker" (jobs + sends + completion),
+    # "all" (everything: a single node); ``musclenode serve --role`` overrides it
+    role: str = "all"
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,8 @@ _TOP_LEVEL = (*_SECTIONS, "destinations", "protocols")
 _SUBTABLES: dict[tuple[str, str], type] = {("node", "tls"): TLSSettings}
 
 EXECUTORS = ("process", "inline")
+#: ``[node] role`` (and ``musclenode serve --role``): what one node process runs (README "Several nodes").
+ROLES = ("all", "receiver", "worker")
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -374,6 +379,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("node.tls", "port"): _check_port,
     ("node", "complete_after_seconds"): _positive,
     ("node", "max_pdu_bytes"): _at_least(0),
+    ("node", "role"): _one_of(ROLES),
     ("database", "url"): _check_database_url,
     ("jobs", "workers"): _at_least(1),
     ("jobs", "executor"): _one_of(EXECUTORS),
@@ -577,7 +583,7 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
 
     node: NodeSettings = sections["node"]
     if node.tls is None:
-        if node.port == 0:
+        if node.port == 0 and node.role != "worker":   # a worker opens no DICOM port anyway
             raise ConfigError("node.port", "0 (no plain port) needs a [node.tls] table: the node would not listen",
                               source=src)
         for index, dest in enumerate(destinations):

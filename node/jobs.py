@@ -1,5 +1,11 @@
 """The job queue: one row per study revision to process; a runner claims rows atomically
 (with a lease) and runs :func:`node.worker.execute_job` in a local process pool (or inline).
+
+Several nodes may share one database (``musclenode serve --role worker``, README "Several
+nodes"): a claim names its holder (``jobs.claimed_by``, ``"host:pid"``), on PostgreSQL it
+locks the row it takes (``SELECT ... FOR UPDATE SKIP LOCKED``), and the holder renews its
+lease (every ``lease_seconds / 3``) while the job runs. A job whose holder died is taken
+over by any runner once its lease has run out, as a new attempt (``[jobs] max_attempts``).
 """
 
 from __future__ import annotations
@@ -7,16 +13,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import db
 from .db import JobState, StudyState
+from .holders import dead_local_holders, node_id
 from .loop import PollingLoop
 from .text import printable
 from .warmup import warm_up
@@ -40,71 +48,164 @@ def _give_up(engine: Engine, job_id: int, study_uid: str, revision: int, attempt
     """Mark a job whose every attempt was lost ``failed`` (only while ``still_running`` holds
     for its row); its study too. True if this call failed it.
     """
-    message = _lost_message(attempts)
     with engine.begin() as conn:
-        res = conn.execute(update(db.jobs).where(and_(db.jobs.c.id == job_id, still_running))
-                           .values(state=JobState.FAILED, finished_at=time.time(), lease_until=None, message=message))
-        if res.rowcount != 1:
-            return False
-        conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
-                                                   db.studies.c.revision == revision,
-                                                   db.studies.c.state.in_((StudyState.COMPLETE,
-                                                                           StudyState.PROCESSING))))
-                     .values(state=StudyState.FAILED, message=message))
-        db.record_audit(conn, "job-failed", f"job={job_id} study={study_uid}: {message}")
-    log.error("job %d (study %s): %s", job_id, study_uid, message)
+        failed = _give_up_in(conn, job_id, study_uid, revision, attempts, still_running)
+    if failed:
+        log.error("job %d (study %s): %s", job_id, study_uid, _lost_message(attempts))
+    return failed
+
+
+def _give_up_in(conn: Connection, job_id: int, study_uid: str, revision: int, attempts: int, still_running) -> bool:
+    """:func:`_give_up` inside the caller's transaction."""
+    message = _lost_message(attempts)
+    res = conn.execute(update(db.jobs).where(and_(db.jobs.c.id == job_id, still_running))
+                       .values(state=JobState.FAILED, finished_at=time.time(), lease_until=None, message=message))
+    if res.rowcount != 1:
+        return False
+    conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
+                                               db.studies.c.revision == revision,
+                                               db.studies.c.state.in_((StudyState.COMPLETE,
+                                                                       StudyState.PROCESSING))))
+                 .values(state=StudyState.FAILED, message=message))
+    db.record_audit(conn, "job-failed", f"job={job_id} study={study_uid}: {message}")
     return True
 
 
 def claim_job(engine: Engine, lease_seconds: float, now: float | None = None,
-              max_attempts: int = MAX_ATTEMPTS) -> tuple[int, str] | None:
-    """Atomically claim the oldest pending job (or one whose lease ran out); a job whose lease
-    ran out on its ``max_attempts``-th attempt is failed instead of run again.
+              max_attempts: int = MAX_ATTEMPTS, claimed_by: str | None = None) -> tuple[int, str] | None:
+    """Atomically claim the oldest pending job (or one whose lease ran out) for ``claimed_by``
+    (default :func:`node_id`); a job whose lease ran out on its ``max_attempts``-th attempt is
+    failed instead of run again.
+
+    On PostgreSQL the candidates are read with ``SELECT ... FOR UPDATE SKIP LOCKED`` and the
+    claim is made in the same transaction, so that runners on several hosts never take the
+    same job and never wait for one another. On SQLite (one writer at a time) the claim is a
+    conditional ``UPDATE ... WHERE state = 'pending'`` (or lease run out) whose row count
+    tells whether this call won it.
     """
     now = time.time() if now is None else now
+    holder = claimed_by or node_id()
     lost = and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now)
+    claimable = or_(db.jobs.c.state == JobState.PENDING, and_(lost, db.jobs.c.attempts < max_attempts))
+    query = (select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.state, db.jobs.c.attempts,
+                    db.jobs.c.claimed_by)
+             .where(or_(db.jobs.c.state == JobState.PENDING, lost)).order_by(db.jobs.c.id).limit(5))
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            for c in conn.execute(query.with_for_update(skip_locked=True)).all():
+                if c.state == JobState.RUNNING and c.attempts >= max_attempts:
+                    if _give_up_in(conn, c.id, c.study_uid, c.revision, c.attempts, lost):
+                        log.error("job %d (study %s): %s", c.id, c.study_uid, _lost_message(c.attempts))
+                    continue
+                if _take(conn, c, claimable, holder, lease_seconds, now):
+                    return c.id, c.study_uid
+        return None
     with engine.begin() as conn:
-        cands = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.state,
-                                    db.jobs.c.attempts)
-                             .where(or_(db.jobs.c.state == JobState.PENDING, lost))
-                             .order_by(db.jobs.c.id).limit(5)).all()
+        cands = conn.execute(query).all()
     for c in cands:
         if c.state == JobState.RUNNING and c.attempts >= max_attempts:
             _give_up(engine, c.id, c.study_uid, c.revision, c.attempts, lost)
             continue
         with engine.begin() as conn:
-            res = conn.execute(update(db.jobs).where(and_(
-                db.jobs.c.id == c.id, or_(db.jobs.c.state == JobState.PENDING,
-                                          and_(lost, db.jobs.c.attempts < max_attempts))))
-                .values(state=JobState.RUNNING, attempts=db.jobs.c.attempts + 1, started_at=now,
-                        lease_until=now + lease_seconds))
-            if res.rowcount == 1:
-                conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == c.study_uid,
-                                                           db.studies.c.state == StudyState.COMPLETE,
-                                                           db.studies.c.revision == c.revision))
-                             .values(state=StudyState.PROCESSING))
+            if _take(conn, c, claimable, holder, lease_seconds, now):
                 return c.id, c.study_uid
     return None
 
 
-def requeue_running(engine: Engine, max_attempts: int = MAX_ATTEMPTS) -> int:
+def _take(conn: Connection, c, claimable, holder: str, lease_seconds: float, now: float) -> bool:
+    """Claim job row ``c`` for ``holder`` if ``claimable`` still holds for it; its study is then
+    ``processing``. A job taken over from a holder whose lease ran out is audited. True if taken.
+    """
+    res = conn.execute(update(db.jobs).where(and_(db.jobs.c.id == c.id, claimable))
+                       .values(state=JobState.RUNNING, attempts=db.jobs.c.attempts + 1, started_at=now,
+                               lease_until=now + lease_seconds, claimed_by=holder))
+    if res.rowcount != 1:
+        return False
+    conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == c.study_uid,
+                                               db.studies.c.state == StudyState.COMPLETE,
+                                               db.studies.c.revision == c.revision))
+                 .values(state=StudyState.PROCESSING))
+    if c.state == JobState.RUNNING:
+        db.record_audit(conn, "job-takeover", f"job={c.id} study={c.study_uid} attempt={c.attempts + 1} "
+                        f"from={c.claimed_by or '?'} by={holder}: its lease ran out")
+        log.warning("job %d (study %s): taken over from %s, whose lease ran out (attempt %d)", c.id, c.study_uid,
+                    c.claimed_by or "?", c.attempts + 1)
+    return True
+
+
+def requeue_running(engine: Engine, max_attempts: int = MAX_ATTEMPTS, *, holders: set[str] | None = None) -> int:
     """On start of a single node: jobs left running by a previous process run again, unless
     that was their ``max_attempts``-th attempt (the node, or the worker, died each time):
     those are failed with the reason. Returns how many were queued again.
+
+    With ``holders``, only the running jobs claimed by one of them (``jobs.claimed_by``): on a
+    database shared by several nodes, a node requeues only what its own dead predecessors held
+    (:func:`dead_local_holders`), never a job another node is running.
     """
+    running = db.jobs.c.state == JobState.RUNNING
+    if holders is not None:
+        if not holders:
+            return 0
+        running = and_(running, db.jobs.c.claimed_by.in_(sorted(holders)))
     with engine.begin() as conn:
         left = conn.execute(select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.attempts)
-                            .where(db.jobs.c.state == JobState.RUNNING)).all()
+                            .where(running)).all()
     for job in left:
         if job.attempts >= max_attempts:
-            _give_up(engine, job.id, job.study_uid, job.revision, job.attempts, db.jobs.c.state == JobState.RUNNING)
+            _give_up(engine, job.id, job.study_uid, job.revision, job.attempts, running)
     with engine.begin() as conn:
-        res = conn.execute(update(db.jobs).where(and_(db.jobs.c.state == JobState.RUNNING,
-                                                      db.jobs.c.attempts < max_attempts))
-                           .values(state=JobState.PENDING, lease_until=None))
+        res = conn.execute(update(db.jobs).where(and_(running, db.jobs.c.attempts < max_attempts))
+                           .values(state=JobState.PENDING, lease_until=None, claimed_by=""))
         if res.rowcount:
             db.record_audit(conn, "jobs-resumed", f"{res.rowcount} job(s) left running by a previous start")
         return res.rowcount
+
+
+def requeue_dead_local(engine: Engine, max_attempts: int = MAX_ATTEMPTS) -> int:
+    """On start of a node that shares its database: requeue the running jobs claimed on this
+    host by a process that is gone (:func:`dead_local_holders`); returns how many. Jobs held
+    by other hosts are left to their lease.
+    """
+    with engine.begin() as conn:
+        holders = set(conn.execute(select(db.jobs.c.claimed_by).distinct()
+                                   .where(db.jobs.c.state == JobState.RUNNING)).scalars())
+    return requeue_running(engine, max_attempts, holders=dead_local_holders(holders))
+
+
+def renew_leases(engine: Engine, job_ids: list[int], lease_seconds: float, holder: str,
+                 now: float | None = None) -> int:
+    """Extend the lease of the jobs ``job_ids`` that are still running under ``holder``'s claim
+    to ``now + lease_seconds``; returns how many were renewed (fewer: a job was taken over).
+    """
+    if not job_ids:
+        return 0
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        res = conn.execute(update(db.jobs).where(and_(db.jobs.c.id.in_(job_ids),
+                                                      db.jobs.c.state == JobState.RUNNING,
+                                                      db.jobs.c.claimed_by == holder))
+                           .values(lease_until=now + lease_seconds))
+        return res.rowcount
+
+
+class LeaseKeeper(PollingLoop):
+    """The heartbeat of a job runner: every ``lease_seconds / 3`` it renews the lease of the jobs
+    the runner holds, so that a long job is not taken over while its node lives.
+    """
+
+    thread_name = "musclenode-lease"
+
+    def __init__(self, engine: Engine, lease_seconds: float, held: Callable[[], list[int]], holder: str):
+        super().__init__(lease_seconds / 3)
+        self.engine, self.lease, self.held, self.holder = engine, lease_seconds, held, holder
+
+    def tick(self) -> None:
+        """Renew the leases of the jobs held now."""
+        ids = self.held()
+        renewed = renew_leases(self.engine, ids, self.lease, self.holder)
+        if renewed < len(ids):
+            log.warning("lease of %d of %d running job(s) not renewed: taken over by another node, or finished",
+                        len(ids) - renewed, len(ids))
 
 
 class JobRunner(PollingLoop):
@@ -116,7 +217,7 @@ class JobRunner(PollingLoop):
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
                  lease_seconds: float = 600.0, poll_seconds: float = 0.5,
                  on_done: Callable[[], None] | None = None,
-                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS):
+                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS, claimed_by: str | None = None):
         super().__init__(poll_seconds)
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
@@ -127,6 +228,19 @@ class JobRunner(PollingLoop):
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
         self._unrecorded: list[tuple[int, BaseException]] = []   # crashes the database did not take yet
+        self.holder = claimed_by or node_id()   # jobs.claimed_by of what this runner claims
+        self._held: set[int] = set()            # the jobs it runs now, whose leases the keeper renews
+        self._held_lock = threading.Lock()
+        self.keeper = LeaseKeeper(engine, lease_seconds, self.held, self.holder)
+
+    def held(self) -> list[int]:
+        """The ids of the jobs this runner holds (claimed and not yet collected)."""
+        with self._held_lock:
+            return sorted(self._held)
+
+    def _hold(self, job_id: int, holding: bool) -> None:
+        with self._held_lock:
+            (self._held.add if holding else self._held.discard)(job_id)
 
     def start(self) -> None:
         """Start the worker pool and the runner thread; with process workers, returns once each
@@ -141,6 +255,7 @@ class JobRunner(PollingLoop):
             done, _ = cf.wait(warming, timeout=self.warm_up_timeout)
             seconds = [f.result() for f in done if f.exception() is None]
             log.info("%d worker(s) ready (warm-up %s s)", len(seconds), ", ".join(f"{s:.1f}" for s in seconds))
+        self.keeper.start()
         super().start()
 
     def _job_ended(self, _future=None) -> None:
@@ -150,6 +265,7 @@ class JobRunner(PollingLoop):
     def stop(self) -> None:
         """Stop the runner thread and the pool; jobs not yet started are cancelled."""
         super().stop()
+        self.keeper.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -160,25 +276,30 @@ class JobRunner(PollingLoop):
             self._crashed(job_id, lost)
         for fut in [f for f in self._running if f.done()]:
             job_id = self._running.pop(fut)
+            self._hold(job_id, False)
             exc = fut.exception()
             if exc is not None:
                 self._crashed(job_id, exc)
         while len(self._running) < self.workers and not self.stopping:
-            claimed = claim_job(self.engine, self.lease, max_attempts=self.max_attempts)
+            claimed = claim_job(self.engine, self.lease, max_attempts=self.max_attempts, claimed_by=self.holder)
             if claimed is None:
                 return
             job_id, study_uid = claimed
             log.info("job %d: processing study %s", job_id, study_uid)
+            self._hold(job_id, True)
             if self._pool is None:
                 try:
                     execute_job(self.ctx, job_id)
                 except Exception as exc:
                     self._crashed(job_id, exc)
+                finally:
+                    self._hold(job_id, False)
                 self.on_done()
             else:
                 try:
                     fut = self._pool.submit(execute_job, self.ctx, job_id)
                 except RuntimeError as exc:  # a broken pool: make a new one, retry later
+                    self._hold(job_id, False)
                     self._crashed(job_id, exc)
                     return
                 self._running[fut] = job_id
@@ -197,10 +318,13 @@ class JobRunner(PollingLoop):
     def _record_crash(self, job_id: int, exc: BaseException) -> None:
         with self.engine.begin() as conn:
             job = conn.execute(select(db.jobs).where(db.jobs.c.id == job_id)).one()
+        if job.state != JobState.RUNNING or job.claimed_by not in (self.holder, ""):
+            log.warning("job %d: not recorded as crashed here, %s holds it now", job_id, job.claimed_by or "nobody")
+            return
         if job.attempts < self.max_attempts:
             with self.engine.begin() as conn:
                 conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
-                             .values(state=JobState.PENDING, lease_until=None,
+                             .values(state=JobState.PENDING, lease_until=None, claimed_by="",
                                      message=f"attempt {job.attempts} crashed: {type(exc).__name__}: {exc}"))
         else:
             lost = " (the worker process died)" if isinstance(exc, cf.process.BrokenProcessPool) else ""

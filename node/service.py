@@ -3,6 +3,21 @@
 On start it resumes what the database says is unfinished: studies still receiving
 complete once quiet (counting from their last instance), jobs left running run again,
 and sends not yet acknowledged are retried.
+
+Its role (``[node] role``, ``musclenode serve --role``) says which parts one process runs,
+so that several processes on several hosts can share one database and one storage root:
+
+- ``receiver``: the SCP (plain and TLS ports) and the completion monitor;
+- ``worker``: the job runner (with its lease heartbeat), the sender, and the completion
+  monitor too, so that quiet studies complete even while no receiver runs (completing is
+  a conditional row update: the study completes once, whoever sees it first); no DICOM port;
+- ``all`` (the default): everything, a single node.
+
+The web server runs in any role where ``[web] enabled``. At start, a node that runs jobs
+takes back what was left running: ``all`` on SQLite (the single-host node) every running
+job, as it always did; ``worker``, and ``all`` on PostgreSQL, only the jobs (and outbox
+claims) held on this host by a process that is gone, leaving other nodes' jobs to their
+lease (:mod:`node.jobs`).
 """
 
 from __future__ import annotations
@@ -18,9 +33,9 @@ from . import db
 from .access import AccessPolicy
 from .completion import CompletionMonitor
 from .config import Config
-from .jobs import JobContext, JobRunner, requeue_running
+from .jobs import JobContext, JobRunner, requeue_dead_local, requeue_running
 from .scp import Receiver
-from .send import Sender
+from .send import Sender, release_claims, release_dead_local_claims
 from .store import Store
 from .tls import client_context, server_context
 
@@ -32,6 +47,7 @@ class Node:
 
     def __init__(self, config: Config, *, poll_seconds: float = 0.5):
         self.config = config
+        self.role = config.node.role
         self.poll = poll_seconds
         data_dir = Path(config.node.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -76,36 +92,63 @@ class Node:
         """The DICOM TLS port the node's SCP listens on (``RuntimeError`` without ``[node.tls]``)."""
         return self.receiver.tls_port
 
+    @property
+    def receives(self) -> bool:
+        """Whether this node runs the SCP (role ``receiver`` or ``all``)."""
+        return self.role in ("receiver", "all")
+
+    @property
+    def works(self) -> bool:
+        """Whether this node runs jobs and sends (role ``worker`` or ``all``)."""
+        return self.role in ("worker", "all")
+
     def listening(self) -> str:
-        """Where the SCP listens, in words: ``"0.0.0.0:11112 and 0.0.0.0:2762 (DICOM TLS)"``."""
+        """Where the SCP listens, in words: ``"0.0.0.0:11112 and 0.0.0.0:2762 (DICOM TLS)"``
+        (``""`` for a worker, which does not listen).
+        """
         bind = self.config.node.bind_address
         where = [f"{bind}:{self.port}"] if self.receiver.server is not None else []
         if self.receiver.tls_server is not None:
             where.append(f"{bind}:{self.tls_port} (DICOM TLS)")
         return " and ".join(where)
 
-    def start(self) -> Node:
-        """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order;
-        returns the node.
-        """
-        self.store.recover_rows()   # files whose row a power cut took (rows are committed without a WAL sync)
-        resumed = requeue_running(self.engine, self.config.jobs.max_attempts)
+    def _resume(self) -> None:
+        """Take back the jobs and sends a previous process left claimed (see the module's docstring)."""
+        max_attempts = self.config.jobs.max_attempts
+        if self.role == "all" and self.engine.dialect.name == "sqlite":   # the single node of its database
+            resumed = requeue_running(self.engine, max_attempts)
+            release_claims(self.engine)
+        else:
+            resumed = requeue_dead_local(self.engine, max_attempts)
+            release_dead_local_claims(self.engine)
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
-        self.jobs.start()        # returns once the workers have their kernels compiled or loaded
+
+    def start(self) -> Node:
+        """Start the job runner (workers warmed up), completion monitor, sender and SCP, in that order,
+        as far as the node's role runs them; returns the node.
+        """
+        if self.receives and self.engine.dialect.name == "sqlite":
+            # files whose row a power cut took (SQLite rows of instances are committed without a WAL sync)
+            self.store.recover_rows()
+        if self.works:
+            self._resume()
+            self.jobs.start()        # returns once the workers have their kernels compiled or loaded
         self.completion.start()
-        self.sender.start()
+        if self.works:
+            self.sender.start()
         node = self.config.node
-        if node.port:
+        if self.receives and node.port:
             self.receiver.start(node.bind_address, node.port)
-        if node.tls is not None and self.tls_context is not None:
+        if self.receives and node.tls is not None and self.tls_context is not None:
             self.receiver.start_tls(node.bind_address, node.tls.port, self.tls_context)
         if self.web is not None:
             self.web.start()
-        ports = " ".join(([f"port={self.port}"] if node.port else [])
-                         + ([f"tls_port={self.tls_port}"] if node.tls is not None else []))
+        ports = " ".join(([f"port={self.port}"] if self.receiver.server is not None else [])
+                         + ([f"tls_port={self.tls_port}"] if self.receiver.tls_server is not None else []))
+        role = f" role={self.role}" if self.role != "all" else ""
         with self.engine.begin() as conn:
-            db.record_audit(conn, "node-started", f"ae={node.ae_title} {ports}")
+            db.record_audit(conn, "node-started", f"ae={node.ae_title} {ports}{role}".replace("  ", " "))
         return self
 
     def stop(self) -> None:
