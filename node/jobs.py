@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,9 +59,10 @@ def _give_up(engine: Engine, job_id: int, study_uid: str, revision: int, attempt
 
 
 def claim_job(engine: Engine, lease_seconds: float, now: float | None = None,
-              max_attempts: int = MAX_ATTEMPTS) -> tuple[int, str] | None:
+              max_attempts: int = MAX_ATTEMPTS, claimed_by: str = "") -> tuple[int, str] | None:
     """Atomically claim the oldest pending job (or one whose lease ran out); a job whose lease
-    ran out on its ``max_attempts``-th attempt is failed instead of run again.
+    ran out on its ``max_attempts``-th attempt is failed instead of run again. ``claimed_by``
+    ("host:pid") is recorded in the job's row.
     """
     now = time.time() if now is None else now
     lost = and_(db.jobs.c.state == JobState.RUNNING, db.jobs.c.lease_until < now)
@@ -77,7 +80,7 @@ def claim_job(engine: Engine, lease_seconds: float, now: float | None = None,
                 db.jobs.c.id == c.id, or_(db.jobs.c.state == JobState.PENDING,
                                           and_(lost, db.jobs.c.attempts < max_attempts))))
                 .values(state=JobState.RUNNING, attempts=db.jobs.c.attempts + 1, started_at=now,
-                        lease_until=now + lease_seconds))
+                        lease_until=now + lease_seconds, claimed_by=claimed_by))
             if res.rowcount == 1:
                 conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == c.study_uid,
                                                            db.studies.c.state == StudyState.COMPLETE,
@@ -116,8 +119,9 @@ class JobRunner(PollingLoop):
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
                  lease_seconds: float = 600.0, poll_seconds: float = 0.5,
                  on_done: Callable[[], None] | None = None,
-                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS):
+                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS, owner: str = ""):
         super().__init__(poll_seconds)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"   # jobs.claimed_by of its claims
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
         self.lease = lease_seconds
@@ -164,7 +168,7 @@ class JobRunner(PollingLoop):
             if exc is not None:
                 self._crashed(job_id, exc)
         while len(self._running) < self.workers and not self.stopping:
-            claimed = claim_job(self.engine, self.lease, max_attempts=self.max_attempts)
+            claimed = claim_job(self.engine, self.lease, max_attempts=self.max_attempts, claimed_by=self.owner)
             if claimed is None:
                 return
             job_id, study_uid = claimed
