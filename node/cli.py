@@ -512,10 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "after an interruption to go on")
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every study")
-    which.add_argument("--subject", help="one subject's studies: its subject key (trial:<sponsor>:<subject> or "
-                                         "patient:<issuer>:<patient>), Clinical Trial Subject ID or Patient ID")
-    which.add_argument("--since", help="studies with a study date on or after this date (YYYY-MM-DD or YYYYMMDD)")
-    s.add_argument("--version-note", help="why the trial is reprocessed (kept with each job and in the audit log)")
+    which.add_argument("--subject", metavar="S",
+                       help="one subject's studies: its subject key (trial:<sponsor>:<subject> or "
+                            "patient:<issuer>:<patient>), Clinical Trial Subject ID or Patient ID")
+    which.add_argument("--since", metavar="DATE",
+                       help="studies with a study date on or after this date (YYYY-MM-DD or YYYYMMDD)")
+    s.add_argument("--version-note", metavar="TEXT",
+                   help="why the trial is reprocessed (kept with each job and in the audit log)")
     s.add_argument("--send", action=argparse.BooleanOptionalAction, default=False,
                    help="send the new results to the destinations as well (default --no-send: stored and "
                         "recorded only)")

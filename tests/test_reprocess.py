@@ -218,6 +218,7 @@ def test_reprocess_supersedes_the_srs_and_never_mixes_versions(tmp_path, thigh_v
     out2, sr2 = _latest_sr(engine, uid2)
     assert out2.job_id == job.id and _replaced(sr2) == [old_sr[uid2]]
     assert not [n for n in sr_numbers(sr2) if "since baseline" in n[1].lower()]   # no comparison across versions
+    assert "Not compared: measured by another algorithm version" in str(sr2)        # and the SR says why
     new_outputs = {o.id for o in _rows(engine, db.outputs, db.outputs.c.job_id == job.id)
                    if o.kind != "summary-pdf"}   # the PDF goes only where a destination has pdf = true
     assert {b.output_id for b in _rows(engine, db.outbox)} >= new_outputs             # --send: queued for PACS
@@ -235,6 +236,7 @@ def test_reprocess_supersedes_the_srs_and_never_mixes_versions(tmp_path, thigh_v
     assert {m.algorithm_version for m in _rows(engine, db.measurements)} == {CURRENT}
     _, sr2b = _latest_sr(engine, uid2)
     assert _replaced(sr2b) == [old_sr[uid2], out2.sop_uid]
+    assert "measured by another algorithm version" not in str(sr2b)
     _, sr1 = _latest_sr(engine, uid1)
     assert _replaced(sr1) == [old_sr[uid1]]
     v = {(m.study_uid, m.side, m.metric): m.value for m in _rows(engine, db.measurements) if not m.roi}
