@@ -375,6 +375,94 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """``musclenode reprocess``: queue the selected studies not processed by the current algorithm
+    version and process them (``--wait``: wait while a running node does), with a progress bar;
+    returns 0 when all are done, 1 when one failed or the node has no data, 2 for a bad
+    ``--since``, 130 when interrupted (run it again to go on).
+    """
+    import multiprocessing
+    import os
+
+    from .db import make_engine, record_audit
+    from .jobs import JobRunner
+    from .reprocess import (
+        ProgressBar,
+        parse_study_date,
+        progress,
+        requeue_dead_claims,
+        select_and_queue,
+        studies_of,
+        version,
+        watch,
+    )
+    from .worker import job_context
+    config = load_config(args.config)
+    try:
+        since = parse_study_date(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
+    if not config.database.url and not (Path(config.node.data_dir) / "musclenode.db").exists():
+        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
+        return 1
+    engine = make_engine(config.database_url)
+    current = version()
+    resumed = 0 if args.wait else requeue_dead_claims(engine, config.jobs.max_attempts)
+    sel = select_and_queue(engine, current, subject=args.subject, since=since, send=args.send,
+                           version_note=args.version_note or "")
+    send = "sent to the destinations" if args.send else "not sent (--no-send)"
+    with engine.begin() as conn:
+        record_audit(conn, "reprocess-started",
+                     f"version={current} queued={len(sel.queued)} resumed={len(sel.in_flight)} "
+                     f"send={'yes' if args.send else 'no'} note={printable(args.version_note or '', 200)}")
+    print(f"{current}: {studies_of(sel.queued)} queued, {studies_of(sel.in_flight)} from an earlier run"
+          f"{f' ({resumed} left running)' if resumed else ''}, {sel.current} already at this version, "
+          f"{sel.busy} being received or processed; results {send}", flush=True)
+    if not sel.studies:
+        return 0
+    stop, wake = threading.Event(), threading.Event()
+
+    def interrupted(*_):
+        if stop.is_set():   # a second Ctrl-C: stop now; the jobs in progress are resumed by the next run
+            for child in multiprocessing.active_children():
+                child.terminate()
+            os._exit(130)
+        stop.set()
+        wake.set()
+        print("\nstopping after the studies in progress (Ctrl-C again to stop at once); run the same command "
+              "again to go on", file=sys.stderr, flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
+    runner = None
+    if args.wait:
+        print("waiting for the running node (musclenode serve) to process them", flush=True)
+    else:
+        runner = JobRunner(engine, job_context(config), executor=config.jobs.executor, workers=config.jobs.workers,
+                           lease_seconds=config.jobs.lease_seconds, max_attempts=config.jobs.max_attempts,
+                           on_done=wake.set)
+        runner.start()
+    bar = ProgressBar(sys.stderr)
+    tracked = set(sel.studies)
+    try:
+        p = watch(engine, tracked, bar, stop, wake=wake)
+    finally:
+        bar.close()
+        if runner is not None:
+            runner.stop()
+    if stop.is_set():
+        p = progress(engine, tracked)   # what the studies in progress came to
+    with engine.begin() as conn:
+        record_audit(conn, "reprocess-stopped" if not p.finished else "reprocess-finished",
+                     f"version={current} done={p.done} of {p.total} failed={p.failed}")
+    if not p.finished:
+        print(f"stopped: {p.done} of {p.total} studies done; run the same command again to go on")
+        return 130
+    print(f"{p.done} studies reprocessed with {current}" + (f", {p.failed} failed (musclenode status)"
+                                                            if p.failed else ""))
+    return 1 if p.failed else 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -470,6 +558,25 @@ def build_parser() -> argparse.ArgumentParser:
     d = dbs.add_parser("current", help="print the database's schema revision and whether it is this version's newest")
     d.add_argument("--config", "-c", help="TOML configuration file (to find the database)")
     s.set_defaults(func=cmd_db)
+    s = sub.add_parser("reprocess", help="measure the selected studies again with the current algorithm version "
+                                         "(new SRs supersede the old ones), with a progress bar; run it again "
+                                         "after an interruption to go on")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every study")
+    which.add_argument("--subject", metavar="S",
+                       help="one subject's studies: its subject key (trial:<sponsor>:<subject> or "
+                            "patient:<issuer>:<patient>), Clinical Trial Subject ID or Patient ID")
+    which.add_argument("--since", metavar="DATE",
+                       help="studies with a study date on or after this date (YYYY-MM-DD or YYYYMMDD)")
+    s.add_argument("--version-note", metavar="TEXT",
+                   help="why the trial is reprocessed (kept with each job and in the audit log)")
+    s.add_argument("--send", action=argparse.BooleanOptionalAction, default=False,
+                   help="send the new results to the destinations as well (default --no-send: stored and "
+                        "recorded only)")
+    s.add_argument("--wait", action="store_true", help="do not process here: wait while the running node "
+                                                       "(musclenode serve) processes the queued studies")
+    s.add_argument("--config", "-c", help="TOML configuration file (database, [jobs] workers, destinations)")
+    s.set_defaults(func=cmd_reprocess)
     return p
 
 

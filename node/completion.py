@@ -25,10 +25,14 @@ from .protocols import readiness
 log = logging.getLogger(__name__)
 
 
-def queue_job(conn: Connection, study_uid: str, revision: int, now: float) -> int:
-    """Insert the pending job of a study's new revision; returns its id."""
+def queue_job(conn: Connection, study_uid: str, revision: int, now: float, *, trigger: str = "", send: bool = True,
+              version_note: str = "") -> int:
+    """Insert the pending job of a study's new revision; returns its id. ``trigger``, ``send``
+    and ``version_note`` go to the job's columns (``"reprocess"``: ``musclenode reprocess``).
+    """
     key = conn.execute(insert(db.jobs).values(study_uid=study_uid, revision=revision, state=JobState.PENDING,
-                                              attempts=0, created_at=now, message="")).inserted_primary_key
+                                              attempts=0, created_at=now, message="", trigger=trigger, send=send,
+                                              version_note=version_note)).inserted_primary_key
     if key is None:   # only for a multi-row insert
         raise RuntimeError("the job insert returned no primary key")
     return key[0]
@@ -117,26 +121,32 @@ def _complete(engine: Engine, row, now: float, why: str) -> int | None:
     return job_id
 
 
-def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study_date: str) -> list[int]:
+def requeue_later_visits(engine: Engine, subject_key: str, study_uid: str, study_date: str, *,
+                         trigger: str = "", send: bool = True, version_note: str = "") -> list[int]:
     """Queue a new revision of every processed later visit of the subject, because a
     visit before them (``study_date``) has new or changed values: an earlier visit
     that arrives late, or is reprocessed, must show up as the baseline or previous visit
     in the later visits' SRs. Their new SRs supersede the old ones. Returns the job ids.
 
     Only a job whose values changed calls this, so re-comparing does not cascade: a later
-    visit's own values do not change when only its comparisons do.
+    visit's own values do not change when only its comparisons do. ``trigger``, ``send`` and
+    ``version_note`` are the causing job's columns, passed on to the new jobs, so that a
+    reprocessing run's re-comparisons are part of it (and not sent with ``--no-send``).
     """
     if not subject_key or not study_date:
         return []
     return _requeue(engine, subject_key, study_uid, db.studies.c.study_date > study_date,
                     f"re-compare: an earlier visit ({study_date}) has new values", "study-recompare",
-                    f"earlier={study_uid}")
+                    f"earlier={study_uid}", job=dict(trigger=trigger, send=send, version_note=version_note))
 
 
-def requeue_for_roi_set(engine: Engine, subject_key: str, study_uid: str, region: str) -> list[int]:
+def requeue_for_roi_set(engine: Engine, subject_key: str, study_uid: str, region: str, *,
+                        trigger: str = "", send: bool = True, version_note: str = "") -> list[int]:
     """Queue a new revision of every other processed visit of the subject measured as
     ``region`` that has no reader ROI set of its own there: a reader's new ROI set (drawn on
-    ``study_uid``) is carried to them and they are measured again in it. Returns the job ids.
+    ``study_uid``) is carried to them and they are measured again in it. Returns the job ids
+    (``trigger``, ``send``, ``version_note``: the causing job's columns, as for
+    :func:`requeue_later_visits`).
     """
     if not subject_key:
         return []
@@ -147,11 +157,12 @@ def requeue_for_roi_set(engine: Engine, subject_key: str, study_uid: str, region
                 db.studies.c.state == StudyState.WAITING_FOR_ROIS)
     return _requeue(engine, subject_key, study_uid, which,
                     f"ROIs: a reader's ROI set drawn on study {study_uid} is carried to this visit",
-                    "study-carry-rois", f"rois-from={study_uid}", waiting=True)
+                    "study-carry-rois", f"rois-from={study_uid}", waiting=True,
+                    job=dict(trigger=trigger, send=send, version_note=version_note))
 
 
 def _requeue(engine: Engine, subject_key: str, study_uid: str, which, message: str, event: str,
-             detail: str, waiting: bool = False) -> list[int]:
+             detail: str, waiting: bool = False, job: dict | None = None) -> list[int]:
     """Queue a new revision of the subject's other processed, measured studies matching
     ``which`` (``waiting``: studies waiting for ROIs too).
     """
@@ -175,7 +186,7 @@ def _requeue(engine: Engine, subject_key: str, study_uid: str, which, message: s
                                .values(state=StudyState.COMPLETE, revision=row.revision + 1, message=message))
             if res.rowcount != 1:
                 continue
-            job_id = queue_job(conn, row.study_uid, row.revision + 1, now)
+            job_id = queue_job(conn, row.study_uid, row.revision + 1, now, **(job or {}))
             db.record_audit(conn, event, f"study={row.study_uid} revision={row.revision + 1} job={job_id} {detail}")
             created.append(job_id)
     for job_id in created:

@@ -148,6 +148,9 @@ jobs = Table(
     Column("trigger", String(16), nullable=False, default="", server_default=""),
     Column("send", Boolean, nullable=False, default=True, server_default="1"),
     Column("version_note", Text, nullable=False, default="", server_default=""),
+    # the algorithm version (quant.ALGORITHM_VERSION) the job ran with, set when it ends ("" before
+    # this column, or a job given up on): musclenode reprocess selects the studies it is not current for
+    Column("algorithm_version", String(64), nullable=False, default="", server_default=""),
     UniqueConstraint("study_uid", "revision"),
 )
 Index("ix_jobs_state", jobs.c.state)

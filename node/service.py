@@ -33,11 +33,12 @@ from . import db
 from .access import AccessPolicy
 from .completion import CompletionMonitor
 from .config import Config
-from .jobs import JobContext, JobRunner, requeue_dead_local, requeue_running
+from .jobs import JobRunner, requeue_dead_local, requeue_running
 from .scp import Receiver
 from .send import Sender, release_claims, release_dead_local_claims
 from .store import Store
 from .tls import client_context, server_context
+from .worker import job_context
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,7 @@ class Node:
         self.tls_context = server_context(tls) if tls is not None else None
         if tls is not None and any(d.tls for d in config.destinations):
             client_context(tls)
-        ctx = JobContext(config.database_url, str(data_dir.resolve()), tuple(d.name for d in config.destinations),
-                         config.t2.options(), compartments=config.rois.compartments,
-                         atlases=config.rois.atlases,
-                         history_sources=tuple(d for d in config.destinations if d.query),
-                         calling_ae=config.node.ae_title, query_timeout=config.send.query_timeout_seconds,
-                         pdf_destinations=tuple(d.name for d in config.destinations if d.pdf), tls=tls)
+        ctx = job_context(config)
         self.sender = Sender(self.engine, config.destinations, config.send, calling_ae=config.node.ae_title,
                              poll_seconds=poll_seconds, tls=tls)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,

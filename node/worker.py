@@ -19,6 +19,7 @@ import pydicom
 from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
 
+import quant
 from quant.errors import NeedsRoisError, QuantError
 from quant.pipeline import NoDixonError
 from quant.t2stage import T2Options
@@ -26,7 +27,7 @@ from reports.longitudinal import PriorValue
 
 from . import CHATTY_LOGGERS, db, history, roisets
 from .completion import requeue_for_roi_set, requeue_later_visits
-from .config import Destination, TLSSettings
+from .config import Config, Destination, TLSSettings
 from .db import JobState, OutboxState, StudyState
 from .processing import (
     build_outputs,
@@ -74,6 +75,16 @@ class JobContext:
             return tuple(d for d in self.destinations if d in self.pdf_destinations)
         return self.destinations
 
+
+
+def job_context(config: Config) -> JobContext:
+    """The workers' context for ``config`` (the node's, and ``musclenode reprocess``'s)."""
+    return JobContext(config.database_url, str(Path(config.node.data_dir).resolve()),
+                      tuple(d.name for d in config.destinations), config.t2.options(),
+                      compartments=config.rois.compartments, atlases=config.rois.atlases,
+                      history_sources=tuple(d for d in config.destinations if d.query),
+                      calling_ae=config.node.ae_title, query_timeout=config.send.query_timeout_seconds,
+                      pdf_destinations=tuple(d.name for d in config.destinations if d.pdf), tls=config.node.tls)
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,7 +144,8 @@ def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: J
     now = time.time()
     with engine.begin() as conn:
         conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
-                     .values(state=state, finished_at=now, lease_until=None, message=message))
+                     .values(state=state, finished_at=now, lease_until=None, message=message,
+                             algorithm_version=quant.ALGORITHM_VERSION))
         conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
                                                    db.studies.c.state == StudyState.PROCESSING,
                                                    db.studies.c.revision == revision))
@@ -171,12 +183,13 @@ def _record_outputs(conn, ctx: JobContext, job, paths: dict[str, tuple[str, Path
         db.insert_ignore(conn, db.outputs, dict(study_uid=job.study_uid, kind=kind, sop_uid=sop_uid,
                                                 path=str(path), job_id=job.id, created_at=now))
         output_id = conn.execute(select(db.outputs.c.id).where(db.outputs.c.sop_uid == sop_uid)).scalar_one()
-        for dest in ctx.destinations_for(kind):
+        for dest in ctx.destinations_for(kind) if job.send else ():   # musclenode reprocess --no-send
             db.insert_ignore(conn, db.outbox, dict(output_id=output_id, destination=dest, state=OutboxState.PENDING,
                                                    attempts=0, next_try_at=now, last_error=""))
     if paths:
         made = " ".join(f"{kind}={sop_uid}" for sop_uid, (kind, _) in paths.items())
-        db.record_audit(conn, "made", f"study={job.study_uid} job={job.id} revision={job.revision}: {made}")
+        kept = "" if job.send or not ctx.destinations else " (not sent: --no-send)"
+        db.record_audit(conn, "made", f"study={job.study_uid} job={job.id} revision={job.revision}: {made}{kept}")
 
 
 def execute_job(ctx: JobContext, job_id: int) -> JobState:
@@ -233,7 +246,8 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     reference = roisets.reference_of(out.analysis)
     new_roi_set = False
     with engine.begin() as conn:
-        before = {prior_key(r.region, r.side, r.metric, r.roi, r.source): r.value for r in conn.execute(
+        before = {prior_key(r.region, r.side, r.metric, r.roi, r.source): (r.value, r.algorithm_version)
+                  for r in conn.execute(
             select(db.measurements).where(db.measurements.c.study_uid == job.study_uid))}
         conn.execute(delete(db.measurements).where(db.measurements.c.study_uid == job.study_uid))
         for m in out.analysis.measurements:
@@ -261,12 +275,13 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
             f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
             f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
-    after = {prior_key(m.region, m.side.value, m.metric, m.roi, m.source): m.value
+    after = {prior_key(m.region, m.side.value, m.metric, m.roi, m.source): (m.value, m.algorithm_version)
              for m in out.analysis.measurements}
+    cause = dict(trigger=job.trigger, send=job.send, version_note=job.version_note)   # passed on to the re-queued
     if new_roi_set and reference is not None:   # a reader's new ROI set: the subject's other visits are measured in it
-        requeue_for_roi_set(engine, study.subject_key, job.study_uid, reference.region)
-    if after != before:  # new or changed values: later visits compare against them
-        requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date)
+        requeue_for_roi_set(engine, study.subject_key, job.study_uid, reference.region, **cause)
+    if after != before:  # new or changed values (or version): later visits compare against them
+        requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date, **cause)
     log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s, "
              "summary page %.1f s)", job_id, job.study_uid, time.time() - t_start, t_loaded - t_start,
              t_built - t_loaded, t_sent - t_built, time.time() - t_sent)

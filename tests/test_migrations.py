@@ -28,7 +28,7 @@ from node.migrations import baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = os.environ.get("MUSCLENODE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _previous_release():
@@ -154,7 +154,7 @@ def fill_previous_release(engine) -> None:
 
 def test_head_is_the_newest_revision():
     assert migrations.head() == HEAD
-    assert [s.revision for s in migrations.script_directory().walk_revisions()] == ["0002", "0001"]
+    assert [s.revision for s in migrations.script_directory().walk_revisions()] == ["0003", "0002", "0001"]
 
 
 def test_empty_database_upgrades_to_head_and_matches_node_db(url):

@@ -100,7 +100,7 @@ def measurement_table(conn: Connection, secret: bytes, *, subject_keys: Iterable
                       side: str | None = None, since: str | None = None) -> list[tuple]:
     """The long-format rows as tuples in :data:`EXPORT_COLUMNS` order: one per subject, visit
     and measurement, with the change since the subject's baseline and previous visit (same
-    region, ROI, side, metric and lineage) and the annualised change since baseline (per
+    region, ROI, side, metric, lineage and algorithm version) and the annualised change since baseline (per
     year of 365.25 days). ``roi=""`` selects the whole-leg values; None, every row.
     ``since`` (YYYYMMDD): only visits on or after that date (changes are still computed
     from the subject's baseline).
@@ -123,7 +123,8 @@ def measurement_table(conn: Connection, secret: bytes, *, subject_keys: Iterable
         v = vs.get(study_uid)
         if v is None:
             continue
-        series[(v.subject_key, reg, r_roi, r_side, r_metric, _lineage(r_roi, source))].append(
+        # the algorithm version is part of the key: changes never mix versions (a trial half reprocessed)
+        series[(v.subject_key, reg, r_roi, r_side, r_metric, _lineage(r_roi, source), version)].append(
             (v.days, study_uid, v, reg, r_roi, r_side, r_metric, value, unit, model, source, version))
     rows = []
     month = DAYS_PER_YEAR / 12
