@@ -116,13 +116,14 @@ class JobRunner(PollingLoop):
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
                  lease_seconds: float = 600.0, poll_seconds: float = 0.5,
                  on_done: Callable[[], None] | None = None,
-                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS):
+                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS, scheduler_address: str = ""):
         super().__init__(poll_seconds)
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
         self.lease = lease_seconds
         self.max_attempts = max_attempts
         self.warm_up_timeout = warm_up_timeout
+        self.scheduler_address = scheduler_address   # executor "dask": the Dask scheduler (node.dask_executor)
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
@@ -130,7 +131,9 @@ class JobRunner(PollingLoop):
 
     def start(self) -> None:
         """Start the worker pool and the runner thread; with process workers, returns once each
-        worker has compiled or loaded the numba kernels (or ``warm_up_timeout`` has passed).
+        worker has compiled or loaded the numba kernels (or ``warm_up_timeout`` has passed); with
+        ``dask``, once the scheduler answered and its workers did the same
+        (:class:`node.dask_executor.SchedulerUnreachable` if it did not answer).
         """
         if self.kind == "process":
             self._pool = _new_pool(self.workers)
@@ -141,6 +144,10 @@ class JobRunner(PollingLoop):
             done, _ = cf.wait(warming, timeout=self.warm_up_timeout)
             seconds = [f.result() for f in done if f.exception() is None]
             log.info("%d worker(s) ready (warm-up %s s)", len(seconds), ", ".join(f"{s:.1f}" for s in seconds))
+        elif self.kind == "dask":   # jobs as tasks of a Dask cluster; ``workers`` = jobs in flight at once
+            from .dask_executor import start_dask_executor
+            self._pool = start_dask_executor(self.scheduler_address, str(Path(self.ctx.data_dir) / "cache"),
+                                             warm_up_timeout=self.warm_up_timeout)
         super().start()
 
     def _job_ended(self, _future=None) -> None:
