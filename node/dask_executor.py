@@ -159,8 +159,8 @@ class DaskJobExecutor(cf.Executor):
             log.warning("no Dask worker is connected to %s yet: jobs wait for one", self.address)
             return {}
         level = logging.getLogger().getEffectiveLevel()
-        futs = {w: self.client.submit(prepare_worker, level, cache_dir, key=f"musclenode-warm-up-{uuid.uuid4().hex[:8]}",
-                                      workers=[w], allow_other_workers=False, pure=False) for w in workers}
+        futs = {w: self.client.submit(prepare_worker, level, cache_dir, workers=[w], allow_other_workers=False,
+                                      key=f"musclenode-warm-up-{uuid.uuid4().hex[:8]}", pure=False) for w in workers}
         try:
             with self.client.as_current():
                 wait(list(futs.values()), timeout=timeout)
