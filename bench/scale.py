@@ -13,12 +13,19 @@ a fresh node (SQLite, its own storage root) receives every study over DICOM with
 held back, so that each study has its pending job before any runs; then the runner starts (the
 workers warm up first, not timed) and the figures are taken from the first job's start to the
 last job's end: studies per minute, seconds per study (claim to recorded, from the job rows),
-the stages each job logs (read, analysis with SEG/SR, store), the CPU used by the whole machine
+the stages each job logs (read, analysis with SEG/SR, store; "dispatch": the rest of the time from
+claim to recorded), the CPU seconds per study of the node and its workers (and of the node process
+alone: SCP, job runner, the LocalCluster's scheduler), the CPU used by the whole machine
 meanwhile and by the node and its workers alone (the machine may be shared: its load average is
 printed too). The Dask workers run at the local pool's lower priority (``nice``), as a fair
 comparison on a shared machine.
 
-    python bench/scale.py [--studies 6] [--slices 8] [--configs local-1,dask-1,dask-2]
+Every worker process runs numba, OpenMP and BLAS on ``--library-threads`` threads (1 by default,
+as the Dask executor runs each job's numba kernels): a job that starts a thread per core beside
+another job oversubscribes the cores (``--library-threads 0`` shows it).
+
+    python bench/scale.py [--studies 6] [--slices 8] [--configs local-1,dask-1,dask-2,local-2]
+                          [--library-threads 1]
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from quant.synthetic.phantom import make_leg_phantom  # noqa: E402
 DONE = re.compile(r"job (\d+) done: study \S+ in ([\d.]+) s \(read ([\d.]+) s, analysis and SEG/SR ([\d.]+) s, "
                   r"store ([\d.]+) s\)")
 TRIAL = 300 * 3 * 4   # subjects x visits x regions
+LIBRARY_THREADS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def make_studies(n: int, slices: int, folder: Path) -> list[list[Path]]:
@@ -117,20 +125,23 @@ def run(name: str, studies: list[list[Path]], work: Path, log_path: Path) -> dic
     return dict(name=name, workers=n_workers, n=len(rows), span=span, per_min=60.0 * len(rows) / span,
                 per_study=statistics.median(j.finished_at - j.started_at for j in rows), warm=warm,
                 cpu=busy / ((t1 - t0) * psutil.cpu_count()), load=load, logged=logged,
-                ours=(ours1 - ours0) / (t1 - t0), cpu_per_study=(ours1 - ours0) / len(rows))
+                ours=(sum(ours1) - sum(ours0)) / (t1 - t0), cpu_per_study=(sum(ours1) - sum(ours0)) / len(rows),
+                node_cpu_per_study=(ours1[0] - ours0[0]) / len(rows))
 
 
-def _tree_cpu() -> float:
-    """CPU seconds used so far by this process and its descendants (the node, its pool or Dask cluster)."""
+def _tree_cpu() -> tuple[float, float]:
+    """CPU seconds used so far by this process (the node: SCP, runner, and the Dask scheduler of a
+    LocalCluster) and by its descendants (the worker processes, and the nannies of Dask's).
+    """
     me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
+    total = [0.0, 0.0]
+    for k, p in enumerate([me, *me.children(recursive=True)]):
         try:
             t = p.cpu_times()
         except psutil.Error:
             continue
-        total += t.user + t.system
-    return total
+        total[min(k, 1)] += t.user + t.system
+    return total[0], total[1]
 
 
 def _jobs(node) -> list:
@@ -148,11 +159,14 @@ def _wait(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def report(results: list[dict]) -> None:
+def report(results: list[dict], library_threads: int) -> None:
     ncpu = psutil.cpu_count()
-    print(f"\n{ncpu} CPU(s); load average (1 min) before each run shown; studies of {results[0]['n']}")
+    threads = f"{library_threads} numba/OpenMP/BLAS thread(s)" if library_threads else "the libraries' default threads"
+    print(f"\n{ncpu} CPU(s); load average (1 min) before each run shown; {results[0]['n']} studies; "
+          f"worker processes with {threads} (Dask jobs: numba on 1 thread, node.dask_executor)")
     print(f"{'config':8} {'studies/min':>11} {'s/study':>8} {'read':>6} {'analysis':>9} {'store':>6} "
-          f"{'dispatch':>8} {'cores ours':>10} {'CPU s/study':>11} {'machine CPU':>11} {'load':>5} {'warm-up':>8}")
+          f"{'dispatch':>8} {'cores ours':>10} {'CPU s/study':>11} {'of it node':>10} {'machine CPU':>11} "
+          f"{'load':>5} {'warm-up':>8}")
     for r in results:
         if r["logged"]:
             total, read, analysis, store = (statistics.median(x) for x in zip(*r["logged"], strict=True))
@@ -160,7 +174,8 @@ def report(results: list[dict]) -> None:
         else:
             stages = f"{'-':>6} {'-':>9} {'-':>6} {'-':>8}"
         print(f"{r['name']:8} {r['per_min']:11.2f} {r['per_study']:8.1f} {stages} {r['ours']:10.2f} "
-              f"{r['cpu_per_study']:11.1f} {100 * r['cpu']:10.0f}% {r['load']:5.1f} {r['warm']:7.1f}s")
+              f"{r['cpu_per_study']:11.1f} {r['node_cpu_per_study']:10.1f} {100 * r['cpu']:10.0f}% "
+              f"{r['load']:5.1f} {r['warm']:7.1f}s")
     by = {r["name"]: r for r in results}
     base = by.get("local-1")
     if base and "dask-1" in by:
@@ -189,7 +204,13 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=6)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--configs", default="local-1,dask-1,dask-2")
+    parser.add_argument("--library-threads", type=int, default=1,
+                        help="threads of numba, OpenMP and BLAS in each worker process (NUMBA_NUM_THREADS etc.); "
+                             "0: the libraries' defaults (a thread per core)")
     args = parser.parse_args()
+    if args.library_threads:   # the worker processes (spawned) inherit them
+        for var in LIBRARY_THREADS:
+            os.environ[var] = str(args.library_threads)
     names = args.configs.split(",")
     for name in names:
         if not re.fullmatch(r"(local|dask)-[1-9]\d*", name):
@@ -216,7 +237,7 @@ def main() -> int:
                     results.append(r)
             finally:
                 os.dup2(saved, 2)
-    report(results)
+    report(results, args.library_threads)
     return 0
 
 
