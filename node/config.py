@@ -140,9 +140,10 @@ class JobSettings:
     """``[jobs]``: the quantification workers."""
 
     workers: int = 1
-    executor: str = "process"  # "process" or "inline"
+    executor: str = "process"  # "process", "inline" or "dask"
     lease_seconds: float = 600.0
     max_attempts: int = 3   # a job whose worker dies (or that crashes) this many times is failed
+    scheduler_address: str = ""   # executor "dask": the Dask scheduler, "tcp://host:8786"
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ _TOP_LEVEL = (*_SECTIONS, "destinations", "protocols")
 # Tables inside a section: (section, key) -> settings class ([node.tls]).
 _SUBTABLES: dict[tuple[str, str], type] = {("node", "tls"): TLSSettings}
 
-EXECUTORS = ("process", "inline")
+EXECUTORS = ("process", "inline", "dask")
 #: ``[node] role`` (and ``musclenode serve --role``): what one node process runs (README "Several nodes").
 ROLES = ("all", "receiver", "worker")
 
@@ -371,6 +372,15 @@ def _check_database_url(value: str) -> str | None:
     return None
 
 
+_SCHEDULER_ADDRESS = re.compile(r"^([a-z]+://)?[^\s/]+:\d+$")
+
+
+def _check_scheduler_address(value: str) -> str | None:
+    if value and not _SCHEDULER_ADDRESS.match(value):
+        return f'expected a Dask scheduler address such as "tcp://10.0.0.5:8786", got {value!r}'
+    return None
+
+
 # (table, key) -> extra check run after the type check.
 _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("node", "ae_title"): _check_ae_title,
@@ -385,6 +395,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("jobs", "executor"): _one_of(EXECUTORS),
     ("jobs", "lease_seconds"): _positive,
     ("jobs", "max_attempts"): _at_least(1),
+    ("jobs", "scheduler_address"): _check_scheduler_address,
     ("send", "retry_initial_seconds"): _positive,
     ("send", "retry_max_seconds"): _positive,
     ("send", "timeout_seconds"): _positive,
@@ -602,6 +613,11 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> Config:
             f"got {send.retry_max_seconds!r}",
             source=src,
         )
+
+    jobs: JobSettings = sections["jobs"]
+    if jobs.executor == "dask" and not jobs.scheduler_address.strip():
+        raise ConfigError("jobs.scheduler_address", 'required with jobs.executor = "dask": the Dask scheduler, '
+                          'e.g. "tcp://10.0.0.5:8786"', source=src)
 
     protocols = _protocols(data.get("protocols", []), src)
     return Config(destinations=tuple(destinations), protocols=protocols, **sections)

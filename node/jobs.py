@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,9 +35,20 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
+def kernel_threads(workers: int, cores: int | None = None) -> int:
+    """Threads of numba's parallel kernels in each of ``workers`` local worker processes: the cores
+    shared among them (at least 1). One worker keeps every core (a single study is fastest); two
+    workers on two cores get one thread each, since OpenMP threads spin while they wait and two
+    jobs with a thread per core made 0.53x the studies per minute of one (``bench/scale.py``).
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
 def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(logging.getLogger().getEffectiveLevel(),))
+                                  initializer=_init_worker,
+                                  initargs=(logging.getLogger().getEffectiveLevel(), kernel_threads(workers)))
 
 
 def _lost_message(attempts: int) -> str:
@@ -217,13 +229,15 @@ class JobRunner(PollingLoop):
     def __init__(self, engine: Engine, ctx: JobContext, *, executor: str = "process", workers: int = 1,
                  lease_seconds: float = 600.0, poll_seconds: float = 0.5,
                  on_done: Callable[[], None] | None = None,
-                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS, claimed_by: str | None = None):
+                 warm_up_timeout: float = 600.0, max_attempts: int = MAX_ATTEMPTS, claimed_by: str | None = None,
+                 scheduler_address: str = ""):
         super().__init__(poll_seconds)
         self.engine, self.ctx = engine, ctx
         self.kind, self.workers = executor, workers
         self.lease = lease_seconds
         self.max_attempts = max_attempts
         self.warm_up_timeout = warm_up_timeout
+        self.scheduler_address = scheduler_address   # executor "dask": the Dask scheduler (node.dask_executor)
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
@@ -244,7 +258,9 @@ class JobRunner(PollingLoop):
 
     def start(self) -> None:
         """Start the worker pool and the runner thread; with process workers, returns once each
-        worker has compiled or loaded the numba kernels (or ``warm_up_timeout`` has passed).
+        worker has compiled or loaded the numba kernels (or ``warm_up_timeout`` has passed); with
+        ``dask``, once the scheduler answered and its workers did the same
+        (:class:`node.dask_executor.SchedulerUnreachable` if it did not answer).
         """
         if self.kind == "process":
             self._pool = _new_pool(self.workers)
@@ -255,6 +271,10 @@ class JobRunner(PollingLoop):
             done, _ = cf.wait(warming, timeout=self.warm_up_timeout)
             seconds = [f.result() for f in done if f.exception() is None]
             log.info("%d worker(s) ready (warm-up %s s)", len(seconds), ", ".join(f"{s:.1f}" for s in seconds))
+        elif self.kind == "dask":   # jobs as tasks of a Dask cluster; ``workers`` = jobs in flight at once
+            from .dask_executor import start_dask_executor
+            self._pool = start_dask_executor(self.scheduler_address, str(Path(self.ctx.data_dir) / "cache"),
+                                             warm_up_timeout=self.warm_up_timeout)
         self.keeper.start()
         super().start()
 

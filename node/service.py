@@ -68,7 +68,8 @@ class Node:
                              poll_seconds=poll_seconds, tls=tls)
         self.jobs = JobRunner(self.engine, ctx, executor=config.jobs.executor, workers=config.jobs.workers,
                               lease_seconds=config.jobs.lease_seconds, poll_seconds=poll_seconds,
-                              max_attempts=config.jobs.max_attempts, on_done=self.sender.wake)
+                              max_attempts=config.jobs.max_attempts, on_done=self.sender.wake,
+                              scheduler_address=config.jobs.scheduler_address)
         self.completion = CompletionMonitor(self.engine, config.node.complete_after_seconds,
                                             protocols=config.protocols, poll_seconds=poll_seconds,
                                             on_complete=self.jobs.wake)

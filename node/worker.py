@@ -292,11 +292,15 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
 WORKER_NICENESS = 10
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, threads: int | None = None) -> None:
     """Spawned workers start with no logging set up: give them the parent's level and
     format, so that what a job logs reaches the node's log (stderr, journald). They run
-    :data:`WORKER_NICENESS` below the node's priority.
+    :data:`WORKER_NICENESS` below the node's priority, and numba's parallel kernels on
+    ``threads`` threads (:func:`node.jobs.kernel_threads`; None: numba's default).
     """
+    if threads is not None:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     install_safe_formatter()
     try:   # below the node's priority: the SCP's threads get a busy CPU first (ingest during a job)

@@ -33,7 +33,8 @@ def test_example_configurations_load():
 def test_trial_compose_runs_the_cluster_its_configuration_names():
     compose = _compose()
     services = compose["services"]
-    assert {"postgres", "dask-scheduler", "dask-worker", "receiver-1", "receiver-2", "worker", "orthanc"} <= set(services)
+    assert {"postgres", "dask-scheduler", "dask-worker", "receiver-1", "receiver-2", "worker",
+            "orthanc"} <= set(services)
     config = config_from_dict(tomllib.loads(compose["configs"]["musclenode-central"]["content"]), source="compose")
     assert config.database_url.startswith("postgresql+psycopg://") and "@postgres:5432/" in config.database_url
     assert config.jobs.executor == "dask" and config.jobs.scheduler_address == "tcp://dask-scheduler:8786"
