@@ -14,9 +14,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import CHATTY_LOGGERS
 from .config import ROLES, ConfigError, load_config
@@ -104,13 +104,13 @@ STATUS_WIDTH = 180
 STATUS_STATES = (*(s.value for s in StudyState), JobState.SKIPPED.value)
 
 
-def _node_data(args: argparse.Namespace):
-    """(config, ``--since`` as a time or None) for a verb that reads the node's records, or the exit
-    code: 2 for a bad ``--since``, 1 when the node has no data yet (nothing received).
+def _node_data(args: argparse.Namespace, parse: Callable[[str], Any] = parse_since):
+    """(config, ``--since`` parsed by ``parse``, or None) for a verb that reads the node's records, or
+    the exit code: 2 for a bad ``--since``, 1 when the node has no data yet (nothing received).
     """
     config = load_config(args.config)
     try:
-        since = parse_since(args.since) if args.since else None
+        since = parse(args.since) if args.since else None
     except ValueError as exc:
         print(f"musclenode: {exc}", file=sys.stderr)
         return 2
@@ -397,15 +397,10 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
         watch,
     )
     from .worker import job_context
-    config = load_config(args.config)
-    try:
-        since = parse_study_date(args.since) if args.since else None
-    except ValueError as exc:
-        print(f"musclenode: {exc}", file=sys.stderr)
-        return 2
-    if not config.database.url and not (Path(config.node.data_dir) / "musclenode.db").exists():
-        print(f"no node data in {config.node.data_dir} (nothing received yet)", file=sys.stderr)
-        return 1
+    found = _node_data(args, parse_study_date)
+    if isinstance(found, int):
+        return found
+    config, since = found
     engine = make_engine(config.database_url)
     current = version()
     resumed = 0 if args.wait else requeue_dead_claims(engine, config.jobs.max_attempts)

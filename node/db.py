@@ -283,6 +283,22 @@ audit = Table(
 )
 
 
+def _sqlite_engine(url, synchronous: str) -> Engine:
+    """An SQLite engine whose connections use the write-ahead log, a 60 s busy timeout and
+    ``PRAGMA synchronous`` = ``synchronous`` (FULL: a commit waits for the disk).
+    """
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+    return engine
+
+
 def make_engine(url: str, *, migrate: bool = True) -> Engine:
     """An engine for ``url``, its schema brought to the newest revision (:func:`node.migrations.upgrade`)
     unless ``migrate`` is False. SQLite gets WAL and a busy timeout so that the SCP threads, the node
@@ -293,18 +309,7 @@ def make_engine(url: str, *, migrate: bool = True) -> Engine:
     node.errors.SchemaError
         The database was made by a newer version (a revision this version does not know).
     """
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
+    engine = _sqlite_engine(url, "FULL") if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True)
     if migrate:
         from .migrations import upgrade
         upgrade(engine)
@@ -322,16 +327,7 @@ def ingest_engine(engine: Engine) -> Engine:
     """
     if engine.dialect.name != "sqlite":
         return engine
-    ingest = create_engine(engine.url, connect_args={"timeout": 60, "check_same_thread": False})
-
-    @event.listens_for(ingest, "connect")
-    def _sqlite_pragmas(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.close()
-    return ingest
+    return _sqlite_engine(engine.url, "NORMAL")
 
 
 def record_audit(conn: Connection, event_name: str, detail: str) -> None:

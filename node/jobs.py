@@ -45,10 +45,16 @@ def kernel_threads(workers: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, workers))
 
 
-def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker,
-                                  initargs=(logging.getLogger().getEffectiveLevel(), kernel_threads(workers)))
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def _new_pool(workers: int, recorded=None) -> cf.ProcessPoolExecutor:
+    """A pool of ``workers`` spawned worker processes; each sets the event ``recorded`` when a job
+    has recorded its results (:func:`node.worker._init_worker`).
+    """
+    return cf.ProcessPoolExecutor(workers, mp_context=_SPAWN, initializer=_init_worker,
+                                  initargs=(logging.getLogger().getEffectiveLevel(), kernel_threads(workers),
+                                            recorded))
 
 
 def _lost_message(attempts: int) -> str:
@@ -239,6 +245,10 @@ class JobRunner(PollingLoop):
         self.warm_up_timeout = warm_up_timeout
         self.scheduler_address = scheduler_address   # executor "dask": the Dask scheduler (node.dask_executor)
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
+        # set by a worker process when a job has recorded its SEG, SR and maps: on_done is called
+        # then too (the sender starts before the job has drawn its summary page)
+        self._recorded = _SPAWN.Event() if executor == "process" else None
+        self._recorded_thread: threading.Thread | None = None
         self._pool: cf.Executor | None = None
         self._running: dict[cf.Future, int] = {}
         self._unrecorded: list[tuple[int, BaseException]] = []   # crashes the database did not take yet
@@ -263,7 +273,7 @@ class JobRunner(PollingLoop):
         (:class:`node.dask_executor.SchedulerUnreachable` if it did not answer).
         """
         if self.kind == "process":
-            self._pool = _new_pool(self.workers)
+            self._pool = _new_pool(self.workers, self._recorded)
             # every worker compiles (fresh install) or loads (cached) the kernels before the
             # node accepts its first association, so the first study is as fast as the rest
             cache = str(Path(self.ctx.data_dir) / "cache")   # the node's EPG tables: built once, then loaded
@@ -276,7 +286,19 @@ class JobRunner(PollingLoop):
             self._pool = start_dask_executor(self.scheduler_address, str(Path(self.ctx.data_dir) / "cache"),
                                              warm_up_timeout=self.warm_up_timeout)
         self.keeper.start()
+        if self._recorded is not None:
+            self._recorded_thread = threading.Thread(target=self._watch_recorded, name="musclenode-jobs-recorded",
+                                                     daemon=True)
+            self._recorded_thread.start()
         super().start()
+
+    def _watch_recorded(self) -> None:
+        """Call ``on_done`` each time a worker process says a job recorded its results."""
+        event = self._recorded
+        while event is not None and not self.stopping:
+            if event.wait(timeout=0.5):
+                event.clear()
+                self.on_done()
 
     def _job_ended(self, _future=None) -> None:
         self.wake()          # a worker is free
@@ -328,7 +350,7 @@ class JobRunner(PollingLoop):
     def _crashed(self, job_id: int, exc: BaseException) -> None:
         log.error("job %d crashed: %s: %s", job_id, type(exc).__name__, printable(exc, 300))
         if isinstance(exc, cf.process.BrokenProcessPool) and self._pool is not None:
-            self._pool = _new_pool(self.workers)
+            self._pool = _new_pool(self.workers, self._recorded)
         try:
             self._record_crash(job_id, exc)
         except SQLAlchemyError:   # the database is away (PostgreSQL restarting): recorded on a later tick

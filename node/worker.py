@@ -12,12 +12,13 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from sqlalchemy import and_, delete, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 import quant
 from quant.errors import NeedsRoisError, QuantError
@@ -140,17 +141,20 @@ _STUDY_STATE = {JobState.DONE: StudyState.DONE, JobState.SKIPPED: StudyState.DON
                 JobState.WAITING_FOR_ROIS: StudyState.WAITING_FOR_ROIS}
 
 
-def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: JobState, message: str) -> None:
-    now = time.time()
-    with engine.begin() as conn:
-        conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
-                     .values(state=state, finished_at=now, lease_until=None, message=message,
-                             algorithm_version=quant.ALGORITHM_VERSION))
-        conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
-                                                   db.studies.c.state == StudyState.PROCESSING,
-                                                   db.studies.c.revision == revision))
-                     .values(state=_STUDY_STATE[state], message=message))
-        db.record_audit(conn, f"job-{state.value}", f"job={job_id} study={study_uid}: {printable(message, 300)}")
+def _finish(engine: Engine, job_id: int, study_uid: str, revision: int, state: JobState, message: str,
+            conn: Connection | None = None) -> None:
+    """Record the end of a job and its study's state (in ``conn``'s transaction, if given)."""
+    if conn is None:
+        with engine.begin() as own:
+            return _finish(engine, job_id, study_uid, revision, state, message, own)
+    conn.execute(update(db.jobs).where(db.jobs.c.id == job_id)
+                 .values(state=state, finished_at=time.time(), lease_until=None, message=message,
+                         algorithm_version=quant.ALGORITHM_VERSION))
+    conn.execute(update(db.studies).where(and_(db.studies.c.study_uid == study_uid,
+                                               db.studies.c.state == StudyState.PROCESSING,
+                                               db.studies.c.revision == revision))
+                 .values(state=_STUDY_STATE[state], message=message))
+    db.record_audit(conn, f"job-{state.value}", f"job={job_id} study={study_uid}: {printable(message, 300)}")
 
 
 def _quarantine_refused(store: Store, files, refusals, study_uid: str) -> None:
@@ -239,10 +243,18 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         return JobState.FAILED
     _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
     t_built = time.time()
-    # SEG, SR and maps are recorded (and so sent) first; the summary page follows in a second
-    # step, so that PACS has the results about a second sooner. A crash between the two runs
-    # the job again: the same inputs make the same UIDs, so nothing is recorded or sent twice.
+    # SEG, SR and maps are recorded (and so sent) first; the summary page, the measurements and
+    # the rest follow in a second transaction, so that PACS has the results about a second
+    # sooner and the database shows a study's values only with all its outputs. A crash between
+    # the two runs the job again: the same inputs make the same UIDs, so nothing is recorded or
+    # sent twice.
     paths = _write_outputs(store, out)
+    with engine.begin() as conn:
+        _record_outputs(conn, ctx, job, paths)
+    _tell_recorded()
+    t_sent = time.time()
+    out = with_summary(out)
+    page = _write_outputs(store, out, kinds=("summary", PDF_KIND))
     reference = roisets.reference_of(out.analysis)
     new_roi_set = False
     with engine.begin() as conn:
@@ -264,17 +276,12 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         for uid, kind, reason, desc in series_summary(out.analysis):
             conn.execute(insert(db.series).values(study_uid=job.study_uid, series_uid=uid, kind=kind,
                                                   reason=reason, description=desc))
-        _record_outputs(conn, ctx, job, paths)
-    t_sent = time.time()
-    out = with_summary(out)
-    page = _write_outputs(store, out, kinds=("summary", PDF_KIND))
-    with engine.begin() as conn:
         _record_outputs(conn, ctx, job, page)
-    notes = "; ".join([*out.analysis.notes, *(["earlier visits not retrieved: PACS did not answer"]
-                                              if history_note and not priors else [])])
-    _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
-            f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
-            f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""))
+        notes = "; ".join([*out.analysis.notes, *(["earlier visits not retrieved: PACS did not answer"]
+                                                  if history_note and not priors else [])])
+        _finish(engine, job_id, job.study_uid, job.revision, JobState.DONE,
+                f"{len(out.analysis.measurements)} measurements, region {out.analysis.segmentation.region.value} "
+                f"({out.analysis.segmentation.region_reason})" + (f"; {notes}" if notes else ""), conn)
     after = {prior_key(m.region, m.side.value, m.metric, m.roi, m.source): (m.value, m.algorithm_version)
              for m in out.analysis.measurements}
     cause = dict(trigger=job.trigger, send=job.send, version_note=job.version_note)   # passed on to the re-queued
@@ -288,16 +295,34 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     return JobState.DONE
 
 
+#: Called when a job has recorded its SEG, SR and maps (before its summary page): the node's
+#: process pool sets an event the node waits on (:func:`_init_worker`), so that its sender
+#: starts at once rather than at its next poll. None: nobody to tell (Dask, a command).
+_results_recorded: Callable[[], None] | None = None
+
+
+def _tell_recorded() -> None:
+    if _results_recorded is not None:
+        try:
+            _results_recorded()
+        except Exception:   # a wake-up only: the sender's poll finds the rows anyway
+            log.debug("could not tell the node that results were recorded", exc_info=True)
+
+
 #: How much lower than the node's the CPU priority of its worker processes is (``nice``).
 WORKER_NICENESS = 10
 
 
-def _init_worker(level: int, threads: int | None = None) -> None:
+def _init_worker(level: int, threads: int | None = None, recorded=None) -> None:
     """Spawned workers start with no logging set up: give them the parent's level and
     format, so that what a job logs reaches the node's log (stderr, journald). They run
     :data:`WORKER_NICENESS` below the node's priority, and numba's parallel kernels on
-    ``threads`` threads (:func:`node.jobs.kernel_threads`; None: numba's default).
+    ``threads`` threads (:func:`node.jobs.kernel_threads`; None: numba's default). ``recorded``
+    (a ``multiprocessing`` event of the node) is set each time a job has recorded its results.
     """
+    global _results_recorded
+    if recorded is not None:
+        _results_recorded = recorded.set
     if threads is not None:
         import numba
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]

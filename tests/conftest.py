@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,24 @@ def web_node(tmp_path_factory):
         node.stop()
         if pacs is not None:
             pacs.stop()
+
+
+#: The PostgreSQL server of the test machine (trust auth), for throwaway databases.
+PG_ADMIN = os.environ.get("MUSCLENODE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+@pytest.fixture
+def pg_url():
+    """A throwaway PostgreSQL database on the test machine's server (dropped at the end); the
+    test is skipped where none answers.
+    """
+    psycopg = pytest.importorskip("psycopg")
+    name = f"musclenode_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()

@@ -10,7 +10,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections import Counter
 
 import pytest
@@ -21,22 +20,6 @@ from node.config import SendSettings
 from node.holders import dead_local_holders, node_id
 from node.jobs import claim_job, renew_leases, requeue_dead_local, requeue_running
 from node.send import claim_due, release_claims
-
-PG = os.environ.get("MUSCLENODE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-
-
-@pytest.fixture
-def pg_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"musclenode_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

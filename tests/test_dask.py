@@ -9,7 +9,6 @@ import dataclasses
 import os
 import signal
 import time
-import uuid
 
 import pytest
 from conftest import free_port, node_config, small_phantom, wait_until
@@ -21,22 +20,6 @@ from node.demo_peers import push
 from node.jobs import JobRunner
 from node.worker import JobContext
 from quant.synthetic.phantom import phantom_datasets
-
-PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture
-def pg_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"musclenode_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
 
 
 @pytest.fixture

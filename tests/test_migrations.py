@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from node.jobs import claim_job
 from node.migrations import baseline
 
 ROOT = Path(__file__).resolve().parents[1]
-PG = os.environ.get("MUSCLENODE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 HEAD = "0003"
 
 
@@ -43,19 +41,6 @@ def _previous_release():
 prev = _previous_release()
 
 
-@pytest.fixture
-def pg_url():
-    """A throwaway PostgreSQL database (dropped at the end)."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"musclenode_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from conftest import free_port, small_phantom, wait_until
 from sqlalchemy import select
-from test_claims import pg_url  # noqa: F401  (a fresh PostgreSQL database)
 
 from node import db
 from node.demo_peers import MiniPACS, push
@@ -104,7 +103,7 @@ def table(engine, t):
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.peers
-def test_two_receivers_two_workers_one_killed(tmp_path, pg_url, orthanc):  # noqa: F811
+def test_two_receivers_two_workers_one_killed(tmp_path, pg_url, orthanc):
     data = tmp_path / "shared-data"            # the storage root every node shares
     pacs = MiniPACS(tmp_path / "counter")      # counts every delivery, duplicates too
     pacs_port = pacs.start()

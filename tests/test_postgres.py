@@ -1,7 +1,5 @@
 """The same node on PostgreSQL (127.0.0.1:5432, trust auth) instead of SQLite."""
 
-import os
-import uuid
 
 import pytest
 from conftest import node_config, wait_until
@@ -11,20 +9,8 @@ from node import db
 from node.demo_peers import push
 
 psycopg = pytest.importorskip("psycopg")
-PG = os.environ.get("MUSCLENODE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 
 
-@pytest.fixture
-def pg_url():
-    name = f"musclenode_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
 
 
 @pytest.mark.postgres
