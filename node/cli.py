@@ -147,7 +147,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"      ROIs: {_rois_line(s['rois'])}")
     print(f"jobs: {_counts(report['job_counts'])}")
     for j in report["jobs"]:
-        line = f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}  study {printable(j['study_uid'])}  "
+        held = f"  by {printable(j['claimed_by'], 80)}" if j["state"] == JobState.RUNNING and j["claimed_by"] else ""
+        line = f"  #{j['id']} {j['state']:<8} attempts {j['attempts']}{held}  study {printable(j['study_uid'])}  "
         print(line + printable(j["message"], max(STATUS_WIDTH - len(line), 40)))
     sends = report["send_counts"]
     print(f"sends: {sends.get(OutboxState.SENT, 0)} sent, {sum(sends.values()) - sends.get(OutboxState.SENT, 0)} "

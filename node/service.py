@@ -193,7 +193,8 @@ def status_report(engine: Engine, *, state: str | None = None, since: float | No
     latest job was skipped counts as ``skipped``). ``studies`` are the ``limit`` most recently
     received studies (state ``state`` only, received at or after ``since`` if given, a time in
     seconds since the epoch), newest first, each with the ROIs it was measured in;
-    ``n_studies_matching`` is how many match. ``jobs`` lists the latest ``limit`` jobs not done,
+    ``n_studies_matching`` is how many match. ``jobs`` lists the latest ``limit`` jobs not done (a running one with the
+    node process that holds it, ``claimed_by``),
     ``sends`` the first ``limit`` pending sends, ``quarantine`` and ``roi_sets`` the latest ``limit``
     entries, with their totals in ``n_quarantine`` and ``n_roi_sets``.
     """
@@ -217,7 +218,7 @@ def status_report(engine: Engine, *, state: str | None = None, since: float | No
             select(db.jobs.c.state, func.count()).group_by(db.jobs.c.state)).all()}
         jobs = [dict(r._mapping) for r in conn.execute(
             select(db.jobs.c.id, db.jobs.c.study_uid, db.jobs.c.revision, db.jobs.c.state, db.jobs.c.attempts,
-                   db.jobs.c.message).where(db.jobs.c.state != db.JobState.DONE)
+                   db.jobs.c.claimed_by, db.jobs.c.message).where(db.jobs.c.state != db.JobState.DONE)
             .order_by(db.jobs.c.id.desc()).limit(limit)).all()]
         send_counts = {str(r[0]): int(r[1]) for r in conn.execute(
             select(db.outbox.c.state, func.count()).group_by(db.outbox.c.state)).all()}

@@ -93,7 +93,7 @@ def test_hostile_descriptions_are_cut_and_escaped_in_status_and_logs(make_node, 
 
 
 def test_status_of_many_studies_is_a_summary(make_node, tmp_path):
-    node = make_node(complete_after=3600)
+    node = make_node(complete_after=1e7)   # longer than the 60 hours of studies: none completes while looked at
     now = time.time()
     states = ["done"] * 30 + ["skipped"] * 15 + ["failed"] * 10 + ["receiving"] * 5
     with node.engine.begin() as conn:
@@ -125,6 +125,23 @@ def test_status_of_many_studies_is_a_summary(make_node, tmp_path):
     lines = [ln for ln in out.splitlines() if "1.2.826.0.1.3680043.10.999." in ln and "instances" in ln]
     assert len(lines) == 10 and all(" receiving " in ln for ln in lines[:5])
     assert _cli("status", "--config", str(cfg), "--since", "last week")[0] == 2
+
+
+def test_status_names_the_node_process_holding_a_running_job(make_node, tmp_path):
+    """Several nodes on one database: a running job shows which node process holds it."""
+    node = make_node(complete_after=3600)
+    now = time.time()
+    with node.engine.begin() as conn:
+        conn.execute(insert(db.studies).values(
+            study_uid="1.2.826.0.1.3680043.10.998.1", subject_key="patient::P1", study_date="20260101",
+            state="processing", revision=1, n_instances=3, first_received_at=now, last_received_at=now, message=""))
+        conn.execute(insert(db.jobs).values(study_uid="1.2.826.0.1.3680043.10.998.1", revision=1, state="running",
+                                            attempts=2, lease_until=now + 3600, created_at=now, message="",
+                                            claimed_by="worker-b.example:4242"))
+    rc, out = _cli("status", "--config", str(_config_file(node, tmp_path)))
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("  #1 "))
+    assert "running" in line and "attempts 2  by worker-b.example:4242  study 1.2.826.0.1.3680043.10.998.1" in line
 
 
 @needs_dcmtk
