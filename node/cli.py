@@ -386,12 +386,11 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     import os
 
     from .db import make_engine, record_audit
-    from .jobs import JobRunner
+    from .jobs import JobRunner, requeue_dead_local
     from .reprocess import (
         ProgressBar,
         parse_study_date,
         progress,
-        requeue_dead_claims,
         select_and_queue,
         studies_of,
         version,
@@ -404,7 +403,8 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     config, since = found
     engine = make_engine(config.database_url)
     current = version()
-    resumed = 0 if args.wait else requeue_dead_claims(engine, config.jobs.max_attempts)
+    # jobs a stopped run left running on this host (SIGKILL, say); other hosts' end with their lease
+    resumed = 0 if args.wait else requeue_dead_local(engine, config.jobs.max_attempts)
     sel = select_and_queue(engine, current, subject=args.subject, since=since, send=args.send,
                            version_note=args.version_note or "")
     send = "sent to the destinations" if args.send else "not sent (--no-send)"

@@ -188,15 +188,6 @@ def progress(engine: Engine, tracked: set[str]) -> Progress:
     return Progress(done, failed, len(tracked))
 
 
-def requeue_dead_claims(engine: Engine, max_attempts: int) -> int:
-    """Jobs left running by a process of this host that is gone (a run stopped by SIGKILL, say) go
-    back to pending, within ``max_attempts``; returns how many (:func:`node.jobs.requeue_dead_local`).
-    Jobs held by a live process, or by another host (whose lease runs out instead), are left alone.
-    """
-    from .jobs import requeue_dead_local
-    return requeue_dead_local(engine, max_attempts)
-
-
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
