@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import struct
 import zlib
 from pathlib import Path
+from collections.abc import Container
 from typing import Any
 
 import pydicom
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import (
@@ -23,7 +29,12 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     MRImageStorage,
+    RLELossless,
     SegmentationStorage,
 )
 
@@ -120,15 +131,17 @@ def _decode_elements(ds: Dataset) -> None:
                     _decode_elements(item)
 
 
-def check_instance(ds: Dataset, transfer_syntax: str | None = None) -> None:
+def check_instance(ds: Dataset, transfer_syntax: str | None = None, *, decode_all: bool = True) -> None:
     """Raise :class:`InstanceRejected` with a clear reason if ``ds`` cannot be used.
 
-    Checks the identifying UIDs; for images, that the attributes sizing the pixel data are
+    Decodes every public element (unless ``decode_all`` is False: the SCP leaves that to the
+    job that reads the instance, which quarantines it then); checks the identifying UIDs; for images, that the attributes sizing the pixel data are
     readable and within range and that the declared size is at most :data:`MAX_PIXEL_BYTES`
     (a memory bomb is refused before it is decoded); for uncompressed images, that the
     length of Pixel Data is the declared one (a truncated transfer, or a mismatch).
     """
-    _decode_elements(ds)
+    if decode_all:
+        _decode_elements(ds)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         try:
             value = ds.get(keyword)
@@ -190,11 +203,209 @@ def inflate(data: bytes, limit: int | None = None) -> bytes:
     return bytes(out)
 
 
-def parse_instance(data: bytes) -> Dataset:
-    """Parse one DICOM Part 10 byte string (preamble, file meta, data set) and check it.
 
-    A deflated data set is inflated by :func:`inflate`, bounded, never by pydicom. Whatever is
-    wrong with the bytes, the only exception is :class:`InstanceRejected`, with the reason.
+#: Explicit VRs whose length field is 4 bytes (after 2 reserved bytes), PS3.5 Table 7.1-1.
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_VRS = _LONG_VRS | {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL",
+                    "SS", "ST", "TM", "UI", "UL", "US"}
+_TAG_LENGTH = struct.Struct("<HHI")
+_EXPLICIT = struct.Struct("<HH2sH")
+_UNDEFINED = 0xFFFFFFFF
+#: Transfer syntaxes read by the fast reader: Little Endian, the data set not deflated.
+_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
+                  JPEG2000Lossless, RLELossless}
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _NotSimple(Exception):
+    """The fast reader does not handle this stream; pydicom reads it."""
+
+
+def _end_of_undefined(data: bytes, pos: int, implicit: bool, depth: int = 0) -> tuple[int, int]:
+    """The end of the value of an element of undefined length starting at ``pos``: (the offset
+    of its Sequence Delimitation Item, the offset after it). Items of defined length are
+    skipped by their length; items of undefined length are read element by element.
+    """
+    if depth > 16:
+        raise _NotSimple("sequences nested too deep")
+    end = len(data)
+    while pos + 8 <= end:
+        group, element, length = _TAG_LENGTH.unpack_from(data, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return pos, pos + 8
+        if tag != _ITEM:
+            raise _NotSimple("an undefined length without items")
+        pos += 8
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:   # an item of undefined length: its elements, to its Item Delimitation Item
+            if pos + 8 > end:
+                raise _NotSimple("an item runs past the end")
+            group, element, length = _TAG_LENGTH.unpack_from(data, pos)
+            if group << 16 | element == _ITEM_END:
+                pos += 8
+                break
+            pos, _, length, value_at = _element_header(data, pos, implicit)
+            pos = _end_of_undefined(data, value_at, implicit, depth + 1)[1] if length == _UNDEFINED \
+                else value_at + length
+    raise _NotSimple("an undefined length runs past the end")
+
+
+def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, str | None, int, int]:
+    """(tag, VR or None for implicit, length, offset of the value) of the element at ``pos``."""
+    if implicit:
+        if pos + 8 > len(data):
+            raise _NotSimple("an element header runs past the end")
+        group, element, length = _TAG_LENGTH.unpack_from(data, pos)
+        return group << 16 | element, None, length, pos + 8
+    if pos + 8 > len(data):
+        raise _NotSimple("an element header runs past the end")
+    group, element, vr_bytes, short = _EXPLICIT.unpack_from(data, pos)
+    try:
+        vr = vr_bytes.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise _NotSimple("a VR that is not text") from exc
+    if vr not in _VRS:
+        raise _NotSimple(f"VR {vr!r}")
+    if vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            raise _NotSimple("an element header runs past the end")
+        return group << 16 | element, vr, struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+    return group << 16 | element, vr, short, pos + 8
+
+
+def _scan(data: bytes, pos: int, end: int, implicit: bool, group_below: int | None = None,
+          wanted: Container[int] | None = None) -> tuple[dict[int, RawDataElement], int]:
+    """The elements of ``data[pos:end]`` (those of ``wanted`` only, when given) as pydicom's raw
+    (undecoded) elements, and where the reading stopped (the first element of group
+    ``group_below`` or more, when given).
+    """
+    out: dict[int, RawDataElement] = {}
+    while pos < end:
+        tag, vr, length, value_at = _element_header(data, pos, implicit)
+        if group_below is not None and tag >> 16 >= group_below:
+            return out, pos
+        if length == _UNDEFINED:
+            value_end, pos = _end_of_undefined(data, value_at, implicit)
+            is_sequence = vr == "SQ" or (vr is None and dictionary_VR_or_none(tag) == "SQ")
+            length = value_end - value_at if is_sequence else _UNDEFINED
+        else:
+            value_end = pos = value_at + length
+            if pos > end:
+                raise _NotSimple("a value runs past the end")
+        if tag >> 16 == 0xFFFE:
+            raise _NotSimple("an item tag at the top level")
+        if wanted is not None and tag not in wanted:
+            continue
+        out[tag] = RawDataElement(BaseTag(tag), vr, length, data[value_at:value_end], value_at,
+                                           implicit, True)
+    return out, pos
+
+
+def dictionary_VR_or_none(tag: int) -> str | None:
+    """The VR of ``tag`` in pydicom's dictionary, or None (a private or unknown tag)."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def _fast_read(data: bytes) -> "ReceivedHeader":
+    """The :class:`ReceivedHeader` of a Part 10 file in a Little Endian transfer syntax (not
+    deflated), its elements found by their lengths alone; :class:`_NotSimple` for anything
+    else (pydicom then reads it).
+    """
+    if len(data) < 144 or data[128:132] != b"DICM":
+        raise _NotSimple("no preamble")
+    meta, pos = _scan(data, 132, len(data), False, group_below=0x0003)
+    ts_raw = meta.get(0x00020010)
+    ts = (ts_raw.value or b"").decode("ascii", "replace").strip("\0 ") if ts_raw is not None else ""
+    if ts not in _LITTLE_ENDIAN:
+        raise _NotSimple(f"transfer syntax {ts!r}")
+    implicit = ts == ImplicitVRLittleEndian
+    if not implicit and pos + 6 <= len(data) and data[pos + 4:pos + 6].decode("latin-1") not in _VRS:
+        raise _NotSimple("an explicit VR transfer syntax that is not")   # pydicom guesses: let it
+    elements, _ = _scan(data, pos, len(data), implicit, wanted=_SCANNED)
+    encoding: Any = default_encoding
+    if 0x00080005 in elements:
+        encoding = convert_encodings(convert_raw_data_element(elements[0x00080005]).value)
+    return ReceivedHeader(elements, encoding, FileMetaDataset({BaseTag(t): e for t, e in meta.items()}))
+
+
+#: Every attribute the SCP reads of an instance before it answers (:func:`check_instance`
+#: without ``decode_all``, :func:`received_fields`, :func:`subject_key`).
+RECEIVE_KEYWORDS = frozenset((
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "StudyDate",
+    "ClinicalTrialTimePointID", "ClinicalTrialSubjectID", "ClinicalTrialSponsorName", "PatientID",
+    "IssuerOfPatientID", "Modality", "SeriesNumber", "SeriesDescription", "StudyDescription", "BodyPartExamined",
+    "ImageType", "FrameType", "ComplexImageComponent", "ScanningSequence", "EchoPulseSequence", "EchoTime",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "EchoTrainLength", "ImagesInAcquisition",
+    "NumberOfTemporalPositions", "EchoNumbers", "TemporalPositionIdentifier", "ImagePositionPatient",
+    "SliceLocation", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelData"))
+_RECEIVE_TAGS = {int(tag_for_keyword(kw)): kw for kw in RECEIVE_KEYWORDS}  # type: ignore[arg-type]
+_SCANNED = frozenset(_RECEIVE_TAGS) | {0x00080005}   # and Specific Character Set, to convert the text
+
+
+class ReceivedHeader:
+    """What the SCP reads of a received instance: the attributes of :data:`RECEIVE_KEYWORDS`
+    converted by pydicom from their raw elements (the same values a pydicom data set gives),
+    and nothing else decoded. Reads with ``get(keyword)`` or as attributes, like a data set;
+    asking for an attribute not in the list is a programming error (KeyError).
+    """
+
+    def __init__(self, elements: dict[int, RawDataElement], encoding: Any, file_meta: FileMetaDataset):
+        self.file_meta = file_meta
+        self._values = {kw: convert_raw_data_element(elements[tag], encoding=encoding).value
+                        for tag, kw in _RECEIVE_TAGS.items() if tag in elements}
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        """The value of ``keyword``, or ``default`` when the instance does not have it."""
+        if keyword not in RECEIVE_KEYWORDS:
+            raise KeyError(f"{keyword} is not read when an instance is received (RECEIVE_KEYWORDS)")
+        return self._values.get(keyword, default)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in RECEIVE_KEYWORDS:
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _read_simple(data: bytes) -> ReceivedHeader | None:
+    """:func:`_fast_read`, or None where it leaves the stream to pydicom (one it does not read,
+    or a value pydicom cannot convert: pydicom's own reading then says why).
+    """
+    try:
+        return _fast_read(data)
+    except Exception:   # _NotSimple, or what pydicom raises converting a corrupt value
+        return None
+
+
+def parse_instance(data: bytes, *, decode_all: bool = True) -> Dataset:
+    """Parse one DICOM Part 10 byte string (preamble, file meta, data set) and check it
+    (:func:`check_instance`).
+
+    With ``decode_all`` False (the SCP, before it answers) a Little Endian stream that is not
+    deflated is read by the node's own reader (:func:`_fast_read`): it returns a
+    :class:`ReceivedHeader` with only the attributes the SCP reads. Anything else is read by
+    pydicom: a deflated data set is inflated by :func:`inflate`, bounded, never by pydicom.
+    Whatever is wrong with the bytes, the only exception is :class:`InstanceRejected`, with the reason.
+    """
+    if not decode_all and (header := _read_simple(data)) is not None:
+        check_instance(header, decode_all=False)  # type: ignore[arg-type]  # reads like a data set
+        return header  # type: ignore[return-value]
+    ds = read_with_pydicom(data)
+    check_instance(ds, decode_all=decode_all)
+    return ds
+
+
+def read_with_pydicom(data: bytes) -> Dataset:
+    """One Part 10 byte string read by pydicom (its elements converted when read), a deflated
+    data set inflated by :func:`inflate`; :class:`InstanceRejected` if it cannot be read.
     """
     try:
         fp = io.BytesIO(data)
@@ -212,7 +423,6 @@ def parse_instance(data: bytes) -> Dataset:
         raise
     except Exception as exc:  # pydicom raises many types on a corrupt stream
         raise InstanceRejected(f"not a readable DICOM file: {type(exc).__name__}: {printable(exc, 120)}") from exc
-    check_instance(ds)
     return ds
 
 
@@ -258,8 +468,8 @@ def _first_item(ds: Dataset, *keywords: str) -> Dataset | None:
 
 
 def instance_echo_times(ds: Dataset) -> tuple[float, ...]:
-    """The distinct echo times (ms, to 3 decimals) of an instance: Echo Time, or for Enhanced MR
-    the Effective Echo Times of its per-frame and shared MR Echo functional groups.
+    """The distinct finite echo times (ms, to 3 decimals) of an instance: Echo Time, or for
+    Enhanced MR the Effective Echo Times of its per-frame and shared MR Echo functional groups.
     """
     tes: set[float] = set()
     try:
@@ -273,7 +483,7 @@ def instance_echo_times(ds: Dataset) -> tuple[float, ...]:
                 tes.add(round(float(echo[0].EffectiveEchoTime), 3))
     except Exception:  # a corrupt value: the instance is still stored; its series then declares less
         pass
-    return tuple(sorted(tes))
+    return tuple(sorted(te for te in tes if math.isfinite(te)))   # NaN would sort by the order of the set
 
 
 def instance_facts(ds: Dataset) -> dict[str, Any]:

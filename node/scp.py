@@ -1,36 +1,41 @@
 """The node's DICOM SCP: C-ECHO and C-STORE, on a plain port, a DICOM TLS port, or both.
 
-The C-STORE handler is thin, as in pynetdicom's examples: it checks the instance,
-stores it durably and records it, and only then returns Success. No processing happens
-in the association thread.
+The upper layer is the node's own (:mod:`node.ul`: a thread per association, the data set
+taken as it comes, the command set read by hand). The C-STORE handler here parses the
+instance's header (the elements it records and those that size the pixels; the rest is
+decoded in full by the job that reads it), stores it durably and records it, and only then
+returns Success. No processing happens in the association thread.
 
-On the TLS port the handshake runs in the connection's own thread with a time limit
-(:class:`TLSAssociationServer`), so a peer that stalls or fails it never holds up the
-acceptor; a refused peer is logged with its address and the reason, and the node goes on.
+On the TLS port the handshake runs in the connection's own thread with a time limit, so a
+peer that stalls or fails it never holds up the others; a refused peer is logged with its
+address and the reason, and the node goes on.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from pydicom import uid
-from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+)
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import db
+from . import db, ul
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
-from .instances import KEPT_SOP_CLASSES, parse_instance, received_fields, sop_class_name
+from .instances import KEPT_SOP_CLASSES, MAX_PIXEL_BYTES, parse_instance, received_fields, sop_class_name
 from .store import Store
 from .text import printable
 
@@ -60,6 +65,10 @@ NETWORK_TIMEOUT = 120.0
 #: association before anything is allocated for it.
 MAX_PDU_RECEIVE = 64 << 20
 MIN_PDU_RECEIVE = 1 << 20
+#: The largest data set one C-STORE may carry (as received, before any inflation): the largest
+#: image the node decodes (:data:`node.instances.MAX_PIXEL_BYTES`) and 64 MiB of header. A longer
+#: one aborts its association.
+MAX_DATA_SET = MAX_PIXEL_BYTES + (64 << 20)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -67,99 +76,34 @@ DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
-def _status(code: int, comment: str = "") -> Dataset:
-    status = Dataset()
-    status.Status = code
-    if comment:   # LO, default character repertoire: text from the data set is escaped and cut
-        status.ErrorComment = printable(comment, 64).encode("ascii", "replace").decode("ascii")
-    return status
-
-
-class BoundedSocket(AssociationSocket):
-    """pynetdicom's association socket, refusing a PDU whose length field is over the limit.
-
-    pynetdicom reads a PDU by its 4-byte length field, whatever it says (up to 4 GiB); here a
-    length over :data:`MAX_PDU_RECEIVE` (or the node's maximum PDU length, when set) is a
-    transport error: the association is aborted and the connection closed, nothing read.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes`` from the peer; OSError if that is more than one PDU may hold."""
-        agreed = int(self.assoc.acceptor.maximum_length or 0)
-        limit = max(agreed, MIN_PDU_RECEIVE) if agreed else MAX_PDU_RECEIVE
-        if nr_bytes > limit:
-            log.warning("association from %s: PDU length %d is over the limit of %d bytes: aborted",
-                        self.assoc.requestor.address, nr_bytes, limit)
-            raise OSError(f"PDU length {nr_bytes} is over the limit of {limit} bytes")
-        return super().recv(nr_bytes)
-
-
-class BoundedRequestHandler(RequestHandler):
-    """pynetdicom's request handler with a :class:`BoundedSocket` for each association."""
-
-    def _create_association(self):
-        assoc = super()._create_association()
-        # the socket pynetdicom made has already queued its connection event: give it the
-        # bounded read rather than a second socket (which would queue the event twice)
-        if type(assoc.dul.socket) is AssociationSocket:
-            assoc.dul.socket.__class__ = BoundedSocket
-        return assoc
-
-
-class TLSAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved out of the accept loop.
-
-    pynetdicom wraps each accepted socket in the acceptor thread, handshake included; here the
-    socket is wrapped without a handshake, which then runs in the connection's thread under
-    ``handshake_timeout`` seconds. A failed handshake closes that connection only.
-    """
-
-    handshake_timeout = 10.0
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection and wrap it for TLS (the handshake is left to its thread)."""
-        if self.socket is None or self.ssl_context is None:   # set by the constructor for this server
-            raise RuntimeError("the TLS server has no socket or no SSL context")
-        client, address = self.socket.accept()
-        return self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
-
-    def process_request_thread(self, request, client_address) -> None:
-        """Complete the TLS handshake (or refuse the peer), then serve the association."""
-        try:
-            request.settimeout(self.handshake_timeout)
-            request.do_handshake()
-            request.settimeout(None)
-        except (OSError, ValueError) as exc:   # ssl.SSLError, a timeout, a reset
-            reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else str(exc)
-            log.warning("DICOM TLS: refused %s:%s: %s", *client_address[:2], reason or type(exc).__name__)
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
-
-
 class _Received:
     """What one association stored: who sent it, from where, when, and how many instances of each study."""
 
-    def __init__(self, calling: str, address: str):
+    def __init__(self, calling: str, address: str, started: float):
         self.calling = calling
         self.address = address
-        self.started = time.time()
+        self.started = started
         self.stored: Counter[str] = Counter()
         self.duplicates: Counter[str] = Counter()
 
 
 class Receiver:
-    """Binds the store to a pynetdicom application entity; ``access`` decides who may associate
-    (default: any calling AE, and the called AE title must be ``ae_title``). ``on_stored`` is
-    called after each new instance is stored (the node wakes its completion monitor with it).
+    """Binds the store to the node's storage SCP (:mod:`node.ul`); ``access`` decides who may
+    associate (default: any calling AE, and the called AE title must be ``ae_title``).
+    ``on_stored`` is called after each new instance is stored (the node wakes its completion
+    monitor with it).
+
+    ``ae`` is a pynetdicom application entity that holds what the SCP accepts (its supported
+    presentation contexts), its maximum PDU length and its time limits; the upper layer reads
+    them at each new connection.
     """
 
     def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0, access: AccessPolicy | None = None,
                  on_stored: Callable[[], None] = lambda: None):
         self.store = store
+        self.ae_title = ae_title
         self.on_stored = on_stored
         self.access = access or AccessPolicy(ae_title)
-        self._received: dict[object, _Received] = {}
         self._lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
@@ -170,39 +114,33 @@ class Receiver:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:   # always set in pynetdicom's storage contexts
                 self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        self.server: ThreadedAssociationServer | None = None
-        self.tls_server: TLSAssociationServer | None = None
+        self.server: ul.StorageServer | None = None
+        self.tls_server: ul.StorageServer | None = None
 
-    def _handlers(self) -> list[evt.EventHandlerType]:
-        return [(evt.EVT_REQUESTED, self.handle_requested), (evt.EVT_C_STORE, self.handle_store),
-                (evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_CONN_CLOSE, self.handle_closed)]
+    def settings(self) -> ul.Settings:
+        """What the upper layer accepts and its limits, as ``ae`` holds them now."""
+        agreed = int(self.ae.maximum_pdu_size or 0)
+        return ul.Settings(contexts=self.ae.supported_contexts, max_pdu=agreed,
+                           acse_timeout=self.ae.acse_timeout, network_timeout=self.ae.network_timeout,
+                           max_pdu_read=max(agreed, MIN_PDU_RECEIVE) if agreed else MAX_PDU_RECEIVE,
+                           max_message=MAX_DATA_SET)
 
-    def start(self, bind_address: str, port: int) -> ThreadedAssociationServer:
+    def start(self, bind_address: str, port: int) -> ul.StorageServer:
         """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
-        server = self.ae.make_server((bind_address, port), evt_handlers=self._handlers(),
-                                     request_handler=BoundedRequestHandler)
-        thread = threading.Thread(target=server.serve_forever, name=f"musclenode-dicom-{port}", daemon=True)
-        thread.start()
-        self.ae._servers.append(server)   # as AE.start_server does: AssociationServer.shutdown removes it
-        self.server = server
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, bind_address, self.port)
-        return server
+        self.server = ul.StorageServer((bind_address, port), self)
+        ul.serve_in_thread(self.server, f"musclenode-dicom-{port}")
+        log.info("DICOM SCP %s listening on %s:%d", self.ae_title, bind_address, self.port)
+        return self.server
 
-    def start_tls(self, bind_address: str, port: int, context: ssl.SSLContext) -> TLSAssociationServer:
+    def start_tls(self, bind_address: str, port: int, context: ssl.SSLContext) -> ul.StorageServer:
         """Listen for DICOM TLS on ``bind_address``:``port`` (0: any free port) with the server
         ``context`` (see :func:`node.tls.server_context`), in a background thread; returns the server.
         """
-        server = self.ae.make_server((bind_address, port), ssl_context=context, evt_handlers=self._handlers(),
-                                     server_class=TLSAssociationServer, request_handler=BoundedRequestHandler)
-        if not isinstance(server, TLSAssociationServer):   # make_server builds the class it is given
-            raise RuntimeError("pynetdicom did not build the TLS server")
-        thread = threading.Thread(target=server.serve_forever, name=f"musclenode-dicom-tls-{port}", daemon=True)
-        thread.start()
-        self.ae._servers.append(server)   # as AE.start_server does: AssociationServer.shutdown removes it
-        self.tls_server = server
-        log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.ae.ae_title, bind_address,
+        self.tls_server = ul.StorageServer((bind_address, port), self, ssl_context=context)
+        ul.serve_in_thread(self.tls_server, f"musclenode-dicom-tls-{port}")
+        log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.ae_title, bind_address,
                  self.tls_port, "required" if context.verify_mode == ssl.CERT_REQUIRED else "optional")
-        return server
+        return self.tls_server
 
     @property
     def port(self) -> int:
@@ -225,36 +163,26 @@ class Receiver:
                 server.shutdown()
         self.server = self.tls_server = None
 
-    def handle_requested(self, event: evt.Event) -> None:
-        """A-ASSOCIATE-RQ received: refuse it with A-ASSOCIATE-RJ (rejected-permanent, service-user,
-        reason 3 or 7) and an audit entry unless the access policy allows it.
+    def on_request(self, calling: str, called: str, address: str) -> tuple[int, int, int] | None:
+        """A-ASSOCIATE-RQ received: None to accept it, or the A-ASSOCIATE-RJ (rejected-permanent,
+        service-user, reason 3 or 7), with an audit entry, when the access policy refuses it.
         """
-        assoc = event.assoc
-        rq = assoc.requestor.primitive
-        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
-        called = str(getattr(rq, "called_ae_title", "") or "").strip()
-        address = str(assoc.requestor.address)
         refusal = self.access.check(calling, called, address)
         if refusal is None:
-            return
+            return None
         log.warning("association from %s at %s to %s refused (A-ASSOCIATE-RJ reason %d): %s",
                     printable(calling, 16), address, printable(called, 16), refusal.reason, printable(refusal.why))
-        try:
-            with self.store.engine.begin() as conn:
-                db.record_audit(conn, "association-rejected",
-                                f"calling={printable(calling, 16)} called={printable(called, 16)} from={address} "
-                                f"reason={refusal.reason}: {printable(refusal.why, 120)}")
-        finally:
-            assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.reason)
-            evt.trigger(assoc, evt.EVT_REJECTED, {})
-            assoc.kill()
+        with self.store.engine.begin() as conn:
+            db.record_audit(conn, "association-rejected",
+                            f"calling={printable(calling, 16)} called={printable(called, 16)} from={address} "
+                            f"reason={refusal.reason}: {printable(refusal.why, 120)}")
+        return REJECTED_PERMANENT, SERVICE_USER, refusal.reason
 
-    def handle_closed(self, event: evt.Event) -> None:
+    def on_closed(self, assoc: ul.Association) -> None:
         """Connection closed: one ``received`` audit entry per study the association stored
         (calling AE, address, study UID, instance count, start of the association).
         """
-        with self._lock:
-            got = self._received.pop(event.assoc, None)
+        got: _Received | None = assoc.app_state
         if got is None:
             return
         started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(got.started))
@@ -264,59 +192,53 @@ class Receiver:
                 db.record_audit(conn, "received", f"study={study_uid} instances={got.stored[study_uid]}{dup} "
                                                   f"from={got.calling}@{got.address} association-start={started}")
 
-    def _count(self, event: evt.Event, calling: str, study_uid: str, duplicate: bool) -> None:
-        with self._lock:
-            got = self._received.get(event.assoc)
-            if got is None:
-                got = self._received[event.assoc] = _Received(calling, str(event.assoc.requestor.address))
-            (got.duplicates if duplicate else got.stored)[study_uid] += 1
-
-    def handle_echo(self, event: evt.Event) -> int:
-        """C-ECHO handler: always Success."""
-        return SUCCESS
-
-    def handle_store(self, event: evt.Event) -> Dataset | int:
-        """C-STORE handler: check, store durably and record the instance, then return Success;
-        a failure status (with the instance quarantined where possible) otherwise.
+    def on_store(self, assoc: ul.Association, context: PresentationContext, message_id: int, sop_class: str,
+                 sop_uid: str, data: bytes) -> tuple[int, str]:
+        """C-STORE: check, store durably and record the instance, then Success; a failure status
+        and its reason (with the instance quarantined where possible) otherwise.
         """
-        calling = printable(str(event.assoc.requestor.ae_title).strip(), 16)
+        calling = printable(assoc.calling_ae, 16)
+        code, comment, study_uid, duplicate = self._store(
+            part10(data, sop_class, sop_uid, str(context.transfer_syntax[0]), calling), sop_uid, calling)
+        if code == SUCCESS and study_uid:
+            got = assoc.app_state
+            if got is None:
+                got = assoc.app_state = _Received(calling, assoc.address, assoc.started)
+            (got.duplicates if duplicate else got.stored)[study_uid] += 1
+            if not duplicate:
+                self.on_stored()
+        return code, comment
+
+    def _store(self, data: bytes, sop_uid: str, calling: str) -> tuple[int, str, str, bool]:
+        """Check, store and record one Part 10 instance: (status, reason, study UID, duplicate)."""
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:
-            log.error("C-STORE from %s: cannot encode the received data set: %s", calling, printable(exc, 200))
-            return _status(CANNOT_UNDERSTAND, "cannot read the data set")
-        request = event.request   # a C-STORE request in this handler
-        sop_uid = str(request.AffectedSOPInstanceUID or "") if isinstance(request, C_STORE) else ""
-        try:
-            # parse_instance inflates a deflated data set within bounds, never pydicom
-            ds = parse_instance(data)
+            # parse_instance inflates a deflated data set within bounds, never pydicom; the
+            # elements are decoded in full by the job that reads the instance (quarantined then)
+            ds = parse_instance(data, decode_all=False)
             if str(ds.SOPInstanceUID) != sop_uid:
                 raise InstanceRejected("SOPInstanceUID of the data set differs from the request's "
                                        "Affected SOP Instance UID")
             fields = received_fields(ds)   # header counts for completion by protocol (never decodes pixels)
         except InstanceRejected as exc:
-            return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
+            return (*self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH), "", False)
         except Exception as exc:  # a value that pydicom decodes only now, of any type
-            return self._reject(data, f"the data set cannot be decoded: {type(exc).__name__}: {printable(exc, 120)}",
-                                sop_uid, calling, CANNOT_UNDERSTAND)
+            return (*self._reject(data, f"the data set cannot be decoded: {type(exc).__name__}: "
+                                        f"{printable(exc, 120)}", sop_uid, calling, CANNOT_UNDERSTAND), "", False)
         sop_class, study_uid = fields["sop_class_uid"], fields["study_uid"]
         if sop_class not in KEPT_SOP_CLASSES:
             # Kept (nothing is lost) but not processed: the sender is told Success, if it was kept.
             kept = self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
                                           "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
-            return SUCCESS if kept else _status(OUT_OF_RESOURCES, "cannot keep the instance")
+            return (SUCCESS, "", "", False) if kept else (OUT_OF_RESOURCES, "cannot keep the instance", "", False)
         try:
             stored = self.store.store_instance(data, calling_ae=calling, **fields)
         except ValueError as exc:  # an invalid UID cannot name a file
-            return self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH)
+            return (*self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH), "", False)
         except (OSError, SQLAlchemyError) as exc:   # a full disk, a database that stays away
             # nothing of it was kept (Store.store_instance removes the file again): Out of Resources
             log.error("C-STORE from %s: cannot store SOP %s: %s", calling, printable(sop_uid), printable(exc, 200))
-            return _status(OUT_OF_RESOURCES, "cannot store the instance")
-        self._count(event, calling, study_uid, stored.duplicate)
-        if not stored.duplicate:
-            self.on_stored()
-        return SUCCESS
+            return OUT_OF_RESOURCES, "cannot store the instance", "", False
+        return SUCCESS, "", study_uid, stored.duplicate
 
     def _quarantine(self, data, reason, sop_uid, calling, study_uid="") -> bool:
         try:
@@ -326,9 +248,37 @@ class Receiver:
             log.error("cannot quarantine SOP %s: %s", printable(sop_uid), printable(exc, 200))
             return False
 
-    def _reject(self, data, reason, sop_uid, calling, code) -> Dataset:
+    def _reject(self, data, reason, sop_uid, calling, code) -> tuple[int, str]:
         kept = self._quarantine(data, reason, sop_uid, calling)
         log.warning("rejected SOP %s from %s: %s", printable(sop_uid or "?"), calling, printable(reason, 200))
-        return _status(code if kept else OUT_OF_RESOURCES, reason)
+        return (code if kept else OUT_OF_RESOURCES), _comment(reason)
 
 
+def _comment(text: str) -> str:
+    """An Error Comment (LO, default character repertoire): text from the data set escaped and cut."""
+    return printable(text, 64).encode("ascii", "replace").decode("ascii")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10(data: bytes, sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """A received data set as a DICOM file (PS3.10): preamble, "DICM", File Meta Information
+    (the request's SOP class and instance, the transfer syntax of its presentation context,
+    the node's implementation, the sender's AE title) and the data set's bytes as received.
+    """
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\0\1"),
+        _meta_element(0x0002, b"UI", sop_class.encode("ascii", "replace")),
+        _meta_element(0x0003, b"UI", sop_uid.encode("ascii", "replace")),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
+    ))
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body + data
