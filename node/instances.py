@@ -7,15 +7,15 @@ import json
 import math
 import struct
 import zlib
-from pathlib import Path
 from collections.abc import Container
+from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
 from pydicom.uid import (
@@ -135,8 +135,8 @@ def check_instance(ds: Dataset, transfer_syntax: str | None = None, *, decode_al
     """Raise :class:`InstanceRejected` with a clear reason if ``ds`` cannot be used.
 
     Decodes every public element (unless ``decode_all`` is False: the SCP leaves that to the
-    job that reads the instance, which quarantines it then); checks the identifying UIDs; for images, that the attributes sizing the pixel data are
-    readable and within range and that the declared size is at most :data:`MAX_PIXEL_BYTES`
+    job that reads the instance, which quarantines it then); checks the identifying UIDs;
+    for images, that the attributes sizing the pixel data are readable and within range and that the declared size is at most :data:`MAX_PIXEL_BYTES`
     (a memory bomb is refused before it is decoded); for uncompressed images, that the
     length of Pixel Data is the declared one (a truncated transfer, or a mismatch).
     """
@@ -312,7 +312,7 @@ def dictionary_VR_or_none(tag: int) -> str | None:
         return None
 
 
-def _fast_read(data: bytes) -> "ReceivedHeader":
+def _fast_read(data: bytes) -> ReceivedHeader:
     """The :class:`ReceivedHeader` of a Part 10 file in a Little Endian transfer syntax (not
     deflated), its elements found by their lengths alone; :class:`_NotSimple` for anything
     else (pydicom then reads it).

@@ -30,7 +30,6 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,7 +108,7 @@ class Application(Protocol):
 
     ae_title: str
 
-    def settings(self) -> "Settings":
+    def settings(self) -> Settings:
         """Current limits and contexts (read at each new connection, so a test may change them)."""
 
     def on_request(self, calling: str, called: str, address: str) -> tuple[int, int, int] | None:
@@ -220,6 +219,7 @@ class Connection:
         return kind, self._read_exactly(length)
 
     def send(self, data: bytes) -> None:
+        """Send ``data``; :class:`AssociationAborted` if the connection fails."""
         try:
             self.sock.sendall(data)
         except OSError as exc:
