@@ -130,8 +130,8 @@ class Settings:
 
     contexts: list[PresentationContext]
     max_pdu: int                  # the maximum PDU length the node announces (0: none)
-    acse_timeout: float           # for the A-ASSOCIATE-RQ after the connection
-    network_timeout: float        # for a PDU after that
+    acse_timeout: float | None    # for the A-ASSOCIATE-RQ after the connection (None: no limit)
+    network_timeout: float | None  # for a PDU after that
     max_pdu_read: int             # a PDU length field over this aborts the association
     max_message: int              # a data set over this aborts the association
 
@@ -278,9 +278,9 @@ class Connection:
         if refusal is not None:
             rj = A_ASSOCIATE()
             rj.result, rj.result_source, rj.diagnostic = refusal
-            pdu = A_ASSOCIATE_RJ()
-            pdu.from_primitive(rj)
-            self.send(pdu.encode())
+            rj_pdu = A_ASSOCIATE_RJ()
+            rj_pdu.from_primitive(rj)
+            self.send(rj_pdu.encode())
             return False
         roles: dict[UID, tuple[bool | None, bool | None]] = {}
         peer_max = 0
@@ -304,11 +304,11 @@ class Connection:
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
         ac.user_information = [max_length, implementation, version, *ac_roles]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        self.send(pdu.encode())
+        ac_pdu = A_ASSOCIATE_AC()
+        ac_pdu.from_primitive(ac)
+        self.send(ac_pdu.encode())
         self.assoc = Association(calling, called, self.address[0], self.address[1], peer_max_pdu=peer_max,
-                                 contexts={int(cx.context_id): cx for cx in result  # type: ignore[arg-type]
+                                 contexts={int(cx.context_id): cx for cx in result
                                            if cx.result == 0x00 and cx.context_id is not None})
         return True
 
