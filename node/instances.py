@@ -138,7 +138,8 @@ def check_instance(ds: Dataset, transfer_syntax: str | None = None, *, decode_al
     job that reads the instance, which quarantines it then); checks the identifying UIDs;
     for images, that the attributes sizing the pixel data are readable and within range and
     that the declared size is at most :data:`MAX_PIXEL_BYTES` (a memory bomb is refused
-    before it is decoded); for uncompressed images, that the length of Pixel Data is the declared one (a truncated transfer, or a mismatch).
+    before it is decoded); for uncompressed images, that the length of Pixel Data is the
+    declared one (a truncated transfer, or a mismatch).
     """
     if decode_all:
         _decode_elements(ds)
