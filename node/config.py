@@ -120,6 +120,7 @@ class NodeSettings:
     data_dir: Path = Path("musclenode-data")
     complete_after_seconds: float = 10.0
     max_pdu_bytes: int = 0  # 0 = unlimited
+    journal_mb: int = 256   # the ingest journal (node.ingest), MiB; 0 = none: each instance stored before its answer
     allowed_calling_aes: tuple[AllowedCaller, ...] = ()   # () = any calling AE from any host
     require_called_ae_title: bool = True
     tls: TLSSettings | None = None   # [node.tls]; None: no TLS port, no TLS to destinations
@@ -381,6 +382,12 @@ def _check_scheduler_address(value: str) -> str | None:
     return None
 
 
+def _journal_mb(value: int) -> str | None:
+    if value != 0 and value < 2:
+        return f"expected 0 (no journal) or at least 2 (MiB), got {value}"
+    return None
+
+
 # (table, key) -> extra check run after the type check.
 _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("node", "ae_title"): _check_ae_title,
@@ -389,6 +396,7 @@ _CHECKS: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("node.tls", "port"): _check_port,
     ("node", "complete_after_seconds"): _positive,
     ("node", "max_pdu_bytes"): _at_least(0),
+    ("node", "journal_mb"): _journal_mb,
     ("node", "role"): _one_of(ROLES),
     ("database", "url"): _check_database_url,
     ("jobs", "workers"): _at_least(1),

@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import db, ul
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
+from .ingest import Entry, Ingest
 from .instances import KEPT_SOP_CLASSES, MAX_PIXEL_BYTES, parse_instance, received_fields, sop_class_name
 from .store import Store
 from .text import printable
@@ -85,6 +86,7 @@ class _Received:
         self.started = started
         self.stored: Counter[str] = Counter()
         self.duplicates: Counter[str] = Counter()
+        self.last_entry: Entry | None = None   # the last instance it journalled (placed in order)
 
 
 class Receiver:
@@ -99,8 +101,9 @@ class Receiver:
     """
 
     def __init__(self, store: Store, ae_title: str, *, max_pdu: int = 0, access: AccessPolicy | None = None,
-                 on_stored: Callable[[], None] = lambda: None):
+                 on_stored: Callable[[], None] = lambda: None, journal_mb: int = 0):
         self.store = store
+        self.journal_mb = journal_mb
         self.ae_title = ae_title
         self.on_stored = on_stored
         self.access = access or AccessPolicy(ae_title)
@@ -116,6 +119,14 @@ class Receiver:
                 self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         self.server: ul.StorageServer | None = None
         self.tls_server: ul.StorageServer | None = None
+        self.ingest: Ingest | None = None
+
+    def _start_ingest(self) -> None:
+        """Open the ingest journal (once; :func:`node.ingest.open_journal` first replays those dead
+        processes left), unless ``journal_mb`` is 0.
+        """
+        if self.ingest is None and self.journal_mb:
+            self.ingest = Ingest(self.store, lambda: self.on_stored(), half_bytes=self.journal_mb << 19)
 
     def settings(self) -> ul.Settings:
         """What the upper layer accepts and its limits, as ``ae`` holds them now."""
@@ -127,6 +138,7 @@ class Receiver:
 
     def start(self, bind_address: str, port: int) -> ul.StorageServer:
         """Listen on ``bind_address``:``port`` (0: any free port) in a background thread; returns the server."""
+        self._start_ingest()
         self.server = ul.StorageServer((bind_address, port), self)
         ul.serve_in_thread(self.server, f"musclenode-dicom-{port}")
         log.info("DICOM SCP %s listening on %s:%d", self.ae_title, bind_address, self.port)
@@ -136,6 +148,7 @@ class Receiver:
         """Listen for DICOM TLS on ``bind_address``:``port`` (0: any free port) with the server
         ``context`` (see :func:`node.tls.server_context`), in a background thread; returns the server.
         """
+        self._start_ingest()
         self.tls_server = ul.StorageServer((bind_address, port), self, ssl_context=context)
         ul.serve_in_thread(self.tls_server, f"musclenode-dicom-tls-{port}")
         log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.ae_title, bind_address,
@@ -162,6 +175,17 @@ class Receiver:
             if server is not None:
                 server.shutdown()
         self.server = self.tls_server = None
+        if self.ingest is not None:   # what was answered is placed, then the journal is removed
+            self.ingest.close()
+            self.ingest = None
+
+    def on_release(self, assoc: ul.Association) -> None:
+        """A-RELEASE-RQ: wait until the instances the association stored are placed and recorded."""
+        got: _Received | None = assoc.app_state
+        if got is not None and got.last_entry is not None and self.ingest is not None:
+            if not self.ingest.wait([got.last_entry]):
+                log.warning("association from %s released before its instances were recorded (the store is "
+                            "failing: %s)", got.calling, self.ingest.failing or "slow")
 
     def on_request(self, calling: str, called: str, address: str) -> tuple[int, int, int] | None:
         """A-ASSOCIATE-RQ received: None to accept it, or the A-ASSOCIATE-RJ (rejected-permanent,
@@ -199,18 +223,26 @@ class Receiver:
         """
         calling = printable(assoc.calling_ae, 16)
         code, comment, study_uid, duplicate = self._store(
-            part10(data, sop_class, sop_uid, str(context.transfer_syntax[0]), calling), sop_uid, calling)
+            part10(data, sop_class, sop_uid, str(context.transfer_syntax[0]), calling), sop_uid, calling, assoc)
         if code == SUCCESS and study_uid:
-            got = assoc.app_state
-            if got is None:
-                got = assoc.app_state = _Received(calling, assoc.address, assoc.started)
+            got = self._received(assoc, calling)
             (got.duplicates if duplicate else got.stored)[study_uid] += 1
-            if not duplicate:
-                self.on_stored()
         return code, comment
 
-    def _store(self, data: bytes, sop_uid: str, calling: str) -> tuple[int, str, str, bool]:
-        """Check, store and record one Part 10 instance: (status, reason, study UID, duplicate)."""
+    @staticmethod
+    def _received(assoc: ul.Association, calling: str) -> _Received:
+        if assoc.app_state is None:
+            assoc.app_state = _Received(calling, assoc.address, assoc.started)
+        return assoc.app_state
+
+    def _store(self, data: bytes, sop_uid: str, calling: str, assoc: ul.Association | None = None
+               ) -> tuple[int, str, str, bool]:
+        """Check, store and record one Part 10 instance: (status, reason, study UID, duplicate).
+
+        An instance is journalled (:mod:`node.ingest`: durable before the answer, its file and
+        row placed behind it); without a journal, or when it is larger than half the journal,
+        it is stored and recorded before the answer.
+        """
         try:
             # parse_instance inflates a deflated data set within bounds, never pydicom; the
             # elements are decoded in full by the job that reads the instance (quarantined then)
@@ -231,7 +263,14 @@ class Receiver:
                                           "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
             return (SUCCESS, "", "", False) if kept else (OUT_OF_RESOURCES, "cannot keep the instance", "", False)
         try:
+            path = self.store.instance_path(study_uid, fields["series_uid"], fields["sop_uid"])
+            if self.ingest is not None and assoc is not None and self.ingest.takes(len(data)):
+                entry = self.ingest.receive(data, path, fields, calling)
+                self._received(assoc, calling).last_entry = entry
+                return SUCCESS, "", study_uid, False
             stored = self.store.store_instance(data, calling_ae=calling, **fields)
+            if not stored.duplicate:
+                self.on_stored()
         except ValueError as exc:  # an invalid UID cannot name a file
             return (*self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH), "", False)
         except (OSError, SQLAlchemyError) as exc:   # a full disk, a database that stays away

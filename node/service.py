@@ -56,7 +56,8 @@ class Node:
         self.store = Store(data_dir, self.engine)
         access = AccessPolicy(config.node.ae_title, config.node.allowed_calling_aes,
                               config.node.require_called_ae_title)
-        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes, access=access)
+        self.receiver = Receiver(self.store, config.node.ae_title, max_pdu=config.node.max_pdu_bytes, access=access,
+                                 journal_mb=config.node.journal_mb)
         # TLS files are read now, so that one missing or wrong stops the node before it listens
         # (ConfigError naming the key); the sender and workers read them again for each association.
         tls = config.node.tls

@@ -64,6 +64,33 @@ def durable_write(path: Path, data: bytes, tmp_dir: Path) -> None:
         os.close(dir_fd)
 
 
+def write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` atomically (tmp file, rename), not synced: for a file whose bytes
+    the ingest journal (:mod:`node.ingest`) holds durably until the file system is synced.
+    """
+    tmp = tmp_dir / f"{os.getpid()}-{next(_counter)}.part"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:   # a study or series seen for the first time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def safe_uid(uid: str, what: str) -> str:
     """``uid`` stripped of padding; ValueError (naming it ``what``) unless it is a valid DICOM UID,
     which also makes it safe as a file name.

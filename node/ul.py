@@ -120,6 +120,9 @@ class Application(Protocol):
         the C-STORE status and an error comment ("" for none).
         """
 
+    def on_release(self, assoc: Association) -> None:
+        """A-RELEASE-RQ received: return when the association's instances are all recorded."""
+
     def on_closed(self, assoc: Association) -> None:
         """The association's connection is closed (by a release, an abort or the peer)."""
 
@@ -319,6 +322,8 @@ class Connection:
         while True:
             kind, body = self.read_pdu()
             if kind == RELEASE_RQ:
+                if self.assoc is not None:
+                    self.app.on_release(self.assoc)
                 self.send(_pdu(RELEASE_RP, b"\0\0\0\0"))
                 return
             if kind == ABORT:

@@ -174,7 +174,8 @@ def node_config(tmp_path: Path, *, destinations=(), executor="inline", complete_
         SendSettings,
     )
     return Config(node=NodeSettings(ae_title="MUSCLENODE", bind_address="127.0.0.1", port=free_port(),
-                                    data_dir=tmp_path / "node-data", complete_after_seconds=complete_after),
+                                    data_dir=tmp_path / "node-data", complete_after_seconds=complete_after,
+                                    journal_mb=4),
                   database=DatabaseSettings(url=database_url),
                   jobs=JobSettings(workers=1, executor=executor),
                   send=SendSettings(retry_initial_seconds=retry_initial, retry_max_seconds=retry_max,
