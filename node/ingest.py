@@ -348,24 +348,30 @@ class Ingest:
 
 def record_batch(conn, rows: list[tuple[Path, int, float, str, dict[str, Any]]]) -> list[bool]:
     """Record stored instances (path, size, time, calling AE, :func:`node.instances.received_fields`)
-    in the caller's transaction: their rows, their studies opened, counted or re-opened, as
-    :meth:`node.store.Store._record` does one at a time. Returns, for each, whether it was new.
+    in the caller's transaction: their rows (one statement for all), their studies opened,
+    counted or re-opened, as :meth:`node.store.Store._record` does one at a time. Returns, for
+    each, whether it was new (a SOP Instance UID already recorded, or twice in ``rows``, is a
+    duplicate: audited, not counted).
     """
+    sops = [f["sop_uid"] for *_, f in rows]
+    known = set(conn.execute(select(db.instances.c.sop_uid).where(db.instances.c.sop_uid.in_(sops))).scalars())
     new: list[bool] = []
+    values: list[dict[str, Any]] = []
     by_study: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
     firsts: dict[str, dict[str, Any]] = {}
     for path, size, now, calling_ae, f in rows:
-        facts = f.get("facts") or {}
-        inserted = db.insert_ignore(conn, db.instances, dict(
-            sop_uid=f["sop_uid"], study_uid=f["study_uid"], series_uid=f["series_uid"],
-            sop_class_uid=f["sop_class_uid"], path=str(path), size=size, received_at=now, calling_ae=calling_ae,
-            **facts))
+        inserted = f["sop_uid"] not in known
         new.append(inserted)
-        if inserted:
-            by_study[f["study_uid"]].append((now, calling_ae, f["sop_uid"]))
-            firsts.setdefault(f["study_uid"], f)
-        else:
+        if not inserted:
             db.record_audit(conn, "duplicate", f"sop={f['sop_uid']} study={f['study_uid']} from={calling_ae}")
+            continue
+        known.add(f["sop_uid"])
+        values.append(dict(sop_uid=f["sop_uid"], study_uid=f["study_uid"], series_uid=f["series_uid"],
+                           sop_class_uid=f["sop_class_uid"], path=str(path), size=size, received_at=now,
+                           calling_ae=calling_ae, **(f.get("facts") or {})))
+        by_study[f["study_uid"]].append((now, calling_ae, f["sop_uid"]))
+        firsts.setdefault(f["study_uid"], f)
+    db.insert_many_ignore(conn, db.instances, values)
     for study_uid, got in by_study.items():
         f = firsts[study_uid]
         first_at, calling_ae, sop_uid = got[0]
@@ -382,11 +388,11 @@ def record_batch(conn, rows: list[tuple[Path, int, float, str, dict[str, Any]]])
                 db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
                 continue
             row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
-        values: dict[str, Any] = dict(n_instances=db.studies.c.n_instances + len(got), last_received_at=last_at)
+        changes: dict[str, Any] = dict(n_instances=db.studies.c.n_instances + len(got), last_received_at=last_at)
         if row is not None and row.state != StudyState.RECEIVING:
-            values.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
+            changes.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
             db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
-        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
+        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**changes))
     return new
 
 
@@ -437,8 +443,7 @@ def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
         except (InstanceRejected, ValueError) as exc:
             store.quarantine(data, f"journalled but unreadable: {printable(exc, 160)}")
             continue
-        if not target.exists():
-            write_file(target, data, store.tmp)
+        write_file(target, data, store.tmp)   # whole, even where a crash left it half-written
         with store.engine.begin() as conn:
             if record_batch(conn, [(target, len(data), time.time(), "", fields)])[0]:
                 db.record_audit(conn, "row-recovered", f"sop={fields['sop_uid']} study={fields['study_uid']} "

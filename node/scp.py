@@ -70,6 +70,9 @@ MIN_PDU_RECEIVE = 1 << 20
 #: image the node decodes (:data:`node.instances.MAX_PIXEL_BYTES`) and 64 MiB of header. A longer
 #: one aborts its association.
 MAX_DATA_SET = MAX_PIXEL_BYTES + (64 << 20)
+#: Associations served at once (plain and TLS ports together); one more is rejected-transient.
+MAX_ASSOCIATIONS = 32
+REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED = 0x02, 0x03, 0x02
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -108,6 +111,7 @@ class Receiver:
         self.on_stored = on_stored
         self.access = access or AccessPolicy(ae_title)
         self._lock = threading.Lock()
+        self._active = 0   # associations open (accepted, not ended)
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.acse_timeout = ACSE_TIMEOUT
@@ -179,6 +183,11 @@ class Receiver:
             self.ingest.close()
             self.ingest = None
 
+    def on_ended(self) -> None:
+        """An association it accepted has ended: one fewer open."""
+        with self._lock:
+            self._active -= 1
+
     def on_release(self, assoc: ul.Association) -> None:
         """A-RELEASE-RQ: wait until the instances the association stored are placed and recorded."""
         got: _Received | None = assoc.app_state
@@ -193,6 +202,12 @@ class Receiver:
         """
         refusal = self.access.check(calling, called, address)
         if refusal is None:
+            with self._lock:
+                if self._active >= MAX_ASSOCIATIONS:
+                    log.warning("association from %s at %s refused: %d associations already open",
+                                printable(calling, 16), address, self._active)
+                    return REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED
+                self._active += 1
             return None
         log.warning("association from %s at %s to %s refused (A-ASSOCIATE-RJ reason %d): %s",
                     printable(calling, 16), address, printable(called, 16), refusal.reason, printable(refusal.why))

@@ -112,7 +112,12 @@ class Application(Protocol):
         """Current limits and contexts (read at each new connection, so a test may change them)."""
 
     def on_request(self, calling: str, called: str, address: str) -> tuple[int, int, int] | None:
-        """None to accept an A-ASSOCIATE-RQ, or (result, source, reason) of the A-ASSOCIATE-RJ."""
+        """None to accept an A-ASSOCIATE-RQ (then :meth:`on_ended` follows when its connection
+        ends), or (result, source, reason) of the A-ASSOCIATE-RJ.
+        """
+
+    def on_ended(self) -> None:
+        """The connection of an association :meth:`on_request` accepted has ended."""
 
     def on_store(self, assoc: Association, context: PresentationContext, message_id: int, sop_class: str,
                  sop_uid: str, data: bytes) -> tuple[int, str]:
@@ -195,6 +200,7 @@ class Connection:
         self.app = app
         self.settings = app.settings()
         self.assoc: Association | None = None
+        self.admitted = False   # the application counted this association in (on_request accepted it)
 
     # ---- the transport -----------------------------------------------------------------------
 
@@ -266,6 +272,8 @@ class Connection:
                     self.app.on_closed(self.assoc)
                 except Exception:
                     log.exception("the end of the association from %s was not recorded", peer)
+            if self.admitted:
+                self.app.on_ended()
 
     def associate(self, body: bytes) -> bool:
         """Negotiate: send the A-ASSOCIATE-AC (True) or -RJ (False)."""
@@ -278,6 +286,7 @@ class Connection:
         calling = str(rq.calling_ae_title or "").strip()
         called = str(rq.called_ae_title or "").strip()
         refusal = self.app.on_request(calling, called, self.address[0])
+        self.admitted = refusal is None
         if refusal is not None:
             rj = A_ASSOCIATE()
             rj.result, rj.result_source, rj.diagnostic = refusal

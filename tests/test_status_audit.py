@@ -194,10 +194,11 @@ def test_end_to_end_logs_and_audit_hold_no_patient_identity(make_node, tmp_path)
                         ("musclenode status", status_out)):
         for secret in secrets:
             assert secret not in text, f"{secret!r} found in the {where}"
-    # and nowhere in the data directory but the stored DICOM (and the database, whose subject key needs the ID)
+    # and nowhere in the data directory but the stored DICOM (and the ingest journal, which holds the
+    # received instances on their way to the store; and the database, whose subject key needs the ID)
     data_dir = Path(node.config.node.data_dir)
     for path in data_dir.rglob("*"):
-        if path.is_file() and path.suffix not in (".dcm", ".db", ".db-wal", ".db-shm") and \
+        if path.is_file() and path.suffix not in (".dcm", ".db", ".db-wal", ".db-shm", ".journal") and \
                 not path.name.startswith("musclenode.db"):
             body = path.read_bytes()
             for secret in secrets:
