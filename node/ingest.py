@@ -397,7 +397,7 @@ def record_batch(conn, rows: list[tuple[Path, int, float, str, dict[str, Any]]])
 
 
 def open_journal(store: Any, half_bytes: int) -> Journal:
-    """This process's journal in ``store``'s data directory (``journal/``). The journals of dead
+    """The journal of this process in ``store``'s data directory (``journal/``). The journals of dead
     processes (those no live process has locked) are replayed first (:func:`replay`); one of
     the right size is then sealed and reused, the others removed. A new one is made if none is left.
     """

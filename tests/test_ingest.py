@@ -59,7 +59,7 @@ def test_records_read_back_whole_and_a_seal_erases_them(store):
         fh.seek(journal.active * journal.half_bytes + rel_last_at)
         fh.write(b"\xff" * 8)
     assert [d for _, d in read_journal(journal.path)] == blobs[:-1]
-    for e in range(6):
+    for _ in range(6):
         journal.placed(journal.active)
     journal.seal(journal.to_seal(active=True))
     assert read_journal(journal.path) == []
