@@ -4,7 +4,10 @@ the ratios:
 
 - DCMTK ``storescp`` (writes each file, no fsync),
 - Orthanc (Debian's package, a throwaway one with its own config and storage),
-- the musclenode SCP (checks, fsync'd file renamed into place, database row, then Success),
+- the musclenode SCP (header checked, appended to the ingest journal and synced, then Success; the
+  file and its row follow, in groups), with its default 256 MiB journal,
+- the same with ``journal_mb = 0`` (the file fsync'd and renamed into place, its row committed, then
+  Success: the node before the journal),
 
 each on one association (one ``storescu``) and on four parallel associations (four
 ``storescu`` processes, each sending a quarter). Then the node once more while it
@@ -85,12 +88,24 @@ def bench_orthanc(files: list[Path], work: Path, associations: int) -> float:
         orthanc.stop()
 
 
-def bench_node(files: list[Path], work: Path, associations: int) -> float:
+def _config(work: Path, journal_mb: int, **kw):
+    """The tests' node configuration with the ingest journal of ``journal_mb`` (the default's, 256 MiB, or 0)."""
+    import dataclasses
+    config = node_config(work, **kw)
+    return dataclasses.replace(config, node=dataclasses.replace(config.node, journal_mb=journal_mb))
+
+
+def bench_node(files: list[Path], work: Path, associations: int, journal_mb: int = 256) -> float:
     from node.service import Node
-    with Node(node_config(work, complete_after=3600)) as node:
+    with Node(_config(work, journal_mb, complete_after=3600)) as node:
         elapsed = push(files, node.port, "MUSCLENODE", associations)
         _check_stored(node, len(files))
         return elapsed
+
+
+def bench_node_unjournalled(files: list[Path], work: Path, associations: int) -> float:
+    """The node with ``journal_mb = 0``: each instance's file fsync'd and its row committed before Success."""
+    return bench_node(files, work, associations, journal_mb=0)
 
 
 def _check_stored(node, n: int) -> None:
@@ -127,7 +142,7 @@ def bench_node_during_job(files: list[Path], work: Path, associations: int) -> t
     from node.demo import THIGH_PROTOCOL
     from node.demo_peers import push as push_datasets
     from node.service import Node
-    config = node_config(work, executor="process", complete_after=3600, protocols=(THIGH_PROTOCOL,))
+    config = _config(work, 256, executor="process", complete_after=3600, protocols=(THIGH_PROTOCOL,))
     ph = make_leg_phantom(muscle_ff=0.08, snr=40, seed=5, supersample=3, bias_field=0.3, fascia_mm=1.0)
     exam = exam_datasets(ph, patient_id="BENCH-JOB", study_date="20260110", uid_seed="bench-job")
     with Node(config) as node:
@@ -169,7 +184,8 @@ def main() -> int:
         print("needs DCMTK and Orthanc (apt-get install dcmtk orthanc)")
         return 1
     receivers: dict[str, Callable[[list[Path], Path, int], float]] = {
-        "DCMTK storescp": bench_storescp, "Orthanc": bench_orthanc, "musclenode": bench_node}
+        "DCMTK storescp": bench_storescp, "Orthanc": bench_orthanc, "musclenode": bench_node,
+        "node, no journal": bench_node_unjournalled}
     results: dict[tuple[str, int], list[float]] = {}
     during: list[float] = []
     overlaps: list[str] = []
@@ -208,6 +224,9 @@ def main() -> int:
               f"musclenode / storescp {ours / med[('DCMTK storescp', associations)]:.2f}"
               + ("   (targets on one association: >= 1.5 and >= 0.5)" if associations == 1 else ""))
     print(f"  musclenode 4 associations / 1 association: {node4 / node1:.2f} (target >= 2.5)")
+    for associations in (1, 4):
+        print(f"  {associations} assoc.: journal / no journal (the node before it): "
+              f"{med[('musclenode', associations)] / med[('node, no journal', associations)]:.2f}")
     write = statistics.median(writes)
     print(f"durable write alone (tmp file, fsync, rename, folder fsync): {write * 1e3:.2f} ms per instance "
           f"(runs: {', '.join(f'{x * 1e3:.2f}' for x in writes)}), so at most {1 / write:.0f} instances/s on one "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Container
@@ -17,6 +18,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset, read_preamble
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
@@ -37,6 +39,7 @@ from pydicom.uid import (
     RLELossless,
     SegmentationStorage,
 )
+from pydicom.valuerep import IS, DSfloat
 
 from reports.uids import subject_key  # noqa: F401  (re-exported: the node's one subject key)
 
@@ -347,6 +350,40 @@ RECEIVE_KEYWORDS = frozenset((
     "SliceLocation", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelData"))
 _RECEIVE_TAGS = {int(tag_for_keyword(kw)): kw for kw in RECEIVE_KEYWORDS}  # type: ignore[arg-type]
 _SCANNED = frozenset(_RECEIVE_TAGS) | {0x00080005}   # and Specific Character Set, to convert the text
+_RECEIVE_VRS = {tag: dictionary_VR(tag) for tag in _RECEIVE_TAGS}
+_PYDICOM = object()   # "convert this value with pydicom"
+_IS = re.compile(r" *[+-]?[0-9]{1,11} *")
+_DS = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *")
+_ASCII_STRINGS = {"AE", "AS", "CS", "DA", "DT", "TM"}
+
+
+def _plain_value(vr: str, value: bytes | None) -> Any:
+    """The value pydicom would convert ``value`` of VR ``vr`` to, for the plain cases of the
+    VRs the SCP reads most (UI, the ASCII string VRs, IS, DS, US), or :data:`_PYDICOM` for
+    anything else (empty, not ASCII, not a plain number, a text VR whose character set
+    matters): pydicom converts those.
+    """
+    if not value or not value.isascii():
+        return _PYDICOM
+    if vr == "UI":
+        text = value.decode("ascii").rstrip("\0 ")
+        return UID(text) if text and "\\" not in text else _PYDICOM
+    if vr in _ASCII_STRINGS:
+        items = value.decode("ascii").rstrip(" \0").split("\\")
+        return items[0] if len(items) == 1 else _PYDICOM if not all(items) else MultiValue(str, items)
+    if vr == "IS":
+        items = value.decode("ascii").rstrip(" \0").split("\\")
+        if not all(_IS.fullmatch(i) for i in items):
+            return _PYDICOM
+        return IS(items[0]) if len(items) == 1 else MultiValue(IS, items)
+    if vr == "DS":
+        items = value.decode("ascii").rstrip(" \0").split("\\")
+        if not all(_DS.fullmatch(i) for i in items):
+            return _PYDICOM
+        return DSfloat(items[0]) if len(items) == 1 else MultiValue(DSfloat, items)
+    if vr == "US" and len(value) == 2:
+        return value[0] | value[1] << 8
+    return _PYDICOM
 
 
 class ReceivedHeader:
@@ -358,8 +395,13 @@ class ReceivedHeader:
 
     def __init__(self, elements: dict[int, RawDataElement], encoding: Any, file_meta: FileMetaDataset):
         self.file_meta = file_meta
-        self._values = {kw: convert_raw_data_element(elements[tag], encoding=encoding).value
-                        for tag, kw in _RECEIVE_TAGS.items() if tag in elements}
+        self._values: dict[str, Any] = {}
+        for tag, kw in _RECEIVE_TAGS.items():
+            raw = elements.get(tag)
+            if raw is None:
+                continue
+            value = _plain_value(raw.VR or _RECEIVE_VRS[tag], raw.value)
+            self._values[kw] = convert_raw_data_element(raw, encoding=encoding).value if value is _PYDICOM else value
 
     def get(self, keyword: str, default: Any = None) -> Any:
         """The value of ``keyword``, or ``default`` when the instance does not have it."""
