@@ -226,6 +226,8 @@ class Ingest:
     failing_wait_seconds = 8.0
     #: The longest pause between the placer's tries.
     max_retry_seconds = 0.5
+    #: How long the placer gathers instances into one group after the first.
+    batch_seconds = 0.02
 
     def __init__(self, store: Any, on_stored: Callable[[], None], half_bytes: int = HALF_BYTES):
         self.store = store
@@ -298,9 +300,12 @@ class Ingest:
                     stopping = True
                 else:
                     batch.append(item)
-                while len(batch) < 256:   # what else is queued goes in the same transaction
+                # what else comes within batch_seconds goes in the same transaction (a group costs
+                # about as much as one row; an association's release waits for it, no answer does)
+                until = time.monotonic() + self.batch_seconds
+                while len(batch) < 256 and not stopping:
                     try:
-                        item = self.queue.get_nowait()
+                        item = self.queue.get(timeout=max(0.0, until - time.monotonic()))
                     except queue.Empty:
                         break
                     if item is None:
