@@ -358,20 +358,21 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
         return False
 
 
-def insert_many_ignore(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert ``rows`` (the same keys in each) in one statement executed for all of them
-    (``executemany``); on SQLite and PostgreSQL a row a unique key already holds is skipped.
+def insert_many_ignore(conn: Connection, table: Table, rows: list[dict[str, Any]], key: str) -> set[Any]:
+    """Insert ``rows`` (the same keys in each) in one statement executed for all of them; on
+    SQLite and PostgreSQL a row a unique key already holds is skipped. Returns the ``key``
+    column's values of the rows inserted.
     """
     if not rows:
-        return
+        return set()
     dialect = conn.dialect.name
     if dialect in ("sqlite", "postgresql"):
         from sqlalchemy.dialects.postgresql import insert as pg_insert
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
         make = sqlite_insert if dialect == "sqlite" else pg_insert
-        conn.execute(make(table).on_conflict_do_nothing(), rows)
-    else:
-        conn.execute(insert(table), rows)
+        stmt = make(table).on_conflict_do_nothing().returning(table.c[key])
+        return set(conn.execute(stmt, rows).scalars())
+    return {row[key] for row in rows if insert_ignore(conn, table, row)}
 
 
 __all__ = ["metadata", "studies", "instances", "quarantine", "series", "jobs", "measurements", "pacs_history",

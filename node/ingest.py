@@ -360,23 +360,26 @@ def record_batch(conn, rows: list[tuple[Path, int, float, str, dict[str, Any]]])
     """
     sops = [f["sop_uid"] for *_, f in rows]
     known = set(conn.execute(select(db.instances.c.sop_uid).where(db.instances.c.sop_uid.in_(sops))).scalars())
+    values: dict[str, dict[str, Any]] = {}
+    for path, size, now, calling_ae, f in rows:
+        if f["sop_uid"] not in known and f["sop_uid"] not in values:
+            values[f["sop_uid"]] = dict(sop_uid=f["sop_uid"], study_uid=f["study_uid"], series_uid=f["series_uid"],
+                                        sop_class_uid=f["sop_class_uid"], path=str(path), size=size, received_at=now,
+                                        calling_ae=calling_ae, **(f.get("facts") or {}))
+    # another receiver may record the same instance meanwhile: what was inserted is what RETURNING says
+    inserted = db.insert_many_ignore(conn, db.instances, list(values.values()), key="sop_uid")
     new: list[bool] = []
-    values: list[dict[str, Any]] = []
     by_study: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
     firsts: dict[str, dict[str, Any]] = {}
-    for path, size, now, calling_ae, f in rows:
-        inserted = f["sop_uid"] not in known
-        new.append(inserted)
-        if not inserted:
+    for _path, _size, now, calling_ae, f in rows:
+        is_new = f["sop_uid"] in inserted
+        new.append(is_new)
+        if not is_new:
             db.record_audit(conn, "duplicate", f"sop={f['sop_uid']} study={f['study_uid']} from={calling_ae}")
             continue
-        known.add(f["sop_uid"])
-        values.append(dict(sop_uid=f["sop_uid"], study_uid=f["study_uid"], series_uid=f["series_uid"],
-                           sop_class_uid=f["sop_class_uid"], path=str(path), size=size, received_at=now,
-                           calling_ae=calling_ae, **(f.get("facts") or {})))
+        inserted.discard(f["sop_uid"])   # a second copy in ``rows`` is a duplicate
         by_study[f["study_uid"]].append((now, calling_ae, f["sop_uid"]))
         firsts.setdefault(f["study_uid"], f)
-    db.insert_many_ignore(conn, db.instances, values)
     for study_uid, got in by_study.items():
         f = firsts[study_uid]
         first_at, calling_ae, sop_uid = got[0]
