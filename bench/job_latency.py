@@ -73,7 +73,7 @@ def run_once(folder: Path, cache: Path) -> tuple[StudyOutputs, dict[str, float]]
 def snapshot(out: StudyOutputs) -> dict:
     """The measurements and every object's attributes and pixel data (maps built, no page)."""
     out = with_summary(out)
-    objects = {}
+    objects: dict[str, object] = {}
     for kind, ds in output_datasets(out):
         if kind.startswith("summary"):
             continue
