@@ -245,8 +245,8 @@ class JobRunner(PollingLoop):
         self.warm_up_timeout = warm_up_timeout
         self.scheduler_address = scheduler_address   # executor "dask": the Dask scheduler (node.dask_executor)
         self.on_done = on_done or (lambda: None)   # called when a job ends (e.g. wake the sender)
-        # set by a worker process when a job has recorded its SEG, SR and maps: on_done is called
-        # then too (the sender starts before the job has drawn its summary page)
+        # set by a worker process when a job has recorded its SEG and SR: on_done is called then
+        # too (the sender starts before the job has made its maps and summary page)
         self._recorded = _SPAWN.Event() if executor == "process" else None
         self._recorded_thread: threading.Thread | None = None
         self._pool: cf.Executor | None = None

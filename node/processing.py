@@ -59,13 +59,18 @@ class StudyOutputs:
     summary: Summary | None = None   # reports.summary: the one-page summary (SC and PDF), None if not made
     #: builds the summary page later (``build_outputs(..., summary=False)``): see :func:`with_summary`
     page: Callable[[], Summary | None] | None = field(default=None, repr=False, compare=False)
+    #: builds the parametric maps later (``build_outputs(..., summary=False)``): see :func:`with_summary`
+    maps: Callable[[], list[Dataset]] | None = field(default=None, repr=False, compare=False)
 
 
 def with_summary(outputs: StudyOutputs) -> StudyOutputs:
-    """``outputs`` with its summary page, built now if :func:`build_outputs` deferred it."""
-    if outputs.summary is not None or outputs.page is None:
+    """``outputs`` with its parametric maps and summary page, built now if :func:`build_outputs`
+    deferred them.
+    """
+    if outputs.page is None and outputs.maps is None:
         return outputs
-    return replace(outputs, summary=outputs.page(), page=None)
+    return replace(outputs, pmaps=outputs.maps() if outputs.maps is not None else outputs.pmaps,
+                   summary=outputs.page() if outputs.page is not None else outputs.summary, page=None, maps=None)
 
 
 def is_reader_seg(ds: Dataset) -> bool:
@@ -174,7 +179,8 @@ def build_outputs(datasets: Sequence[Dataset],
     ``previous_srs`` are SRs of earlier runs on this study that the new SR replaces
     (listed in its Predecessor Documents Sequence); ``history_note`` says in the SR why the
     subject's earlier visits are missing (see :func:`reports.sr.build_sr`). With ``summary``
-    false the page is left for :func:`with_summary` (the node sends SEG, SR and maps first).
+    false the parametric maps and the page are left for :func:`with_summary` (the node records
+    and sends the SEG and SR first).
     """
     from reports.pmap import build_parametric_maps
     from reports.seg import build_seg
@@ -201,7 +207,8 @@ def build_outputs(datasets: Sequence[Dataset],
     if replaced:  # same UID: same inputs, same report; else the new one names what it replaces
         sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
                       time_point=time_point, version_excluded=excluded, history_note=history_note)
-    pmaps = build_parametric_maps(analysis, datasets)
+    def maps() -> list[Dataset]:
+        return build_parametric_maps(analysis, images)
 
     def page() -> Summary | None:
         try:   # the page never fails the study: its SEG, SR and maps go out without it
@@ -210,7 +217,7 @@ def build_outputs(datasets: Sequence[Dataset],
         except (ValueError, TypeError, KeyError, RuntimeError) as exc:
             log.error("study %s: summary page not made: %s: %s", ds0.StudyInstanceUID, type(exc).__name__, exc)
             return None
-    out = StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, pmaps, page=page)
+    out = StudyOutputs(analysis, seg, sr, str(ds0.StudyInstanceUID), key, study_date, page=page, maps=maps)
     return with_summary(out) if summary else out
 
 

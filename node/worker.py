@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: The output kind of the summary page as Encapsulated PDF (see :func:`node.processing.output_datasets`).
 PDF_KIND = "summary-pdf"
+#: The output kinds a job records in its second transaction, after its SEG and SR.
+LATER_KINDS = ("pmap", "summary", PDF_KIND)
 
 
 @dataclass(frozen=True)
@@ -167,13 +169,12 @@ def _quarantine_refused(store: Store, files, refusals, study_uid: str) -> None:
 
 
 def _write_outputs(store: Store, out, kinds: tuple[str, ...] | None = None) -> dict[str, tuple[str, Path]]:
-    """Write the study's objects (those of ``kinds``, default all but the summary page) to the
-    store; returns ``{SOP Instance UID: (kind, path)}``.
+    """Write the study's objects (those of ``kinds``, default all but :data:`LATER_KINDS`: the
+    SEG and SR) to the store; returns ``{SOP Instance UID: (kind, path)}``.
     """
-    page = ("summary", PDF_KIND)
     paths = {}
     for kind, ds in output_datasets(out):
-        if (kind in kinds) if kinds is not None else (kind not in page):
+        if (kind in kinds) if kinds is not None else (kind not in LATER_KINDS):
             path = store.result_path(out.study_uid, kind, str(ds.SOPInstanceUID))
             store.write_result(path, encode(ds))
             paths[str(ds.SOPInstanceUID)] = (kind, path)
@@ -243,18 +244,18 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
         return JobState.FAILED
     _quarantine_refused(store, files, out.analysis.roi_refusals, job.study_uid)
     t_built = time.time()
-    # SEG, SR and maps are recorded (and so sent) first; the summary page, the measurements and
-    # the rest follow in a second transaction, so that PACS has the results about a second
-    # sooner and the database shows a study's values only with all its outputs. A crash between
-    # the two runs the job again: the same inputs make the same UIDs, so nothing is recorded or
-    # sent twice.
+    # SEG and SR are recorded (and so sent) first; the parametric maps, the summary page, the
+    # measurements and the rest follow in a second transaction, so that PACS has the results
+    # about a second sooner and the database shows a study's values only with all its outputs.
+    # A crash between the two runs the job again: the same inputs make the same UIDs, so
+    # nothing is recorded or sent twice.
     paths = _write_outputs(store, out)
     with engine.begin() as conn:
         _record_outputs(conn, ctx, job, paths)
     _tell_recorded()
     t_sent = time.time()
     out = with_summary(out)
-    page = _write_outputs(store, out, kinds=("summary", PDF_KIND))
+    page = _write_outputs(store, out, kinds=LATER_KINDS)
     reference = roisets.reference_of(out.analysis)
     new_roi_set = False
     with engine.begin() as conn:
@@ -290,12 +291,12 @@ def execute_job(ctx: JobContext, job_id: int) -> JobState:
     if after != before:  # new or changed values (or version): later visits compare against them
         requeue_later_visits(engine, study.subject_key, job.study_uid, study.study_date, **cause)
     log.info("job %d done: study %s in %.1f s (read %.1f s, analysis and SEG/SR %.1f s, store %.1f s, "
-             "summary page %.1f s)", job_id, job.study_uid, time.time() - t_start, t_loaded - t_start,
+             "maps and summary page %.1f s)", job_id, job.study_uid, time.time() - t_start, t_loaded - t_start,
              t_built - t_loaded, t_sent - t_built, time.time() - t_sent)
     return JobState.DONE
 
 
-#: Called when a job has recorded its SEG, SR and maps (before its summary page): the node's
+#: Called when a job has recorded its SEG and SR (before its maps and summary page): the node's
 #: process pool sets an event the node waits on (:func:`_init_worker`), so that its sender
 #: starts at once rather than at its next poll. None: nobody to tell (Dask, a command).
 _results_recorded: Callable[[], None] | None = None

@@ -155,7 +155,7 @@ def test_orthanc_sends_a_study_to_the_node_and_gets_results(make_node, orthanc, 
     # the SEG, the SR and the parametric maps (Modality OT) come back beside the images
     wait_until(lambda: len(orthanc.instances_of_study(study_uid)) > len(datasets) + 2
                and {"SEG", "SR", "OT"} <= modalities(), timeout=120, what="SEG, SR and maps back in Orthanc")
-    # recorded with the summary page, after SEG, SR and maps are on their way
+    # recorded with the maps and the summary page, after SEG and SR are on their way
     got = wait_until(lambda: measured(node, study_uid), timeout=60, what="measurements")
     for (side, metric), truth in phantom.truth.items():
         if metric == "ff_percent":

@@ -166,7 +166,7 @@ def test_end_to_end_logs_and_audit_hold_no_patient_identity(make_node, tmp_path)
         assert r.returncode == 0, r.stderr
         wait_until(lambda: (_rows(node, db.jobs) and all(j.state == "done" for j in _rows(node, db.jobs))
                             and all(o.state == "sent" for o in _rows(node, db.outbox))),
-                   timeout=240, what="results made and sent")   # the page is sent after SEG, SR and maps
+                   timeout=240, what="results made and sent")   # maps and page are sent after SEG and SR
         cfg = _config_file(node, tmp_path)
         rc, audit_out = _cli("audit", "--config", str(cfg))
         rc2, status_out = _cli("status", "--config", str(cfg))

@@ -222,7 +222,7 @@ def test_node_stores_sc_everywhere_and_pdf_where_accepted(make_node, orthanc, th
                 rows = conn.execute(select(db.outbox.c.state, db.outbox.c.destination, db.outputs.c.kind)
                                     .join(db.outputs, db.outputs.c.id == db.outbox.c.output_id)).all()
                 done = conn.execute(select(db.jobs.c.state)).scalars().all()
-            # the page is recorded after SEG, SR and maps: the job's end says all its outputs are there
+            # maps and page are recorded after SEG and SR: the job's end says all its outputs are there
             return rows if rows and done and set(done) == {"done"} and all(r.state == "sent" for r in rows) else None
         t0 = time.time()
         rows = wait_until(all_sent, timeout=240, interval=0.5, what="every output sent")

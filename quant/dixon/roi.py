@@ -37,7 +37,8 @@ def _kfac(kind, phi):
 @njit(cache=True)
 def _profile_s(mi, kinds, s2, phi, s0):
     """Per-voxel total signal maximising the likelihood at a given FF (Newton, EM step
-    where the likelihood is not concave). Returns (s, log-likelihood).
+    where the likelihood is not concave; stopped once a Newton step is below 1e-4 of ``s``,
+    Newton converging quadratically, or any step below 1e-7). Returns (s, log-likelihood).
     """
     s = s0
     den = 0.0
@@ -59,10 +60,15 @@ def _profile_s(mi, kinds, s2, phi, s0):
             dr = 1.0 - r / z - r * r if z > 1e-12 else 0.5
             h += k * k * (mi[c] * mi[c] / s2[c] * dr - 1.0) / s2[c]
         s_em = num / den if den > 0 else 0.0
-        sn = s - g / h if h < 0.0 else s_em
+        newton = h < 0.0
+        sn = s - g / h if newton else s_em
         if sn <= 0.0:
             sn = s_em
-        done = abs(sn - s) <= 1e-7 * (1.0 + s)
+            newton = False
+        step = abs(sn - s)
+        # converged: a step below 1e-7 of s, or a Newton step below 1e-4 of s (the error left
+        # after it is about its square, < 1e-8 of s: one evaluation of the Bessel ratios fewer)
+        done = step <= 1e-7 * (1.0 + s) or (newton and step <= 1e-4 * (1.0 + s))
         s = sn
         if done:
             break
@@ -86,12 +92,13 @@ def _roi_profile(m, kinds, s2, s, phi):
 
 
 @njit(cache=True)
-def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
+def _maximise_roi(m, kinds, s2, s0, lo, hi, tol, f_lo):
     """Maximum of the profile likelihood of FF over [lo, hi]: Brent's method (parabolic
     steps through the three best points, golden-section steps where a parabola would
     not shrink the bracket), then the ends of the interval as candidates too (FF exactly
     0 or 1). 11-13 profile evaluations per interval, ends included, where golden section
-    to the old tolerance took 32.
+    to the old tolerance took 32. ``f_lo``: the profile at ``lo`` if known, else NaN.
+    Returns (FF, its profile, the profile at ``hi``).
     """
     cg = 0.3819660112501051
     a, b = lo, hi
@@ -153,11 +160,13 @@ def _maximise_roi(m, kinds, s2, s0, lo, hi, tol):
             elif fu <= fv or v == x or v == w:
                 v, fv = u, fu
     best_x, best_f = x, -fx
-    for end in (lo, hi):
-        fe = _roi_profile(m, kinds, s2, s0, end)
+    if math.isnan(f_lo):
+        f_lo = _roi_profile(m, kinds, s2, s0, lo)
+    f_hi = _roi_profile(m, kinds, s2, s0, hi)
+    for end, fe in ((lo, f_lo), (hi, f_hi)):
         if fe > best_f:
             best_x, best_f = end, fe
-    return best_x, best_f
+    return best_x, best_f, f_hi
 
 
 @njit(cache=True)
@@ -170,11 +179,11 @@ def _roi_ml_kernel(m, kinds, s2, s0, tol):
     for c in range(kinds.size):
         if kinds[c] == _OP:
             has_op = True
-    if has_op:
-        pa, fa = _maximise_roi(m, kinds, s2, s0, 0.0, 0.5, tol)
-        pb, fb = _maximise_roi(m, kinds, s2, s0, 0.5, 1.0, tol)
+    if has_op:   # the profile at 0.5, end of both intervals, is evaluated once
+        pa, fa, f_half = _maximise_roi(m, kinds, s2, s0, 0.0, 0.5, tol, np.nan)
+        pb, fb, _ = _maximise_roi(m, kinds, s2, s0, 0.5, 1.0, tol, f_half)
         return pa if fa >= fb else pb
-    phi, _ = _maximise_roi(m, kinds, s2, s0, 0.0, 1.0, tol)
+    phi, _, _ = _maximise_roi(m, kinds, s2, s0, 0.0, 1.0, tol, np.nan)
     return phi
 
 
@@ -230,13 +239,19 @@ def roi_fat_fraction(water: np.ndarray, fat: np.ndarray, mask: np.ndarray,
     water and fat alone cannot tell the mean FF from the RMS FF at the noise floor:
     expect up to +0.5 pp at SNR 20 there (less with IP/OP).
     """
-    arrays, kinds, names = _channels(water, fat, in_phase, opposed_phase)
     mask = np.asarray(mask, dtype=bool)
-    if mask.shape != arrays[0].shape:
-        raise SeriesError(f"mask {mask.shape} and water {arrays[0].shape} differ in shape")
+    shape = np.shape(water)
+    if mask.shape != shape:
+        raise SeriesError(f"mask {mask.shape} and water {shape} differ in shape")
     n = int(mask.sum())
     if n == 0:
         return float("nan")
+    # everything below only looks at the mask's voxels and their 5 x 5 in-plane neighbours:
+    # work on the mask's bounding box (2 voxels wider in-plane) rather than the whole volume
+    box = _bounding_box(mask, margin=2)
+    mask = mask[box]
+    arrays, kinds, names = _channels(*(None if a is None else np.asarray(a)[box]
+                                       for a in (water, fat, in_phase, opposed_phase)))
     sds, _ = _resolve_noise(noise_sd, arrays, names, None)
     s2 = np.array(sds, dtype=np.float64) ** 2
     m = np.ascontiguousarray(np.stack([a[mask] for a in arrays], axis=1))
@@ -263,6 +278,18 @@ def roi_fat_fraction(water: np.ndarray, fat: np.ndarray, mask: np.ndarray,
         phi = _roi_ml_kernel(np.ascontiguousarray(m[sel]), kinds, s2, np.ascontiguousarray(s_init[sel]), 1e-5)
         total += phi * int(sel.sum())
     return float(total / n)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every voxel of a non-empty ``mask``, ``margin``
+    voxels wider along the last two (in-plane) axes, clipped to the array.
+    """
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        pad = margin if axis >= mask.ndim - 2 else 0
+        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
+    return tuple(box)
 
 
 def _merge_strata(bins: np.ndarray, min_count: int) -> np.ndarray:
