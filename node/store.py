@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,31 +41,13 @@ T = TypeVar("T")
 
 def durable_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_file(path, data, tmp_dir, sync=True)
 
 
-def write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` atomically (tmp file, rename), not synced: for a file whose bytes
-    the ingest journal (:mod:`node.ingest`) holds durably until the file system is synced.
+def write_file(path: Path, data: bytes, tmp_dir: Path, *, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (tmp file, rename); with ``sync``, durably (the file
+    fsync'd before the rename, its folder after). Without it, for a file whose bytes the ingest
+    journal (:mod:`node.ingest`) holds durably until the file system is synced.
     """
     tmp = tmp_dir / f"{os.getpid()}-{next(_counter)}.part"
     try:
@@ -78,6 +59,9 @@ def write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         try:
             os.replace(tmp, path)
         except FileNotFoundError:
@@ -89,6 +73,12 @@ def write_file(path: Path, data: bytes, tmp_dir: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+    if sync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def safe_uid(uid: str, what: str) -> str:
