@@ -94,6 +94,9 @@ class Journal:
     Made by :func:`open_journal`, which replays the journals dead processes left and reuses one.
     """
 
+    #: An append that finds both halves full waits this long for the placer (then Out of Resources).
+    seal_wait_seconds = 30.0
+
     def __init__(self, fd: int, path: Path, half_bytes: int):
         self.fd, self.path, self.half_bytes = fd, path, half_bytes
         self.lock = threading.Condition()
@@ -141,7 +144,10 @@ class Journal:
         with self.lock:
             if self.pos + size > self.half_bytes:
                 other = 1 - self.active
+                end = time.monotonic() + self.seal_wait_seconds
                 while not self.sealed[other]:     # the placer seals it once its instances are placed
+                    if time.monotonic() > end:
+                        raise NoSpace("the ingest journal is full: its instances are not placed yet")
                     self.lock.wait(1.0)
                 self.active, self.pos, self.cycle = other, 0, self.cycle + 1
             half, offset = self.active, self.active * self.half_bytes + self.pos
@@ -294,7 +300,7 @@ class Ingest:
                 try:
                     item = self.queue.get(timeout=0.5)
                 except queue.Empty:
-                    self._seal_placed(active=True)
+                    self._seal_placed(active=True)   # idle: what is placed is synced and its half reused
                     continue
                 if item is None:
                     stopping = True
@@ -328,7 +334,10 @@ class Ingest:
                     e.data = b""
                     e.done.set()
                 batch = []
-                self.on_stored()
+                try:
+                    self.on_stored()
+                except Exception:
+                    log.exception("the completion monitor could not be woken")
                 self._seal_placed(active=False)   # a full half, so that appends can go on into it
             if stopping and self.queue.empty() and not batch:
                 return
@@ -336,8 +345,11 @@ class Ingest:
     def _seal_placed(self, active: bool) -> None:
         halves = self.journal.to_seal(active)
         if halves:
-            _syncfs(self.store.root)
-            self.journal.seal(halves)
+            try:
+                _syncfs(self.store.root)
+                self.journal.seal(halves)
+            except OSError as exc:   # the half stays unsealed (its records replayable); tried again later
+                log.error("cannot seal the ingest journal: %s", printable(exc, 160))
 
     def _place(self, batch: list[Entry]) -> None:
         """Write the files of ``batch`` (renamed into place, not synced: the journal holds them

@@ -195,3 +195,17 @@ def test_record_batch_counts_each_instance_once(backend, tmp_path, request):
         assert conn.execute(select(db.studies.c.n_instances)).scalar_one() == 4
         assert [r.event for r in conn.execute(select(db.audit))].count("duplicate") == 2
     engine.dispose()
+
+
+def test_a_full_journal_refuses_rather_than_wait_for_ever(store):
+    """Both halves hold instances not placed (the placer is stuck): an append waits
+    ``seal_wait_seconds`` and is refused (C-STORE then answers Out of Resources)."""
+    from node.ingest import NoSpace
+    blobs = _encoded(tiny_series(8, study_uid=generate_uid()))
+    journal = Journal.create(store.root / "journal", 2 * len(blobs[0]) + 600)
+    journal.seal_wait_seconds = 0.2
+    for b in blobs[:4]:   # two per half
+        _append(journal, store, b)
+    with pytest.raises(NoSpace, match="journal is full"):
+        _append(journal, store, blobs[4])
+    journal.close()
