@@ -1,8 +1,9 @@
 """The baseline schema (revision 0001) as tables: node/db.py's tables as released at commit 3c9fd39,
 frozen. :func:`node.migrations.upgrade` adopts a database an earlier version made (tables, no
 ``alembic_version``) by creating the baseline tables and columns it lacks before stamping it
-0001. tests/test_migrations.py checks that revision 0001 creates exactly these tables.
-Never edit them to follow node/db.py.
+0001, and revision 0001 creates them in a new database. tests/test_migrations.py checks
+them against that release's own db.py (tests/data/db_previous_release.py). Never edit them to
+follow node/db.py.
 """
 
 from __future__ import annotations
