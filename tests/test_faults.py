@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -87,19 +88,26 @@ def write_config(path: Path, port: int, data_dir: Path, *, executor: str = "inli
 
 
 class Serve:
-    """A ``musclenode serve`` process (in its own process group, as under systemd)."""
+    """A ``musclenode serve`` process (``--role role`` when given), in its own process group, as under systemd."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, log: Path, role: str | None = None):
         self.log = open(log, "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
+        roles = ["--role", role] if role else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", *roles, "--config", str(config)],
                                      stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True)
-        line = self.proc.stdout.readline().decode()   # "listening on ..." once the workers are warm
-        assert "listening on" in line, f"serve did not start: {line!r} {log.read_text()[-3000:]}"
+        self.line = self.proc.stdout.readline().decode()   # "listening on ..." once the workers are warm
+        expected = f"role {role}" if role else "listening on"
+        assert expected in self.line, f"serve did not start: {self.line!r} {log.read_text()[-3000:]}"
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def holder(self) -> str:
+        """What ``claimed_by`` says for this node's claims."""
+        return f"{socket.gethostname()}:{self.proc.pid}"
 
     def kill(self, group: bool = False) -> None:
         """SIGKILL the node (``group``: with its worker processes, as systemd's KillMode does)."""

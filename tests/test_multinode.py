@@ -5,11 +5,6 @@ it runs a job, and every study is still processed once and every output delivere
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -18,51 +13,15 @@ from pathlib import Path
 import pytest
 from conftest import free_port, small_phantom, wait_until
 from sqlalchemy import select
+from test_faults import Serve
 
 from node import db
 from node.demo_peers import MiniPACS, push
 from node.worker import PDF_KIND
 from quant.synthetic.phantom import phantom_datasets
 
-ROOT = Path(__file__).resolve().parents[1]
 N_STUDIES = 12
 LEASE = 10.0
-
-
-class Serve:
-    """A ``musclenode serve --role ROLE`` process in its own process group."""
-
-    def __init__(self, config: Path, role: str, log: Path):
-        self.log = open(log, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--role", role, "--config",
-                                      str(config)], stdout=subprocess.PIPE, stderr=self.log, env=env,
-                                     start_new_session=True)
-        self.line = self.proc.stdout.readline().decode()
-        assert f"role {role}" in self.line, f"serve did not start: {self.line!r} {log.read_text()[-3000:]}"
-
-    @property
-    def holder(self) -> str:
-        """What ``claimed_by`` says for this node's claims."""
-        return f"{socket.gethostname()}:{self.proc.pid}"
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        self.log.close()
 
 
 def write_config(path: Path, *, port: int, data_dir: Path, url: str, orthanc, pacs_port: int) -> Path:
@@ -114,9 +73,9 @@ def test_two_receivers_two_workers_one_killed(tmp_path, pg_url, orthanc):
     nodes: list[Serve] = []
     try:
         t0 = time.time()
-        receivers = [Serve(configs[k], "receiver", tmp_path / f"receiver{k}.log") for k in range(2)]
+        receivers = [Serve(configs[k], tmp_path / f"receiver{k}.log", "receiver") for k in range(2)]
         nodes += receivers
-        workers = [Serve(configs[k], "worker", tmp_path / f"worker{k}.log") for k in range(2)]
+        workers = [Serve(configs[k], tmp_path / f"worker{k}.log", "worker") for k in range(2)]
         nodes += workers
         started = time.time() - t0
         for w in workers:   # a worker opens no DICOM port
@@ -149,7 +108,7 @@ def test_two_receivers_two_workers_one_killed(tmp_path, pg_url, orthanc):
         def running_on_w0():
             return [j for j in table(engine, db.jobs) if j.state == "running" and j.claimed_by == w0.holder]
         held = wait_until(running_on_w0, timeout=120, interval=0.05, what="worker 0 running a job")
-        w0.kill()
+        w0.kill(group=True)
         killed_at = time.time() - t_push
         for t in pushers:
             t.join(120)
