@@ -36,16 +36,13 @@ import struct
 import threading
 import time
 import zlib
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
-
 from . import db
-from .db import StudyState
+from .store import record_instances, write_file
 from .text import printable
 
 log = logging.getLogger(__name__)
@@ -355,65 +352,11 @@ class Ingest:
         """Write the files of ``batch`` (renamed into place, not synced: the journal holds them
         until the next seal) and record their rows in one transaction.
         """
-        from .store import write_file
         for e in batch:
             if not e.path.exists():
                 write_file(e.path, e.data, self.store.tmp)
         with self.store.ingest_engine.begin() as conn:
-            record_batch(conn, [(e.path, len(e.data), e.received_at, e.calling_ae, e.fields) for e in batch])
-
-
-def record_batch(conn, rows: list[tuple[Path, int, float, str, dict[str, Any]]]) -> list[bool]:
-    """Record stored instances (path, size, time, calling AE, :func:`node.instances.received_fields`)
-    in the caller's transaction: their rows (one statement for all), their studies opened,
-    counted or re-opened, as :meth:`node.store.Store._record` does one at a time. Returns, for
-    each, whether it was new (a SOP Instance UID already recorded, or twice in ``rows``, is a
-    duplicate: audited, not counted).
-    """
-    sops = [f["sop_uid"] for *_, f in rows]
-    known = set(conn.execute(select(db.instances.c.sop_uid).where(db.instances.c.sop_uid.in_(sops))).scalars())
-    values: dict[str, dict[str, Any]] = {}
-    for path, size, now, calling_ae, f in rows:
-        if f["sop_uid"] not in known and f["sop_uid"] not in values:
-            values[f["sop_uid"]] = dict(sop_uid=f["sop_uid"], study_uid=f["study_uid"], series_uid=f["series_uid"],
-                                        sop_class_uid=f["sop_class_uid"], path=str(path), size=size, received_at=now,
-                                        calling_ae=calling_ae, **(f.get("facts") or {}))
-    # another receiver may record the same instance meanwhile: what was inserted is what RETURNING says
-    inserted = db.insert_many_ignore(conn, db.instances, list(values.values()), key="sop_uid")
-    new: list[bool] = []
-    by_study: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
-    firsts: dict[str, dict[str, Any]] = {}
-    for _path, _size, now, calling_ae, f in rows:
-        is_new = f["sop_uid"] in inserted
-        new.append(is_new)
-        if not is_new:
-            db.record_audit(conn, "duplicate", f"sop={f['sop_uid']} study={f['study_uid']} from={calling_ae}")
-            continue
-        inserted.discard(f["sop_uid"])   # a second copy in ``rows`` is a duplicate
-        by_study[f["study_uid"]].append((now, calling_ae, f["sop_uid"]))
-        firsts.setdefault(f["study_uid"], f)
-    for study_uid, got in by_study.items():
-        f = firsts[study_uid]
-        first_at, calling_ae, sop_uid = got[0]
-        last_at = got[-1][0]
-        row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
-        if row is None:
-            count = conn.execute(select(func.count()).select_from(db.instances)
-                                 .where(db.instances.c.study_uid == study_uid)).scalar_one()
-            created = db.insert_ignore(conn, db.studies, dict(
-                study_uid=study_uid, subject_key=f["subject_key"], study_date=f["study_date"],
-                state=StudyState.RECEIVING, revision=0, n_instances=count, first_received_at=first_at,
-                last_received_at=last_at, message="", time_point=f["time_point"]))
-            if created:
-                db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
-                continue
-            row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
-        changes: dict[str, Any] = dict(n_instances=db.studies.c.n_instances + len(got), last_received_at=last_at)
-        if row is not None and row.state != StudyState.RECEIVING:
-            changes.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
-            db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
-        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**changes))
-    return new
+            record_instances(conn, [(e.path, len(e.data), e.received_at, e.calling_ae, e.fields) for e in batch])
 
 
 def open_journal(store: Any, half_bytes: int) -> Journal:
@@ -452,7 +395,6 @@ def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
     """
     from .errors import InstanceRejected
     from .instances import parse_instance, received_fields
-    from .store import write_file
     recovered = 0
     for rel, data in records:
         target = Path(store.root) / rel
@@ -465,7 +407,7 @@ def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
             continue
         write_file(target, data, store.tmp)   # whole, even where a crash left it half-written
         with store.engine.begin() as conn:
-            if record_batch(conn, [(target, len(data), time.time(), "", fields)])[0]:
+            if record_instances(conn, [(target, len(data), time.time(), "", fields)])[0]:
                 db.record_audit(conn, "row-recovered", f"sop={fields['sop_uid']} study={fields['study_uid']} "
                                                        "(from the ingest journal)")
                 recovered += 1

@@ -20,13 +20,14 @@ import logging
 import os
 import re
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import db
@@ -250,32 +251,11 @@ class Store:
         return recovered
 
     @staticmethod
-    def _record(conn, path: Path, size: int, now: float, *, study_uid: str, series_uid: str, sop_uid: str,
-                sop_class_uid: str, subject_key: str, study_date: str, calling_ae: str,
-                time_point: str, facts: dict[str, Any] | None = None) -> StoredInstance:
-        """The rows of a stored instance (in the caller's transaction)."""
-        inserted = db.insert_ignore(conn, db.instances, dict(
-            sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class_uid,
-            path=str(path), size=size, received_at=now, calling_ae=calling_ae, **(facts or {})))
-        if not inserted:
-            return StoredInstance(path, True)
-        row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
-        if row is None:   # its first instance (or its row was lost: then it counts those recorded)
-            count = conn.execute(select(func.count()).select_from(db.instances)
-                                 .where(db.instances.c.study_uid == study_uid)).scalar_one()
-            created = db.insert_ignore(conn, db.studies, dict(
-                study_uid=study_uid, subject_key=subject_key, study_date=study_date, state=StudyState.RECEIVING,
-                revision=0, n_instances=count, first_received_at=now, last_received_at=now, message="",
-                time_point=time_point))
-            if created:
-                db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
-                return StoredInstance(path, False)
-        values = dict(n_instances=db.studies.c.n_instances + 1, last_received_at=now)
-        if row is not None and row.state != StudyState.RECEIVING:
-            values.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
-            db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
-        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**values))
-        return StoredInstance(path, False)
+    def _record(conn, path: Path, size: int, now: float, *, calling_ae: str, facts: dict[str, Any] | None = None,
+                **fields: str) -> StoredInstance:
+        """The rows of one stored instance (in the caller's transaction; :func:`record_instances`)."""
+        new = record_instances(conn, [(path, size, now, calling_ae, dict(fields, facts=facts))])[0]
+        return StoredInstance(path, not new)
 
     def quarantine_stored(self, instance_id: int, path: Path, reason: str, *, sop_uid: str, study_uid: str) -> None:
         """Move an instance already stored out of its study into quarantine, with the reason
@@ -305,3 +285,57 @@ class Store:
                             f"sop={printable(sop_uid or '?')} from={calling_ae}: {printable(reason, 200)}")
         log.warning("quarantined %s (SOP %s): %s", path.name, printable(sop_uid or "?"), printable(reason, 200))
         return path
+
+
+def record_instances(conn: Connection, rows: list[tuple[Path, int, float, str, dict[str, Any]]]
+                     ) -> list[bool]:
+    """Record stored instances (path, size, time, calling AE, :func:`node.instances.received_fields`)
+    in the caller's transaction: their rows (one statement for all), their studies opened,
+    counted, or re-opened when an instance arrives after processing (so that results are
+    superseded, never silently mixed). Returns, for each, whether it was new (a SOP Instance
+    UID already recorded, or twice in ``rows``, is a duplicate: audited, not counted).
+    """
+    sops = [f["sop_uid"] for *_, f in rows]
+    known = set(conn.execute(select(db.instances.c.sop_uid).where(db.instances.c.sop_uid.in_(sops))).scalars())
+    values: dict[str, dict[str, Any]] = {}
+    for path, size, now, calling_ae, f in rows:
+        if f["sop_uid"] not in known and f["sop_uid"] not in values:
+            values[f["sop_uid"]] = dict(sop_uid=f["sop_uid"], study_uid=f["study_uid"], series_uid=f["series_uid"],
+                                        sop_class_uid=f["sop_class_uid"], path=str(path), size=size, received_at=now,
+                                        calling_ae=calling_ae, **(f.get("facts") or {}))
+    # another receiver may record the same instance meanwhile: what was inserted is what RETURNING says
+    inserted = db.insert_many_ignore(conn, db.instances, list(values.values()), key="sop_uid")
+    new: list[bool] = []
+    by_study: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
+    firsts: dict[str, dict[str, Any]] = {}
+    for _path, _size, now, calling_ae, f in rows:
+        is_new = f["sop_uid"] in inserted
+        new.append(is_new)
+        if not is_new:
+            db.record_audit(conn, "duplicate", f"sop={f['sop_uid']} study={f['study_uid']} from={calling_ae}")
+            continue
+        inserted.discard(f["sop_uid"])   # a second copy in ``rows`` is a duplicate
+        by_study[f["study_uid"]].append((now, calling_ae, f["sop_uid"]))
+        firsts.setdefault(f["study_uid"], f)
+    for study_uid, got in by_study.items():
+        f = firsts[study_uid]
+        first_at, calling_ae, sop_uid = got[0]
+        last_at = got[-1][0]
+        row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
+        if row is None:
+            count = conn.execute(select(func.count()).select_from(db.instances)
+                                 .where(db.instances.c.study_uid == study_uid)).scalar_one()
+            created = db.insert_ignore(conn, db.studies, dict(
+                study_uid=study_uid, subject_key=f["subject_key"], study_date=f["study_date"],
+                state=StudyState.RECEIVING, revision=0, n_instances=count, first_received_at=first_at,
+                last_received_at=last_at, message="", time_point=f["time_point"]))
+            if created:
+                db.record_audit(conn, "study-opened", f"study={study_uid} from={calling_ae}")
+                continue
+            row = conn.execute(select(db.studies.c.state).where(db.studies.c.study_uid == study_uid)).first()
+        changes: dict[str, Any] = dict(n_instances=db.studies.c.n_instances + len(got), last_received_at=last_at)
+        if row is not None and row.state != StudyState.RECEIVING:
+            changes.update(state=StudyState.RECEIVING, message=f"re-opened by a late instance ({row.state} before)")
+            db.record_audit(conn, "study-reopened", f"study={study_uid} sop={sop_uid} from={calling_ae}")
+        conn.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(**changes))
+    return new

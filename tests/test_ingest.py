@@ -174,11 +174,11 @@ def test_associations_over_the_limit_are_rejected_transient(make_node):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_record_batch_counts_each_instance_once(backend, tmp_path, request):
+def test_record_instances_counts_each_instance_once(backend, tmp_path, request):
     """One group with an instance twice and one already recorded (sent again): each is recorded
     and counted once, the copies audited as duplicates; on SQLite and PostgreSQL.
     """
-    from node.ingest import record_batch
+    from node.store import record_instances
     url = f"sqlite:///{tmp_path / 'n.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     engine = db.make_engine(url)
     store = Store(tmp_path / "data", engine)
@@ -187,9 +187,9 @@ def test_record_batch_counts_each_instance_once(backend, tmp_path, request):
     row = [(store.instance_path(f["study_uid"], f["series_uid"], f["sop_uid"]), 10, 1.0, "SCANNER", f)
            for f in fields]
     with engine.begin() as conn:
-        assert record_batch(conn, [row[0]]) == [True]
+        assert record_instances(conn, [row[0]]) == [True]
     with engine.begin() as conn:
-        assert record_batch(conn, [row[1], row[0], row[2], row[1], row[3]]) == [True, False, True, False, True]
+        assert record_instances(conn, [row[1], row[0], row[2], row[1], row[3]]) == [True, False, True, False, True]
     with engine.connect() as conn:
         assert len(conn.execute(select(db.instances)).all()) == 4
         assert conn.execute(select(db.studies.c.n_instances)).scalar_one() == 4
