@@ -394,14 +394,11 @@ def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
     an unreadable one quarantined; then the file system is synced.
     """
     from .errors import InstanceRejected
-    from .instances import parse_instance, received_fields
     recovered = 0
     for rel, data in records:
         target = Path(store.root) / rel
         try:
-            fields = received_fields(parse_instance(data, decode_all=False))
-            if target != store.instance_path(fields["study_uid"], fields["series_uid"], fields["sop_uid"]):
-                raise InstanceRejected("its UIDs do not match the path it was journalled under")
+            fields = store.fields_for(data, target, decode_all=False)
         except (InstanceRejected, ValueError) as exc:
             store.quarantine(data, f"journalled but unreadable: {printable(exc, 160)}")
             continue

@@ -215,7 +215,6 @@ class Store:
         before the newest recorded instance. Returns how many rows were recovered.
         """
         from .errors import InstanceRejected
-        from .instances import parse_instance, received_fields
         with self.engine.begin() as conn:
             newest = conn.execute(select(func.max(db.instances.c.received_at))).scalar()
         since = None if newest is None else newest - self.recovery_margin_seconds
@@ -231,10 +230,7 @@ class Store:
                 for sop_uid in sorted(set(files) - known):
                     path = files[sop_uid]
                     try:
-                        fields = received_fields(parse_instance(path.read_bytes()))
-                        if fields["sop_uid"] != sop_uid or path != self.instance_path(
-                                fields["study_uid"], fields["series_uid"], sop_uid):
-                            raise InstanceRejected("its UIDs do not match where it is stored")
+                        fields = self.fields_for(path.read_bytes(), path)
                     except (InstanceRejected, ValueError, OSError, EOFError, KeyError, AttributeError) as exc:
                         self.quarantine(None, f"found in the store without its database row and unreadable: "
                                               f"{type(exc).__name__}: {printable(exc, 120)}", sop_uid=sop_uid,
@@ -249,6 +245,17 @@ class Store:
             log.warning("recovered the database rows of %d stored instance(s) (lost to a crash before their "
                         "commit reached the disk)", recovered)
         return recovered
+
+    def fields_for(self, data: bytes, path: Path, *, decode_all: bool = True) -> dict[str, Any]:
+        """What is recorded of the instance ``data`` (:func:`node.instances.received_fields`), which
+        must belong at ``path`` in the store; :class:`node.errors.InstanceRejected` otherwise.
+        """
+        from .errors import InstanceRejected
+        from .instances import parse_instance, received_fields
+        fields = received_fields(parse_instance(data, decode_all=decode_all))
+        if path != self.instance_path(fields["study_uid"], fields["series_uid"], fields["sop_uid"]):
+            raise InstanceRejected("its UIDs do not match where it is stored")
+        return fields
 
     @staticmethod
     def _record(conn, path: Path, size: int, now: float, *, calling_ae: str, facts: dict[str, Any] | None = None,
