@@ -98,7 +98,6 @@ class Association:
     address: str
     port: int
     contexts: dict[int, PresentationContext] = field(default_factory=dict)
-    peer_max_pdu: int = 0           # 0: no limit
     started: float = field(default_factory=time.time)
     app_state: Any = None           # the application's own per-association record
 
@@ -204,8 +203,8 @@ class Connection:
 
     # ---- the transport -----------------------------------------------------------------------
 
-    def _read_exactly(self, n: int, into: memoryview | None = None) -> memoryview:
-        view = into if into is not None else memoryview(bytearray(n))
+    def _read_exactly(self, n: int) -> memoryview:
+        view = memoryview(bytearray(n))
         got = 0
         while got < n:
             try:
@@ -223,8 +222,8 @@ class Connection:
         """The next PDU's type and body; its length is checked before anything is read for it."""
         kind, _, length = _HEADER.unpack(self._read_exactly(6))
         if length > self.settings.max_pdu_read:
-            self.sock.sendall(abort_pdu(2, INVALID_PARAMETER))
-            raise AssociationAborted(f"PDU length {length} is over the limit of {self.settings.max_pdu_read} bytes")
+            raise self.abort(INVALID_PARAMETER, f"PDU length {length} is over the limit of "
+                                                f"{self.settings.max_pdu_read} bytes")
         return kind, self._read_exactly(length)
 
     def send(self, data: bytes) -> None:
@@ -262,10 +261,7 @@ class Connection:
             log.log(level, "association from %s ended: %s", peer, exc)
         except Exception:   # never the node: this association ends, the others go on
             log.exception("association from %s aborted by an unexpected error", peer)
-            try:
-                self.sock.sendall(abort_pdu(2, 0))
-            except OSError:
-                pass
+            self.abort(0, "an unexpected error")
         finally:
             if self.assoc is not None:
                 try:
@@ -294,13 +290,8 @@ class Connection:
             rj_pdu.from_primitive(rj)
             self.send(rj_pdu.encode())
             return False
-        roles: dict[UID, tuple[bool | None, bool | None]] = {}
-        peer_max = 0
-        for item in rq.user_information or []:
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                roles[UID(item.sop_class_uid)] = (item.scu_role, item.scp_role)
-            elif isinstance(item, MaximumLengthNotification):
-                peer_max = int(item.maximum_length_received or 0)
+        roles = {UID(item.sop_class_uid): (item.scu_role, item.scp_role) for item in rq.user_information or []
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid}
         result, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list,
                                                  self.settings.contexts, roles)
         ac = A_ASSOCIATE()
@@ -319,7 +310,7 @@ class Connection:
         ac_pdu = A_ASSOCIATE_AC()
         ac_pdu.from_primitive(ac)
         self.send(ac_pdu.encode())
-        self.assoc = Association(calling, called, self.address[0], self.address[1], peer_max_pdu=peer_max,
+        self.assoc = Association(calling, called, self.address[0], self.address[1],
                                  contexts={int(cx.context_id): cx for cx in result
                                            if cx.result == 0x00 and cx.context_id is not None})
         return True
@@ -379,29 +370,26 @@ class Connection:
         """Act on one whole message and send its response."""
         assert self.assoc is not None
         context = self.assoc.contexts[message.context_id]
-        field_ = message.us(0x0100)
+        field_ = message.us(0x0100) or 0
         message_id = message.us(0x0110) or 0
         sop_class = message.ui(0x0002) or str(context.abstract_syntax)
+        extra: list[tuple[int, bytes]] = []
         if field_ == C_STORE_RQ and message.data is not None:
             sop_uid = message.ui(0x1000)
             status, comment = self.app.on_store(self.assoc, context, message_id, sop_class, sop_uid,
                                                 bytes(message.data))
-            reply = [(0x0002, sop_class.encode()), (0x0100, struct.pack("<H", C_STORE_RSP)),
-                     (0x0120, struct.pack("<H", message_id)), (0x0800, struct.pack("<H", NO_DATA_SET)),
-                     (0x0900, struct.pack("<H", status)), (0x1000, sop_uid.encode())]
+            extra.append((0x1000, sop_uid.encode()))
             if comment:
-                reply.append((0x0902, comment.encode("ascii", "replace")[:64]))
+                extra.append((0x0902, comment.encode("ascii", "replace")[:64]))
         elif field_ == C_ECHO_RQ:
-            reply = [(0x0002, sop_class.encode()), (0x0100, struct.pack("<H", C_ECHO_RSP)),
-                     (0x0120, struct.pack("<H", message_id)), (0x0800, struct.pack("<H", NO_DATA_SET)),
-                     (0x0900, struct.pack("<H", 0x0000))]
+            status = 0x0000
         else:   # a request the node does not serve on this context: its response, "unrecognized operation"
-            rsp_field = (field_ or 0) | 0x8000
-            reply = [(0x0002, sop_class.encode()), (0x0100, struct.pack("<H", rsp_field)),
-                     (0x0120, struct.pack("<H", message_id)), (0x0800, struct.pack("<H", NO_DATA_SET)),
-                     (0x0900, struct.pack("<H", UNRECOGNIZED_OPERATION))]
+            status = UNRECOGNIZED_OPERATION
             log.info("association from %s: command 0x%04X refused (the node serves C-STORE and C-ECHO)",
-                     self.assoc.address, field_ or 0)
+                     self.assoc.address, field_)
+        reply = [(0x0002, sop_class.encode()), (0x0100, struct.pack("<H", field_ | 0x8000)),
+                 (0x0120, struct.pack("<H", message_id)), (0x0800, struct.pack("<H", NO_DATA_SET)),
+                 (0x0900, struct.pack("<H", status)), *extra]
         # Affected SOP Class and Instance UID are optional in a response (PS3.7 Table 9.3-2: U(=));
         # a value from the request that is not a UID is left out rather than echoed
         encoded = encode_command([(e, v) for e, v in reply if e not in (0x0002, 0x1000) or _is_uid(v)])
