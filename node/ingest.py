@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import logging
+import mmap
 import os
 import queue
 import socket
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import db
-from .store import record_instances, write_file
+from .store import Store, record_instances, write_file
 from .text import printable
 
 log = logging.getLogger(__name__)
@@ -198,25 +199,30 @@ class Journal:
 
 def read_journal(path: Path) -> list[tuple[str, bytes]]:
     """The records of a journal left by a process that died: (relative path, bytes), in order
-    within each half, each whole (its CRC-32 matches) and of its half's current cycle.
+    within each half, each whole (its CRC-32 matches) and of its half's current cycle. The file
+    is mapped, not read: a sealed half costs the page of its first record.
     """
+    size = path.stat().st_size
+    if size < 2 * _RECORD.size:
+        return []
     out: list[tuple[int, int, str, bytes]] = []
-    data = path.read_bytes()
-    half = len(data) // 2
-    for h in (0, 1):
-        pos, cycle = h * half, None
-        end = pos + half
-        while pos + _RECORD.size <= end:
-            magic, rec_cycle, length, crc, path_len = _RECORD.unpack_from(data, pos)
-            if magic != MAGIC or (cycle is not None and rec_cycle != cycle) or pos + _RECORD.size + length > end \
-                    or path_len > length:
-                break
-            body = memoryview(data)[pos + _RECORD.size:pos + _RECORD.size + length]
-            if zlib.crc32(body[path_len:], zlib.crc32(body[:path_len])) != crc:
-                break
-            cycle = rec_cycle
-            out.append((rec_cycle, pos, bytes(body[:path_len]).decode(), bytes(body[path_len:])))
-            pos += _RECORD.size + length
+    half = size // 2
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for h in (0, 1):
+            pos, cycle = h * half, None
+            end = pos + half
+            while pos + _RECORD.size <= end:
+                magic, rec_cycle, length, crc, path_len = _RECORD.unpack_from(data, pos)
+                if magic != MAGIC or (cycle is not None and rec_cycle != cycle) \
+                        or pos + _RECORD.size + length > end or path_len > length:
+                    break
+                start = pos + _RECORD.size
+                rel, body = data[start:start + path_len], data[start + path_len:start + length]
+                if zlib.crc32(body, zlib.crc32(rel)) != crc:
+                    break
+                cycle = rec_cycle
+                out.append((rec_cycle, pos, rel.decode(), body))
+                pos += _RECORD.size + length
     out.sort(key=lambda r: (r[0], r[1]))   # the older half first
     return [(p, d) for _, _, p, d in out]
 
@@ -232,13 +238,12 @@ class Ingest:
     #: How long the placer gathers instances into one group after the first.
     batch_seconds = 0.02
 
-    def __init__(self, store: Any, on_stored: Callable[[], None], half_bytes: int = HALF_BYTES):
+    def __init__(self, store: Store, on_stored: Callable[[], None], half_bytes: int = HALF_BYTES):
         self.store = store
         self.on_stored = on_stored
         self.journal = open_journal(store, half_bytes)
         self.queue: queue.Queue[Entry | None] = queue.Queue()
         self.failing: str = ""          # why the placer cannot place now ("" when it can)
-        self._stop = False
         self.thread = threading.Thread(target=self._run, name="musclenode-placer", daemon=True)
         self.thread.start()
 
@@ -359,12 +364,12 @@ class Ingest:
             record_instances(conn, [(e.path, len(e.data), e.received_at, e.calling_ae, e.fields) for e in batch])
 
 
-def open_journal(store: Any, half_bytes: int) -> Journal:
+def open_journal(store: Store, half_bytes: int) -> Journal:
     """The journal of this process in ``store``'s data directory (``journal/``). The journals of dead
     processes (those no live process has locked) are replayed first (:func:`replay`); one of
     the right size is then sealed and reused, the others removed. A new one is made if none is left.
     """
-    folder = Path(store.root) / "journal"
+    folder = store.root / "journal"
     folder.mkdir(parents=True, exist_ok=True)
     chosen: Journal | None = None
     for path in sorted(folder.glob("*.journal")):
@@ -388,7 +393,7 @@ def open_journal(store: Any, half_bytes: int) -> Journal:
     return chosen if chosen is not None else Journal.create(folder, half_bytes)
 
 
-def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
+def replay(store: Store, records: list[tuple[str, bytes]], name: str) -> None:
     """Place and record journalled instances a dead process answered for: each file written
     where it is missing, each row recorded where it is missing (audited ``row-recovered``),
     an unreadable one quarantined; then the file system is synced.
@@ -396,7 +401,7 @@ def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
     from .errors import InstanceRejected
     recovered = 0
     for rel, data in records:
-        target = Path(store.root) / rel
+        target = store.root / rel
         try:
             fields = store.fields_for(data, target, decode_all=False)
         except (InstanceRejected, ValueError) as exc:
@@ -408,6 +413,6 @@ def replay(store: Any, records: list[tuple[str, bytes]], name: str) -> None:
                 db.record_audit(conn, "row-recovered", f"sop={fields['sop_uid']} study={fields['study_uid']} "
                                                        "(from the ingest journal)")
                 recovered += 1
-    _syncfs(Path(store.root))
+    _syncfs(store.root)
     log.warning("journal %s: %d instance(s) replayed, %d of them not recorded before (the node that wrote it "
                 "stopped without placing them)", name, len(records), recovered)
