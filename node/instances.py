@@ -259,13 +259,11 @@ def _end_of_undefined(data: bytes, pos: int, implicit: bool, depth: int = 0) -> 
 
 def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, str | None, int, int]:
     """(tag, VR or None for implicit, length, offset of the value) of the element at ``pos``."""
-    if implicit:
-        if pos + 8 > len(data):
-            raise _NotSimple("an element header runs past the end")
-        group, element, length = _TAG_LENGTH.unpack_from(data, pos)
-        return group << 16 | element, None, length, pos + 8
     if pos + 8 > len(data):
         raise _NotSimple("an element header runs past the end")
+    if implicit:
+        group, element, length = _TAG_LENGTH.unpack_from(data, pos)
+        return group << 16 | element, None, length, pos + 8
     group, element, vr_bytes, short = _EXPLICIT.unpack_from(data, pos)
     try:
         vr = vr_bytes.decode("ascii")
