@@ -15,11 +15,11 @@ from scipy import ndimage as ndi
 from . import ALGORITHM_VERSION
 from .analysis import NoDixonError, RoiReference, RoiSet, StudyAnalysis
 from .dixon import (
+    RegionFatFraction,
     correct_swaps,
     detect_swaps,
     fat_fraction_dixon,
     megre_pdff,
-    roi_fat_fraction,
 )
 from .enums import Model, SeriesKind, Tissue
 from .errors import QuantError, SeriesError
@@ -169,13 +169,12 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         model = Model.MEGRE_PDFF
         notes.append("fat fraction from the multi-echo gradient echo (proton-density FF, 6-peak fat)")
 
-        def region_ff(roi: np.ndarray) -> float:
+        def pdff_mean(roi: np.ndarray) -> float:
             return float(np.nanmean(pdff[roi]))
+        region_ff: Callable[[np.ndarray], float] = pdff_mean
     else:
         model = Model.DIXON_RICIAN_ML
-
-        def region_ff(roi: np.ndarray) -> float:
-            return roi_fat_fraction(w_arr, f_arr, roi, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
+        region_ff = RegionFatFraction(w_arr, f_arr, dixon.noise_sd, in_phase=in_phase, opposed_phase=opposed)
     signal = in_phase if in_phase is not None else w_arr + f_arr
     return _measure(by_series, infos, water, f_arr, dixon.ff, signal, water_info, model, region_ff, notes,
                     t2_options, atoms, flags, in_phase=in_phase, rois=rois, compartments=compartments,

@@ -70,7 +70,7 @@ def test_roi_kernel_matches_reference():
         ch = dixon_channels(rng, ff, 20, 150)
         mags = np.ascontiguousarray(np.stack([ch[k] for k in kinds], axis=1))
         sd = np.full(len(kinds), 50.0)
-        phi = roi._roi_ml_kernel(mags, np.array(kinds), sd ** 2, mags.max(axis=1).copy(), 1e-7)
+        phi = roi._roi_ml_kernel(mags, np.array(kinds), sd ** 2, mags.max(axis=1).copy(), 1e-7, np.inf, np.inf)
         assert phi == pytest.approx(D.roi_ml_reference(mags, kinds, sd), abs=2e-4)
 
 

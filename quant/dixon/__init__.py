@@ -60,7 +60,7 @@ from .reference import (
                         roi_ml_reference,
                         varpro_residual_reference,
 )
-from .roi import roi_fat_fraction
+from .roi import RegionFatFraction, roi_fat_fraction
 from .spectrum import (
                         GYROMAGNETIC_MHZ_PER_T,
                         HAMILTON_6PEAK,
@@ -75,5 +75,6 @@ __all__ = [
     "CHANNELS", "GYROMAGNETIC_MHZ_PER_T", "HAMILTON_6PEAK", "SINGLE_PEAK", "DixonFF", "DixonFlag", "FatSpectrum",
     "PDFFResult", "SwapReport", "body_mask_from", "correct_swaps", "detect_swaps", "estimate_noise_sd",
     "fat_fraction_dixon", "fat_signal_model", "megre_signal", "pdff_fit_reference", "megre_pdff",
-    "rician_loglik", "rician_ml_reference", "roi_fat_fraction", "roi_ml_reference", "varpro_residual_reference",
+    "RegionFatFraction", "rician_loglik", "rician_ml_reference", "roi_fat_fraction", "roi_ml_reference",
+    "varpro_residual_reference",
 ]
