@@ -74,6 +74,44 @@ def test_roi_kernel_matches_reference():
         assert phi == pytest.approx(D.roi_ml_reference(mags, kinds, sd), abs=2e-4)
 
 
+
+@pytest.mark.parametrize("ff", [0.03, 0.2, 0.46, 0.5, 0.54, 0.8, 0.97])
+def test_roi_kernel_half_left_unsearched_gives_the_same_ff(ff):
+    """With the per-voxel bounds (:func:`roi._pilot_kernel`) a stratum searches one FF half
+    where the other cannot win, and finds exactly what searching both halves finds: at low and
+    high FF (one half skipped, either one) and near 0.5 (both searched)."""
+    rng = np.random.default_rng(int(ff * 100))
+    kinds = np.array((0, 1, 2, 3))
+    mags = np.ascontiguousarray(np.stack(dixon_channels(rng, ff, 25, 400), axis=1))
+    s2 = np.full(4, 40.0 ** 2)
+    w, f, lo, hi = (np.empty(len(mags)) for _ in range(4))
+    roi._pilot_kernel(mags, kinds, s2, 200, w, f, lo, hi)
+    w_ref, f_ref = np.empty(len(mags)), np.empty(len(mags))
+    magnitude._dixon_ml_kernel(mags, kinds, s2, -1.0, 200, w_ref, f_ref)
+    np.testing.assert_array_equal(w, w_ref)          # the pilot is the per-voxel ML
+    np.testing.assert_array_equal(f, f_ref)
+    both = roi._roi_ml_kernel(mags, kinds, s2, mags.max(axis=1).copy(), 1e-6, np.inf, np.inf)
+    one = roi._roi_ml_kernel(mags, kinds, s2, mags.max(axis=1).copy(), 1e-6, lo.sum(), hi.sum())
+    assert one == pytest.approx(both, abs=1e-5)
+    assert abs(both - ff) < 0.02
+    if abs(ff - 0.5) > 0.2:   # one half's bound is far below the other's maximum
+        assert abs(lo.sum() - hi.sum()) > 100 * roi.SKIP_MARGIN
+
+
+def test_region_fat_fraction_reuses_pilots_across_regions():
+    """One RegionFatFraction over overlapping regions (a leg and its parts) gives what
+    roi_fat_fraction gives for each region alone."""
+    p = make_leg_phantom("thigh", muscle_ff=0.05, right_ff_offset=0.3, snr=30, seed=8, **SMALL)
+    kw = dict(in_phase=p.in_phase, opposed_phase=p.opposed_phase)
+    muscle = p.tissue == Tissue.MUSCLE
+    half = np.zeros_like(muscle)
+    half[..., : muscle.shape[-1] // 2] = True
+    regions = [muscle & half, muscle, muscle & ~half, muscle & half & (np.arange(muscle.shape[-2])[:, None] % 2 == 0)]
+    each = [D.roi_fat_fraction(p.water, p.fat, r, 1000 / 30, **kw) for r in regions]
+    shared = D.RegionFatFraction(p.water, p.fat, 1000 / 30, **kw)
+    assert [shared(r) for r in regions] == pytest.approx(each, abs=1e-9)
+    assert shared._index.size == int(muscle.sum())   # each voxel's pilot computed once
+
 @settings(max_examples=40, deadline=None)
 @given(st.floats(0.0, 1.0), st.floats(5.0, 200.0), st.integers(0, 2 ** 31))
 def test_ff_in_range_and_water_fat_symmetric(ff, snr, seed):
