@@ -357,3 +357,33 @@ def test_multi_echo_frame_without_echo_time_raises():
     del datasets[4].EchoTime
     with pytest.raises(SeriesError, match="EchoTime"):
         assemble_volume(datasets)
+
+
+@pytest.mark.parametrize("bits,stored,signed,frames", [(16, 16, 0, 1), (16, 12, 0, 1), (16, 12, 1, 1), (8, 8, 0, 1),
+                                                      (16, 10, 1, 3), (32, 32, 1, 2)])
+def test_native_pixels_are_pydicoms(bits, stored, signed, frames):
+    """Uncompressed little-endian pixels read straight from their bytes equal pydicom's
+    pixel_array (high bits masked, signed values sign-extended, frames); anything else is left
+    to pydicom (None)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+    from quant.volume import _native_pixels
+    rng = np.random.default_rng(bits + stored + signed + frames)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 5, 7, bits, stored, stored - 1
+    ds.PixelRepresentation = signed
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    raw = rng.integers(0, 256, size=5 * 7 * frames * bits // 8, dtype=np.uint8).tobytes()   # high bits set too
+    ds.PixelData = raw
+    got = _native_pixels(ds)
+    assert got is not None and got.dtype == ds.pixel_array.dtype
+    np.testing.assert_array_equal(got, ds.pixel_array)
+    ds.PixelData = raw[:-2]                       # short: pydicom says what is wrong
+    assert _native_pixels(ds) is None
+    ds.PixelData = raw
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    assert _native_pixels(ds) is None
