@@ -367,6 +367,7 @@ def test_native_pixels_are_pydicoms(bits, stored, signed, frames):
     to pydicom (None)."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
     from quant.volume import _native_pixels
     rng = np.random.default_rng(bits + stored + signed + frames)
     ds = pydicom.Dataset()
