@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -95,11 +96,26 @@ def _config(work: Path, journal_mb: int, **kw):
     return dataclasses.replace(config, node=dataclasses.replace(config.node, journal_mb=journal_mb))
 
 
+#: CPU seconds per instance of the last :func:`bench_node` run: (the node, the storescu senders).
+CPU_PER_INSTANCE: dict[tuple[int, int], list[tuple[float, float]]] = {}
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) so far of this process (the node runs in it) and of its
+    children that have ended (the storescu senders)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
 def bench_node(files: list[Path], work: Path, associations: int, journal_mb: int = 256) -> float:
     from node.service import Node
     with Node(_config(work, journal_mb, complete_after=3600)) as node:
+        before = _cpu()
         elapsed = push(files, node.port, "MUSCLENODE", associations)
+        after = _cpu()
         _check_stored(node, len(files))
+        CPU_PER_INSTANCE.setdefault((journal_mb, associations), []).append(
+            ((after[0] - before[0]) / len(files), (after[1] - before[1]) / len(files)))
         return elapsed
 
 
@@ -244,6 +260,15 @@ def main() -> int:
               f"musclenode / storescp {ours / med[('DCMTK storescp', associations)]:.2f}"
               + ("   (targets on one association: >= 1.5 and >= 0.5)" if associations == 1 else ""))
     print(f"  musclenode 4 associations / 1 association: {node4 / node1:.2f} (target >= 2.5)")
+    cores = len(os.sched_getaffinity(0))
+    for associations in (1, 4):
+        cpu = CPU_PER_INSTANCE[(256, associations)]
+        node_cpu = statistics.median(c[0] for c in cpu)
+        sender_cpu = statistics.median(c[1] for c in cpu)
+        ceiling = cores / (node_cpu + sender_cpu)
+        print(f"  CPU per instance, {associations} assoc.: node {node_cpu * 1e3:.2f} ms, "
+              f"storescu {sender_cpu * 1e3:.2f} ms; all {cores} cores busy at that cost: at most {ceiling:.0f}/s "
+              f"= {ceiling / node1:.2f} x the node on 1 association (on this machine, senders included)")
     for associations in (1, 4):
         print(f"  {associations} assoc.: journal / no journal (the node before it): "
               f"{med[('musclenode', associations)] / med[('node, no journal', associations)]:.2f}")
