@@ -433,7 +433,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         General Equipment of the SR.
     series_description : str
     previous_versions : sequence of pydicom.Dataset, optional
-        Earlier SRs of this study that this one replaces (Predecessor Documents).
+        Earlier SRs of this study that this one replaces (Predecessor Documents); one with
+        this SR's own SOP Instance UID (same inputs, same report) is not listed.
     time_point : (str, str), optional
         The visit's label (``"baseline"``, ``"day 182"`` or its time point ID) and Clinical
         Trial Time Point ID (or ""): a Time Point Context (TID 1502) in every group.
@@ -558,6 +559,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
              *((f"history:{history_note}",) if history_note else ()))
     sop_instance_uid = sop_instance_uid or derive_uid(*parts, "instance")
     series_instance_uid = series_instance_uid or derive_uid(*parts, "series")
+    replaced = [p for p in previous_versions or () if str(p.SOPInstanceUID) != sop_instance_uid]
     return _document(
         report,
         evidence=[*sources, seg_dataset],
@@ -572,7 +574,7 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         series_description=series_description,
         manufacturer_model_name=manufacturer_model_name,
         software_versions=software_version,
-        previous_versions=list(previous_versions) if previous_versions else None,
+        previous_versions=replaced or None,
     )
 
 
