@@ -595,7 +595,7 @@ def _document(report: hd.sr.MeasurementReport, **kwargs) -> hd.sr.Comprehensive3
     """
     root = report[0]
     stub = hd.sr.ContainerContentItem(name=root.name, is_content_continuous=False, template_id="1500")
-    stub.ContentSequence = []
+    stub.ContentSequence = hd.sr.ContentSequence()
     sr = hd.sr.Comprehensive3DSR(content=stub, **kwargs)
     for tag in set(stub.keys()) - set(root.keys()):
         del sr[tag]
