@@ -201,12 +201,10 @@ def build_outputs(datasets: Sequence[Dataset],
     comparisons, excluded = comparisons_for(analysis, study_date, priors or {})
     time_point = time_point_of(ds0, study_date, priors or {})
     seg = build_seg(analysis, source)
-    sr = build_sr(analysis, seg, source, comparisons, subject_key=key, time_point=time_point,
-                  version_excluded=excluded, history_note=history_note)
-    replaced = [p for p in previous_srs if str(p.SOPInstanceUID) != str(sr.SOPInstanceUID)]
-    if replaced:  # same UID: same inputs, same report; else the new one names what it replaces
-        sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=replaced,
-                      time_point=time_point, version_excluded=excluded, history_note=history_note)
+    # one of previous_srs with the new SR's UID (same inputs, same report) is not a predecessor:
+    # build_sr leaves it out
+    sr = build_sr(analysis, seg, source, comparisons, subject_key=key, previous_versions=previous_srs,
+                  time_point=time_point, version_excluded=excluded, history_note=history_note)
     def maps() -> list[Dataset]:
         return build_parametric_maps(analysis, images)
 

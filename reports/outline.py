@@ -5,12 +5,16 @@ that a viewer draws on one source image, and for the pictures of the summary pag
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import contourpy
 import numpy as np
 
 from quant.enums import Tissue
 from quant.pipeline import StudyAnalysis
+
+if TYPE_CHECKING:
+    from .seg import Masks
 
 
 def key_slice(muscle: np.ndarray, required: Iterable[np.ndarray] = (), *, within: float = 0.05) -> int:
@@ -37,12 +41,14 @@ def key_slice(muscle: np.ndarray, required: Iterable[np.ndarray] = (), *, within
     return int(near[np.argmin(np.abs(near - (len(area) - 1) / 2))])
 
 
-def study_key_slice(analysis: StudyAnalysis) -> int:
+def study_key_slice(analysis: StudyAnalysis, masks: Masks | None = None) -> int:
     """The key slice of a study (:func:`key_slice` of its muscle, with every ROI on each side
-    required): the slice the SR's planar groups and the summary page show.
+    required): the slice the SR's planar groups and the summary page show (``masks``: those of
+    ``analysis`` made so far, see :class:`reports.seg.Masks`).
     """
-    from .seg import roi_mask, roi_segment_numbers
-    required = [roi_mask(analysis, label, side) for label, side in roi_segment_numbers(analysis)]
+    from .seg import Masks, roi_segment_numbers
+    masks = masks or Masks(analysis)
+    required = [masks.roi(label, side) for label, side in roi_segment_numbers(analysis, masks)]
     return key_slice(analysis.segmentation.tissue == Tissue.MUSCLE, required)
 
 

@@ -71,7 +71,37 @@ def segment_label(analysis: StudyAnalysis, tissue: Tissue, side: Side) -> str:
     return f"{Side(side).value} {codes.REGION_WORDS[analysis.segmentation.region.value]} {_TISSUE_WORDS[tissue]}"
 
 
-def segment_numbers(analysis: StudyAnalysis) -> dict[tuple[Tissue, Side], int]:
+class Masks:
+    """The (tissue, side) and ROI masks of one analysis, each made once when first asked for.
+
+    A SEG, its SR and their checks read the same masks several times, and each is a
+    comparison over the whole volume: a build makes one ``Masks`` and passes it on. The
+    arrays are shared between callers: they must not be changed.
+    """
+
+    def __init__(self, analysis: StudyAnalysis) -> None:
+        self.analysis = analysis
+        self._made: dict[tuple, np.ndarray] = {}
+
+    def tissue(self, tissue: Tissue, side: Side) -> np.ndarray:
+        """``analysis.segmentation.mask(tissue, side)``."""
+        key = ("tissue", tissue, side)
+        if key not in self._made:
+            self._made[key] = self.analysis.segmentation.mask(tissue, side)
+        return self._made[key]
+
+    def roi(self, label: int, side: Side) -> np.ndarray:
+        """The muscle voxels of ROI ``label`` on ``side`` (see :func:`roi_mask`)."""
+        key = ("roi", label, side)
+        if key not in self._made:
+            if self.analysis.rois is None:
+                self._made[key] = np.zeros(self.analysis.segmentation.tissue.shape, bool)
+            else:
+                self._made[key] = (self.analysis.rois.labels == label) & self.tissue(Tissue.MUSCLE, side)
+        return self._made[key]
+
+
+def segment_numbers(analysis: StudyAnalysis, masks: Masks | None = None) -> dict[tuple[Tissue, Side], int]:
     """Segment number of each (tissue, side) that :func:`build_seg` writes.
 
     Numbers are 1, 2, ... over :data:`SEGMENT_TISSUES` x :data:`SEGMENT_SIDES` in that
@@ -80,6 +110,8 @@ def segment_numbers(analysis: StudyAnalysis) -> dict[tuple[Tissue, Side], int]:
     Parameters
     ----------
     analysis : quant.pipeline.StudyAnalysis
+    masks : Masks, optional
+        The masks of ``analysis`` made so far (a build's).
 
     Returns
     -------
@@ -87,10 +119,11 @@ def segment_numbers(analysis: StudyAnalysis) -> dict[tuple[Tissue, Side], int]:
         ``{(Tissue, Side): segment number}``.
     """
     _check_analysis(analysis)
+    masks = masks or Masks(analysis)
     out: dict[tuple[Tissue, Side], int] = {}
     for tissue in SEGMENT_TISSUES:
         for side in SEGMENT_SIDES:
-            if analysis.segmentation.mask(tissue, side).any():
+            if masks.tissue(tissue, side).any():
                 out[(tissue, side)] = len(out) + 1
     return out
 
@@ -100,11 +133,11 @@ _ROI_ALGORITHM_TYPES = {"automatic": "AUTOMATIC", "atlas": "AUTOMATIC", "carried
 _ROI_RGB = ((70, 130, 230), (60, 180, 120), (150, 90, 200), (230, 150, 40), (40, 190, 200), (200, 80, 150))
 
 
-def roi_segment_numbers(analysis: StudyAnalysis) -> dict[tuple[int, Side], int]:
+def roi_segment_numbers(analysis: StudyAnalysis, masks: Masks | None = None) -> dict[tuple[int, Side], int]:
     """Segment number of each (ROI label, side) of ``analysis.rois`` that :func:`build_seg` writes.
 
     ROI segments follow the tissue segments (:func:`segment_numbers`), by ROI label, right
-    before left, skipping those without a muscle voxel.
+    before left, skipping those without a muscle voxel (``masks``: those of ``analysis`` made so far).
 
     Returns
     -------
@@ -114,10 +147,11 @@ def roi_segment_numbers(analysis: StudyAnalysis) -> dict[tuple[int, Side], int]:
     out: dict[tuple[int, Side], int] = {}
     if analysis.rois is None:
         return out
-    first = len(segment_numbers(analysis)) + 1
+    masks = masks or Masks(analysis)
+    first = len(segment_numbers(analysis, masks)) + 1
     for label in sorted(analysis.rois.names):
         for side in SEGMENT_SIDES:
-            if (roi_mask(analysis, label, side)).any():
+            if masks.roi(label, side).any():
                 out[(label, side)] = first + len(out)
     return out
 
@@ -130,9 +164,7 @@ def roi_mask(analysis: StudyAnalysis, label: int, side: Side) -> np.ndarray:
     ndarray of bool
         On the grid of ``analysis.anatomy``; all False without ROIs.
     """
-    if analysis.rois is None:
-        return np.zeros(analysis.segmentation.tissue.shape, bool)
-    return (analysis.rois.labels == label) & analysis.segmentation.mask(Tissue.MUSCLE, side)
+    return Masks(analysis).roi(label, side)
 
 
 def roi_label(analysis: StudyAnalysis, label: int, side: Side) -> str:
@@ -274,7 +306,8 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     sources = sorted_source_images(analysis, source_images)
     ref, segm = analysis.anatomy, analysis.segmentation
-    numbers = segment_numbers(analysis)
+    masks = Masks(analysis)
+    numbers = segment_numbers(analysis, masks)
     if not numbers:
         raise ValueError("analysis has no muscle, subcutaneous fat or bone voxel of either leg: nothing to segment")
 
@@ -290,10 +323,10 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         name="musclenode", version=str(analysis.algorithm_version), family=codes.ALGORITHM_FAMILY)
     region = codes.region_concept(segm.region)
     descriptions = []
-    roi_numbers = roi_segment_numbers(analysis)
+    roi_numbers = roi_segment_numbers(analysis, masks)
     stack: np.ndarray = np.zeros(segm.tissue.shape + (len(numbers) + len(roi_numbers),), dtype=np.uint8)
     for (tissue, side), number in numbers.items():
-        stack[..., number - 1] = segm.mask(tissue, side)
+        stack[..., number - 1] = masks.tissue(tissue, side)
         desc = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=segment_label(analysis, tissue, side),
@@ -309,7 +342,7 @@ def build_seg(analysis: StudyAnalysis, source_images: Sequence[Dataset], *, seri
         descriptions.append(desc)
     for (label, side), number in roi_numbers.items():
         assert analysis.rois is not None
-        stack[..., number - 1] = roi_mask(analysis, label, side)
+        stack[..., number - 1] = masks.roi(label, side)
         kind = _ROI_ALGORITHM_TYPES[analysis.rois.source.value]
         words = roi_label(analysis, label, side)
         desc = hd.seg.SegmentDescription(

@@ -55,8 +55,8 @@ from .longitudinal import Comparison
 from .outline import outline, study_key_slice
 from .seg import (
     DEFAULT_SOFTWARE_VERSION,
+    Masks,
     roi_label,
-    roi_mask,
     roi_segment_numbers,
     roi_tracking_uid,
     segment_label,
@@ -134,7 +134,8 @@ def _digest(comparisons: dict) -> str:
     return repr(items)
 
 
-def _check_seg(seg_dataset: Dataset, analysis: StudyAnalysis, sources: list[Dataset]) -> dict[tuple[Tissue, Side], int]:
+def _check_seg(seg_dataset: Dataset, analysis: StudyAnalysis, sources: list[Dataset],
+               masks: Masks) -> dict[tuple[Tissue, Side], int]:
     if not isinstance(seg_dataset, Dataset):
         raise ValueError(f"seg_dataset must be a pydicom Dataset (or highdicom Segmentation), "
                          f"got {type(seg_dataset).__name__}")
@@ -149,7 +150,7 @@ def _check_seg(seg_dataset: Dataset, analysis: StudyAnalysis, sources: list[Data
     if analysis.anatomy.series_instance_uid not in ref_series:
         raise ValueError(f"seg_dataset does not reference the analysis' reference series "
                          f"{analysis.anatomy.series_instance_uid} (it references {sorted(ref_series)})")
-    numbers = segment_numbers(analysis)
+    numbers = segment_numbers(analysis, masks)
     labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg_dataset.get("SegmentSequence", [])}
     for (tissue, side), n in numbers.items():
         if tissue is Tissue.MUSCLE and labels.get(n) != segment_label(analysis, tissue, side):
@@ -267,8 +268,8 @@ def _group(uid: str, words: str, seg_dataset: Dataset, number: int, analysis: St
 def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
                 algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept,
                 comps: Mapping[tuple[str, Side, str, str], Comparison],
-                time_point: tuple[str, str] | None = None, version_excluded: Collection[tuple] = ()
-                ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+                time_point: tuple[str, str] | None = None, version_excluded: Collection[tuple] = (),
+                masks: Masks | None = None) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """One measurement group per ROI and side of ``analysis.rois``, referencing its SEG
     segment, with the comparison of each metric with the subject's earlier visits where
     ``comps`` has one (the caller compares only values of the same ROI lineage); the ROI's
@@ -280,7 +281,7 @@ def _roi_groups(analysis: StudyAnalysis, seg_dataset: Dataset, subject_key: str,
     if analysis.rois is None:
         return []
     region = analysis.segmentation.region
-    numbers = roi_segment_numbers(analysis)
+    numbers = roi_segment_numbers(analysis, masks)
     source = analysis.rois.source
     by_key = {(m.roi, Side(m.side), m.metric): m for m in analysis.measurements
               if m.roi and m.region == region.value and m.metric in codes.METRIC_CONCEPTS}
@@ -332,7 +333,7 @@ def _separate(item: Dataset) -> None:
 
 def _planar_groups(analysis: StudyAnalysis, sources: list[Dataset], subject_key: str,
                    algorithm: hd.sr.AlgorithmIdentification, site: hd.sr.CodedConcept,
-                   time_point: tuple[str, str] | None = None
+                   time_point: tuple[str, str] | None = None, made: Masks | None = None
                    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """One planar measurement group (TID 1410) per leg, and per ROI and side, on the key
     slice (:func:`reports.outline.key_slice`): the outline of its SEG segment on that
@@ -341,16 +342,17 @@ def _planar_groups(analysis: StudyAnalysis, sources: list[Dataset], subject_key:
     (OHIF, 3D Slicer) draw these with their values.
     """
     region = analysis.segmentation.region
+    made = made or Masks(analysis)   # the masks of the SEG made so far
     ff_model = {(m.side, m.roi): m.model for m in analysis.measurements if m.metric == "ff_t2_percent"}
     ff_model.update({(m.side, m.roi): m.model for m in analysis.measurements if m.metric == "ff_percent"})
     masks: list[tuple[str, str, Side, str, hd.sr.CodedConcept]] = []   # (tracking UID, words, side, ROI, site)
     for side in (Side.RIGHT, Side.LEFT):
-        mask = analysis.segmentation.mask(Tissue.MUSCLE, side)
+        mask = made.tissue(Tissue.MUSCLE, side)
         if mask.any():
             masks.append((tracking_uid(subject_key, region, side),
                           f"{side.value} {codes.REGION_WORDS[region.value]} muscle", side, "", site))
     if analysis.rois is not None:
-        for (label, side) in roi_segment_numbers(analysis):
+        for (label, side) in roi_segment_numbers(analysis, made):
             name = analysis.rois.names[label]
             masks.append((roi_tracking_uid(subject_key, region.value, side, name, analysis.rois.source.lineage),
                           roi_label(analysis, label, side), side, name, codes.roi_concept(name) or site))
@@ -359,13 +361,13 @@ def _planar_groups(analysis: StudyAnalysis, sources: list[Dataset], subject_key:
 
     def mask_of(side: Side, name: str) -> np.ndarray:
         if not name:
-            return analysis.segmentation.mask(Tissue.MUSCLE, side)
+            return made.tissue(Tissue.MUSCLE, side)
         assert analysis.rois is not None
         label = next(k for k, v in analysis.rois.names.items() if v == name)
-        return roi_mask(analysis, label, side)
+        return made.roi(label, side)
 
     volumes = {(side, name): mask_of(side, name) for _, _, side, name, _ in masks}
-    k = study_key_slice(analysis)
+    k = study_key_slice(analysis, made)
     ref = analysis.anatomy
     uid = ref.sop_instance_uids[k]
     frame = ref.frame_numbers[k] if ref.frame_numbers and ref.frame_numbers[k] else None
@@ -433,7 +435,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         General Equipment of the SR.
     series_description : str
     previous_versions : sequence of pydicom.Dataset, optional
-        Earlier SRs of this study that this one replaces (Predecessor Documents).
+        Earlier SRs of this study that this one replaces (Predecessor Documents); one with
+        this SR's own SOP Instance UID (same inputs, same report) is not listed.
     time_point : (str, str), optional
         The visit's label (``"baseline"``, ``"day 182"`` or its time point ID) and Clinical
         Trial Time Point ID (or ""): a Time Point Context (TID 1502) in every group.
@@ -461,7 +464,8 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     sources = sorted_source_images(analysis, source_images)
-    numbers = _check_seg(seg_dataset, analysis, sources)
+    masks = Masks(analysis)   # the SEG's masks, each made once
+    numbers = _check_seg(seg_dataset, analysis, sources, masks)
     comps = _normalise_comparisons(comparisons)
     if subject_key is None:
         subject_key = default_subject_key(sources[0])
@@ -532,8 +536,9 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
                              side, algorithm, items, evaluations or None, time_point))
     if not groups:
         raise ValueError(f"the analysis has no {region.value} muscle measurement of either leg")
-    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site, comps, time_point, version_excluded)
-    planar = _planar_groups(analysis, sources, subject_key, algorithm, site, time_point)
+    groups += _roi_groups(analysis, seg_dataset, subject_key, algorithm, site, comps, time_point, version_excluded,
+                          masks)
+    planar = _planar_groups(analysis, sources, subject_key, algorithm, site, time_point, masks)
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -558,9 +563,10 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
              *((f"history:{history_note}",) if history_note else ()))
     sop_instance_uid = sop_instance_uid or derive_uid(*parts, "instance")
     series_instance_uid = series_instance_uid or derive_uid(*parts, "series")
-    return hd.sr.Comprehensive3DSR(
+    replaced = [p for p in previous_versions or () if str(p.SOPInstanceUID) != sop_instance_uid]
+    return _document(
+        report,
         evidence=[*sources, seg_dataset],
-        content=report[0],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -572,5 +578,31 @@ def build_sr(analysis: StudyAnalysis, seg_dataset: Dataset, source_images: Seque
         series_description=series_description,
         manufacturer_model_name=manufacturer_model_name,
         software_versions=software_version,
-        previous_versions=list(previous_versions) if previous_versions else None,
+        previous_versions=replaced or None,
     )
+
+
+def _document(report: hd.sr.MeasurementReport, **kwargs) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR of ``report`` (keyword arguments: those of
+    ``highdicom.sr.Comprehensive3DSR`` but ``content``).
+
+    highdicom's constructor deep-copies the content tree, converts the copy item by item and
+    walks the tree twice to check that every referenced instance is in the evidence: four
+    fifths of the time the SR took. Here it gets an empty root container of the same
+    concept, whose evidence lists are the same (every instance of ``evidence``, referenced or
+    not), and the report's root is then put in its place. The check is not needed: the groups
+    reference only the source images and the SEG, which are the evidence.
+    """
+    root = report[0]
+    stub = hd.sr.ContainerContentItem(name=root.name, is_content_continuous=False, template_id="1500")
+    stub.ContentSequence = hd.sr.ContentSequence()
+    sr = hd.sr.Comprehensive3DSR(content=stub, **kwargs)
+    for tag in set(stub.keys()) - set(root.keys()):
+        del sr[tag]
+    for tag, element in root.items():
+        sr[tag] = element
+    if "_content" in vars(sr):   # what the constructor keeps for ``sr.content``: the report itself
+        sr._content = report
+    else:   # another highdicom: let it read the content back from the data set
+        sr = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=False)
+    return sr
