@@ -9,10 +9,9 @@ from enum import IntFlag
 
 import numpy as np
 from numba import njit, prange
-from scipy import ndimage as ndi
 
 from ..errors import QuantError, SeriesError
-from ..noise import _inplane, body_mask_from, estimate_noise_sd
+from ..noise import _grown, _noise_sd, body_mask_from
 from ..rician import bessel_ratio, log_i0
 
 CHANNELS = ("water", "fat", "in_phase", "opposed_phase")
@@ -368,20 +367,30 @@ class DixonFF:
 
 
 def _channels(water, fat, in_phase, opposed_phase):
-    arrays = [np.asarray(water, dtype=np.float64), np.asarray(fat, dtype=np.float64)]
+    arrays = [np.asarray(water), np.asarray(fat)]
     kinds = [_W, _F]
     names = ["water", "fat"]
     for arr, kind, name in ((in_phase, _IP, "in_phase"), (opposed_phase, _OP, "opposed_phase")):
         if arr is not None:
-            arrays.append(np.asarray(arr, dtype=np.float64))
+            arrays.append(np.asarray(arr))
             kinds.append(kind)
             names.append(name)
     shape = arrays[0].shape
     for arr, name in zip(arrays, names, strict=True):
         if arr.shape != shape:
             raise SeriesError(f"{name} {arr.shape} and water {shape} differ in shape")
-    arrays = [np.nan_to_num(np.clip(a, 0, None), nan=0.0) for a in arrays]
-    return arrays, np.array(kinds, dtype=np.int64), names
+    return [_magnitude(a) for a in arrays], np.array(kinds, dtype=np.int64), names
+
+
+def _magnitude(a: np.ndarray) -> np.ndarray:
+    """A new float64 array of ``a`` with negatives and NaN as 0 (and infinities as the
+    largest float, as ``np.nan_to_num`` does), in place after the one conversion.
+    """
+    out = np.array(a, dtype=np.float64)
+    np.maximum(out, 0.0, out=out)
+    if not np.isfinite(out).all():
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
 
 
 def _resolve_noise(noise_sd, arrays, names, body_mask):
@@ -400,9 +409,12 @@ def _resolve_noise(noise_sd, arrays, names, body_mask):
     if total.ndim < 2:
         raise QuantError("noise_sd must be given when the inputs are not images (fewer than 2 axes)")
     body = body_mask if body_mask is not None else body_mask_from(total)
-    grown = ndi.binary_dilation(body, structure=_inplane(total.ndim), iterations=2)
+    body = np.asarray(body, dtype=bool)
+    if body.shape != total.shape:
+        raise SeriesError(f"body_mask {body.shape} and the images {total.shape} differ in shape")
+    grown = _grown(body)
     n_bg = int(np.count_nonzero(~grown & (arrays[0] > 0)))
-    sds = [estimate_noise_sd(a, body) for a in arrays]
+    sds = [_noise_sd(a, body, grown) for a in arrays]
     return sds, ("background" if n_bg >= 200 else "high-pass")
 
 

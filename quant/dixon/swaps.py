@@ -158,7 +158,10 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     -------
     SwapReport
     """
-    arrays, _, names = _channels(water, fat, in_phase, opposed_phase)
+    # opposed phase: only checked (it plays no part below)
+    if opposed_phase is not None and np.shape(opposed_phase) != np.shape(water):
+        raise SeriesError(f"opposed_phase {np.shape(opposed_phase)} and water {np.shape(water)} differ in shape")
+    arrays, _, _ = _channels(water, fat, in_phase, None)
     w, f = arrays[0], arrays[1]
     if w.ndim < 2:
         raise SeriesError(f"swap detection needs images (2-D or 3-D), got shape {w.shape}")
