@@ -59,6 +59,20 @@ class SwapReport:
         return bool(self.whole_series_swapped or self.regional.any())
 
 
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every voxel of ``mask`` (the whole array if it
+    is empty), ``margin`` voxels wider along the last two (in-plane) axes, clipped to the array.
+    """
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        pad = margin if axis >= mask.ndim - 2 else 0
+        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
+    return tuple(box)
+
+
 def _depth_in_plane(body: np.ndarray, sampling: tuple[float, float] | None = None) -> np.ndarray:
     """Distance of each body voxel to the outside, within its slice (voxels, or mm with
     ``sampling`` the row and column spacing): the distance from the voxel's centre to the
@@ -170,6 +184,12 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     if body.shape != w.shape:
         raise SeriesError(f"body_mask {body.shape} and water {w.shape} differ in shape")
     nothing = np.zeros(w.shape, dtype=bool)
+    # everything below lies within the body (in-plane morphology, components of body voxels):
+    # work on its bounding box, 2 voxels wider in-plane so that the distance transforms see
+    # the outside, rather than on the whole volume (same result, in half the time or less)
+    box = _bounding_box(body, margin=2)
+    n_body = int(np.count_nonzero(body))
+    w, f, total, body = w[box], f[box], total[box], body[box]
     ff = fat_fraction(w, f)
     skin = _skin(body, pixel_mm, skin_mm)
     core = body & ~skin
@@ -200,7 +220,7 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
         t_sat = max(2.0 * float(np.median(depth[np.isin(lab_f, sat_labels)])), shell_voxels + 1.0)
     else:
         t_sat = 3.0 * shell_voxels
-    region = np.zeros(w.shape, dtype=bool)
+    region = np.zeros(w.shape, dtype=bool)   # of the box
     reach = 1.5 * t_sat + 1.0
     # the layer test needs tissue beyond the fat layer's reach; in a small section whose fat
     # runs from the skin between the muscles (a hand) everything is "within the layer"
@@ -222,8 +242,10 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
             if n_r:
                 sizes = ndi.sum(region, lab_r, np.arange(1, n_r + 1))
                 region = np.isin(lab_r, np.arange(1, n_r + 1)[sizes >= min_region_voxels])
-    frac = float(region.sum() / max(body.sum(), 1))
+    frac = float(region.sum() / max(n_body, 1))
     n_regions = int(ndi.label(region, structure=conn)[1]) if region.any() else 0
+    regional = nothing
+    regional[box] = region
     parts = []
     if whole:
         parts.append(f"whole series swapped: {1 - shell_fat:.0%} of the shell under the skin reads water-like")
@@ -233,7 +255,7 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     if not layered:
         msg += (f"; regional swaps not checked ({deep_share:.0%} of the section lies deeper than its fat layer "
                 "reaches: no separate subcutaneous layer)")
-    return SwapReport(bool(whole), region, frac, msg, shell_fat_fraction=shell_fat, regional_checked=layered)
+    return SwapReport(bool(whole), regional, frac, msg, shell_fat_fraction=shell_fat, regional_checked=layered)
 
 
 def _swapped_tissue_under(region, valid, ffc, depth, t_sat, total, body, conn):
