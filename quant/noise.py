@@ -25,6 +25,37 @@ def _inplane(ndim: int, r: int = 1) -> np.ndarray:
     return base if ndim == 2 else base.reshape((1,) * (ndim - 2) + base.shape)
 
 
+def _dilate_inplane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """``ndi.binary_dilation`` by the in-plane cross (:func:`_inplane`), ``iterations``
+    times, with array slices: the same mask several times faster than the generic filter.
+    """
+    out = np.array(mask, dtype=bool)
+    for _ in range(iterations):
+        src = out.copy()
+        out[..., 1:, :] |= src[..., :-1, :]
+        out[..., :-1, :] |= src[..., 1:, :]
+        out[..., :, 1:] |= src[..., :, :-1]
+        out[..., :, :-1] |= src[..., :, 1:]
+    return out
+
+
+def _open_inplane(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening`` by the in-plane cross (:func:`_inplane`) with array slices
+    (the same mask; outside the array counts as background, as there).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    core = mask.copy()
+    core[..., 1:, :] &= mask[..., :-1, :]
+    core[..., :-1, :] &= mask[..., 1:, :]
+    core[..., :, 1:] &= mask[..., :, :-1]
+    core[..., :, :-1] &= mask[..., :, 1:]
+    core[..., 0, :] = False
+    core[..., -1, :] = False
+    core[..., :, 0] = False
+    core[..., :, -1] = False
+    return _dilate_inplane(core)
+
+
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """``ndi.binary_fill_holes`` of each slice (the last two axes): the in-plane 4-connected
     components of the background that do not touch the slice's edge are filled. Found with
@@ -50,7 +81,7 @@ def body_mask_from(image: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(image, dtype=np.float64)
     m = a > _otsu(a.ravel())
-    m = ndi.binary_opening(m, structure=_inplane(a.ndim))
+    m = _open_inplane(m)
     return _fill_holes_per_slice(m)
 
 
@@ -107,7 +138,7 @@ def estimate_noise_sd(image: np.ndarray, body_mask: np.ndarray | None = None) ->
 
 def _grown(body_mask: np.ndarray) -> np.ndarray:
     """The body grown by 2 voxels in-plane: what :func:`estimate_noise_sd` does not count as background."""
-    return ndi.binary_dilation(body_mask, structure=_inplane(body_mask.ndim), iterations=2)
+    return _dilate_inplane(body_mask, 2)
 
 
 def _noise_sd(a: np.ndarray, body_mask: np.ndarray, grown: np.ndarray) -> float:

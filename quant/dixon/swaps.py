@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..fatfraction import fat_fraction
-from ..noise import _fill_holes_per_slice, _inplane, body_mask_from
+from ..noise import _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
 from .magnitude import _channels
 
 
@@ -206,8 +206,8 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     whole = shell_fat < 0.35
     ffc = 1.0 - ff if whole else ff
     valid = core & np.isfinite(ffc)
-    fat_like = ndi.binary_opening(valid & (ffc >= 0.5), structure=_inplane(w.ndim))
-    water_like = ndi.binary_opening(valid & (ffc < 0.5), structure=_inplane(w.ndim))
+    fat_like = _open_inplane(valid & (ffc >= 0.5))
+    water_like = _open_inplane(valid & (ffc < 0.5))
     conn = ndi.generate_binary_structure(w.ndim, 1)
     lab_f, n_f = ndi.label(fat_like, structure=conn)
     lab_w, n_w = ndi.label(water_like, structure=conn)
