@@ -27,6 +27,13 @@ class DixonFlag(IntFlag):
     INCONSISTENT = 8    # IP/OP disagree with W and F by more than 5 noise SDs (motion, bad scaling)
 
 
+# the flags as plain ints, for the kernels
+_NO_SIGNAL = int(DixonFlag.NO_SIGNAL)
+_FAT_DOMINANT = int(DixonFlag.FAT_DOMINANT)
+_LOW_SNR = int(DixonFlag.LOW_SNR)
+_INCONSISTENT = int(DixonFlag.INCONSISTENT)
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -321,18 +328,54 @@ def _dixon_ml_map(m, kinds, s2, skip_below, min_total, max_iter, w_out, f_out):
     # T^2 * c_t <= sum g m^2 (1 + 1e-6, for the Bessel ratio's and the projection's rounding)
     c_t = g_w * g_f / (g_w + g_f) + g_ip if max_iter >= 1 else 0.0
     floor = c_t * min_total * min_total
+    sd = np.sqrt(s2)
+    g = 1.0 / s2
     for i in prange(n):
         mi = m[i]
-        top = 0.0
         norm2 = 0.0
         for c in range(nc):
-            top = max(top, mi[c] / math.sqrt(s2[c]))
-            norm2 += mi[c] * mi[c] / s2[c]
+            norm2 += mi[c] * mi[c] * g[c]
+        top = 0.0
+        if norm2 * (1.0 + 1e-6) >= floor:   # else no need to look further
+            for c in range(nc):
+                top = max(top, mi[c] / sd[c])
+                if top >= skip_below:
+                    break
         if top < skip_below or norm2 * (1.0 + 1e-6) < floor:
             w_out[i] = np.nan
             f_out[i] = np.nan
             continue
         w_out[i], f_out[i] = _ml_voxel(mi, kinds, s2, has_op, max_iter)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _dixon_maps(w, f, m, min_total, low_total, ipop, ip_sd, op_sd, ff_out, w_out, f_out, flags):
+    """The float32 maps and the flags of :class:`DixonFF` from the ML amplitudes, in one
+    pass: NaN and ``NO_SIGNAL`` where ``w + f < min_total``; ``LOW_SNR`` below ``low_total``;
+    with ``ipop`` (channels W, F, IP, OP) ``INCONSISTENT`` where IP or OP is more than 5 noise
+    SDs off the fit.
+    """
+    for i in prange(w.size):
+        wi = w[i]
+        fi = f[i]
+        total = wi + fi
+        if not total >= min_total:
+            ff_out[i] = np.nan
+            w_out[i] = np.nan
+            f_out[i] = np.nan
+            flags[i] = _NO_SIGNAL
+            continue
+        ff_out[i] = fi / total
+        w_out[i] = wi
+        f_out[i] = fi
+        fl = 0
+        if fi > wi:
+            fl |= _FAT_DOMINANT
+        if total < low_total:
+            fl |= _LOW_SNR
+        if ipop and (abs(m[i, 2] - total) / ip_sd > 5 or abs(m[i, 3] - abs(wi - fi)) / op_sd > 5):
+            fl |= _INCONSISTENT
+        flags[i] = fl
 
 
 @dataclass(frozen=True, eq=False)
@@ -469,24 +512,16 @@ def fat_fraction_dixon(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarr
     sig_ref = math.sqrt(float(np.mean(s2[:2])))
     # voxels that would come out NO_SIGNAL are left out where that is certain beforehand
     _dixon_ml_map(m, kinds, s2, 0.5 * min_snr, min_snr * sig_ref, int(max_iter), w, f)
-    total = w + f
-    flags = np.zeros(m.shape[0], np.uint8)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        no_signal = ~(total >= min_snr * sig_ref)
-        ff = np.where(no_signal, np.nan, f / total)
-    flags[no_signal] |= np.uint8(DixonFlag.NO_SIGNAL)
-    flags[~no_signal & (f > w)] |= np.uint8(DixonFlag.FAT_DOMINANT)
-    flags[~no_signal & (total < 10 * sig_ref)] |= np.uint8(DixonFlag.LOW_SNR)
-    if len(arrays) == 4:
-        ip_res = np.abs(m[:, 2] - total) / math.sqrt(s2[2])
-        op_res = np.abs(m[:, 3] - np.abs(w - f)) / math.sqrt(s2[3])
-        bad = ~no_signal & ((ip_res > 5) | (op_res > 5))
-        flags[bad] |= np.uint8(DixonFlag.INCONSISTENT)
-    w[no_signal] = np.nan
-    f[no_signal] = np.nan
-    return DixonFF(ff=ff.reshape(shape).astype(np.float32), water=w.reshape(shape).astype(np.float32),
-                   fat=f.reshape(shape).astype(np.float32), noise_sd=dict(zip(names, sds, strict=True)),
-                   flags=flags.reshape(shape), noise_source=source)
+    ff = np.empty(shape, np.float32)
+    water_out = np.empty(shape, np.float32)
+    fat_out = np.empty(shape, np.float32)
+    flags = np.empty(shape, np.uint8)
+    ip_sd = math.sqrt(s2[2]) if len(arrays) == 4 else 0.0
+    op_sd = math.sqrt(s2[3]) if len(arrays) == 4 else 0.0
+    _dixon_maps(w, f, m, min_snr * sig_ref, 10 * sig_ref, len(arrays) == 4, ip_sd, op_sd,
+                ff.reshape(-1), water_out.reshape(-1), fat_out.reshape(-1), flags.reshape(-1))
+    return DixonFF(ff=ff, water=water_out, fat=fat_out, noise_sd=dict(zip(names, sds, strict=True)),
+                   flags=flags, noise_source=source)
 
 
 # --------------------------------------------------------------------------------------
