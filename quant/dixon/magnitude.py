@@ -197,34 +197,95 @@ def _branch_ll_bound(m, kinds, s2, branch):
 
 
 @njit(cache=True)
+def _voxel_ll_lower(m, kinds, s2, w, f):
+    """A lower bound of :func:`_voxel_ll` with one logarithm instead of two per channel:
+    ``log_i0(x) >= x - log(x) / 2 + log(0.39894228)`` from 3.75 on (the polynomial there
+    is at least its constant term, ``1 / sqrt(2 pi)``), and ``>= 0`` below.
+    """
+    ll = 0.0
+    prod = 1.0
+    for c in range(kinds.size):
+        a = _amp(kinds[c], w, f)
+        x = m[c] * a / s2[c]
+        ll -= a * a / (2.0 * s2[c])
+        if x >= 3.75:
+            ll += x - 0.919
+            prod *= x
+    return ll - 0.5 * math.log(prod)
+
+
+@njit(cache=True)
 def _em_branch(m, kinds, s2, branch, w0, f0, max_iter, tol):
-    """EM for (w, f) >= 0 on one branch (+1: w >= f, -1: f >= w, 0: no OP channel)."""
+    """EM for (w, f) >= 0 on one branch (+1: w >= f, -1: f >= w, 0: no OP channel), with
+    Newton steps where they are safe.
+
+    EM converges linearly, slowly where a channel is near the noise floor. The Bessel
+    ratios that give the EM point of an iterate also give the likelihood's gradient and
+    Hessian there (``r' = 1 - r / z - r^2``): where the Hessian is negative definite and the
+    Newton point lies inside the cone, no further than 10 EM steps away, the next iterate is
+    the Newton point instead. Stopping rule and result are EM's (the EM point of the first
+    iterate whose EM step is below ``tol``), so the fixed point is the same; on the demo's
+    thigh about 3 iterations instead of 5 in tissue, and far fewer where EM is slow.
+    """
     d1x, d1y, d2x, d2y, q00, q01, q11 = _branch_cone(kinds, s2, branch)
+    sg = 1.0 if branch >= 0 else -1.0
     w, f = w0, f0
+    wn, fn = w0, f0
     for _ in range(max_iter):
         r0 = 0.0
         r1 = 0.0
+        h00 = -q00
+        h01 = -q01
+        h11 = -q11
         for c in range(kinds.size):
             k = kinds[c]
             a = _amp(k, w, f)
-            y = m[c] * bessel_ratio(m[c] * a / s2[c]) / s2[c]
+            z = m[c] * a / s2[c]
+            rb = bessel_ratio(z)
+            y = m[c] * rb / s2[c]
+            ms = m[c] / s2[c]
+            e = ms * ms * (1.0 - rb / z - rb * rb if z > 1e-12 else 0.5)
             if k == _W:
                 r0 += y
+                h00 += e
             elif k == _F:
                 r1 += y
+                h11 += e
             elif k == _IP:
                 r0 += y
                 r1 += y
+                h00 += e
+                h01 += e
+                h11 += e
             else:
-                sg = 1.0 if branch >= 0 else -1.0
                 r0 += sg * y
                 r1 -= sg * y
+                h00 += e
+                h01 -= e
+                h11 += e
         wn, fn = _cone_lsq(q00, q01, q11, r0, r1, d1x, d1y, d2x, d2y)
         delta = abs(wn - w) + abs(fn - f)
-        w, f = wn, fn
         if delta < tol:
             break
-    return w, f
+        det = h00 * h11 - h01 * h01
+        if h00 < 0.0 and det > 0.0:
+            g0 = r0 - q00 * w - q01 * f      # gradient of the log-likelihood
+            g1 = r1 - q01 * w - q11 * f
+            sw = (h01 * g1 - h11 * g0) / det
+            sf = (h01 * g0 - h00 * g1) / det
+            wt = w + sw
+            ft = f + sf
+            if branch > 0:
+                inside = ft > 0.0 and wt > ft
+            elif branch < 0:
+                inside = wt > 0.0 and ft > wt
+            else:
+                inside = wt > 0.0 and ft > 0.0
+            if inside and abs(sw) + abs(sf) <= 10.0 * delta:
+                w, f = wt, ft
+                continue
+        w, f = wn, fn
+    return wn, fn
 
 
 @njit(cache=True)
@@ -234,8 +295,9 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter):
     With an OP channel the likelihood has a maximum on each side of w = f: EM runs on both
     branches and the higher likelihood wins (the w >= f branch on a tie). The branch the
     labelled images favour runs first; the other is left out where even its likelihood bound
-    (:func:`_branch_ll_bound`) is below what the first reached, for it cannot win then (the
-    margin covers rounding): the result is the same as with both, in about half the time.
+    (:func:`_branch_ll_bound`) is below what the first reached (tested first against a
+    cheaper lower bound of that), for it cannot win then (the margin covers rounding): the
+    result is the same as with both, in about half the time.
     """
     nc = kinds.size
     if nc == 2 and kinds[0] == _W and kinds[1] == _F:
@@ -255,11 +317,14 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter):
         wx, fx = _em_branch(mi, kinds, s2, 1, hi, lo, max_iter, tol)
     else:
         wx, fx = _em_branch(mi, kinds, s2, -1, lo, hi, max_iter, tol)
-    llx = _voxel_ll(mi, kinds, s2, wx, fx)
     size = 1.0
     for c in range(nc):
         size += mi[c] * mi[c] / s2[c]
-    if _branch_ll_bound(mi, kinds, s2, -first) < llx - 1e-9 * size:
+    bound = _branch_ll_bound(mi, kinds, s2, -first) + 1e-9 * size
+    if bound < _voxel_ll_lower(mi, kinds, s2, wx, fx):
+        return wx, fx
+    llx = _voxel_ll(mi, kinds, s2, wx, fx)
+    if bound < llx:
         return wx, fx
     if first > 0:
         wa, fa, lla = wx, fx, llx
