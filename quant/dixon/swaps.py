@@ -38,6 +38,10 @@ class SwapReport:
         Regional swaps were looked for: False where the section has no subcutaneous fat
         layer separate from deeper tissue (less than 10 % of it lies deeper than the layer
         reaches, e.g. a hand, whose fat runs from the skin between the muscles).
+    body : ndarray of bool, optional
+        The body mask used (given, or :func:`body_mask_from` of the in-phase image or of
+        W + F, which a swap does not change): pass it on as the ``body_mask`` of
+        :func:`fat_fraction_dixon`, which would find the same one again.
     """
 
     whole_series_swapped: bool
@@ -47,6 +51,7 @@ class SwapReport:
     shell_fat_fraction: float = float("nan")
     ambiguous: bool = False
     regional_checked: bool = True
+    body: np.ndarray | None = None
 
     @property
     def exchange(self) -> np.ndarray:
@@ -189,6 +194,7 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     # the outside, rather than on the whole volume (same result, in half the time or less)
     box = _bounding_box(body, margin=2)
     n_body = int(np.count_nonzero(body))
+    whole_body = body
     w, f, total, body = w[box], f[box], total[box], body[box]
     ff = fat_fraction(w, f)
     skin = _skin(body, pixel_mm, skin_mm)
@@ -196,13 +202,14 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     depth = _depth_in_plane(core)
     shell = core & (depth <= shell_voxels) & np.isfinite(ff)
     if shell.sum() < 20:
-        return SwapReport(False, nothing, 0.0, "swap check not possible: no body found", ambiguous=True)
+        return SwapReport(False, nothing, 0.0, "swap check not possible: no body found", ambiguous=True,
+                          body=whole_body)
     shell_fat = float(np.mean(ff[shell] >= 0.5))
     if 0.35 <= shell_fat <= 0.65:
         return SwapReport(False, nothing, 0.0,
                           f"swap check ambiguous: {shell_fat:.0%} of the shell under the skin reads fat-like "
                           "(thin or absent subcutaneous fat); nothing corrected",
-                          shell_fat_fraction=shell_fat, ambiguous=True)
+                          shell_fat_fraction=shell_fat, ambiguous=True, body=whole_body)
     whole = shell_fat < 0.35
     ffc = 1.0 - ff if whole else ff
     valid = core & np.isfinite(ffc)
@@ -255,7 +262,8 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     if not layered:
         msg += (f"; regional swaps not checked ({deep_share:.0%} of the section lies deeper than its fat layer "
                 "reaches: no separate subcutaneous layer)")
-    return SwapReport(bool(whole), regional, frac, msg, shell_fat_fraction=shell_fat, regional_checked=layered)
+    return SwapReport(bool(whole), regional, frac, msg, shell_fat_fraction=shell_fat, regional_checked=layered,
+                      body=whole_body)
 
 
 def _swapped_tissue_under(region, valid, ffc, depth, t_sat, total, body, conn):
