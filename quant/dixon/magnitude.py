@@ -552,7 +552,8 @@ def fat_fraction_dixon(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarr
     min_snr : float
         Voxels whose estimated ``water + fat`` is below ``min_snr`` noise SDs are NaN.
     max_iter : int
-        EM iterations per voxel and branch (convergence is usually reached in < 50).
+        EM iterations per voxel and branch, Newton steps among them (convergence is usually
+        reached in < 10).
 
     Returns
     -------
@@ -566,6 +567,11 @@ def fat_fraction_dixon(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarr
     against +4.1 pp for ``F / (W + F)`` at FF 2 %; with IP/OP by -0.14 to +0.42 pp
     (mostly the truncation at FF = 0). For region means use :func:`roi_fat_fraction`
     (< 0.15 pp in the same cases).
+
+    Only the voxels that may reach ``min_snr`` are fitted (a bound on ``w + f`` from the
+    magnitudes sorts out most of the background, where EM is slowest), and only on the
+    branch(es) that may win (:func:`_ml_voxel`): on a 20 x 160 x 256 thigh with IP/OP about
+    0.1 s of CPU, a seventh of fitting every voxel above the noise on both branches.
     """
     arrays, kinds, names = _channels(water, fat, in_phase, opposed_phase)
     sds, source = _resolve_noise(noise_sd, arrays, names, body_mask)
