@@ -239,11 +239,10 @@ def _em_branch(m, kinds, s2, branch, w0, f0, max_iter, tol):
         h11 = -q11
         for c in range(kinds.size):
             k = kinds[c]
-            a = _amp(k, w, f)
-            z = m[c] * a / s2[c]
-            rb = bessel_ratio(z)
-            y = m[c] * rb / s2[c]
             ms = m[c] / s2[c]
+            z = ms * _amp(k, w, f)
+            rb = bessel_ratio(z)
+            y = ms * rb
             e = ms * ms * (1.0 - rb / z - rb * rb if z > 1e-12 else 0.5)
             if k == _W:
                 r0 += y
