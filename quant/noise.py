@@ -25,15 +25,54 @@ def _inplane(ndim: int, r: int = 1) -> np.ndarray:
     return base if ndim == 2 else base.reshape((1,) * (ndim - 2) + base.shape)
 
 
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    if mask.ndim == 2:
-        return ndi.binary_fill_holes(mask)
-    out = np.empty_like(mask)
-    flat_in = mask.reshape(-1, *mask.shape[-2:])
-    flat_out = out.reshape(-1, *mask.shape[-2:])
-    for k in range(flat_in.shape[0]):
-        flat_out[k] = ndi.binary_fill_holes(flat_in[k])
+def _dilate_inplane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """``ndi.binary_dilation`` by the in-plane cross (:func:`_inplane`), ``iterations``
+    times, with array slices: the same mask several times faster than the generic filter.
+    """
+    out = np.array(mask, dtype=bool)
+    for _ in range(iterations):
+        src = out.copy()
+        out[..., 1:, :] |= src[..., :-1, :]
+        out[..., :-1, :] |= src[..., 1:, :]
+        out[..., :, 1:] |= src[..., :, :-1]
+        out[..., :, :-1] |= src[..., :, 1:]
     return out
+
+
+def _open_inplane(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening`` by the in-plane cross (:func:`_inplane`) with array slices
+    (the same mask; outside the array counts as background, as there).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    core = mask.copy()
+    core[..., 1:, :] &= mask[..., :-1, :]
+    core[..., :-1, :] &= mask[..., 1:, :]
+    core[..., :, 1:] &= mask[..., :, :-1]
+    core[..., :, :-1] &= mask[..., :, 1:]
+    core[..., 0, :] = False
+    core[..., -1, :] = False
+    core[..., :, 0] = False
+    core[..., :, -1] = False
+    return _dilate_inplane(core)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` of each slice (the last two axes): the in-plane 4-connected
+    components of the background that do not touch the slice's edge are filled. Found with
+    one labelling of the volume rather than a propagation per slice (same result, several
+    times faster).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    cross = np.zeros((3,) * mask.ndim, dtype=bool)   # label wants 3 along every axis
+    cross[(1,) * (mask.ndim - 2)] = ndi.generate_binary_structure(2, 1)
+    lab, n = ndi.label(~mask, structure=cross)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[..., 0, :], lab[..., -1, :], lab[..., :, 0], lab[..., :, -1]):
+        outside[edge] = True
+    outside[0] = False   # label 0: the mask itself
+    return ~outside[lab]
 
 
 def body_mask_from(image: np.ndarray) -> np.ndarray:
@@ -42,7 +81,7 @@ def body_mask_from(image: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(image, dtype=np.float64)
     m = a > _otsu(a.ravel())
-    m = ndi.binary_opening(m, structure=_inplane(a.ndim))
+    m = _open_inplane(m)
     return _fill_holes_per_slice(m)
 
 
@@ -94,7 +133,18 @@ def estimate_noise_sd(image: np.ndarray, body_mask: np.ndarray | None = None) ->
     body_mask = np.asarray(body_mask, dtype=bool)
     if body_mask.shape != a.shape:
         raise SeriesError(f"body_mask {body_mask.shape} and image {a.shape} differ in shape")
-    grown = ndi.binary_dilation(body_mask, structure=_inplane(a.ndim), iterations=2)
+    return _noise_sd(a, body_mask, _grown(body_mask))
+
+
+def _grown(body_mask: np.ndarray) -> np.ndarray:
+    """The body grown by 2 voxels in-plane: what :func:`estimate_noise_sd` does not count as background."""
+    return _dilate_inplane(body_mask, 2)
+
+
+def _noise_sd(a: np.ndarray, body_mask: np.ndarray, grown: np.ndarray) -> float:
+    """:func:`estimate_noise_sd` of float64 ``a`` with the grown body given (several
+    channels of one body share it).
+    """
     bg = a[~grown & (a > 0) & np.isfinite(a)]
     if bg.size >= 200:
         return float(np.median(bg) / _RAYLEIGH_MEDIAN)

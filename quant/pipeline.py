@@ -161,7 +161,7 @@ def analyse_study(datasets: Iterable[Dataset], *, t2_options: T2Options | None =
         water = water.with_array(w_arr)
     elif not swaps.regional_checked:
         notes.append(f"fat-water swap check: {swaps.message}")
-    dixon = fat_fraction_dixon(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed)
+    dixon = fat_fraction_dixon(w_arr, f_arr, in_phase=in_phase, opposed_phase=opposed, body_mask=swaps.body)
     if megre is not None and megre[0].same_grid(water):
         # multi-echo complex data of the same grid: the PDFF (multi-peak fat, R2*, field
         # map) is the better fat fraction; its region mean is unbiased (not clipped)

@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..fatfraction import fat_fraction
-from ..noise import _fill_holes_per_slice, _inplane, body_mask_from
+from ..noise import _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
 from .magnitude import _channels
 
 
@@ -38,6 +38,10 @@ class SwapReport:
         Regional swaps were looked for: False where the section has no subcutaneous fat
         layer separate from deeper tissue (less than 10 % of it lies deeper than the layer
         reaches, e.g. a hand, whose fat runs from the skin between the muscles).
+    body : ndarray of bool, optional
+        The body mask used (given, or :func:`body_mask_from` of the in-phase image or of
+        W + F, which a swap does not change): pass it on as the ``body_mask`` of
+        :func:`fat_fraction_dixon`, which would find the same one again.
     """
 
     whole_series_swapped: bool
@@ -47,6 +51,7 @@ class SwapReport:
     shell_fat_fraction: float = float("nan")
     ambiguous: bool = False
     regional_checked: bool = True
+    body: np.ndarray | None = None
 
     @property
     def exchange(self) -> np.ndarray:
@@ -57,6 +62,20 @@ class SwapReport:
     def any(self) -> bool:
         """True if anything is swapped (the whole series or a region)."""
         return bool(self.whole_series_swapped or self.regional.any())
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every voxel of ``mask`` (the whole array if it
+    is empty), ``margin`` voxels wider along the last two (in-plane) axes, clipped to the array.
+    """
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        pad = margin if axis >= mask.ndim - 2 else 0
+        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
+    return tuple(box)
 
 
 def _depth_in_plane(body: np.ndarray, sampling: tuple[float, float] | None = None) -> np.ndarray:
@@ -158,7 +177,10 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     -------
     SwapReport
     """
-    arrays, _, names = _channels(water, fat, in_phase, opposed_phase)
+    # opposed phase: only checked (it plays no part below)
+    if opposed_phase is not None and np.shape(opposed_phase) != np.shape(water):
+        raise SeriesError(f"opposed_phase {np.shape(opposed_phase)} and water {np.shape(water)} differ in shape")
+    arrays, _, _ = _channels(water, fat, in_phase, None)
     w, f = arrays[0], arrays[1]
     if w.ndim < 2:
         raise SeriesError(f"swap detection needs images (2-D or 3-D), got shape {w.shape}")
@@ -167,24 +189,32 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     if body.shape != w.shape:
         raise SeriesError(f"body_mask {body.shape} and water {w.shape} differ in shape")
     nothing = np.zeros(w.shape, dtype=bool)
+    # everything below lies within the body (in-plane morphology, components of body voxels):
+    # work on its bounding box, 2 voxels wider in-plane so that the distance transforms see
+    # the outside, rather than on the whole volume (same result, in half the time or less)
+    box = _bounding_box(body, margin=2)
+    n_body = int(np.count_nonzero(body))
+    whole_body = body
+    w, f, total, body = w[box], f[box], total[box], body[box]
     ff = fat_fraction(w, f)
     skin = _skin(body, pixel_mm, skin_mm)
     core = body & ~skin
     depth = _depth_in_plane(core)
     shell = core & (depth <= shell_voxels) & np.isfinite(ff)
     if shell.sum() < 20:
-        return SwapReport(False, nothing, 0.0, "swap check not possible: no body found", ambiguous=True)
+        return SwapReport(False, nothing, 0.0, "swap check not possible: no body found", ambiguous=True,
+                          body=whole_body)
     shell_fat = float(np.mean(ff[shell] >= 0.5))
     if 0.35 <= shell_fat <= 0.65:
         return SwapReport(False, nothing, 0.0,
                           f"swap check ambiguous: {shell_fat:.0%} of the shell under the skin reads fat-like "
                           "(thin or absent subcutaneous fat); nothing corrected",
-                          shell_fat_fraction=shell_fat, ambiguous=True)
+                          shell_fat_fraction=shell_fat, ambiguous=True, body=whole_body)
     whole = shell_fat < 0.35
     ffc = 1.0 - ff if whole else ff
     valid = core & np.isfinite(ffc)
-    fat_like = ndi.binary_opening(valid & (ffc >= 0.5), structure=_inplane(w.ndim))
-    water_like = ndi.binary_opening(valid & (ffc < 0.5), structure=_inplane(w.ndim))
+    fat_like = _open_inplane(valid & (ffc >= 0.5))
+    water_like = _open_inplane(valid & (ffc < 0.5))
     conn = ndi.generate_binary_structure(w.ndim, 1)
     lab_f, n_f = ndi.label(fat_like, structure=conn)
     lab_w, n_w = ndi.label(water_like, structure=conn)
@@ -197,7 +227,7 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
         t_sat = max(2.0 * float(np.median(depth[np.isin(lab_f, sat_labels)])), shell_voxels + 1.0)
     else:
         t_sat = 3.0 * shell_voxels
-    region = np.zeros(w.shape, dtype=bool)
+    region = np.zeros(w.shape, dtype=bool)   # of the box
     reach = 1.5 * t_sat + 1.0
     # the layer test needs tissue beyond the fat layer's reach; in a small section whose fat
     # runs from the skin between the muscles (a hand) everything is "within the layer"
@@ -219,8 +249,10 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
             if n_r:
                 sizes = ndi.sum(region, lab_r, np.arange(1, n_r + 1))
                 region = np.isin(lab_r, np.arange(1, n_r + 1)[sizes >= min_region_voxels])
-    frac = float(region.sum() / max(body.sum(), 1))
+    frac = float(region.sum() / max(n_body, 1))
     n_regions = int(ndi.label(region, structure=conn)[1]) if region.any() else 0
+    regional = nothing
+    regional[box] = region
     parts = []
     if whole:
         parts.append(f"whole series swapped: {1 - shell_fat:.0%} of the shell under the skin reads water-like")
@@ -230,7 +262,8 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     if not layered:
         msg += (f"; regional swaps not checked ({deep_share:.0%} of the section lies deeper than its fat layer "
                 "reaches: no separate subcutaneous layer)")
-    return SwapReport(bool(whole), region, frac, msg, shell_fat_fraction=shell_fat, regional_checked=layered)
+    return SwapReport(bool(whole), regional, frac, msg, shell_fat_fraction=shell_fat, regional_checked=layered,
+                      body=whole_body)
 
 
 def _swapped_tissue_under(region, valid, ffc, depth, t_sat, total, body, conn):
