@@ -4,6 +4,16 @@ database or the file system: numpy arrays and pydicom datasets in, numpy arrays
 and frozen dataclasses out.
 """
 
+import os
+
+# numba's parallel kernels (OpenMP layer) start a parallel region per step of some fits (the
+# region fat fraction: one per profile evaluation, about 200 per study). OpenMP's default
+# lets idle threads spin between regions; on a machine whose cores are busy with anything
+# else (the node's own ingest, another tenant) the spinning threads take the cores the
+# working ones need, and that fit took 4-10 s instead of 1 s. Waiting threads sleep instead
+# (passive); on an idle machine it costs nothing measurable. A deployment may set it otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 """The one version of musclenode (pyproject.toml reads it from here)."""
 

@@ -252,8 +252,9 @@ def _em_branch(m, kinds, s2, branch, w0, f0, max_iter, tol):
 
 
 @njit(cache=True)
-def _ml_voxel(mi, kinds, s2, has_op, max_iter):
-    """Rician ML (w, f) of one voxel's magnitudes ``mi``.
+def _ml_voxel(mi, kinds, s2, has_op, max_iter, bounds):
+    """Rician ML (w, f) of one voxel's magnitudes ``mi``, and upper bounds of its
+    log-likelihood on each branch, (w, f, w >= f branch, f >= w branch).
 
     With an OP channel the likelihood has a maximum on each side of w = f: EM runs on both
     branches and the higher likelihood wins (the w >= f branch on a tie). The branch the
@@ -261,10 +262,14 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter):
     (:func:`_branch_ll_bound`) is below what the first reached (tested first against a
     cheaper lower bound of that), for it cannot win then (the margin covers rounding): the
     result is the same as with both, in about half the time.
+
+    A branch's bound is its EM maximum where EM ran on it, else its :func:`_branch_ll_bound`;
+    +inf without an OP channel, and where ``bounds`` is false and the cheaper test settled the
+    voxel (a map needs no bounds; :class:`quant.dixon.roi.RegionFatFraction` does).
     """
     nc = kinds.size
     if nc == 2 and kinds[0] == _W and kinds[1] == _F:
-        return _single_rician_ml(mi[0], s2[0]), _single_rician_ml(mi[1], s2[1])
+        return _single_rician_ml(mi[0], s2[0]), _single_rician_ml(mi[1], s2[1]), np.inf, np.inf
     wm = mi[0]
     fm = mi[1]
     scale = 0.0
@@ -272,7 +277,8 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter):
         scale = max(scale, mi[c])
     tol = 1e-7 * scale + 1e-12
     if not has_op:
-        return _em_branch(mi, kinds, s2, 0, wm, fm, max_iter, tol)
+        w0, f0 = _em_branch(mi, kinds, s2, 0, wm, fm, max_iter, tol)
+        return w0, f0, np.inf, np.inf
     hi = max(wm, fm)
     lo = min(wm, fm)
     first = 1 if wm >= fm else -1
@@ -284,11 +290,13 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter):
     for c in range(nc):
         size += mi[c] * mi[c] / s2[c]
     bound = _branch_ll_bound(mi, kinds, s2, -first) + 1e-9 * size
-    if bound < _voxel_ll_lower(mi, kinds, s2, wx, fx):
-        return wx, fx
+    if not bounds and bound < _voxel_ll_lower(mi, kinds, s2, wx, fx):
+        return wx, fx, np.inf, np.inf
     llx = _voxel_ll(mi, kinds, s2, wx, fx)
     if bound < llx:
-        return wx, fx
+        if first > 0:
+            return wx, fx, llx, bound
+        return wx, fx, bound, llx
     if first > 0:
         wa, fa, lla = wx, fx, llx
         wb, fb = _em_branch(mi, kinds, s2, -1, lo, hi, max_iter, tol)
@@ -298,8 +306,8 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter):
         wa, fa = _em_branch(mi, kinds, s2, 1, hi, lo, max_iter, tol)
         lla = _voxel_ll(mi, kinds, s2, wa, fa)
     if lla >= llb:
-        return wa, fa
-    return wb, fb
+        return wa, fa, lla, llb
+    return wb, fb, lla, llb
 
 
 @njit(cache=True, parallel=True)
@@ -323,7 +331,7 @@ def _dixon_ml_kernel(m, kinds, s2, skip_below, max_iter, w_out, f_out):
             w_out[i] = np.nan
             f_out[i] = np.nan
             continue
-        w_out[i], f_out[i] = _ml_voxel(mi, kinds, s2, has_op, max_iter)
+        w_out[i], f_out[i], _, _ = _ml_voxel(mi, kinds, s2, has_op, max_iter, False)
 
 
 @njit(cache=True, parallel=True)
@@ -373,7 +381,7 @@ def _dixon_ml_map(m, kinds, s2, skip_below, min_total, max_iter, w_out, f_out):
             w_out[i] = np.nan
             f_out[i] = np.nan
             continue
-        w_out[i], f_out[i] = _ml_voxel(mi, kinds, s2, has_op, max_iter)
+        w_out[i], f_out[i], _, _ = _ml_voxel(mi, kinds, s2, has_op, max_iter, False)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")

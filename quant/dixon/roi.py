@@ -17,11 +17,9 @@ from .magnitude import (
     _OP,
     _W,
     _channels,
-    _em_branch,
+    _ml_voxel,
     _resolve_noise,
     _rician_ll,
-    _single_rician_ml,
-    _voxel_ll,
 )
 
 #: How far (log-likelihood) a half's upper bound must lie below the maximum found in the
@@ -186,8 +184,8 @@ def _roi_ml_kernel(m, kinds, s2, s0, tol, bound_lo, bound_hi):
     opposed-phase channel (|1 - 2 FF|, kinked at 0.5) is present. Returns the FF.
 
     ``bound_lo`` and ``bound_hi`` bound the profile from above on each half (the sum over the
-    voxels of each voxel's own maximum with FF <= 0.5, resp. >= 0.5, see :func:`_pilot_kernel`;
-    +inf when unknown): the half with the higher bound is searched first, and the other is
+    voxels of a bound of each voxel's own maximum with FF <= 0.5, resp. >= 0.5, see
+    :func:`_pilot_kernel`; +inf when unknown): the half with the higher bound is searched first, and the other is
     not searched when its bound is below the maximum found by :data:`SKIP_MARGIN`, since no
     FF there can do better. A low-FF stratum of muscle skips its [0.5, 1] half so, and the
     result is the one that searching both halves gives.
@@ -224,41 +222,17 @@ def _maximise_roi_from_hi(m, kinds, s2, s0, tol):
 @njit(cache=True, parallel=True)
 def _pilot_kernel(m, kinds, s2, max_iter, w_out, f_out, ll_lo_out, ll_hi_out):
     """Per-voxel Rician ML of (w, f), as :func:`quant.dixon.magnitude._dixon_ml_kernel` with
-    nothing skipped, and with an opposed-phase channel each voxel's largest log-likelihood
-    with FF <= 0.5 (``ll_lo_out``, its w >= f branch) and with FF >= 0.5 (``ll_hi_out``);
-    +inf without one. The bounds of :func:`_roi_ml_kernel` are sums of these.
+    nothing skipped, and with an opposed-phase channel upper bounds of each voxel's
+    log-likelihood with FF <= 0.5 (``ll_lo_out``) and with FF >= 0.5 (``ll_hi_out``; see
+    :func:`quant.dixon.magnitude._ml_voxel`); +inf without one. The bounds of
+    :func:`_roi_ml_kernel` are sums of these.
     """
-    n = m.shape[0]
-    nc = kinds.size
     has_op = False
-    for c in range(nc):
+    for c in range(kinds.size):
         if kinds[c] == _OP:
             has_op = True
-    for i in prange(n):
-        mi = m[i]
-        ll_lo_out[i] = np.inf
-        ll_hi_out[i] = np.inf
-        if nc == 2 and kinds[0] == _W and kinds[1] == _F:
-            w_out[i] = _single_rician_ml(mi[0], s2[0])
-            f_out[i] = _single_rician_ml(mi[1], s2[1])
-            continue
-        scale = 0.0
-        for c in range(nc):
-            scale = max(scale, mi[c])
-        tol = 1e-7 * scale + 1e-12
-        if not has_op:
-            w_out[i], f_out[i] = _em_branch(mi, kinds, s2, 0, mi[0], mi[1], max_iter, tol)
-            continue
-        hi = max(mi[0], mi[1])
-        lo = min(mi[0], mi[1])
-        wa, fa = _em_branch(mi, kinds, s2, 1, hi, lo, max_iter, tol)
-        wb, fb = _em_branch(mi, kinds, s2, -1, lo, hi, max_iter, tol)
-        ll_lo_out[i] = _voxel_ll(mi, kinds, s2, wa, fa)
-        ll_hi_out[i] = _voxel_ll(mi, kinds, s2, wb, fb)
-        if ll_lo_out[i] >= ll_hi_out[i]:
-            w_out[i], f_out[i] = wa, fa
-        else:
-            w_out[i], f_out[i] = wb, fb
+    for i in prange(m.shape[0]):
+        w_out[i], f_out[i], ll_lo_out[i], ll_hi_out[i] = _ml_voxel(m[i], kinds, s2, has_op, max_iter, True)
 
 
 def _smooth_in_mask(values: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
