@@ -56,32 +56,44 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
-def _ray_point(start: np.ndarray, direction: np.ndarray, inside: np.ndarray, xy: np.ndarray,
-               depth: float) -> np.ndarray:
-    """The point ``depth`` of the way from ``start`` along ``direction`` to where the ray
-    leaves ``inside`` (patient mm; ``xy`` the patient x, y of every pixel).
+def _ray_grid(xy: np.ndarray) -> tuple[float, float, float, float, float, float, float]:
+    """What :func:`_ray_point` needs of a slice's pixel positions (``xy``: patient x, y of every
+    pixel), once per slice: the ray's step, the pixel size along patient x and y, the first
+    pixel's position and the directions of columns and rows along x and y.
     """
     step = 0.5 * float(np.min(np.abs(np.diff(xy[..., 0], axis=1)))) or 0.5
     dx = float(np.abs(xy[0, 1, 0] - xy[0, 0, 0])) or 1.0
     dy = float(np.abs(xy[1, 0, 1] - xy[0, 0, 1])) or 1.0
-    x0, y0 = float(xy[0, 0, 0]), float(xy[0, 0, 1])
     sx = 1.0 if xy[0, -1, 0] >= xy[0, 0, 0] else -1.0
     sy = 1.0 if xy[-1, 0, 1] >= xy[0, 0, 1] else -1.0
-    last = 0.0
-    t = 0.0
+    return step, dx, dy, float(xy[0, 0, 0]), float(xy[0, 0, 1]), sx, sy
+
+
+def _ray_point(start: np.ndarray, direction: np.ndarray, inside: np.ndarray, grid: tuple[float, ...],
+               depth: float) -> np.ndarray:
+    """The point ``depth`` of the way from ``start`` along ``direction`` to where the ray
+    leaves ``inside`` (patient mm; ``grid`` of :func:`_ray_grid`).
+
+    The ray is walked in steps of half a pixel until it leaves the image or is well past
+    the last point inside; every step at once (the steps summed one by one, as a walk would).
+    """
+    step, dx, dy, x0, y0, sx, sy = grid
     limit = 4.0 * max(inside.shape) * max(dx, dy)
-    while t < limit:
-        p = start + t * direction
-        c = int(round((p[0] - x0) / (dx * sx)))
-        r = int(round((p[1] - y0) / (dy * sy)))
-        if not (0 <= r < inside.shape[0] and 0 <= c < inside.shape[1]):
-            break
-        if inside[r, c]:
-            last = t
-        elif t > last + 6.0 * max(dx, dy):   # well past the leg's edge
-            break
-        t += step
-    return start + depth * last * direction
+    t = np.concatenate([[0.0], np.cumsum(np.full(int(limit / step) + 2, step))])
+    t = t[t < limit]
+    p0 = start[0] + t * direction[0]
+    p1 = start[1] + t * direction[1]
+    c = np.rint((p0 - x0) / (dx * sx))
+    r = np.rint((p1 - y0) / (dy * sy))
+    ok = (r >= 0) & (r < inside.shape[0]) & (c >= 0) & (c < inside.shape[1])
+    n = int(np.argmin(ok)) if not ok.all() else ok.size   # the walk stops where it leaves the image
+    hit = inside[r[:n].astype(np.intp), c[:n].astype(np.intp)]
+    last = np.maximum.accumulate(np.where(hit, t[:n], 0.0)) if n else t[:0]
+    past = ~hit & (t[:n] > last + 6.0 * max(dx, dy))     # ... or well past the leg's edge
+    if past.any():
+        n = int(np.argmax(past))
+    end = float(last[n - 1]) if n else 0.0
+    return start + depth * end * direction
 
 
 def _markers(targets: list[np.ndarray], muscle: np.ndarray, xy: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -100,7 +112,7 @@ def _markers(targets: list[np.ndarray], muscle: np.ndarray, xy: np.ndarray, pixe
 
 
 def _targets(region: Region, leg: np.ndarray, bones: list[np.ndarray], xy: np.ndarray, lateral: float,
-             inner: np.ndarray) -> list[np.ndarray] | None:
+             inner: np.ndarray, grid: tuple[float, ...]) -> list[np.ndarray] | None:
     """Marker positions (patient x, y) of each compartment of one leg in one slice, in the
     order of :data:`quant.enums.COMPARTMENTS`; None where the landmarks are missing.
     """
@@ -111,7 +123,7 @@ def _targets(region: Region, leg: np.ndarray, bones: list[np.ndarray], xy: np.nd
     if region is Region.THIGH:
         femur = bones[0] if bones else centre
         dirs = [_unit(anterior + 0.35 * out), _unit(-out + 0.45 * -anterior), _unit(-anterior + 0.25 * out)]
-        return [_ray_point(femur, d, inner, xy, MARKER_DEPTH) for d in dirs]
+        return [_ray_point(femur, d, inner, grid, MARKER_DEPTH) for d in dirs]
     if len(bones) < 2:
         return None
     tibia, fibula = bones[0], bones[1]
@@ -122,11 +134,31 @@ def _targets(region: Region, leg: np.ndarray, bones: list[np.ndarray], xy: np.nd
         normal = -normal                               # the membrane's anterior normal
     gap = float(np.hypot(*(fibula - tibia)))
     return [
-        _ray_point(mid, normal, inner, xy, 0.45),                          # anterior
-        _ray_point(fibula, _unit(out + 0.2 * anterior), inner, xy, 0.5),  # lateral, around the fibula
-        _ray_point(centre, -anterior, inner, xy, 0.6),                     # triceps surae
+        _ray_point(mid, normal, inner, grid, 0.45),                          # anterior
+        _ray_point(fibula, _unit(out + 0.2 * anterior), inner, grid, 0.5),  # lateral, around the fibula
+        _ray_point(centre, -anterior, inner, grid, 0.6),                     # triceps surae
         mid - normal * 0.35 * gap,                                         # deep posterior
     ]
+
+
+def _flood_box(region: np.ndarray, markers: np.ndarray) -> tuple[slice, slice]:
+    """Where the watershed of one leg's slice needs to run: the box around ``region`` with a
+    margin of one pixel, when every 8-connected piece of ``region`` holds a marker; else the
+    whole slice.
+
+    The flooding (lowest level first) labels all of a piece that holds a marker before it
+    reaches the wall of level 2 around the region, so the box gives those pixels the labels
+    the whole slice gives; a piece without a marker is reached over the wall, whose extent
+    the box would change.
+    """
+    whole = (slice(0, region.shape[0]), slice(0, region.shape[1]))
+    pieces, n = ndi.label(region, structure=np.ones((3, 3), bool))
+    if n == 0 or np.setdiff1d(np.arange(1, n + 1), pieces[markers > 0]).size:
+        return whole
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
+    return (slice(max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, region.shape[0])),
+            slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, region.shape[1])))
 
 
 def automatic_compartments(seg: Segmentation, ff: np.ndarray, anatomy: Volume) -> RoiSet | None:
@@ -159,9 +191,10 @@ def automatic_compartments(seg: Segmentation, ff: np.ndarray, anatomy: Volume) -
     elevation_all = np.floor(np.clip(np.nan_to_num(np.asarray(ff, dtype=np.float32), nan=1.0), 0.0, 1.0)
                              / FF_STEP) * FF_STEP
     pixel_mm = float(np.sqrt(anatomy.pixel_area_mm2))
-    rr, cc = np.mgrid[0:ny, 0:nx]
+    rr, cc = np.arange(ny)[:, None], np.arange(nx)   # broadcast by index_to_patient
     for k in range(nz):
         xy = anatomy.index_to_patient(k, rr, cc)[..., :2]
+        grid = _ray_grid(xy)
         for code in (SideLabel.RIGHT, SideLabel.LEFT, SideLabel.NONE):
             leg = (side[k] == code) & (tissue[k] > 0)
             muscle = leg & (tissue[k] == Tissue.MUSCLE)
@@ -175,19 +208,20 @@ def automatic_compartments(seg: Segmentation, ff: np.ndarray, anatomy: Volume) -
             centre = xy[leg].mean(axis=0)
             # lateral: away from the body's midline (the other leg); one leg alone: from patient x
             lateral = {SideLabel.RIGHT: -1.0, SideLabel.LEFT: 1.0}.get(SideLabel(code), float(np.sign(centre[0]) or 1))
-            targets = _targets(seg.region, leg, bones, xy, lateral, inner)
+            targets = _targets(seg.region, leg, bones, xy, lateral, inner, grid)
             if targets is None:
                 continue
             markers = _markers(targets, muscle, xy, pixel_mm)
             if len(np.unique(markers)) - 1 < len(rois):
                 continue
             region = muscle | (inner & (tissue[k] == Tissue.INTERMUSCULAR_FAT))
-            elevation = np.where(region, elevation_all[k], 2.0).astype(np.float32)
+            box = _flood_box(region, markers)
+            elevation = np.where(region[box], elevation_all[k][box], 2.0).astype(np.float32)
             grown = sitk.MorphologicalWatershedFromMarkers(
-                sitk.GetImageFromArray(elevation), sitk.GetImageFromArray(markers),
+                sitk.GetImageFromArray(elevation), sitk.GetImageFromArray(np.ascontiguousarray(markers[box])),
                 markWatershedLine=False, fullyConnected=True)
             lab = sitk.GetArrayFromImage(grown)
-            labels[k][muscle] = lab[muscle]
+            labels[k][box][muscle[box]] = lab[muscle[box]]
     if not labels.any():
         return None
     return RoiSet(labels=labels, names={i + 1: r.value for i, r in enumerate(rois)}, source=RoiSource.AUTOMATIC)

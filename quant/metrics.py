@@ -122,6 +122,30 @@ def partial_volume_weights(labels: np.ndarray, ff: np.ndarray, signal: np.ndarra
         Labels extended over the outer band, the muscle content of every labelled voxel,
         and the fat fraction of the muscle in it (the local core FF in the band).
     """
+    ffz = np.nan_to_num(ff, nan=0.0).astype(np.float64)
+    mask = labels > 0
+    labels_ext = np.zeros(labels.shape, np.int32)
+    w = np.zeros(labels.shape, np.float32)
+    muscle_ff = ffz.astype(np.float32)   # the voxels' own FF away from the muscle
+    if not mask.any():
+        return labels_ext, w, muscle_ff
+    # Only the slices with muscle and a margin around it in-plane: nothing is weighted
+    # further than one voxel from the mask. The margin (over half the window) leaves the
+    # local means as on the whole image: their running sums start on zeros there as well.
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    box = [slice(int(zs[0]), int(zs[-1]) + 1)]
+    for axis, n in ((1, labels.shape[1]), (2, labels.shape[2])):
+        hit = np.flatnonzero(mask.any(axis=(0, 3 - axis)))
+        box.append(slice(max(int(hit[0]) - window - 1, 0), min(int(hit[-1]) + window + 2, n)))
+    b = tuple(box)
+    labels_ext[b], w[b], muscle_ff[b] = _partial_volume_weights(labels[b], ffz[b], np.asarray(signal)[b],
+                                                                  fat_ff, window)
+    return labels_ext, w, muscle_ff
+
+
+def _partial_volume_weights(labels: np.ndarray, ffz: np.ndarray, signal: np.ndarray, fat_ff: float,
+                            window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`partial_volume_weights` in a box around the mask (``ffz``: the FF, 0 for NaN)."""
     from scipy import ndimage as ndi
 
     st = np.zeros((3, 3, 3), bool)
@@ -129,7 +153,6 @@ def partial_volume_weights(labels: np.ndarray, ff: np.ndarray, signal: np.ndarra
     mask = labels > 0
     core = ndi.binary_erosion(mask, structure=st) & mask
     outer = ndi.binary_dilation(mask, structure=st) & ~mask
-    ffz = np.nan_to_num(ff, nan=0.0).astype(np.float64)
     size = (1, window, window)
     n_core = ndi.uniform_filter(core.astype(np.float64), size)
     with np.errstate(invalid="ignore", divide="ignore"):

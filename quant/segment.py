@@ -94,12 +94,35 @@ def otsu_threshold(values: np.ndarray, bins: int = 256, upper_percentile: float 
     return float(centres[int(np.argmax(between[:-1]))])
 
 
-def _largest_2d(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n <= 1:
+#: ndimage's 2-D cross (its default neighbourhood in a slice) as a 3-D structuring element
+#: with nothing above or below: one 3-D call labels, erodes or fills every slice at once as a
+#: call per slice did, without the Python loop over slices and legs.
+_INPLANE = np.zeros((3, 3, 3), bool)
+_INPLANE[1] = ndi.generate_binary_structure(2, 1)
+
+
+def _slice_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In-plane connected components of every slice: the label map (0 outside), the size and
+    the slice of each label (index 0: label 1). Labels run in raster order, so within a slice
+    they are ordered as a 2-D labelling of that slice would number them.
+    """
+    lab, n = ndi.label(mask, structure=_INPLANE)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    where = np.array([s[0].start for s in ndi.find_objects(lab)], dtype=np.intp).reshape(n)
+    return lab, sizes, where
+
+
+def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """The largest in-plane component of each slice (the first in raster order of equal ones)."""
+    lab, sizes, where = _slice_components(mask)
+    if sizes.size == 0:
         return mask
-    sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
-    return lab == (int(np.argmax(sizes)) + 1)
+    # per slice the label of the largest size; ties go to the smaller label, as argmax does
+    order = np.lexsort((np.arange(sizes.size), -sizes, where))
+    first = order[np.r_[True, where[order][1:] != where[order][:-1]]]
+    keep = np.zeros(sizes.size + 1, bool)
+    keep[first + 1] = True
+    return keep[lab]
 
 
 def _legs(body: np.ndarray, x_mm: np.ndarray) -> list[np.ndarray]:
@@ -126,14 +149,43 @@ def _legs(body: np.ndarray, x_mm: np.ndarray) -> list[np.ndarray]:
     return legs
 
 
-def _bones_per_slice(bone: np.ndarray, min_area_px: int) -> list[int]:
-    counts = []
-    for k in range(bone.shape[0]):
-        lab, n = ndi.label(bone[k])
-        if n:
-            sizes = ndi.sum_labels(bone[k], lab, index=np.arange(1, n + 1))
-            counts.append(int((sizes >= min_area_px).sum()))
-    return counts
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """The slices that hold ``mask``, and its rows and columns grown by ``margin`` (within the image)."""
+    if not mask.any():
+        return (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
+    out = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        grow = margin if axis else 0
+        out.append(slice(max(int(hit[0]) - grow, 0), min(int(hit[-1]) + 1 + grow, n)))
+    return out[0], out[1], out[2]
+
+
+def _leg_tissues(leg: np.ndarray, fatlike: np.ndarray, dark: np.ndarray, ffz: np.ndarray, tissue: np.ndarray,
+                 min_bone_px: int, septum_ff: float) -> np.ndarray:
+    """Write SAT, bone, septa and muscle of one leg into ``tissue`` (steps 2 and 3 of the
+    module docstring, every slice at once); the number of long bones of each slice that has one.
+    """
+    rim = leg & ~ndi.binary_erosion(leg, structure=_INPLANE)
+    lab, _ = ndi.label(fatlike & leg, structure=_INPLANE)
+    touching = np.unique(lab[rim & (lab > 0)])
+    sat = np.isin(lab, touching[touching > 0])
+    inner = _largest_per_slice(leg & ~sat)
+    inner = ndi.binary_fill_holes(inner, structure=_INPLANE)
+    cortex = dark & inner
+    bone = ndi.binary_fill_holes(cortex, structure=_INPLANE) & inner
+    blab, sizes, where = _slice_components(bone)
+    big = sizes >= min_bone_px
+    if sizes.size:
+        bone = np.r_[False, big][blab]
+    septa = inner & ~bone & (ffz > septum_ff)
+    muscle = inner & ~bone & ~septa
+    tissue[sat] = Tissue.SUBCUTANEOUS_FAT
+    tissue[bone] = Tissue.BONE
+    tissue[septa] = Tissue.INTERMUSCULAR_FAT
+    tissue[muscle] = Tissue.MUSCLE
+    # every bone kept is big: count them in the slices that have any
+    return np.bincount(where[big], minlength=leg.shape[0])[np.unique(where[big])]
 
 
 def level_from_text(text: str) -> Region | None:
@@ -188,19 +240,23 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
     # Otsu on a histogram dominated by air can sit in the noise floor: never go below a
     # quarter of the median tissue signal.
     thr = max(thr, 0.25 * float(np.median(signal[signal > thr])))
-    body = signal > thr
-    body = ndi.binary_opening(body, structure=np.ones((1, 3, 3), bool))
-    for k in range(body.shape[0]):
-        body[k] = ndi.binary_fill_holes(body[k])
-    kk, rr, cc = np.indices(body.shape, dtype=np.float32)
-    x_mm = anatomy.index_to_patient(kk, rr, cc)[..., 0]
+    raw = signal > thr
+    # Everything below works in the box around the body, and each leg in its own box: the
+    # morphology is in-plane, and a margin of background keeps the boxes' edges as the
+    # image's (opening: 2 voxels; erosion, filling and labelling: 1).
+    box = _box(raw, margin=2)
+    body = ndi.binary_opening(raw[box], structure=np.ones((1, 3, 3), bool))
+    body = ndi.binary_fill_holes(body, structure=_INPLANE)   # per slice
+    kk, rr, cc = (np.arange(b.start, b.stop) for b in box)
+    x_mm = anatomy.index_to_patient(kk[:, None, None], rr[:, None], cc)[..., 0]
     legs = _legs(body, x_mm)
 
-    ffz = np.nan_to_num(ff, nan=0.0)
+    ffz = np.nan_to_num(ff[box], nan=0.0)
     fatlike = ffz > sat_ff
-    dark = signal <= thr
+    dark = ~raw[box]
     tissue = np.zeros(water.shape, np.uint8)
     side = np.zeros(water.shape, np.uint8)
+    tissue_box, side_box = tissue[box], side[box]
     min_bone_px = max(4, int(round(20.0 / anatomy.pixel_area_mm2)))  # 20 mm²
     bones_per_leg: list[float] = []
     centroid_x = [float(x_mm[leg].mean()) for leg in legs]
@@ -212,33 +268,10 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
         else:
             label = SideLabel.LEFT if cx > 0 else SideLabel.RIGHT
             notes.append(f"one leg found; side {label.side.value} from its patient x ({cx:.0f} mm)")
-        leg_bone = np.zeros(leg.shape, bool)
-        for k in range(leg.shape[0]):
-            m = leg[k]
-            if not m.any():
-                continue
-            rim = m & ~ndi.binary_erosion(m)
-            lab, n = ndi.label(fatlike[k] & m)
-            touching = np.unique(lab[rim & (lab > 0)])
-            sat = np.isin(lab, touching[touching > 0])
-            inner = _largest_2d(m & ~sat)
-            inner = ndi.binary_fill_holes(inner)
-            cortex = dark[k] & inner
-            bone = ndi.binary_fill_holes(cortex) & inner
-            blab, bn = ndi.label(bone)
-            if bn:
-                sizes = ndi.sum_labels(bone, blab, index=np.arange(1, bn + 1))
-                bone = np.isin(blab, 1 + np.flatnonzero(sizes >= min_bone_px))
-            septa = inner & ~bone & (ffz[k] > septum_ff)
-            muscle = inner & ~bone & ~septa
-            tissue[k][sat] = Tissue.SUBCUTANEOUS_FAT
-            tissue[k][bone] = Tissue.BONE
-            tissue[k][septa] = Tissue.INTERMUSCULAR_FAT
-            tissue[k][muscle] = Tissue.MUSCLE
-            side[k][m] = label
-            leg_bone[k] = bone
-        counts = _bones_per_slice(leg_bone, min_bone_px)
-        if counts:
+        lb = _box(leg, margin=1)
+        counts = _leg_tissues(leg[lb], fatlike[lb], dark[lb], ffz[lb], tissue_box[lb], min_bone_px, septum_ff)
+        side_box[lb][leg[lb]] = label
+        if counts.size:
             bones_per_leg.append(float(np.median(counts)))
     if not (tissue == Tissue.MUSCLE).any():
         raise SegmentationError("no muscle found inside the legs")

@@ -192,3 +192,36 @@ def test_compartments_in_seg_and_sr_validate_and_read_back(studies, tmp_path):
     meta = tid1500_readback(sr_path, tmp_path / "sr.json")
     ids = [m["TrackingIdentifier"] for m in meta["Measurements"]]   # volumetric, and planar on the key slice
     assert len(ids) == 16 and len([i for i in ids if not i.endswith(", key slice")]) == 8
+
+
+def test_ray_point_as_a_step_by_step_walk():
+    """The ray's steps taken at once: the point a walk of half-pixel steps finds."""
+    from quant.compartments import _ray_grid, _ray_point
+
+    def walk(start, direction, inside, xy, depth):
+        step, dx, dy, x0, y0, sx, sy = _ray_grid(xy)
+        last = t = 0.0
+        while t < 4.0 * max(inside.shape) * max(dx, dy):
+            p = start + t * direction
+            c, r = int(round((p[0] - x0) / (dx * sx))), int(round((p[1] - y0) / (dy * sy)))
+            if not (0 <= r < inside.shape[0] and 0 <= c < inside.shape[1]):
+                break
+            if inside[r, c]:
+                last = t
+            elif t > last + 6.0 * max(dx, dy):
+                break
+            t += step
+        return start + depth * last * direction
+
+    rng = np.random.default_rng(5)
+    rr, cc = np.mgrid[0:60, 0:70]
+    for sign in (1.0, -1.0):
+        xy = np.stack([sign * (cc * 0.8 - 20.0), rr * 0.8 - 25.0], axis=-1)
+        inside = (rr - 30) ** 2 + (cc - 35) ** 2 < 22 ** 2
+        inside[28:33, 40:44] = False   # a gap the ray crosses
+        for _ in range(40):
+            start = xy[30, 35] + rng.normal(0, 3, 2)
+            angle = rng.uniform(0, 2 * np.pi)
+            direction = np.array([np.cos(angle), np.sin(angle)])
+            got = _ray_point(start, direction, inside, _ray_grid(xy), 0.55)
+            assert np.array_equal(got, walk(start, direction, inside, xy, 0.55))

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from quant.enums import Side
-from quant.metrics import muscle_metrics, slice_sums, slice_sums_reference
+from quant.metrics import (
+    _partial_volume_weights,
+    muscle_metrics,
+    partial_volume_weights,
+    slice_sums,
+    slice_sums_reference,
+)
 
 
 def test_slice_sums_match_reference():
@@ -35,3 +41,21 @@ def test_known_values():
     assert v[(Side.LEFT, "frma_mm2")] == pytest.approx(4.0)
     np.testing.assert_allclose(per_slice[1], [40, 20, 0])
     assert {m.unit for m in ms if m.metric == "vol_ml"} == {"ml"}
+
+
+def test_partial_volume_weights_in_a_box_as_on_the_whole_volume():
+    """The weights are computed in a box around the muscle: bit for bit what the whole volume gives."""
+    from scipy import ndimage as ndi
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        labels = np.zeros((6, 70, 80), np.int32)
+        blobs = ndi.gaussian_filter(rng.random((3, 30, 35)), (0, 1.5, 1.5)) > 0.5
+        o = rng.integers(0, [4, 41, 46])
+        labels[o[0]:o[0] + 3, o[1]:o[1] + 30, o[2]:o[2] + 35] = blobs * rng.integers(1, 3, blobs.shape)
+        ff = rng.random(labels.shape).astype(np.float32)
+        ff[rng.random(labels.shape) < 0.05] = np.nan
+        signal = (100 * rng.random(labels.shape)).astype(np.float32)
+        got = partial_volume_weights(labels, ff, signal, fat_ff=0.9)
+        whole = _partial_volume_weights(labels, np.nan_to_num(ff, nan=0.0).astype(np.float64), signal, 0.9, 7)
+        for a, b in zip(got, whole, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)

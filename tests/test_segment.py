@@ -131,3 +131,20 @@ def test_csa_does_not_shrink_as_fat_rises():
     for side in (Side.RIGHT, Side.LEFT):
         assert hi[(side, "csa_mm2")] == pytest.approx(lo[(side, "csa_mm2")], rel=0.02)
         assert hi[(side, "ff_percent")] - lo[(side, "ff_percent")] == pytest.approx(45.0, abs=1.5)
+
+
+def test_per_slice_largest_component_as_slice_by_slice():
+    """The largest in-plane component of every slice at once: what a 2-D labelling per slice picks."""
+    from scipy import ndimage as ndi
+
+    from quant.segment import _largest_per_slice
+    rng = np.random.default_rng(4)
+    mask = ndi.gaussian_filter(rng.random((12, 40, 40)), (0, 1.0, 1.0)) > 0.52
+    mask[3] = False
+    mask[5, :, :] = False
+    mask[5, 2:4, 2:4] = mask[5, 10:12, 10:12] = True   # two equal components: the first in raster order
+    got = _largest_per_slice(mask)
+    for k in range(mask.shape[0]):
+        lab, n = ndi.label(mask[k])
+        want = mask[k] if n <= 1 else lab == 1 + int(np.argmax(ndi.sum_labels(mask[k], lab, np.arange(1, n + 1))))
+        assert np.array_equal(got[k], want)
