@@ -165,6 +165,21 @@ def _branch_cone(kinds, s2, branch):
     return d1x, d1y, d2x, d2y, q00, q01, q11
 
 
+@njit(cache=True, inline="always")
+def _add_target(kind, y, branch, r0, r1):
+    """(r0, r1) with a channel's target ``y`` (over its noise variance) added through its
+    amplitude's coefficients in (w, f) on ``branch`` (``|w - f|`` is ``+-(w - f)`` there).
+    """
+    if kind == _W:
+        return r0 + y, r1
+    if kind == _F:
+        return r0, r1 + y
+    if kind == _IP:
+        return r0 + y, r1 + y
+    sg = 1.0 if branch >= 0 else -1.0
+    return r0 + sg * y, r1 - sg * y
+
+
 @njit(cache=True)
 def _branch_ll_bound(m, kinds, s2, branch):
     """An upper bound of :func:`_voxel_ll` over the cone of ``branch``.
@@ -179,19 +194,7 @@ def _branch_ll_bound(m, kinds, s2, branch):
     r0 = 0.0
     r1 = 0.0
     for c in range(kinds.size):
-        k = kinds[c]
-        y = m[c] / s2[c]
-        if k == _W:
-            r0 += y
-        elif k == _F:
-            r1 += y
-        elif k == _IP:
-            r0 += y
-            r1 += y
-        else:
-            sg = 1.0 if branch >= 0 else -1.0
-            r0 += sg * y
-            r1 -= sg * y
+        r0, r1 = _add_target(kinds[c], m[c] / s2[c], branch, r0, r1)
     w, f = _cone_lsq(q00, q01, q11, r0, r1, d1x, d1y, d2x, d2y)
     return r0 * w + r1 * f - 0.5 * (q00 * w * w + 2.0 * q01 * w * f + q11 * f * f)
 
@@ -229,20 +232,8 @@ def _em_branch(m, kinds, s2, branch, w0, f0, max_iter, tol):
         r0 = 0.0
         r1 = 0.0
         for c in range(kinds.size):
-            k = kinds[c]
-            a = _amp(k, w, f)
-            y = m[c] * bessel_ratio(m[c] * a / s2[c]) / s2[c]
-            if k == _W:
-                r0 += y
-            elif k == _F:
-                r1 += y
-            elif k == _IP:
-                r0 += y
-                r1 += y
-            else:
-                sg = 1.0 if branch >= 0 else -1.0
-                r0 += sg * y
-                r1 -= sg * y
+            y = m[c] * bessel_ratio(m[c] * _amp(kinds[c], w, f) / s2[c]) / s2[c]
+            r0, r1 = _add_target(kinds[c], y, branch, r0, r1)
         wn, fn = _cone_lsq(q00, q01, q11, r0, r1, d1x, d1y, d2x, d2y)
         delta = abs(wn - w) + abs(fn - f)
         w, f = wn, fn

@@ -10,6 +10,7 @@ from numba import njit, prange
 from scipy import ndimage as ndi
 
 from ..errors import SeriesError
+from ..noise import _bounding_box
 from ..rician import bessel_ratio
 from .magnitude import (
     _F,
@@ -372,18 +373,6 @@ class RegionFatFraction:
             order = np.argsort(index, kind="stable")
             self._index, self._pilot = index[order], np.concatenate([self._pilot, fresh])[order]
         return out
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of the smallest box holding every voxel of a non-empty ``mask``, ``margin``
-    voxels wider along the last two (in-plane) axes, clipped to the array.
-    """
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        pad = margin if axis >= mask.ndim - 2 else 0
-        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
-    return tuple(box)
 
 
 def _merge_strata(bins: np.ndarray, min_count: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..fatfraction import fat_fraction
-from ..noise import _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
+from ..noise import _bounding_box, _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
 from .magnitude import _channels
 
 
@@ -62,20 +62,6 @@ class SwapReport:
     def any(self) -> bool:
         """True if anything is swapped (the whole series or a region)."""
         return bool(self.whole_series_swapped or self.regional.any())
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of the smallest box holding every voxel of ``mask`` (the whole array if it
-    is empty), ``margin`` voxels wider along the last two (in-plane) axes, clipped to the array.
-    """
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        pad = margin if axis >= mask.ndim - 2 else 0
-        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
-    return tuple(box)
 
 
 def _depth_in_plane(body: np.ndarray, sampling: tuple[float, float] | None = None) -> np.ndarray:
