@@ -82,3 +82,21 @@ def test_a_reader_seg_is_used_on_a_megre_only_study():
                                                                               "compartment 3"}
     assert [uid for uid, _ in b.roi_refusals] == [str(other.SOPInstanceUID)]
     assert "reader SEG not used" in b.roi_refusals[0][1]
+
+
+def test_quant_sets_the_numeric_libraries_threads_before_numpy_loads():
+    """``quant`` (imported first by ``node``) makes OpenMP's waiting threads sleep and OpenBLAS
+    single-threaded, before numpy is loaded (OpenBLAS reads its setting then), unless the
+    environment says otherwise."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, node; "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_NUM_THREADS'])")
+    probe = "import sys, quant; print('numpy' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
+    run = lambda c, e: subprocess.run([sys.executable, "-c", c], env=e, capture_output=True, text=True,  # noqa: E731
+                                      check=True).stdout.split()
+    assert run(probe, env) == ["False"]
+    assert run(code, env) == ["PASSIVE", "1"]
+    assert run(code, {**env, "OPENBLAS_NUM_THREADS": "4", "OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "4"]
