@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 from .analysis import RoiSet
 from .enums import COMPARTMENTS, Region, Roi, RoiSource, SideLabel, Tissue
 from .segment import Segmentation
-from .volume import Volume
+from .volume import Volume, bounding_box
 
 #: Radius (voxels) of the disc of muscle that seeds each compartment.
 MARKER_RADIUS_VOX = 2.0
@@ -155,10 +155,8 @@ def _flood_box(region: np.ndarray, markers: np.ndarray) -> tuple[slice, slice]:
     pieces, n = ndi.label(region, structure=np.ones((3, 3), bool))
     if n == 0 or np.setdiff1d(np.arange(1, n + 1), pieces[markers > 0]).size:
         return whole
-    rows = np.flatnonzero(region.any(axis=1))
-    cols = np.flatnonzero(region.any(axis=0))
-    return (slice(max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, region.shape[0])),
-            slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, region.shape[1])))
+    box = bounding_box(region, margin=1)
+    return box[0], box[1]
 
 
 def automatic_compartments(seg: Segmentation, ff: np.ndarray, anatomy: Volume) -> RoiSet | None:

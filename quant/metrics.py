@@ -18,6 +18,7 @@ from numba import njit
 from scipy import ndimage as ndi
 
 from .enums import Metric, RoiSource, Side, SideLabel
+from .volume import bounding_box
 
 
 @dataclass(frozen=True)
@@ -132,12 +133,7 @@ def partial_volume_weights(labels: np.ndarray, ff: np.ndarray, signal: np.ndarra
     # Only the slices with muscle and a margin around it in-plane: nothing is weighted
     # further than one voxel from the mask. The margin (over half the window) leaves the
     # local means as on the whole image: their running sums start on zeros there as well.
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
-    box = [slice(int(zs[0]), int(zs[-1]) + 1)]
-    for axis, n in ((1, labels.shape[1]), (2, labels.shape[2])):
-        hit = np.flatnonzero(mask.any(axis=(0, 3 - axis)))
-        box.append(slice(max(int(hit[0]) - window - 1, 0), min(int(hit[-1]) + window + 2, n)))
-    b = tuple(box)
+    b = bounding_box(mask, margin=window + 1)
     labels_ext[b], w[b], muscle_ff[b] = _partial_volume_weights(labels[b], ffz[b], np.asarray(signal)[b],
                                                                   fat_ff, window)
     return labels_ext, w, muscle_ff

@@ -151,17 +151,3 @@ def _noise_sd(a: np.ndarray, body_mask: np.ndarray, grown: np.ndarray) -> float:
     # no background: neighbour differences inside the body, away from its edge
     inner = ndi.binary_erosion(body_mask, structure=_inplane(a.ndim), iterations=2)
     return _highpass_sd(a, inner)
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of the smallest box holding every voxel of ``mask`` (the whole array if it
-    is empty), ``margin`` voxels wider along the last two (in-plane) axes, clipped to the array.
-    """
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        pad = margin if axis >= mask.ndim - 2 else 0
-        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
-    return tuple(box)

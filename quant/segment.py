@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 
 from .enums import Region, Side, SideLabel, Tissue
 from .errors import SegmentationError
-from .volume import Volume
+from .volume import Volume, bounding_box
 
 _THIGH_WORDS = re.compile(r"(?<![a-z])(thigh|thighs|upper[ _]?leg|femur|femoral|oberschenkel|cuisse)", re.I)
 _CALF_WORDS = re.compile(r"(?<![a-z])(calf|calves|lower[ _]?leg|tibia|unterschenkel|wade|mollet|jambe)", re.I)
@@ -149,18 +149,6 @@ def _legs(body: np.ndarray, x_mm: np.ndarray) -> list[np.ndarray]:
     return legs
 
 
-def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """The slices that hold ``mask``, and its rows and columns grown by ``margin`` (within the image)."""
-    if not mask.any():
-        return (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
-    out = []
-    for axis, n in enumerate(mask.shape):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        grow = margin if axis else 0
-        out.append(slice(max(int(hit[0]) - grow, 0), min(int(hit[-1]) + 1 + grow, n)))
-    return out[0], out[1], out[2]
-
-
 def _leg_tissues(leg: np.ndarray, fatlike: np.ndarray, dark: np.ndarray, ffz: np.ndarray, tissue: np.ndarray,
                  min_bone_px: int, septum_ff: float) -> np.ndarray:
     """Write SAT, bone, septa and muscle of one leg into ``tissue`` (steps 2 and 3 of the
@@ -244,7 +232,7 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
     # Everything below works in the box around the body, and each leg in its own box: the
     # morphology is in-plane, and a margin of background keeps the boxes' edges as the
     # image's (opening: 2 voxels; erosion, filling and labelling: 1).
-    box = _box(raw, margin=2)
+    box = bounding_box(raw, margin=2)
     body = ndi.binary_opening(raw[box], structure=np.ones((1, 3, 3), bool))
     body = ndi.binary_fill_holes(body, structure=_INPLANE)   # per slice
     kk, rr, cc = (np.arange(b.start, b.stop) for b in box)
@@ -268,7 +256,7 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
         else:
             label = SideLabel.LEFT if cx > 0 else SideLabel.RIGHT
             notes.append(f"one leg found; side {label.side.value} from its patient x ({cx:.0f} mm)")
-        lb = _box(leg, margin=1)
+        lb = bounding_box(leg, margin=1)
         counts = _leg_tissues(leg[lb], fatlike[lb], dark[lb], ffz[lb], tissue_box[lb], min_bone_px, septum_ff)
         side_box[lb][leg[lb]] = label
         if counts.size:

@@ -451,3 +451,17 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         frame_numbers=tuple(None if f.frame_index is None else f.frame_index + 1 for f in first),
         echo_times_ms=tuple(float(t) for t in echo_times),
     )
+
+
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every voxel of ``mask`` (the whole array if it
+    is empty), ``margin`` voxels wider along the last two (in-plane) axes, clipped to the array.
+    """
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        pad = margin if axis >= mask.ndim - 2 else 0
+        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, mask.shape[axis])))
+    return tuple(box)

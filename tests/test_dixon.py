@@ -56,7 +56,7 @@ def test_voxel_ml_matches_brute_force_reference(kinds):
     w_ref, f_ref = D.rician_ml_reference(mags, kinds, sd, n_grid=161)
     w = np.empty(len(mags))
     f = np.empty(len(mags))
-    magnitude._dixon_ml_kernel(np.ascontiguousarray(mags), np.array(kinds), sd ** 2, -1.0, 2000, w, f)
+    magnitude._dixon_ml_map(np.ascontiguousarray(mags), np.array(kinds), sd ** 2, -1.0, 0.0, 2000, w, f)
     ll = D.rician_loglik(mags, kinds, sd, w, f)
     ll_ref = D.rician_loglik(mags, kinds, sd, w_ref, f_ref)
     assert np.all(ll >= ll_ref - 1e-4), "the kernel's optimum is worse than the grid's"
@@ -87,7 +87,7 @@ def test_roi_kernel_half_left_unsearched_gives_the_same_ff(ff):
     w, f, lo, hi = (np.empty(len(mags)) for _ in range(4))
     roi._pilot_kernel(mags, kinds, s2, 200, w, f, lo, hi)
     w_ref, f_ref = np.empty(len(mags)), np.empty(len(mags))
-    magnitude._dixon_ml_kernel(mags, kinds, s2, -1.0, 200, w_ref, f_ref)
+    magnitude._dixon_ml_map(mags, kinds, s2, -1.0, 0.0, 200, w_ref, f_ref)
     np.testing.assert_array_equal(w, w_ref)          # the pilot is the per-voxel ML
     np.testing.assert_array_equal(f, f_ref)
     both = roi._roi_ml_kernel(mags, kinds, s2, mags.max(axis=1).copy(), 1e-6, np.inf, np.inf)

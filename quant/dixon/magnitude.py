@@ -302,33 +302,11 @@ def _ml_voxel(mi, kinds, s2, has_op, max_iter, bounds):
 
 
 @njit(cache=True, parallel=True)
-def _dixon_ml_kernel(m, kinds, s2, skip_below, max_iter, w_out, f_out):
-    """Per-voxel Rician ML. ``m``: (n, C) magnitudes; ``kinds``: channel codes; ``s2``:
-    noise variances per channel. Voxels whose every channel is below ``skip_below`` noise
-    SDs get w = f = NaN.
-    """
-    n = m.shape[0]
-    nc = kinds.size
-    has_op = False
-    for c in range(nc):
-        if kinds[c] == _OP:
-            has_op = True
-    for i in prange(n):
-        mi = m[i]
-        top = 0.0
-        for c in range(nc):
-            top = max(top, mi[c] / math.sqrt(s2[c]))
-        if top < skip_below:
-            w_out[i] = np.nan
-            f_out[i] = np.nan
-            continue
-        w_out[i], f_out[i], _, _ = _ml_voxel(mi, kinds, s2, has_op, max_iter, False)
-
-
-@njit(cache=True, parallel=True)
 def _dixon_ml_map(m, kinds, s2, skip_below, min_total, max_iter, w_out, f_out):
-    """:func:`_dixon_ml_kernel` that also leaves out (w = f = NaN) the voxels whose
-    ``w + f`` cannot reach ``min_total``.
+    """Per-voxel Rician ML (:func:`_ml_voxel`). ``m``: (n, C) magnitudes; ``kinds``: channel
+    codes; ``s2``: noise variances per channel. Left out (w = f = NaN): the voxels whose
+    every channel is below ``skip_below`` noise SDs, and those whose ``w + f`` cannot reach
+    ``min_total`` (0: none of them).
 
     Every EM step (and the single-channel ML) ends in a weighted least-squares projection,
     onto a convex cone holding 0, of targets ``m_c I1/I0(.) <= m_c``: the fitted amplitudes

@@ -10,8 +10,8 @@ from numba import njit, prange
 from scipy import ndimage as ndi
 
 from ..errors import SeriesError
-from ..noise import _bounding_box
 from ..rician import bessel_ratio
+from ..volume import bounding_box
 from .magnitude import (
     _F,
     _IP,
@@ -222,8 +222,8 @@ def _maximise_roi_from_hi(m, kinds, s2, s0, tol):
 
 @njit(cache=True, parallel=True)
 def _pilot_kernel(m, kinds, s2, max_iter, w_out, f_out, ll_lo_out, ll_hi_out):
-    """Per-voxel Rician ML of (w, f), as :func:`quant.dixon.magnitude._dixon_ml_kernel` with
-    nothing skipped, and with an opposed-phase channel upper bounds of each voxel's
+    """Per-voxel Rician ML of (w, f), as :func:`quant.dixon.magnitude._dixon_ml_map` with
+    nothing left out, and with an opposed-phase channel upper bounds of each voxel's
     log-likelihood with FF <= 0.5 (``ll_lo_out``) and with FF >= 0.5 (``ll_hi_out``; see
     :func:`quant.dixon.magnitude._ml_voxel`); +inf without one. The bounds of
     :func:`_roi_ml_kernel` are sums of these.
@@ -323,7 +323,7 @@ class RegionFatFraction:
             return float("nan")
         # everything below only looks at the mask's voxels and their 5 x 5 in-plane neighbours:
         # work on the mask's bounding box (2 voxels wider in-plane) rather than the whole volume
-        box = _bounding_box(mask, margin=2)
+        box = bounding_box(mask, margin=2)
         sub = mask[box]
         arrays, kinds, names = _channels(*(None if a is None else np.asarray(a)[box] for a in self.channels))
         sds, _ = _resolve_noise(self.noise_sd, arrays, names, None)
@@ -364,10 +364,9 @@ class RegionFatFraction:
         out[known] = self._pilot[pos[known]]
         new = ~known
         if new.any():
-            fresh = np.empty((int(new.sum()), 4))
-            w, f, lo, hi = (np.empty(fresh.shape[0]) for _ in range(4))
-            _pilot_kernel(np.ascontiguousarray(m[new]), kinds, s2, 200, w, f, lo, hi)
-            fresh[:] = np.stack([w, f, lo, hi], axis=1)
+            columns = np.empty((4, int(new.sum())))   # w, f, ll_lo, ll_hi: each row contiguous
+            _pilot_kernel(np.ascontiguousarray(m[new]), kinds, s2, 200, *columns)
+            fresh = columns.T
             out[new] = fresh
             index = np.concatenate([self._index, flat[new]])
             order = np.argsort(index, kind="stable")

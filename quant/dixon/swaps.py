@@ -9,7 +9,8 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..fatfraction import fat_fraction
-from ..noise import _bounding_box, _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
+from ..noise import _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
+from ..volume import bounding_box
 from .magnitude import _channels
 
 
@@ -178,7 +179,7 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
     # everything below lies within the body (in-plane morphology, components of body voxels):
     # work on its bounding box, 2 voxels wider in-plane so that the distance transforms see
     # the outside, rather than on the whole volume (same result, in half the time or less)
-    box = _bounding_box(body, margin=2)
+    box = bounding_box(body, margin=2)
     n_body = int(np.count_nonzero(body))
     whole_body = body
     w, f, total, body = w[box], f[box], total[box], body[box]
