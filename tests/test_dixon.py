@@ -111,6 +111,10 @@ def test_region_fat_fraction_reuses_pilots_across_regions():
     shared = D.RegionFatFraction(p.water, p.fat, 1000 / 30, **kw)
     assert [shared(r) for r in regions] == pytest.approx(each, abs=1e-9)
     assert shared._index.size == int(muscle.sum())   # each voxel's pilot computed once
+    # without a noise SD, each region's box gives its own estimate: no pilot is reused across them
+    each = [D.roi_fat_fraction(p.water, p.fat, r, None, **kw) for r in regions]
+    shared = D.RegionFatFraction(p.water, p.fat, None, **kw)
+    assert [shared(r) for r in regions] == pytest.approx(each, abs=1e-9)
 
 @settings(max_examples=40, deadline=None)
 @given(st.floats(0.0, 1.0), st.floats(5.0, 200.0), st.integers(0, 2 ** 31))

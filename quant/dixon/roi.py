@@ -312,6 +312,7 @@ class RegionFatFraction:
         self.shape = np.shape(water)
         self._index = np.empty(0, dtype=np.int64)   # flat indices of the voxels with a pilot, sorted
         self._pilot = np.empty((0, 4))               # their w, f and log-likelihood bounds (ll_lo, ll_hi)
+        self._s2: np.ndarray | None = None           # the noise variances they were computed with
 
     def __call__(self, mask: np.ndarray) -> float:
         """The mean FF (0..1) of the region ``mask`` (NaN if empty), see :func:`roi_fat_fraction`."""
@@ -357,6 +358,8 @@ class RegionFatFraction:
         """(w, f, ll_lo, ll_hi) of :func:`_pilot_kernel` for the voxels ``flat`` (sorted flat
         indices) with signals ``m``: those of earlier regions kept, the rest computed.
         """
+        if self._s2 is None or not np.array_equal(self._s2, s2):   # noise estimated per region (no noise_sd)
+            self._index, self._pilot, self._s2 = self._index[:0], self._pilot[:0], s2
         pos = np.searchsorted(self._index, flat)
         known = pos < self._index.size
         known[known] = self._index[pos[known]] == flat[known]
