@@ -49,10 +49,14 @@ def upload_scores(conn: Connection, secret: bytes, text: str) -> UploadReport:
     Raises
     ------
     ValueError
-        No header, no ``subject`` column, neither ``visit`` nor ``date``, or an unknown column.
+        Not CSV, no header, no ``subject`` column, neither ``visit`` nor ``date``, or an unknown column.
     """
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    header = next(reader, None)
+    # newline="": the csv module reads the line ends itself (CR, LF or CRLF, and inside quotes)
+    try:
+        rows = list(csv.reader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+    except csv.Error as exc:   # e.g. a line end inside an unquoted field
+        raise ValueError(f"the upload is not CSV: {exc}") from None
+    header = rows[0] if rows else None
     if not header:
         raise ValueError("the upload is empty: a CSV with a header row is needed")
     columns: list[tuple[str, str]] = []
@@ -74,7 +78,7 @@ def upload_scores(conn: Connection, secret: bytes, text: str) -> UploadReport:
     dates = {r.study_uid: r.study_date for r in conn.execute(select(db.studies.c.study_uid, db.studies.c.study_date))}
     report = UploadReport()
     now = time.time()
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         cells = {name: (row[i].strip() if i < len(row) else "") for i, name in enumerate(names)}
