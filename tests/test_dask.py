@@ -115,7 +115,19 @@ def test_studies_run_on_a_dask_cluster_and_a_lost_worker_is_retried(pg_url, clus
     assert all(j.attempts == 1 for j in _rows(node.engine, db.jobs))
     assert set(client.run(os.getpid).values()) == set(workers.values())   # no worker was lost so far
 
-    # 2. the worker running the fourth study's task is SIGKILLed mid-task
+    # 2. the worker running the fourth study's task is SIGKILLed mid-task. The job on this small phantom
+    # takes well under a second, so the current workers hold it before its outputs for a few seconds:
+    # the kill then lands inside execute_job whatever the machine's speed. A replacement worker is a new
+    # process without the pause.
+    def pause_before_outputs(seconds: float = 6.0) -> None:
+        import node.worker as w
+        build = w.build_outputs
+
+        def paused(*args, **kwargs):
+            time.sleep(seconds)
+            return build(*args, **kwargs)
+        w.build_outputs = paused
+    client.run(pause_before_outputs)
     (extra,) = _studies(1, seed=10)
     assert set(push(extra, "127.0.0.1", node.port, called_ae="MUSCLENODE")) == {0}
 
@@ -126,7 +138,7 @@ def test_studies_run_on_a_dask_cluster_and_a_lost_worker_is_retried(pg_url, clus
     address, key = wait_until(processing, timeout=60, interval=0.05, what="the fourth job's task on a worker")
     job = wait_until(lambda: next((j for j in _rows(node.engine, db.jobs) if j.state == "running"), None),
                      timeout=30, interval=0.05, what="its job row running")
-    time.sleep(0.5)                                  # inside execute_job (the job takes seconds)
+    time.sleep(0.5)                                  # inside execute_job, in the pause before its outputs
     os.kill(workers[address], signal.SIGKILL)
     with node.engine.begin() as conn:
         assert conn.execute(select(db.jobs.c.state).where(db.jobs.c.id == job.id)).scalar_one() == "running"
