@@ -214,6 +214,9 @@ _VRS = _LONG_VRS | {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", 
                     "SS", "ST", "TM", "UI", "UL", "US"}
 _TAG_LENGTH = struct.Struct("<HHI")
 _EXPLICIT = struct.Struct("<HH2sH")
+_LENGTH = struct.Struct("<I")
+#: An explicit VR's two bytes: (the VR, whether its length field is 4 bytes).
+_VR_OF = {vr.encode(): (vr, vr in _LONG_VRS) for vr in _VRS}
 _UNDEFINED = 0xFFFFFFFF
 #: Transfer syntaxes read by the fast reader: Little Endian, the data set not deflated.
 _LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
@@ -283,11 +286,36 @@ def _scan(data: bytes, pos: int, end: int, implicit: bool, group_below: int | No
     """The elements of ``data[pos:end]`` (those of ``wanted`` only, when given) as pydicom's raw
     (undecoded) elements, and where the reading stopped (the first element of group
     ``group_below`` or more, when given).
+
+    :func:`_element_header` written out in the loop: this walk over every top-level element is
+    most of what the SCP spends reading an instance.
     """
     out: dict[int, RawDataElement] = {}
+    n = len(data)
+    stop_at = group_below << 16 if group_below is not None else 1 << 32
+    explicit_header, implicit_header, long_length, vr_of = (_EXPLICIT.unpack_from, _TAG_LENGTH.unpack_from,
+                                                             _LENGTH.unpack_from, _VR_OF.get)
     while pos < end:
-        tag, vr, length, value_at = _element_header(data, pos, implicit)
-        if group_below is not None and tag >> 16 >= group_below:
+        if pos + 8 > n:
+            raise _NotSimple("an element header runs past the end")
+        vr: str | None
+        if implicit:
+            group, element, length = implicit_header(data, pos)
+            vr, value_at = None, pos + 8
+        else:
+            group, element, vr_bytes, length = explicit_header(data, pos)
+            info = vr_of(vr_bytes)
+            if info is None:
+                raise _NotSimple(f"VR {vr_bytes!r}")
+            vr, is_long = info
+            if is_long:
+                if pos + 12 > n:
+                    raise _NotSimple("an element header runs past the end")
+                length, value_at = long_length(data, pos + 8)[0], pos + 12
+            else:
+                value_at = pos + 8
+        tag = group << 16 | element
+        if tag >= stop_at:
             return out, pos
         if length == _UNDEFINED:
             value_end, pos = _end_of_undefined(data, value_at, implicit)
@@ -297,7 +325,7 @@ def _scan(data: bytes, pos: int, end: int, implicit: bool, group_below: int | No
             value_end = pos = value_at + length
             if pos > end:
                 raise _NotSimple("a value runs past the end")
-        if tag >> 16 == 0xFFFE:
+        if group == 0xFFFE:
             raise _NotSimple("an item tag at the top level")
         if wanted is not None and tag not in wanted:
             continue
@@ -330,10 +358,11 @@ def _fast_read(data: bytes) -> ReceivedHeader:
     if not implicit and pos + 6 <= len(data) and data[pos + 4:pos + 6].decode("latin-1") not in _VRS:
         raise _NotSimple("an explicit VR transfer syntax that is not")   # pydicom guesses: let it
     elements, _ = _scan(data, pos, len(data), implicit, wanted=_SCANNED)
-    encoding: Any = default_encoding
-    if 0x00080005 in elements:
-        encoding = convert_encodings(convert_raw_data_element(elements[0x00080005]).value)
-    return ReceivedHeader(elements, encoding, FileMetaDataset({BaseTag(t): e for t, e in meta.items()}))
+    charset = elements.get(0x00080005)
+    # the transfer syntax as pydicom gives it (trailing padding removed); "" where that differs
+    # from ``ts`` (check_instance then reads the file meta as pydicom does)
+    as_pydicom = ts if ts_raw is not None and (ts_raw.value or b"").decode("latin-1").rstrip("\0 ") == ts else ""
+    return ReceivedHeader(elements, (charset.VR, charset.value) if charset is not None else None, meta, as_pydicom)
 
 
 #: Every attribute the SCP reads of an instance before it answers (:func:`check_instance`
@@ -384,6 +413,31 @@ def _plain_value(vr: str, value: bytes | None) -> Any:
     return _PYDICOM
 
 
+def _encoding(charset: tuple[str | None, bytes | None] | None) -> Any:
+    """The encodings pydicom gives a raw Specific Character Set (its VR and bytes; None: the
+    default), kept per raw value; what pydicom raises for one it cannot read.
+    """
+    if charset is None:
+        return default_encoding
+    encoding = _ENCODINGS.get(charset)
+    if encoding is None:
+        vr, value = charset
+        encoding = convert_encodings(convert_raw_data_element(
+            RawDataElement(BaseTag(0x00080005), vr, len(value or b""), value, 0, vr is None, True)).value)
+        if len(_ENCODINGS) < _CACHED_VALUES:
+            _ENCODINGS[charset] = encoding
+    return encoding
+
+
+#: Converted values of received elements by (tag, VR, bytes, raw character set), for values of
+#: at most _CACHED_BYTES bytes of immutable types; emptied when it holds _CACHED_VALUES.
+_CONVERTED: dict[tuple[int, str, bytes | None, tuple[str | None, bytes | None] | None], Any] = {}
+_ENCODINGS: dict[tuple[str | None, bytes | None], Any] = {}
+_CACHED_BYTES, _CACHED_VALUES = 256, 4096
+_IMMUTABLE = (str, int, float, bytes)   # str covers UID and PersonName's absence; int IS, float DSfloat
+_BYTES_VRS = {"OB", "OW"}
+
+
 class ReceivedHeader:
     """What the SCP reads of a received instance: the attributes of :data:`RECEIVE_KEYWORDS`
     converted by pydicom from their raw elements (the same values a pydicom data set gives),
@@ -391,15 +445,41 @@ class ReceivedHeader:
     asking for an attribute not in the list is a programming error (KeyError).
     """
 
-    def __init__(self, elements: dict[int, RawDataElement], encoding: Any, file_meta: FileMetaDataset):
-        self.file_meta = file_meta
+    def __init__(self, elements: dict[int, RawDataElement], charset: tuple[str | None, bytes | None] | None,
+                 meta: dict[int, RawDataElement], transfer_syntax: str):
+        self._meta = meta
+        self.transfer_syntax = transfer_syntax
         self._values: dict[str, Any] = {}
+        encoding = _encoding(charset)   # a Specific Character Set pydicom cannot read fails here, as in pydicom
         for tag, kw in _RECEIVE_TAGS.items():
             raw = elements.get(tag)
             if raw is None:
                 continue
-            value = _plain_value(raw.VR or _RECEIVE_VRS[tag], raw.value)
-            self._values[kw] = convert_raw_data_element(raw, encoding=encoding).value if value is _PYDICOM else value
+            vr, value = raw.VR or _RECEIVE_VRS[tag], raw.value
+            if value and vr in _BYTES_VRS:   # pydicom gives Little Endian OB and OW values as they are
+                self._values[kw] = value
+                continue
+            # a series repeats most of its header: a value is converted once for the same
+            # element bytes (and character set); mutable values (multi-values) each time
+            key = (tag, vr, value, charset) if value is None or len(value) <= _CACHED_BYTES else None
+            converted = _CONVERTED.get(key, _PYDICOM) if key is not None else _PYDICOM
+            if converted is _PYDICOM:
+                converted = _plain_value(vr, value)
+                if converted is _PYDICOM:
+                    converted = convert_raw_data_element(raw, encoding=encoding).value
+                if key is not None and isinstance(converted, _IMMUTABLE):
+                    if len(_CONVERTED) >= _CACHED_VALUES:
+                        _CONVERTED.clear()
+                    _CONVERTED[key] = converted
+            self._values[kw] = converted
+
+    @property
+    def file_meta(self) -> FileMetaDataset:
+        """The file meta information as pydicom's data set (made when first asked for)."""
+        meta = self.__dict__.get("_file_meta")
+        if meta is None:
+            meta = self.__dict__["_file_meta"] = FileMetaDataset({BaseTag(t): e for t, e in self._meta.items()})
+        return meta
 
     def get(self, keyword: str, default: Any = None) -> Any:
         """The value of ``keyword``, or ``default`` when the instance does not have it."""
@@ -437,7 +517,7 @@ def parse_instance(data: bytes, *, decode_all: bool = True) -> Dataset:
     Whatever is wrong with the bytes, the only exception is :class:`InstanceRejected`, with the reason.
     """
     if not decode_all and (header := _read_simple(data)) is not None:
-        check_instance(header, decode_all=False)  # type: ignore[arg-type]  # reads like a data set
+        check_instance(header, header.transfer_syntax or None, decode_all=False)  # type: ignore[arg-type]
         return header  # type: ignore[return-value]
     ds = read_with_pydicom(data)
     check_instance(ds, decode_all=decode_all)

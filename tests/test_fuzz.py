@@ -122,14 +122,15 @@ def _outcome(read, data: bytes):
 def test_fast_reader_reads_what_pydicom_reads():
     """The SCP reads a received instance with its own reader (:func:`node.instances._fast_read`,
     pydicom's raw elements found by their lengths, only the attributes the SCP records
-    converted). On the seeds and on 1,500 mutants, byte-level and structured, it must accept
-    and record exactly what pydicom's reading (with the same checks) accepts and records.
+    converted, a value converted once for the same element bytes). On the seeds and on 1,500
+    mutants, byte-level and structured, it must accept and record exactly what pydicom's reading
+    (with the same checks) accepts and records: read once, then again with its kept values.
     """
     import random
 
     from fuzz_mutations import random_mutant
 
-    from node.instances import _read_simple, check_instance, read_with_pydicom
+    from node.instances import _CONVERTED, _read_simple, check_instance, read_with_pydicom
 
     def by_pydicom(data: bytes):
         ds = read_with_pydicom(data)
@@ -142,10 +143,16 @@ def test_fast_reader_reads_what_pydicom_reads():
     rng = random.Random(2026)
     cases = [f for seed in SEEDS for f in seed.files] + [random_mutant(SEEDS, rng)[1] for _ in range(FAST_READER_CASES)]
     read_fast = 0
+    _CONVERTED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        expected = [_outcome(by_pydicom, data) for data in cases]
         for i, data in enumerate(cases):
-            assert _outcome(fast, data) == _outcome(by_pydicom, data), f"case {i}"
+            assert _outcome(fast, data) == expected[i], f"case {i}"
             read_fast += _read_simple(data) is not None
+        # again, backwards, with the values the fast reader converted before kept: the same
+        assert len(_CONVERTED) > 50
+        for i, data in reversed(list(enumerate(cases))):
+            assert _outcome(fast, data) == expected[i], f"case {i}, the second time"
     assert read_fast >= len(cases) * 0.5, f"the fast reader took only {read_fast} of {len(cases)}"
     print(f"\n{len(cases)} files: {read_fast} read by the fast reader, the rest by pydicom; the same outcome for each")
