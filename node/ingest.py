@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import db
+from .instances import NO_FACTS, instance_ids, received_fields
 from .store import Store, record_instances, write_file
 from .text import printable
 
@@ -79,11 +80,25 @@ class Entry:
 
     path: Path
     data: bytes
-    fields: dict[str, Any]
+    #: What its row records (:func:`node.instances.received_fields`), or the header to make it
+    #: from (:class:`node.instances.ReceivedHeader`, its values converted): the placer makes it then
+    fields: dict[str, Any] | Any
     calling_ae: str
     received_at: float
     half: int
     done: threading.Event = field(default_factory=threading.Event)
+
+    def row_fields(self) -> dict[str, Any]:
+        """The fields of its row (made from the header once)."""
+        if not isinstance(self.fields, dict):
+            header = self.fields
+            try:
+                self.fields = received_fields(header)
+            except Exception as exc:   # not seen (its values were read before the answer): the row, without the facts
+                log.error("the facts of SOP %s cannot be read: %s", printable(self.path.stem), printable(exc, 160))
+                self.fields = dict(instance_ids(header), subject_key="", study_date="", time_point="",
+                                   facts=dict(NO_FACTS))
+        return self.fields
 
 
 class Journal:
@@ -253,7 +268,7 @@ class Ingest:
         """Whether an instance of ``size`` bytes fits a half of the journal (else it is stored before its answer)."""
         return _RECORD.size + rel_path_bytes + size <= self.journal.half_bytes
 
-    def receive(self, data: bytes, path: Path, fields: dict[str, Any], calling_ae: str) -> Entry:
+    def receive(self, data: bytes, path: Path, fields: dict[str, Any] | Any, calling_ae: str) -> Entry:
         """Journal one instance durably and queue it for placing; NoSpace when the data directory
         (or the placer, failing) cannot take it now.
         """
@@ -361,7 +376,7 @@ class Ingest:
             if not e.path.exists():
                 write_file(e.path, e.data, self.store.tmp)
         with self.store.ingest_engine.begin() as conn:
-            record_instances(conn, [(e.path, len(e.data), e.received_at, e.calling_ae, e.fields) for e in batch])
+            record_instances(conn, [(e.path, len(e.data), e.received_at, e.calling_ae, e.row_fields()) for e in batch])
 
 
 def open_journal(store: Store, half_bytes: int) -> Journal:

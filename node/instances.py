@@ -607,6 +607,11 @@ def instance_echo_times(ds: Dataset) -> tuple[float, ...]:
     return tuple(sorted(te for te in tes if math.isfinite(te)))   # NaN would sort by the order of the set
 
 
+#: The facts of an instance none of whose values could be read (what :func:`instance_facts` gives then).
+NO_FACTS: dict[str, Any] = dict(header="{}", echo_times="", images_in_acquisition=0, echo_train_length=0,
+                                temporal_positions=0, echo_number=0, temporal_position=0, slice_key="", n_frames=1)
+
+
 def instance_facts(ds: Dataset) -> dict[str, Any]:
     """The columns of ``instances`` that describe an instance's header, for store time.
 
@@ -677,13 +682,17 @@ def read_instance(path: Path) -> Dataset:
     return parse_instance(data)
 
 
+def instance_ids(ds: Dataset) -> dict[str, str]:
+    """The SOP Instance, SOP Class, Study and Series Instance UIDs of a parsed data set."""
+    return dict(sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID))
+
+
 def received_fields(ds: Dataset) -> dict[str, Any]:
     """What the node records of a received instance, from its parsed data set: its UIDs, the
     subject key, study date, Clinical Trial Time Point ID and :func:`instance_facts`
     (the SCP records them at store time; :meth:`node.store.Store.recover_rows` again from the file).
     """
-    return dict(sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID), subject_key=subject_key(ds),
-                study_date=str(ds.get("StudyDate", "") or ""),
+    return dict(instance_ids(ds), subject_key=subject_key(ds), study_date=str(ds.get("StudyDate", "") or ""),
                 time_point=str(ds.get("ClinicalTrialTimePointID", "") or "")[:64], facts=instance_facts(ds))
 

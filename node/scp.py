@@ -36,7 +36,15 @@ from . import db, ul
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
 from .errors import InstanceRejected
 from .ingest import Entry, Ingest
-from .instances import KEPT_SOP_CLASSES, MAX_PIXEL_BYTES, parse_instance, received_fields, sop_class_name
+from .instances import (
+    KEPT_SOP_CLASSES,
+    MAX_PIXEL_BYTES,
+    ReceivedHeader,
+    instance_ids,
+    parse_instance,
+    received_fields,
+    sop_class_name,
+)
 from .store import Store
 from .text import printable
 
@@ -265,25 +273,31 @@ class Receiver:
             if str(ds.SOPInstanceUID) != sop_uid:
                 raise InstanceRejected("SOPInstanceUID of the data set differs from the request's "
                                        "Affected SOP Instance UID")
-            fields = received_fields(ds)   # header counts for completion by protocol (never decodes pixels)
+            # what the row records (header counts for completion by protocol, never pixels): from
+            # the node's own header reader, whose values are converted already, the placer makes
+            # it, after the answer; from a data set pydicom read (converting values as they are
+            # asked for, which may fail), now
+            ids = instance_ids(ds)
+            fields = None if isinstance(ds, ReceivedHeader) else received_fields(ds)
         except InstanceRejected as exc:
             return (*self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH), "", False)
         except Exception as exc:  # a value that pydicom decodes only now, of any type
             return (*self._reject(data, f"the data set cannot be decoded: {type(exc).__name__}: "
                                         f"{printable(exc, 120)}", sop_uid, calling, CANNOT_UNDERSTAND), "", False)
-        sop_class, study_uid = fields["sop_class_uid"], fields["study_uid"]
+        sop_class, study_uid = ids["sop_class_uid"], ids["study_uid"]
         if sop_class not in KEPT_SOP_CLASSES:
             # Kept (nothing is lost) but not processed: the sender is told Success, if it was kept.
             kept = self._quarantine(data, f"{sop_class_name(sop_class)} is not processed by musclenode "
                                           "(only MR images, SEG and SR are kept)", sop_uid, calling, study_uid)
             return (SUCCESS, "", "", False) if kept else (OUT_OF_RESOURCES, "cannot keep the instance", "", False)
         try:
-            path = self.store.instance_path(study_uid, fields["series_uid"], fields["sop_uid"])
+            path = self.store.instance_path(study_uid, ids["series_uid"], ids["sop_uid"])
             if self.ingest is not None and assoc is not None and self.ingest.takes(len(data)):
-                entry = self.ingest.receive(data, path, fields, calling)
+                entry = self.ingest.receive(data, path, fields if fields is not None else ds, calling)
                 self._received(assoc, calling).last_entry = entry
                 return SUCCESS, "", study_uid, False
-            stored = self.store.store_instance(data, calling_ae=calling, **fields)
+            stored = self.store.store_instance(data, calling_ae=calling,
+                                               **(fields if fields is not None else received_fields(ds)))
             if not stored.duplicate:
                 self.on_stored()
         except ValueError as exc:  # an invalid UID cannot name a file

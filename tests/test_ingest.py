@@ -17,7 +17,7 @@ from test_faults import tiny_series
 from node import db
 from node.demo_peers import push
 from node.ingest import Entry, Ingest, Journal, open_journal, read_journal
-from node.instances import parse_instance, received_fields
+from node.instances import NO_FACTS, instance_facts, parse_instance, received_fields
 from node.store import Store
 
 
@@ -141,6 +141,46 @@ def test_halves_are_reused_under_load_and_every_instance_is_placed_once(store):
     assert cycles_used > 4, "the halves were not reused"
     assert wakes and read_journal(ingest.journal.path) == []
     assert not list((store.root / "tmp").iterdir())
+
+
+def test_the_placer_makes_each_row_from_the_header_read_before_the_answer(store):
+    """The SCP hands the placer the header its own reader made (values converted already); the
+    placer records from it what :func:`received_fields` records. A header whose facts cannot be
+    read (not seen) still gets its row, with its UIDs and without the facts, and the placer goes on.
+    """
+    ingest = Ingest(store, lambda: None)
+    blobs = _encoded(tiny_series(4, study_uid=generate_uid()))
+    headers = [parse_instance(b, decode_all=False) for b in blobs]
+    assert all(type(h).__name__ == "ReceivedHeader" for h in headers)
+    expected = [received_fields(h) for h in headers]
+
+    class Unreadable:
+        def __init__(self, header):
+            self.header = header
+
+        def __getattr__(self, name):
+            if name in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                return getattr(self.header, name)
+            raise ValueError("an unreadable value")
+
+        def get(self, *args):
+            raise ValueError("an unreadable value")
+
+    entries = [ingest.receive(b, store.instance_path(f["study_uid"], f["series_uid"], f["sop_uid"]),
+                              Unreadable(h) if k == 3 else h, "SCANNER")
+               for k, (b, h, f) in enumerate(zip(blobs, headers, expected, strict=True))]
+    assert ingest.wait(entries, timeout=30)
+    ingest.close()
+    assert [e.fields for e in entries[:3]] == expected[:3]
+    assert entries[3].fields == dict(sop_uid=expected[3]["sop_uid"], sop_class_uid=expected[3]["sop_class_uid"],
+                                     study_uid=expected[3]["study_uid"], series_uid=expected[3]["series_uid"],
+                                     subject_key="", study_date="", time_point="", facts=NO_FACTS)
+    with store.engine.connect() as conn:
+        rows = {r.sop_uid: r for r in conn.execute(select(db.instances)).all()}
+    assert sorted(rows) == sorted(f["sop_uid"] for f in expected)
+    for f in expected[:3]:
+        assert {k: getattr(rows[f["sop_uid"]], k) for k in f["facts"]} == f["facts"]
+    assert instance_facts(Unreadable(headers[3])) == NO_FACTS   # what instance_facts gives for no readable value
 
 
 def test_an_association_released_finds_its_instances_recorded(make_node):
