@@ -57,6 +57,9 @@ HALF_BYTES = 16 << 20
 #: holds it while its file is written) before an instance is accepted: short of it, C-STORE
 #: answers Out of Resources.
 RESERVE_BYTES = 256 << 10
+#: The free space of the data directory is asked again after this long, or at every instance
+#: once less than SPACE_MARGIN_BYTES beyond what the instance needs is left.
+SPACE_CHECK_SECONDS, SPACE_MARGIN_BYTES = 0.25, 256 << 20
 
 
 class NoSpace(OSError):
@@ -259,6 +262,9 @@ class Ingest:
         self.journal = open_journal(store, half_bytes)
         self.queue: queue.Queue[Entry | None] = queue.Queue()
         self.failing: str = ""          # why the placer cannot place now ("" when it can)
+        self._space_lock = threading.Lock()
+        self._root_prefix = os.path.join(str(store.root), "")   # "<data directory>/"
+        self._free, self._space_checked = 0, -1e9   # free bytes of the data directory, as last asked (less since)
         self.thread = threading.Thread(target=self._run, name="musclenode-placer", daemon=True)
         self.thread.start()
 
@@ -277,13 +283,29 @@ class Ingest:
             time.sleep(0.05)
         if self.failing:
             raise NoSpace(f"the store cannot take instances now: {self.failing}")
-        st = os.statvfs(self.store.root)
-        if st.f_bavail * st.f_frsize < 2 * len(data) + RESERVE_BYTES:
+        if not self._has_room(2 * len(data) + RESERVE_BYTES):
             raise NoSpace("the data directory is full")
-        rel = str(path.relative_to(self.store.root))
+        text, root = str(path), self._root_prefix
+        rel = text[len(root):] if text.startswith(root) else str(path.relative_to(self.store.root))
         entry = self.journal.append(rel, data, lambda half: Entry(path, data, fields, calling_ae, time.time(), half))
         self.queue.put(entry)
         return entry
+
+    def _has_room(self, need: int) -> bool:
+        """Whether the data directory has ``need`` bytes free. ``statvfs`` costs about 0.1 ms on
+        a busy disk, so it is asked at most every :data:`SPACE_CHECK_SECONDS` while there is
+        :data:`SPACE_MARGIN_BYTES` to spare, the instances taken since subtracted; nearer full,
+        for every instance.
+        """
+        with self._space_lock:
+            now = time.monotonic()
+            if self._space_checked + SPACE_CHECK_SECONDS < now or self._free < need + SPACE_MARGIN_BYTES:
+                st = os.statvfs(self.store.root)
+                self._free, self._space_checked = st.f_bavail * st.f_frsize, now
+            if self._free < need:
+                return False
+            self._free -= need
+            return True
 
     def wait(self, entries: list[Entry], timeout: float = 60.0) -> bool:
         """Wait until ``entries`` are placed (a sender's release); False if they were not within ``timeout``."""
