@@ -346,11 +346,14 @@ class Ingest:
                 else:
                     batch.append(item)
                 # what else comes within batch_seconds goes in the same transaction (a group costs
-                # about as much as one row; an association's release waits for it, no answer does)
-                until = time.monotonic() + self.batch_seconds
+                # about as much as one row; an association's release waits for it, no answer does).
+                # The placer sleeps meanwhile rather than wait on the queue: woken by every
+                # instance, it would take the interpreter from the associations each time.
+                if not stopping:
+                    time.sleep(self.batch_seconds)
                 while len(batch) < 256 and not stopping:
                     try:
-                        item = self.queue.get(timeout=max(0.0, until - time.monotonic()))
+                        item = self.queue.get_nowait()
                     except queue.Empty:
                         break
                     if item is None:
