@@ -41,7 +41,7 @@ from reports.sr_readback import MANUFACTURER, ReportReadback, is_musclenode_repo
 
 from . import db
 from .config import ConfigError, Destination, TLSSettings
-from .tls import tls_args
+from .tls import scu_ae, tls_args
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,6 @@ class HistoryResult:
         return [a for a in self.answers if not a.answered]
 
 
-def _ae(calling_ae: str, timeout: float) -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    return ae
-
-
 def _associate(ae: AE, dest: Destination, tls: TLSSettings | None, **kw) -> Association:
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args(dest, tls), **kw)
     if not assoc.is_established:
@@ -138,7 +132,7 @@ def find_sr_series(dest: Destination, patient_id: str, issuer: str, *, exclude_s
     PacsNoAnswer
         The destination did not answer.
     """
-    ae = _ae(calling_ae, timeout)
+    ae = scu_ae(calling_ae, timeout)
     for model in FIND_MODELS:
         ae.add_requested_context(model)
     assoc = _associate(ae, dest, tls)
@@ -195,7 +189,7 @@ def get_series(dest: Destination, patient_id: str, series: Sequence[tuple[str, s
         received.append(ds)
         return 0x0000
 
-    ae = _ae(calling_ae, timeout)
+    ae = scu_ae(calling_ae, timeout)
     for model in GET_MODELS:
         ae.add_requested_context(model)
     for cls in _SR_CLASSES:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 
 from quant.analysis import RoiReference
 from quant.enums import RoiSource, SeriesKind, Side
@@ -24,6 +25,7 @@ from quant.metrics import Measurement
 from quant.pipeline import StudyAnalysis, analyse_study
 from quant.t2 import AtomsSource
 from reports.longitudinal import Comparison, PriorValue, compare
+from reports.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 from .errors import InstanceRejected
 from .instances import ENHANCED_MR_IMAGE, MR_IMAGE, SEGMENTATION, read_instance, subject_key
@@ -276,6 +278,10 @@ def output_datasets(outputs: StudyOutputs) -> list[tuple[str, Dataset]]:
 
 def encode(ds: Dataset) -> bytes:
     """The bytes of ``ds`` as a DICOM file (preamble and file meta included)."""
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)   # the node wrote it (PS3.10 7.1)
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

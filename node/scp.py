@@ -22,15 +22,12 @@ from collections import Counter
 from collections.abc import Callable
 
 from pydicom import uid
-from pynetdicom import (
-    AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    AllStoragePresentationContexts,
-)
+from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from sqlalchemy.exc import SQLAlchemyError
+
+from reports.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 from . import db, ul
 from .access import REJECTED_PERMANENT, SERVICE_USER, AccessPolicy
@@ -345,8 +342,8 @@ def part10(data: bytes, sop_class: str, sop_uid: str, transfer_syntax: str, sour
         _meta_element(0x0002, b"UI", sop_class.encode("ascii", "replace")),
         _meta_element(0x0003, b"UI", sop_uid.encode("ascii", "replace")),
         _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
-        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
-        _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
         _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
     ))
     return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body + data

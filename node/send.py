@@ -39,7 +39,6 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from pynetdicom import AE
 from sqlalchemy import and_, select, text, update
 from sqlalchemy.engine import Engine
 
@@ -48,7 +47,7 @@ from .config import Destination, SendSettings, TLSSettings
 from .db import OutboxState
 from .holders import dead_local_holders, node_id
 from .loop import PollingLoop
-from .tls import tls_args
+from .tls import scu_ae, tls_args
 
 log = logging.getLogger(__name__)
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings that mean "stored"
@@ -86,9 +85,7 @@ def store_files(dest: Destination, paths: list[str], *, calling_ae: str, timeout
     (see :func:`node.tls.tls_args`); a destination that fails either is not sent to.
     """
     datasets = {p: pydicom.dcmread(p) for p in paths}
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
+    ae = scu_ae(calling_ae, timeout)
     for cls in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
         ae.add_requested_context(cls, list(SENT_TRANSFER_SYNTAXES))
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args(dest, tls))

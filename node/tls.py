@@ -17,9 +17,13 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from pynetdicom import AE
+
+from reports.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 from .config import ConfigError, Destination, TLSSettings
 
-__all__ = ["client_context", "server_context", "tls_args"]
+__all__ = ["client_context", "scu_ae", "server_context", "tls_args"]
 
 
 def _new_context(protocol: int) -> ssl.SSLContext:
@@ -98,3 +102,15 @@ def tls_args(dest: Destination, tls: TLSSettings | None,
             raise ConfigError("destinations.tls", f"{dest.name}: tls = true needs a [node.tls] table")
         context = client_context(tls)
     return context, dest.tls_server_name or dest.host
+
+
+def scu_ae(calling_ae: str, timeout: float) -> AE:
+    """The node's application entity for an association it starts (sending, history queries):
+    ``calling_ae``, the node's Implementation Class UID and Version Name, and ``timeout`` for
+    the connection, ACSE, DIMSE and network. Contexts are the caller's to add.
+    """
+    ae = AE(ae_title=calling_ae)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    return ae

@@ -16,6 +16,8 @@ import uuid
 
 from pydicom.dataset import Dataset
 
+from quant import __version__ as quant_version
+
 #: Namespace of every musclenode name-based UUID.
 MUSCLENODE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:musclenode:dicom-uid")
 
@@ -57,6 +59,13 @@ def derive_uid(*parts: str) -> str:
             raise ValueError(f"derive_uid part {i} must be a str, got {type(part).__name__}: {part!r}")
     name = "".join(f"{len(p)}:{p};" for p in parts)
     return f"2.25.{uuid.uuid5(MUSCLENODE_UUID_NAMESPACE, name).int}"
+
+
+#: The node's Implementation Class UID (PS3.7 D.3.3.2): in its A-ASSOCIATE-AC and -RQ and in
+#: the file meta of every file it writes. Fixed for the implementation; the version name changes.
+IMPLEMENTATION_CLASS_UID = derive_uid("musclenode", "implementation-class")
+#: Its Implementation Version Name (at most 16 characters).
+IMPLEMENTATION_VERSION_NAME = f"MUSCLENODE_{quant_version}"[:16]
 
 
 def subject_key(ds: Dataset) -> str:

@@ -2,10 +2,12 @@
 are those the SCP accepts (node/scp.py), the SCU sends (node/send.py) and queries with
 (node/history.py)."""
 
+import io
 import re
 from pathlib import Path
 
 import pytest
+from conftest import free_port, small_phantom
 from pydicom.uid import UID
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -103,3 +105,60 @@ def test_scu_query_models_are_those_proposed():
     assert scp == list(history.GET_SR_CLASSES)
     for row, uid in zip(rows, uids(rows), strict=True):
         assert row[0] == UID(uid).name
+
+
+def test_the_node_names_its_own_implementation_everywhere(make_node, tmp_path):
+    """Section 3.2.1.2: the node's Implementation Class UID and Version Name, not pynetdicom's,
+    in its A-ASSOCIATE-AC (SCP), its A-ASSOCIATE-RQ (SCU) and the file meta of the files it
+    writes: a received instance in the store and an object it made.
+    """
+    import pydicom
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+    from sqlalchemy import select
+
+    from node import db
+    from node.config import Destination
+    from node.demo_peers import push
+    from node.processing import encode
+    from quant.synthetic.phantom import phantom_datasets
+    from reports.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    text = CONFORMANCE.read_text()
+    assert f"`{IMPLEMENTATION_CLASS_UID}`" in text and f"`{IMPLEMENTATION_VERSION_NAME}`" in text
+    assert len(IMPLEMENTATION_VERSION_NAME) <= 16
+
+    node = make_node(complete_after=3600)
+    ae = AE(ae_title="CHECKER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MUSCLENODE")
+    assert assoc.is_established
+    assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+    assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+    assoc.release()
+
+    port = free_port()
+    datasets = phantom_datasets(small_phantom(shape=(2, 32, 48)), uid_seed="implementation")[:2]
+    assert push(datasets, "127.0.0.1", node.port, called_ae="MUSCLENODE") == [0, 0]
+    with node.engine.connect() as conn:
+        stored = conn.execute(select(db.instances.c.path)).scalars().all()
+    meta = pydicom.dcmread(stored[0]).file_meta
+    assert (meta.ImplementationClassUID, meta.ImplementationVersionName) == (IMPLEMENTATION_CLASS_UID,
+                                                                           IMPLEMENTATION_VERSION_NAME)
+    assert meta.SourceApplicationEntityTitle.strip()   # the sender's AE title
+
+    made = pydicom.dcmread(io.BytesIO(encode(datasets[0]))).file_meta
+    assert made.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+
+    seen = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(MRImageStorage)
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: (seen.append((event.assoc.requestor.implementation_class_uid,
+                                                      event.assoc.requestor.implementation_version_name)), 0)[1])])
+    try:
+        errors = send.store_files(Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port),
+                                  [stored[0]], calling_ae="MUSCLENODE", timeout=10)
+    finally:
+        server.shutdown()
+    assert errors == {stored[0]: ""} and seen == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)]
