@@ -53,7 +53,7 @@ from .errors import QuantError, SeriesError
 from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .noise import estimate_noise_sd
 from .roi_stage import find_rois, measure_rois
-from .segment import otsu_threshold, segment_legs
+from .segment import INPLANE_3D, otsu_threshold, segment_legs
 from .series import SeriesInfo
 from .t2 import DEFAULT_FAT_T2_MS, build_dictionary, calibrate_fat_t2, fit_water_t2
 from .t2stage import MIN_SNR, T2Options, measure_t2, mese_parameters
@@ -65,8 +65,6 @@ CONTIGUOUS_TOL = 0.05
 #: Model name of the CSA (and VOL) measured on masks found on the MESE fit.
 MESE_SEGMENTATION_MODEL = Model.EPG_BICOMPONENT
 
-_INPLANE = np.zeros((3, 3, 3), bool)
-_INPLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
 def slice_thickness_mm(datasets: Sequence[Dataset]) -> float | None:
@@ -142,7 +140,7 @@ def first_pass_fat_t2(images: np.ndarray, params: MeseParameters, noise_sd: floa
     ratio = np.zeros(first.shape, np.float32)
     ratio[bright] = late[bright] / first[bright]
     slow = bright & (ratio > otsu_threshold(ratio[bright]))
-    slow = ndi.binary_erosion(slow, structure=_INPLANE)
+    slow = ndi.binary_erosion(slow, structure=INPLANE_3D)
     pick = np.flatnonzero(slow.ravel())
     if pick.size < 30:
         return DEFAULT_FAT_T2_MS, "default (too few slowly decaying voxels)"
@@ -239,7 +237,7 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
 
     seg = segment_legs(first.with_array(m_water), m_fat, ff, in_phase=images[0], body_part=body_part)
     labels, groups = seg.muscle_groups()
-    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=_INPLANE)
+    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=INPLANE_3D)
     fat_ff = float(np.nanmedian(ff[sat])) if sat.sum() > 50 else 0.92
     pd_signal = m_water + m_fat
     labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff, pd_signal, fat_ff=fat_ff)
@@ -255,7 +253,7 @@ def analyse_mese_study(by_series: Mapping[str, Sequence[Dataset]], infos: Sequen
     found = find_rois(first, seg, ff, notes, rois=rois, reader_segs=reader_segs, carry_from=carry_from,
                       atlases=atlases, compartments=compartments)
     if found.rois is not None:
-        core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
+        core = ndi.binary_erosion(labels > 0, structure=INPLANE_3D)
 
         def region_ff(roi: np.ndarray) -> float:   # not reported (no Dixon FF): ff_percent is dropped
             return float(np.nanmean(ff[roi])) if roi.any() else float("nan")

@@ -28,14 +28,11 @@ from .metrics import Measurement, muscle_metrics, partial_volume_weights
 from .registration import CarriedRois
 from .roi_only import roi_only_region, roi_segmentation
 from .roi_stage import carry, core_ffs, find_rois, measure_rois, reader_rois, with_ff
-from .segment import segment_legs
+from .segment import INPLANE_3D, segment_legs
 from .series import SeriesInfo, classify_series
 from .t2 import AtomsSource
 from .t2stage import T2Options, measure_t2
 from .volume import Volume, assemble_volume
-
-_INPLANE = np.zeros((3, 3, 3), bool)
-_INPLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
 def _cut(text: str, limit: int = 64) -> str:
@@ -267,7 +264,7 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     labels, groups = seg.muscle_groups()
     # Partial volume at the muscle's edges: area and fRMA count the muscle content of the
     # edge voxels, estimated from their FF and signal against the neighbouring muscle.
-    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=_INPLANE)
+    sat = ndi.binary_erosion(seg.tissue == Tissue.SUBCUTANEOUS_FAT, structure=INPLANE_3D)
     fat_ff = float(np.nanmedian(ff[sat])) if sat.sum() > 50 else 0.92
     labels_ext, weights, muscle_ff = partial_volume_weights(labels, ff, signal, fat_ff=fat_ff)
     measurements, per_slice = muscle_metrics(
@@ -277,7 +274,7 @@ def _measure(by_series, infos, water: Volume, fat: np.ndarray, ff: np.ndarray, s
     # The region's FF from its voxels away from its edges (no partial volume): for
     # magnitude Dixon a maximum-likelihood estimate, free of the noise-floor bias that a
     # mean of voxel values keeps at low fat fraction.
-    core = ndi.binary_erosion(labels > 0, structure=_INPLANE)
+    core = ndi.binary_erosion(labels > 0, structure=INPLANE_3D)
     ffs = core_ffs(labels, groups, core, region_ff)
     measurements = with_ff(measurements, lambda m: ffs[_group_of(groups, m)], model)
     csa = {groups[g]: v for g, v in per_slice.items()}

@@ -38,7 +38,7 @@ from scipy import ndimage as ndi
 from .analysis import RoiSet
 from .enums import Region, SideLabel, Tissue
 from .errors import NeedsRoisError
-from .segment import Segmentation, level_from_text, otsu_threshold
+from .segment import Segmentation, fill_holes_per_slice, level_from_text, otsu_threshold
 from .volume import Volume
 
 #: Regions measured in a reader's ROIs only.
@@ -75,10 +75,7 @@ def _body(signal: np.ndarray) -> np.ndarray:
     signal = np.nan_to_num(np.asarray(signal, np.float32))
     thr = otsu_threshold(signal.ravel()[:: max(1, signal.size // 2_000_000)])
     thr = max(thr, 0.25 * float(np.median(signal[signal > thr]))) if (signal > thr).any() else thr
-    body = ndi.binary_opening(signal > thr, structure=np.ones((1, 3, 3), bool))
-    for k in range(body.shape[0]):
-        body[k] = ndi.binary_fill_holes(body[k])
-    return body
+    return fill_holes_per_slice(ndi.binary_opening(signal > thr, structure=np.ones((1, 3, 3), bool)))
 
 
 def _subcutaneous_fat(body: np.ndarray, ff: np.ndarray, sat_ff: float) -> np.ndarray:

@@ -95,10 +95,31 @@ def otsu_threshold(values: np.ndarray, bins: int = 256, upper_percentile: float 
 
 
 #: ndimage's 2-D cross (its default neighbourhood in a slice) as a 3-D structuring element
-#: with nothing above or below: one 3-D call labels, erodes or fills every slice at once as a
-#: call per slice did, without the Python loop over slices and legs.
-_INPLANE = np.zeros((3, 3, 3), bool)
-_INPLANE[1] = ndi.generate_binary_structure(2, 1)
+#: with nothing above or below: one 3-D call labels or erodes every slice at once as a call
+#: per slice did, without the Python loop over slices and legs.
+INPLANE_3D = np.zeros((3, 3, 3), bool)
+INPLANE_3D[1] = ndi.generate_binary_structure(2, 1)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` of each slice (the last two axes): the in-plane 4-connected
+    components of the background that do not touch the slice's edge are filled. Found with
+    one labelling of the volume rather than a propagation per slice (same result, several
+    times faster).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    cross = np.zeros((3,) * mask.ndim, dtype=bool)   # label wants 3 along every axis
+    cross[(1,) * (mask.ndim - 2)] = ndi.generate_binary_structure(2, 1)
+    lab, n = ndi.label(~mask, structure=cross)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[..., 0, :], lab[..., -1, :], lab[..., :, 0], lab[..., :, -1]):
+        outside[edge] = True
+    outside[0] = False   # label 0: the mask itself
+    return ~outside[lab]
+
+
 
 
 def _slice_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,7 +127,7 @@ def _slice_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     the slice of each label (index 0: label 1). Labels run in raster order, so within a slice
     they are ordered as a 2-D labelling of that slice would number them.
     """
-    lab, n = ndi.label(mask, structure=_INPLANE)
+    lab, n = ndi.label(mask, structure=INPLANE_3D)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     where = np.array([s[0].start for s in ndi.find_objects(lab)], dtype=np.intp).reshape(n)
     return lab, sizes, where
@@ -154,14 +175,14 @@ def _leg_tissues(leg: np.ndarray, fatlike: np.ndarray, dark: np.ndarray, ffz: np
     """Write SAT, bone, septa and muscle of one leg into ``tissue`` (steps 2 and 3 of the
     module docstring, every slice at once); the number of long bones of each slice that has one.
     """
-    rim = leg & ~ndi.binary_erosion(leg, structure=_INPLANE)
-    lab, _ = ndi.label(fatlike & leg, structure=_INPLANE)
+    rim = leg & ~ndi.binary_erosion(leg, structure=INPLANE_3D)
+    lab, _ = ndi.label(fatlike & leg, structure=INPLANE_3D)
     touching = np.unique(lab[rim & (lab > 0)])
     sat = np.isin(lab, touching[touching > 0])
     inner = _largest_per_slice(leg & ~sat)
-    inner = ndi.binary_fill_holes(inner, structure=_INPLANE)
+    inner = fill_holes_per_slice(inner)
     cortex = dark & inner
-    bone = ndi.binary_fill_holes(cortex, structure=_INPLANE) & inner
+    bone = fill_holes_per_slice(cortex) & inner
     blab, sizes, where = _slice_components(bone)
     big = sizes >= min_bone_px
     if sizes.size:
@@ -234,7 +255,7 @@ def segment_legs(anatomy: Volume, fat: np.ndarray, ff: np.ndarray, *, in_phase: 
     # image's (opening: 2 voxels; erosion, filling and labelling: 1).
     box = bounding_box(raw, margin=2)
     body = ndi.binary_opening(raw[box], structure=np.ones((1, 3, 3), bool))
-    body = ndi.binary_fill_holes(body, structure=_INPLANE)   # per slice
+    body = fill_holes_per_slice(body)
     kk, rr, cc = (np.arange(b.start, b.stop) for b in box)
     x_mm = anatomy.index_to_patient(kk[:, None, None], rr[:, None], cc)[..., 0]
     legs = _legs(body, x_mm)

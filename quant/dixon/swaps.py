@@ -9,7 +9,8 @@ from scipy import ndimage as ndi
 
 from ..errors import SeriesError
 from ..fatfraction import fat_fraction
-from ..noise import _fill_holes_per_slice, _inplane, _open_inplane, body_mask_from
+from ..noise import _inplane, _open_inplane, body_mask_from
+from ..segment import fill_holes_per_slice
 from ..volume import bounding_box
 from .magnitude import _channels
 
@@ -227,7 +228,7 @@ def detect_swaps(water: np.ndarray, fat: np.ndarray, *, in_phase: np.ndarray | N
         if cand.size:
             region = np.isin(lab_w, cand)
             region = _swapped_tissue_under(region, valid, ffc, depth, t_sat, total, core, conn)
-            region = _fill_holes_per_slice(region) & core
+            region = fill_holes_per_slice(region) & core
             if skin.any():   # with the skin over it
                 under = _under_skin(core, skin)
                 has = under >= 0
