@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import db
-from .instances import NO_FACTS, instance_ids, received_fields
+from .instances import NO_FACTS, ReceivedHeader, instance_ids, received_fields
 from .store import Store, record_instances, write_file
 from .text import printable
 
@@ -85,7 +85,7 @@ class Entry:
     data: bytes
     #: What its row records (:func:`node.instances.received_fields`), or the header to make it
     #: from (:class:`node.instances.ReceivedHeader`, its values converted): the placer makes it then
-    fields: dict[str, Any] | Any
+    fields: dict[str, Any] | ReceivedHeader
     calling_ae: str
     received_at: float
     half: int
@@ -96,11 +96,11 @@ class Entry:
         if not isinstance(self.fields, dict):
             header = self.fields
             try:
-                self.fields = received_fields(header)
+                self.fields = received_fields(header)  # type: ignore[arg-type]  # reads like a data set
             except Exception as exc:   # not seen (its values were read before the answer): the row, without the facts
                 log.error("the facts of SOP %s cannot be read: %s", printable(self.path.stem), printable(exc, 160))
-                self.fields = dict(instance_ids(header), subject_key="", study_date="", time_point="",
-                                   facts=dict(NO_FACTS))
+                self.fields = dict(instance_ids(header),  # type: ignore[arg-type]
+                                   subject_key="", study_date="", time_point="", facts=dict(NO_FACTS))
         return self.fields
 
 
@@ -274,7 +274,7 @@ class Ingest:
         """Whether an instance of ``size`` bytes fits a half of the journal (else it is stored before its answer)."""
         return _RECORD.size + rel_path_bytes + size <= self.journal.half_bytes
 
-    def receive(self, data: bytes, path: Path, fields: dict[str, Any] | Any, calling_ae: str) -> Entry:
+    def receive(self, data: bytes, path: Path, fields: dict[str, Any] | ReceivedHeader, calling_ae: str) -> Entry:
         """Journal one instance durably and queue it for placing; NoSpace when the data directory
         (or the placer, failing) cannot take it now.
         """

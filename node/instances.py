@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -473,13 +474,10 @@ class ReceivedHeader:
                     _CONVERTED[key] = converted
             self._values[kw] = converted
 
-    @property
+    @functools.cached_property
     def file_meta(self) -> FileMetaDataset:
         """The file meta information as pydicom's data set (made when first asked for)."""
-        meta = self.__dict__.get("_file_meta")
-        if meta is None:
-            meta = self.__dict__["_file_meta"] = FileMetaDataset({BaseTag(t): e for t, e in self._meta.items()})
-        return meta
+        return FileMetaDataset({BaseTag(t): e for t, e in self._meta.items()})
 
     def get(self, keyword: str, default: Any = None) -> Any:
         """The value of ``keyword``, or ``default`` when the instance does not have it."""

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID
 
 from quant.analysis import RoiReference
 from quant.enums import RoiSource, SeriesKind, Side
@@ -280,7 +279,7 @@ def encode(ds: Dataset) -> bytes:
     """The bytes of ``ds`` as a DICOM file (preamble and file meta included)."""
     if not hasattr(ds, "file_meta"):
         ds.file_meta = FileMetaDataset()
-    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)   # the node wrote it (PS3.10 7.1)
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID   # the node wrote it (PS3.10 7.1)
     ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)

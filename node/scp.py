@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts
@@ -270,12 +271,11 @@ class Receiver:
             if str(ds.SOPInstanceUID) != sop_uid:
                 raise InstanceRejected("SOPInstanceUID of the data set differs from the request's "
                                        "Affected SOP Instance UID")
-            # what the row records (header counts for completion by protocol, never pixels): from
-            # the node's own header reader, whose values are converted already, the placer makes
-            # it, after the answer; from a data set pydicom read (converting values as they are
-            # asked for, which may fail), now
             ids = instance_ids(ds)
-            fields = None if isinstance(ds, ReceivedHeader) else received_fields(ds)
+            # what the row records (header counts for completion by protocol, never pixels): the
+            # node's own header (its values converted already) is made into it after the answer,
+            # by the placer; a data set pydicom read (converting values when asked, which may fail), now
+            row: dict[str, Any] | ReceivedHeader = ds if isinstance(ds, ReceivedHeader) else received_fields(ds)
         except InstanceRejected as exc:
             return (*self._reject(data, str(exc), sop_uid, calling, DATASET_DOES_NOT_MATCH), "", False)
         except Exception as exc:  # a value that pydicom decodes only now, of any type
@@ -290,11 +290,12 @@ class Receiver:
         try:
             path = self.store.instance_path(study_uid, ids["series_uid"], ids["sop_uid"])
             if self.ingest is not None and assoc is not None and self.ingest.takes(len(data)):
-                entry = self.ingest.receive(data, path, fields if fields is not None else ds, calling)
+                entry = self.ingest.receive(data, path, row, calling)
                 self._received(assoc, calling).last_entry = entry
                 return SUCCESS, "", study_uid, False
             stored = self.store.store_instance(data, calling_ae=calling,
-                                               **(fields if fields is not None else received_fields(ds)))
+                                               **(row if isinstance(row, dict)
+                                                  else received_fields(row)))  # type: ignore[arg-type]
             if not stored.duplicate:
                 self.on_stored()
         except ValueError as exc:  # an invalid UID cannot name a file

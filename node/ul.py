@@ -304,7 +304,7 @@ class Connection:
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = self.settings.max_pdu
         implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ac.user_information = [max_length, implementation, version, *ac_roles]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from quant import __version__ as quant_version
 
@@ -63,7 +64,7 @@ def derive_uid(*parts: str) -> str:
 
 #: The node's Implementation Class UID (PS3.7 D.3.3.2): in its A-ASSOCIATE-AC and -RQ and in
 #: the file meta of every file it writes. Fixed for the implementation; the version name changes.
-IMPLEMENTATION_CLASS_UID = derive_uid("musclenode", "implementation-class")
+IMPLEMENTATION_CLASS_UID = UID(derive_uid("musclenode", "implementation-class"))
 #: Its Implementation Version Name (at most 16 characters).
 IMPLEMENTATION_VERSION_NAME = f"MUSCLENODE_{quant_version}"[:16]
 
@@ -89,6 +90,7 @@ def subject_key(ds: Dataset) -> str:
     Examples
     --------
     >>> from pydicom.dataset import Dataset
+    from pydicom.uid import UID
     >>> ds = Dataset(); ds.PatientID = "MN-0001"
     >>> subject_key(ds)
     'patient::MN-0001'
